@@ -1,0 +1,234 @@
+"""Typed run configuration: YAML in, validated pydantic models out.
+
+Configs are data. Nothing in a config is executed or imported; components (models, loss
+terms, aggregators) are looked up by name in allow-listed registries. Unknown keys are errors
+that name the key and the file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from medistill.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SubsetConfig(_Strict):
+    """Imbalance tools applied to the training split only (val/test are never touched)."""
+
+    imbalance_ratio: float | None = Field(None, gt=1.0, description="long-tailed subsample: n_max / n_min")
+    max_per_class: int | None = Field(None, ge=1, description="cap per class (balanced subset)")
+    fraction: float | None = Field(None, gt=0.0, le=1.0, description="stratified fraction of train")
+    max_samples: int | None = Field(None, ge=1, description="stratified cap on the train size (quick runs)")
+    seed: int = 0
+
+
+class DataConfig(_Strict):
+    name: str = Field("retinamnist", description="MedMNIST name (e.g. retinamnist, breastmnist_64), .npz path, image folder or CSV manifest")
+    format: Literal["auto", "medmnist", "folder", "csv"] = "auto"
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    test_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    split_seed: int = 0
+    tiny_class_policy: Literal["error", "train_only"] = "error"
+    augment: Literal["none", "flip", "dihedral", "standard"] = "standard"
+    balanced_sampler: bool = False
+    skip_corrupt: bool = False
+    subset: SubsetConfig = SubsetConfig()
+    max_eval_samples: int | None = Field(None, ge=1, description="stratified cap on val/test (smoke tests only)")
+    protocol: Literal["none", "source-imbalanced", "target-imbalanced"] = "none"
+    protocol_cap: dict[int, int] | None = Field(None, description="per-class caps of the balanced subset; default: the minority count")
+    num_workers: int = Field(0, ge=0)
+
+
+class ModelSpec(_Strict):
+    name: str = "student"
+    model: str = "resnet18"
+    input_size: int | None = Field(None, ge=8, description="default: the dataset's native size")
+    in_chans: int | None = Field(None, description="default: the dataset's channels")
+    pretrained: str | bool = False
+    small_input: Literal["auto", "on", "off"] = "auto"
+    norm: Literal["auto", "imagenet", "half"] | tuple[list[float], list[float]] = "auto"
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class TeacherSpec(_Strict):
+    name: str = "teacher"
+    checkpoint: str = Field(..., description="run directory, model directory or weights file")
+    model: str | None = Field(None, description="architecture; read from model.json when omitted")
+    input_size: int | None = None
+    norm: Literal["auto", "imagenet", "half"] | tuple[list[float], list[float]] | None = None
+
+
+class TermSpec(BaseModel):
+    """One loss term. Term-specific keys are validated by the term's own schema."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str
+    weight: float = 1.0
+    student: str | None = Field(None, description="student the term trains; default: every student")
+    warmup_epochs: float = Field(0.0, ge=0.0, description="linear ramp of the weight, min(epoch/warmup, 1)")
+
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class OptimConfig(_Strict):
+    name: Literal["sgd", "adamw", "adam"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(5e-4, ge=0)
+    momentum: float = 0.9
+    nesterov: bool = True
+    head_lr: float | None = Field(None, description="learning rate of the classifier head (default: lr)")
+    module_lr: float | None = Field(None, description="learning rate of method modules (projectors, CFL blocks)")
+
+
+class SchedConfig(_Strict):
+    name: Literal["cosine", "step", "constant"] = "cosine"
+    warmup_epochs: float = Field(0.0, ge=0)
+    step_size: int = 30
+    gamma: float = 0.1
+    min_lr: float = 0.0
+
+
+class EMAConfig(_Strict):
+    enabled: bool = False
+    decay: float = Field(0.999, gt=0, lt=1)
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(64, ge=1)
+    eval_batch_size: int = Field(256, ge=1)
+    seed: int = 0
+    loss: Literal["ce", "focal", "cb_ce", "cb_focal", "logit_adjusted"] = "ce"
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    class_weights: Literal["none", "balanced", "class_balanced"] = "none"
+    focal_gamma: float = 2.0
+    grad_clip: float | None = Field(None, gt=0)
+    ema: EMAConfig = EMAConfig()
+    channels_last: bool = False
+    bf16: bool = False
+    select_metric: Literal["balanced_accuracy", "accuracy", "macro_f1", "qwk", "auroc", "neg_nll"] = "balanced_accuracy"
+    early_stopping_patience: int | None = Field(None, ge=1)
+    update: Literal["simultaneous", "sequential"] = "simultaneous"
+    teacher_cache: Literal["auto", "on", "off"] = "auto"
+    latency: bool = True
+    progress: bool = True
+    threads: int | None = Field(None, ge=1)
+
+
+class RunConfig(_Strict):
+    """Everything a ``train`` or ``distill`` run needs."""
+
+    data: DataConfig = DataConfig()
+    students: list[ModelSpec] = Field(default_factory=lambda: [ModelSpec()])
+    teachers: list[TeacherSpec] = Field(default_factory=list)
+    terms: list[TermSpec] = Field(default_factory=list)
+    optim: OptimConfig = OptimConfig()
+    sched: SchedConfig = SchedConfig()
+    train: TrainConfig = TrainConfig()
+    out: str = "runs/run"
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "RunConfig":
+        names = [s.name for s in self.students] + [t.name for t in self.teachers]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"participant names must be unique; repeated: {sorted(dup)}")
+        if not self.students:
+            raise ValueError("at least one student is required")
+        known = {s.name for s in self.students}
+        for t in self.terms:
+            if t.student is not None and t.student not in known:
+                raise ValueError(f"term {t.type!r} names student {t.student!r}; students are {sorted(known)}")
+        return self
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node: Any = tree
+    for i, k in enumerate(keys[:-1]):
+        if isinstance(node, list):
+            try:
+                node = node[int(k)]
+            except (ValueError, IndexError) as e:
+                raise ConfigError(f"override {dotted!r}: {'.'.join(keys[:i + 1])} is not a valid list index") from e
+            continue
+        node = node.setdefault(k, {})
+        if not isinstance(node, (dict, list)):
+            raise ConfigError(f"override {dotted!r}: {'.'.join(keys[:i + 1])} is not a mapping")
+    last = keys[-1]
+    if isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``a.b=3`` → ("a.b", 3). The value is parsed as YAML *data* (numbers, lists, bools)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key.sub=value")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _format_validation_error(e: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "<root>"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"  {loc}: {msg}" + (f" (got {err.get('input')!r})" if err["type"] != "extra_forbidden" and "input" in err and not isinstance(err.get("input"), dict) else ""))
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                base: dict[str, Any] | None = None) -> RunConfig:
+    """Load YAML (safe loader only), apply dotted overrides, validate.
+
+    Raises :class:`ConfigError` naming the file and the offending key.
+    """
+    tree: dict[str, Any] = dict(base or {})
+    source = "command line"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from e
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: top level must be a mapping, got {type(loaded).__name__}")
+        tree = _deep_merge(tree, loaded)
+    for item in overrides or []:
+        key, value = parse_override(item)
+        _set_dotted(tree, key, value)
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, source)) from None
+
+
+def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

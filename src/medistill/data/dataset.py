@@ -1,0 +1,145 @@
+"""Map-style dataset over an image source and an index array, plus the data bundle a run uses."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+
+from medistill.config import DataConfig
+from medistill.data import splits as sp
+from medistill.data.sources import ImageSource, open_source
+from medistill.data.transforms import Augment, resize
+from medistill.errors import DataError
+
+
+class ImageDataset(Dataset):
+    """Items are ``(x [C, S, S] float in [0, 1], label, source index, view id)``."""
+
+    def __init__(self, source: ImageSource, indices: np.ndarray, size: int, augment: Augment | None):
+        self.source, self.indices, self.size, self.augment = source, np.asarray(indices), size, augment
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int) -> tuple[torch.Tensor, int, int, int]:
+        i = int(self.indices[k])
+        arr = self.source.load(i)
+        x = resize(torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float().div_(255.0), self.size)
+        view = 0
+        if self.augment is not None:
+            x, view = self.augment(x)
+        return x, int(self.source.labels[i]), i, view
+
+
+@dataclass
+class DataBundle:
+    """A source, its splits (already reduced by the imbalance tools) and loader factories."""
+
+    cfg: DataConfig
+    source: ImageSource
+    splits: dict[str, np.ndarray]
+    split_origin: str
+    image_size: int
+
+    @property
+    def num_classes(self) -> int:
+        return self.source.num_classes
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.source.class_names
+
+    @property
+    def channels(self) -> int:
+        return self.source.channels
+
+    def counts(self, split: str = "train") -> np.ndarray:
+        return sp.class_counts(self.source.labels[self.splits[split]], self.num_classes)
+
+    def labels(self, split: str) -> np.ndarray:
+        return self.source.labels[self.splits[split]]
+
+    def dataset(self, split: str, train: bool) -> ImageDataset:
+        aug = Augment(self.cfg.augment, self.image_size) if train and self.cfg.augment != "none" else None
+        return ImageDataset(self.source, self.splits[split], self.image_size, aug)
+
+    def loader(self, split: str, batch_size: int, train: bool, seed: int = 0,
+               balanced: bool | None = None, drop_last: bool = False) -> DataLoader:
+        ds = self.dataset(split, train)
+        if len(ds) == 0:
+            raise DataError(f"the {split} split is empty")
+        gen = torch.Generator().manual_seed(seed)
+        sampler = None
+        if train and (self.cfg.balanced_sampler if balanced is None else balanced):
+            counts = self.counts(split)
+            w = 1.0 / counts[self.labels(split)]
+            sampler = WeightedRandomSampler(torch.as_tensor(w, dtype=torch.double), len(ds),
+                                            replacement=True, generator=gen)
+        return DataLoader(ds, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
+                          generator=gen, num_workers=self.cfg.num_workers, drop_last=drop_last,
+                          persistent_workers=self.cfg.num_workers > 0)
+
+    def split_record(self) -> dict[str, Any]:
+        return {
+            "origin": self.split_origin, "source": self.source.description,
+            "fingerprint": self.source.fingerprint, "class_names": self.class_names,
+            "counts": {k: self.counts(k).tolist() for k in self.splits},
+            **{k: v.tolist() for k, v in self.splits.items()},
+        }
+
+
+def _scan_corrupt(source: ImageSource, idx: np.ndarray) -> np.ndarray:
+    """Drop unreadable images with a warning naming each (``data.skip_corrupt``)."""
+    keep = []
+    for i in idx:
+        try:
+            source.load(int(i))
+            keep.append(i)
+        except DataError as e:
+            warnings.warn(f"skipping: {e}", stacklevel=2)
+    return np.array(keep, dtype=np.int64)
+
+
+def build_data(cfg: DataConfig, image_size: int | None = None, role: str = "student",
+               download: bool = False, fixed_splits: dict[str, list[int]] | None = None) -> DataBundle:
+    """Open the dataset, split it, apply the imbalance tools to train (never to val/test).
+
+    ``fixed_splits`` (e.g. a run's saved ``split.json``) replaces the split computation so that
+    evaluation and resumption see exactly the same images.
+    """
+    source = open_source(cfg.name, cfg.format, download=download)
+    if fixed_splits is not None:
+        splits = {k: np.asarray(fixed_splits[k], dtype=np.int64) for k in ("train", "val", "test")}
+        origin = "saved split"
+        if max((int(v.max()) for v in splits.values() if len(v)), default=-1) >= len(source):
+            raise DataError("the saved split refers to images the dataset does not have (other data?)")
+    else:
+        splits, origin = sp.make_splits(source.labels, source.split_tags, cfg.val_fraction,
+                                        cfg.test_fraction, cfg.split_seed, cfg.tiny_class_policy,
+                                        source.class_names)
+        if cfg.skip_corrupt and source._arrays is None:
+            splits = {k: _scan_corrupt(source, v) for k, v in splits.items()}
+        tr, y, s = splits["train"], source.labels, cfg.subset
+        tr = sp.protocol_indices(tr, y, cfg.protocol, role, cfg.protocol_cap, s.seed)
+        if s.imbalance_ratio:
+            tr = sp.longtail_subsample(tr, y, s.imbalance_ratio, s.seed)
+        if s.max_per_class:
+            tr = sp.cap_per_class(tr, y, s.max_per_class, s.seed)
+        if s.fraction:
+            tr = sp.stratified_fraction(tr, y, s.fraction, s.seed)
+        if s.max_samples:
+            tr = sp.stratified_cap(tr, y, s.max_samples, s.seed)
+        splits["train"] = tr
+        if cfg.max_eval_samples:
+            for k in ("val", "test"):
+                splits[k] = sp.stratified_cap(splits[k], y, cfg.max_eval_samples, cfg.split_seed)
+    for k in ("train", "val", "test"):
+        if len(splits[k]) == 0:
+            raise DataError(f"the {k} split of {source.description} is empty (check val/test fractions)")
+    size = image_size or source.native_size or 224
+    return DataBundle(cfg, source, splits, origin, size)

@@ -1,0 +1,162 @@
+"""MedMNIST ``.npz`` files: name resolution, checksum verification, download.
+
+A name such as ``retinamnist`` or ``breastmnist_64`` resolves through, in order: an explicit
+path, ``$MEDISTILL_DATA_DIR``, then the user cache directory. A missing file is downloaded only
+when the caller asks (``download=True``), with a progress bar, and its md5 is checked against
+the MedMNIST table before it is moved into place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+from platformdirs import user_cache_dir
+
+from medistill.errors import DataError
+from medistill.io import atomic_path
+
+ZENODO_RECORD = "https://zenodo.org/records/10519652/files"
+
+# MD5 checksums from the MedMNIST INFO table (2D datasets). Keys are file stems. Sizes 64/128/224
+# of MedMNIST+ are listed where we hold the official value; other files verify as "unknown".
+MD5: dict[str, str] = {
+    "pathmnist": "a8b06965200029087d5bd730944a56c1",
+    "pathmnist_64": "55aa9c1e0525abe5a6b9d8343a507616",
+    "pathmnist_128": "ac42d08fb904d92c244187169d1fd1d9",
+    "pathmnist_224": "2c51a510bcdc9cf8ddb2af93af1eadec",
+    "chestmnist": "02c8a6516a18b556561a56cbdd36c4a8",
+    "dermamnist": "0744692d530f8e62ec473284d019b0c7",
+    "octmnist": "c68d92d5b585d8d81f7112f81e2d0842",
+    "octmnist_64": "e229e9440236b774d9f0dfef9d07bdaf",
+    "octmnist_128": "0a97e76651ace45c5d943ee3f65b63ae",
+    "pneumoniamnist": "28209eda62fecd6e6a2d98b1501bb15f",
+    "retinamnist": "bd4c0672f1bba3e3a89f0e4e876791e4",
+    "breastmnist": "750601b1f35ba3300ea97c75c52ff8f6",
+    "bloodmnist": "7053d0359d879ad8a5505303e11de1dc",
+    "tissuemnist": "ebe78ee8b05294063de985d821c1c34b",
+    "organamnist": "866b832ed4eeba67bfb9edee1d5544e6",
+    "organcmnist": "0afa5834fb105f7705a7d93372119a21",
+    "organsmnist": "e5c39f1af030238290b9557d9503af9d",
+}
+FLAVOURS = sorted({k.split("_")[0] for k in MD5})
+MULTI_LABEL = {"chestmnist"}
+_NAME_RE = re.compile(r"^([a-z]+mnist)(?:_(28|64|128|224))?$")
+
+
+def is_medmnist_name(name: str) -> bool:
+    m = _NAME_RE.match(name.lower())
+    return bool(m) and m.group(1) in FLAVOURS
+
+
+def default_cache_dir() -> Path:
+    return Path(user_cache_dir("medistill")) / "datasets"
+
+
+def search_dirs() -> list[Path]:
+    dirs = []
+    if env := os.environ.get("MEDISTILL_DATA_DIR"):
+        dirs.extend(Path(p) for p in env.split(os.pathsep) if p)
+    dirs.append(default_cache_dir())
+    return dirs
+
+
+def file_stem(name: str) -> str:
+    m = _NAME_RE.match(name.lower())
+    if not m:
+        raise DataError(f"{name!r} is not a MedMNIST name (e.g. retinamnist, breastmnist_64)")
+    flavour, size = m.group(1), m.group(2)
+    return flavour if size in (None, "28") else f"{flavour}_{size}"
+
+
+def md5_file(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify(path: Path, stem: str) -> str | None:
+    """Check ``path`` against the table. Returns the md5, or None when no checksum is known."""
+    expected = MD5.get(stem)
+    if expected is None:
+        return None
+    got = md5_file(path)
+    if got != expected:
+        raise DataError(
+            f"{path}: md5 {got} does not match the MedMNIST checksum {expected} for {stem}.npz; "
+            "the file is corrupt or not the official release (delete it and download it again)"
+        )
+    return got
+
+
+def resolve(name: str, download: bool = False) -> Path:
+    """Find (or, when ``download``, fetch) the ``.npz`` of a MedMNIST name or path."""
+    p = Path(name).expanduser()
+    if p.suffix == ".npz":
+        if not p.is_file():
+            raise DataError(f"dataset file not found: {p}")
+        return p
+    stem = file_stem(name)
+    flavour = stem.split("_")[0]
+    if flavour in MULTI_LABEL:
+        raise DataError(f"{flavour} is multi-label; medistill handles single-label classification only")
+    looked = []
+    for d in search_dirs():
+        cand = d / f"{stem}.npz"
+        looked.append(str(cand))
+        if cand.is_file():
+            verify(cand, stem)
+            return cand
+    if download:
+        return _download(stem, default_cache_dir() / f"{stem}.npz")
+    raise DataError(
+        f"dataset {name!r} not found. Looked in: {', '.join(looked)}. "
+        f"Put {stem}.npz in one of these (or set MEDISTILL_DATA_DIR), download it from "
+        f"{ZENODO_RECORD}/{stem}.npz, or pass download=True / --download when online."
+    )
+
+
+def _download(stem: str, dest: Path) -> Path:
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
+
+    url = f"{ZENODO_RECORD}/{stem}.npz?download=1"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with urllib.request.urlopen(url, timeout=30) as resp, atomic_path(dest) as tmp:
+            total = int(resp.headers.get("Content-Length") or 0) or None
+            with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                          TimeRemainingColumn()) as bar, open(tmp, "wb") as fh:
+                task = bar.add_task(f"downloading {stem}.npz", total=total)
+                while block := resp.read(1 << 16):
+                    fh.write(block)
+                    bar.advance(task, len(block))
+            verify(tmp, stem)
+    except OSError as e:
+        raise DataError(f"could not download {url}: {e}. Offline? Place {stem}.npz in {dest.parent}.") from e
+    return dest
+
+
+def load_npz(path: Path) -> dict[str, np.ndarray]:
+    """Load the six arrays of a MedMNIST file (``allow_pickle=False``: data, never code)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: not a readable .npz file ({e})") from e
+    need = [f"{s}_{k}" for s in ("train", "val", "test") for k in ("images", "labels")]
+    missing = [k for k in need if k not in arrays]
+    if missing:
+        raise DataError(f"{path}: missing arrays {missing}; a MedMNIST file holds {need}")
+    for s in ("train", "val", "test"):
+        lab = arrays[f"{s}_labels"]
+        if lab.ndim == 2 and lab.shape[1] > 1:
+            raise DataError(f"{path}: {s}_labels has shape {lab.shape} (multi-label); single-label only")
+        if len(lab) != len(arrays[f"{s}_images"]):
+            raise DataError(f"{path}: {s}_images and {s}_labels differ in length")
+    return arrays

@@ -1,0 +1,148 @@
+"""Seeded, stratified train/val/test splits and the imbalance tools of the papers.
+
+Everything here works on index arrays into an :class:`~medistill.data.sources.ImageSource`;
+val and test are never resampled, so every model of a study is tested on the same untouched
+test split.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+
+from medistill.errors import DataError
+
+
+def class_counts(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """``[C]`` int64 counts."""
+    return np.bincount(labels, minlength=num_classes).astype(np.int64)
+
+
+def stratified_split(labels: np.ndarray, fractions: dict[str, float], seed: int,
+                     tiny_class_policy: str = "error", class_names: list[str] | None = None,
+                     base: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Split ``base`` indices (default: all) per class by ``fractions`` (which must include
+    ``train``; other parts get ``round(n·f)`` samples, at least 1).
+
+    A class with fewer samples than parts cannot reach every part: under ``"error"`` that is a
+    :class:`DataError` saying so; under ``"train_only"`` its samples all go to train, with a
+    warning (the class then has no val/test estimate).
+    """
+    rng = np.random.default_rng(seed)
+    idx_all = np.arange(len(labels)) if base is None else np.asarray(base)
+    others = [k for k in fractions if k != "train" and fractions[k] > 0]
+    out: dict[str, list[int]] = {k: [] for k in ["train", *others]}
+    for c in np.unique(labels[idx_all]):
+        idx = idx_all[labels[idx_all] == c]
+        idx = idx[rng.permutation(len(idx))]
+        name = class_names[c] if class_names else str(c)
+        if len(idx) < len(others) + 1:
+            if tiny_class_policy == "train_only":
+                warnings.warn(f"class {name!r} has {len(idx)} image(s), fewer than the {len(others) + 1} "
+                              "split parts; all go to train (no val/test estimate for it)", stacklevel=2)
+                out["train"].extend(idx.tolist())
+                continue
+            raise DataError(
+                f"class {name!r} has only {len(idx)} image(s); a stratified {'/'.join(out)} split needs at "
+                f"least {len(others) + 1}. Add images, merge or drop the class, or set "
+                "data.tiny_class_policy=train_only"
+            )
+        start = 0
+        for k in others:
+            n = max(1, int(round(len(idx) * fractions[k])))
+            n = min(n, len(idx) - start - 1 - (len(others) - others.index(k) - 1))
+            out[k].extend(idx[start:start + n].tolist())
+            start += n
+        out["train"].extend(idx[start:].tolist())
+    return {k: np.sort(np.array(v, dtype=np.int64)) for k, v in out.items()}
+
+
+def make_splits(labels: np.ndarray, split_tags: np.ndarray | None, val_fraction: float,
+                test_fraction: float, seed: int, tiny_class_policy: str = "error",
+                class_names: list[str] | None = None) -> tuple[dict[str, np.ndarray], str]:
+    """The dataset's own split when present (val carved from train if missing), otherwise a
+    seeded stratified split. Returns the index arrays and a description of their origin."""
+    if split_tags is not None:
+        parts = {s: np.flatnonzero(split_tags == s) for s in ("train", "val", "test")}
+        if len(parts["train"]) == 0:
+            raise DataError("the dataset's own split has no training images")
+        origin = "dataset"
+        if len(parts["val"]) == 0:
+            carved = stratified_split(labels, {"train": 1 - val_fraction, "val": val_fraction}, seed,
+                                      tiny_class_policy, class_names, base=parts["train"])
+            parts["train"], parts["val"] = carved["train"], carved["val"]
+            origin = "dataset (val carved from train, stratified)"
+        if len(parts["test"]) == 0:
+            raise DataError("the dataset's own split has no test images; remove the split or add a test part")
+        return parts, origin
+    fr = {"train": 1 - val_fraction - test_fraction, "val": val_fraction, "test": test_fraction}
+    parts = stratified_split(labels, fr, seed, tiny_class_policy, class_names)
+    for k in ("val", "test"):
+        parts.setdefault(k, np.array([], dtype=np.int64))
+    return parts, f"stratified (seed {seed})"
+
+
+def longtail_subsample(indices: np.ndarray, labels: np.ndarray, imbalance_ratio: float,
+                       seed: int) -> np.ndarray:
+    """Exponential long-tail profile: the i-th most frequent class keeps
+    ``n_max · ratio^(−i/(C−1))`` samples (capped at what it has)."""
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(labels[indices], return_counts=True)
+    order = np.argsort(-counts, kind="stable")
+    n_max = counts[order[0]]
+    keep = []
+    for rank, ci in enumerate(order):
+        c = classes[ci]
+        target = int(np.floor(n_max * imbalance_ratio ** (-rank / max(len(classes) - 1, 1))))
+        idx = indices[labels[indices] == c]
+        keep.append(rng.choice(idx, size=min(max(target, 1), len(idx)), replace=False))
+    return np.sort(np.concatenate(keep))
+
+
+def cap_per_class(indices: np.ndarray, labels: np.ndarray, cap: int | dict[int, int], seed: int) -> np.ndarray:
+    """Keep at most ``cap`` samples of each class (an int, or a per-class dict)."""
+    rng = np.random.default_rng(seed)
+    keep = []
+    for c in np.unique(labels[indices]):
+        idx = indices[labels[indices] == c]
+        k = cap.get(int(c), len(idx)) if isinstance(cap, dict) else cap
+        keep.append(idx if len(idx) <= k else rng.choice(idx, size=k, replace=False))
+    return np.sort(np.concatenate(keep))
+
+
+def stratified_fraction(indices: np.ndarray, labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Keep ``fraction`` of every class (at least one sample each)."""
+    rng = np.random.default_rng(seed)
+    keep = []
+    for c in np.unique(labels[indices]):
+        idx = indices[labels[indices] == c]
+        keep.append(rng.choice(idx, size=max(1, int(round(len(idx) * fraction))), replace=False))
+    return np.sort(np.concatenate(keep))
+
+
+def stratified_cap(indices: np.ndarray, labels: np.ndarray, max_samples: int, seed: int) -> np.ndarray:
+    if len(indices) <= max_samples:
+        return indices
+    return stratified_fraction(indices, labels, max_samples / len(indices), seed)
+
+
+def balanced_cap_default(indices: np.ndarray, labels: np.ndarray) -> int:
+    """Default cap of the protocols' balanced subset: the median class count of the training
+    split (UMKD subsamples only the largest grades; capping at the median does the same)."""
+    return int(np.median(np.unique(labels[indices], return_counts=True)[1]))
+
+
+def protocol_indices(train: np.ndarray, labels: np.ndarray, protocol: str, role: str,
+                     cap: dict[int, int] | None, seed: int) -> np.ndarray:
+    """UMKD protocols, carved from the training split only.
+
+    ``source-imbalanced``: teachers train on the full (imbalanced) training split, the student on
+    a balanced subset of it. ``target-imbalanced``: the reverse. ``role`` is "teacher" or "student".
+    """
+    if protocol == "none":
+        return train
+    balanced_side = "student" if protocol == "source-imbalanced" else "teacher"
+    if role != balanced_side:
+        return train
+    return cap_per_class(train, labels, cap if cap else balanced_cap_default(train, labels), seed)

@@ -1,0 +1,25 @@
+"""Exceptions with messages meant for users: each names the offending input."""
+
+
+class MedistillError(Exception):
+    """Base class of every error medistill raises on bad input."""
+
+
+class DataError(MedistillError):
+    """A dataset, file, label or split is unusable."""
+
+
+class ConfigError(MedistillError):
+    """A configuration key or value is invalid."""
+
+
+class ModelError(MedistillError):
+    """A model name, checkpoint or tap is unusable."""
+
+
+class NonFiniteLossError(MedistillError):
+    """A loss became NaN or Inf; training stops and the last good checkpoint stays intact."""
+
+
+class CacheMismatchError(MedistillError):
+    """A teacher-output cache was built for other data, transforms or checkpoints."""

@@ -1,0 +1,44 @@
+"""Parameter count, FLOPs (torch's own FlopCounterMode) and CPU latency of a model."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """FLOPs of one forward pass on ``input_shape`` (batch included), as counted by
+    ``torch.utils.flop_counter`` (a multiply-add counts 2; MACs = FLOPs / 2)."""
+    was = model.training
+    model.eval()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(torch.zeros(*input_shape))
+    model.train(was)
+    return int(counter.get_total_flops())
+
+
+def latency_ms(model: nn.Module, input_shape: tuple[int, ...], repeats: int = 20, warmup: int = 3) -> dict[str, float]:
+    """Median and IQR of wall-clock forward time on the CPU, warm-up runs discarded."""
+    was = model.training
+    model.eval()
+    x = torch.zeros(*input_shape)
+    times = []
+    with torch.inference_mode():
+        for i in range(warmup + repeats):
+            t0 = time.perf_counter()
+            model(x)
+            if i >= warmup:
+                times.append((time.perf_counter() - t0) * 1e3)
+    model.train(was)
+    q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
+    return {"median_ms": statistics.median(times), "q1_ms": q[0], "q3_ms": q[2],
+            "batch": input_shape[0], "threads": torch.get_num_threads()}

@@ -1,0 +1,257 @@
+"""One model factory over timm (plus ``cnn5``), small-input adaptation, local weights,
+per-model preprocessing, and model directories (``model.json`` + safetensors).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from medistill.data.transforms import resize
+from medistill.errors import ModelError
+from medistill.io import atomic_write, torch_load, write_json
+from medistill.models.cnn5 import CNN5
+
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+SMALL_INPUT_MAX = 64
+
+# What the small-input adaptation changes, per family (the docs table is generated from this).
+ADAPTATIONS = {
+    "ResNet": "conv1 7×7/2 → 3×3/1, maxpool removed (total stride 32 → 8; layer4 is 4×4 at 28 px)",
+    "DenseNet": "conv0 7×7/2 → 3×3/1, pool0 removed (total stride 32 → 8; 3×3 at 28 px)",
+    "EfficientNet": "conv_stem stride 2 → 1 (total stride 32 → 16; 2×2 at 28 px); also MobileNetV2",
+    "MobileNetV3": "conv_stem stride 2 → 1 (total stride 32 → 16)",
+    "ConvNeXt": "stem 4×4/4 → 3×3/1 (total stride 32 → 8)",
+    "CNN5": "none needed (ceil-mode pooling)",
+}
+
+
+def list_model_names() -> list[str]:
+    return ["cnn5", *timm.list_models()]
+
+
+def _unknown_model(name: str) -> ModelError:
+    close = difflib.get_close_matches(name, list_model_names(), n=5, cutoff=0.6)
+    hint = f" Did you mean: {', '.join(close)}?" if close else " See `medistill models list`."
+    return ModelError(f"unknown model {name!r}.{hint}")
+
+
+def _adapt_small_input(model: nn.Module, in_chans: int) -> str | None:
+    kind = type(model).__name__
+    if kind == "ResNet":
+        old = model.conv1
+        if isinstance(old, nn.Conv2d):
+            model.conv1 = nn.Conv2d(in_chans, old.out_channels, 3, 1, 1, bias=False)
+        else:  # deep stem: make its first conv stride 1
+            first = next(m for m in old.modules() if isinstance(m, nn.Conv2d))
+            first.stride = (1, 1)
+        model.maxpool = nn.Identity()
+    elif kind == "DenseNet":
+        old = model.features.conv0
+        model.features.conv0 = nn.Conv2d(in_chans, old.out_channels, 3, 1, 1, bias=False)
+        model.features.pool0 = nn.Identity()
+    elif kind in ("EfficientNet", "MobileNetV3"):
+        model.conv_stem.stride = (1, 1)
+    elif kind == "ConvNeXt":
+        old = model.stem[0]
+        model.stem[0] = nn.Conv2d(in_chans, old.out_channels, 3, 1, 1)
+    else:
+        return None
+    return ADAPTATIONS[kind]
+
+
+def create_model(name: str, num_classes: int, in_chans: int = 3, input_size: int = 224,
+                 pretrained: bool | str = False, small_input: str = "auto", **kwargs: Any) -> nn.Module:
+    """Build ``name`` with a ``num_classes`` head.
+
+    ``small_input``: "auto" adapts the stem of ResNet/DenseNet/EfficientNet/MobileNet/ConvNeXt
+    when ``input_size <= 64`` (see :data:`ADAPTATIONS`); "on"/"off" force it. ``pretrained`` may be
+    a local weights file (safetensors or a weights-only torch file); the head is re-initialised
+    when its shape differs. ``True`` asks timm's hub and needs network access.
+    The adaptation applied is stored as ``model.medistill_adaptation``.
+    """
+    if num_classes < 2:
+        raise ModelError(f"num_classes must be ≥ 2, got {num_classes}")
+    if name == "cnn5":
+        model: nn.Module = CNN5(num_classes, in_chans, **kwargs)
+    else:
+        if name not in timm.list_models() and not timm.is_model(name):
+            raise _unknown_model(name)
+        try:
+            model = timm.create_model(name, num_classes=num_classes, in_chans=in_chans,
+                                      pretrained=pretrained is True, **kwargs)
+        except (OSError, RuntimeError) as e:
+            if pretrained is True:
+                raise ModelError(f"could not fetch hub weights for {name!r} (offline?): {e}. "
+                                 "Pass a local weights file as pretrained=PATH instead.") from e
+            raise
+    adaptation = None
+    if small_input == "on" or (small_input == "auto" and input_size <= SMALL_INPUT_MAX):
+        adaptation = _adapt_small_input(model, in_chans)
+    model.medistill_adaptation = adaptation  # type: ignore[attr-defined]
+    if isinstance(pretrained, str) and pretrained:
+        load_weights(model, pretrained, strict=False)
+    _check_forward(model, name, in_chans, input_size)
+    return model
+
+
+def _check_forward(model: nn.Module, name: str, in_chans: int, input_size: int) -> None:
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, in_chans, input_size, input_size))
+    except RuntimeError as e:
+        raise ModelError(f"{name} cannot run on {input_size}×{input_size} inputs ({e}); "
+                         "use a larger input_size or small_input=on") from e
+    finally:
+        model.train(was)
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Weights from safetensors or a weights-only torch file; ``module.``/``model.`` prefixes stripped."""
+    p = Path(path)
+    if not p.is_file():
+        raise ModelError(f"weights file not found: {p}")
+    try:
+        if p.suffix == ".safetensors":
+            sd = load_file(str(p))
+        else:
+            sd = torch_load(p)
+    except Exception as e:  # noqa: BLE001 - any failure to parse is reported with the path
+        raise ModelError(f"{p}: not a readable weights file ({type(e).__name__}: {e})") from e
+    for key in ("state_dict", "model", "model_state_dict", "student"):
+        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+            sd = sd[key]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ModelError(f"{p}: does not hold a state dict of tensors")
+    out = {}
+    for k, v in sd.items():
+        for pre in ("module.", "model."):
+            if k.startswith(pre):
+                k = k[len(pre):]
+        out[k] = v
+    return out
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> None:
+    """Load local weights. ``strict``: any missing/unexpected key or shape mismatch is an error
+    that names it. Non-strict (fine-tuning init): mismatched head weights are skipped."""
+    sd = read_state_dict(path)
+    own = model.state_dict()
+    mismatched = {k: (tuple(v.shape), tuple(own[k].shape)) for k, v in sd.items() if k in own and v.shape != own[k].shape}
+    if strict:
+        missing = sorted(set(own) - set(sd))
+        unexpected = sorted(set(sd) - set(own))
+        if mismatched or missing or unexpected:
+            parts = []
+            if mismatched:
+                k, (a, b) = next(iter(mismatched.items()))
+                parts.append(f"shape mismatch at {k}: file {a} vs model {b}" + (" (class count differs?)" if len(b) <= 2 else ""))
+            if missing:
+                parts.append(f"{len(missing)} missing key(s), e.g. {missing[0]}")
+            if unexpected:
+                parts.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[0]}")
+            raise ModelError(f"{path}: incompatible with the model: " + "; ".join(parts))
+        model.load_state_dict(sd)
+        return
+    sd = {k: v for k, v in sd.items() if k in own and k not in mismatched}
+    if not sd:
+        raise ModelError(f"{path}: no tensor matches the model's parameters (other architecture?)")
+    model.load_state_dict(sd, strict=False)
+
+
+class Preprocess(nn.Module):
+    """Adapt a shared batch ``[B, C_data, S, S]`` in [0, 1] to one model: channel count,
+    input size and normalisation. Part of every participant and of exported models."""
+
+    def __init__(self, data_chans: int, in_chans: int, input_size: int, mean: tuple[float, ...], std: tuple[float, ...]):
+        super().__init__()
+        self.data_chans, self.in_chans, self.input_size = data_chans, in_chans, input_size
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] != self.in_chans:
+            if x.shape[1] == 1:
+                x = x.expand(-1, self.in_chans, -1, -1)
+            elif self.in_chans == 1:
+                x = (x * torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
+            else:
+                raise ModelError(f"cannot feed {x.shape[1]}-channel images to a {self.in_chans}-channel model")
+        x = resize(x, self.input_size)
+        return (x - self.mean) / self.std
+
+
+@dataclass
+class ModelSpecRecord:
+    """What ``model.json`` stores: enough to rebuild the model and its preprocessing exactly."""
+
+    arch: str
+    num_classes: int
+    in_chans: int
+    data_chans: int
+    input_size: int
+    small_input: str
+    mean: list[float]
+    std: list[float]
+    class_names: list[str]
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    adaptation: str | None = None
+
+    def build(self) -> tuple[nn.Module, Preprocess]:
+        model = create_model(self.arch, self.num_classes, self.in_chans, self.input_size,
+                             small_input=self.small_input, **self.kwargs)
+        return model, Preprocess(self.data_chans, self.in_chans, self.input_size, tuple(self.mean), tuple(self.std))
+
+
+def resolve_norm(norm: Any, pretrained: bool | str, in_chans: int) -> tuple[list[float], list[float]]:
+    if isinstance(norm, (tuple, list)) and len(norm) == 2 and isinstance(norm[0], (list, tuple)):
+        mean, std = list(norm[0]), list(norm[1])
+    elif norm == "imagenet" or (norm == "auto" and pretrained):
+        mean, std = list(IMAGENET[0]), list(IMAGENET[1])
+    else:
+        mean, std = [0.5] * 3, [0.5] * 3
+    if in_chans == 1 and len(mean) == 3:
+        mean, std = [sum(mean) / 3], [sum(std) / 3]
+    if len(mean) != in_chans or len(std) != in_chans:
+        raise ModelError(f"normalisation has {len(mean)} channels, the model {in_chans}")
+    return mean, std
+
+
+def save_model_dir(directory: str | os.PathLike, model: nn.Module, spec: ModelSpecRecord,
+                   weights_name: str = "model.safetensors") -> None:
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    atomic_write(d / weights_name, lambda p: save_file(sd, str(p)))
+    write_json(d / "model.json", asdict(spec))
+
+
+def load_model_dir(path: str | os.PathLike, weights_name: str = "model.safetensors") -> tuple[nn.Module, Preprocess, ModelSpecRecord]:
+    """Load a model directory (or the ``model.json`` beside a weights file)."""
+    p = Path(path)
+    if p.is_file():
+        d, wfile = p.parent, p
+    else:
+        d, wfile = p, p / weights_name
+    meta = d / "model.json"
+    if not meta.is_file():
+        raise ModelError(f"{d}: no model.json (not a medistill model directory)")
+    try:
+        spec = ModelSpecRecord(**json.loads(meta.read_text()))
+    except (TypeError, json.JSONDecodeError) as e:
+        raise ModelError(f"{meta}: unreadable model description ({e})") from e
+    model, pre = spec.build()
+    load_weights(model, wfile, strict=True)
+    model.eval()
+    return model, pre, spec
