@@ -44,6 +44,7 @@ class DataConfig(_Strict):
     max_eval_samples: int | None = Field(None, ge=1, description="stratified cap on val/test (smoke tests only)")
     protocol: Literal["none", "source-imbalanced", "target-imbalanced"] = "none"
     protocol_cap: dict[int, int] | None = Field(None, description="per-class caps of the balanced subset; default: the minority count")
+    role: Literal["auto", "teacher", "student"] = Field("auto", description="protocol side; auto: teacher when the run has no teachers")
     num_workers: int = Field(0, ge=0)
 
 
@@ -120,6 +121,7 @@ class TrainConfig(_Strict):
     update: Literal["simultaneous", "sequential"] = "simultaneous"
     teacher_cache: Literal["auto", "on", "off"] = "auto"
     latency: bool = True
+    cache_dir: str | None = Field(None, description="teacher cache directory (default: $MEDISTILL_CACHE_DIR or the user cache)")
     progress: bool = True
     threads: int | None = Field(None, ge=1)
 

@@ -1,0 +1,181 @@
+"""The ``medistill`` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from medistill.errors import MedistillError
+
+app = typer.Typer(help="Distil large medical image classifiers into small, fast, explainable students.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+models_app = typer.Typer(help="Inspect the model zoo and feature taps.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+console = Console(stderr=True)
+
+_SET = typer.Option(None, "--set", help="dotted override, e.g. --set train.lr=0.01 (repeatable)")
+
+
+def _overrides(data: Optional[str], model: Optional[list[str]], epochs: Optional[int], batch_size: Optional[int],
+               seed: Optional[int], out: Optional[str], lr: Optional[float], input_size: Optional[int],
+               sets: Optional[list[str]]) -> list[str]:
+    o = []
+    if data:
+        o.append(f"data.name={data}")
+    if epochs is not None:
+        o.append(f"train.epochs={epochs}")
+    if batch_size is not None:
+        o.append(f"train.batch_size={batch_size}")
+    if seed is not None:
+        o.append(f"train.seed={seed}")
+    if out:
+        o.append(f"out={out}")
+    if lr is not None:
+        o.append(f"optim.lr={lr}")
+    return o + list(sets or [])
+
+
+def _students(model: Optional[list[str]], input_size: Optional[int], base: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+    if not model:
+        if input_size and base:
+            return [{**s, "input_size": input_size} for s in base]
+        return None
+    names = ["student"] if len(model) == 1 else [f"{m}" if model.count(m) == 1 else f"{m}_{i}" for i, m in enumerate(model)]
+    return [{"name": n, "model": m, **({"input_size": input_size} if input_size else {})} for n, m in zip(names, model)]
+
+
+def _run(kind: str, config: Optional[Path], overrides: list[str], model: Optional[list[str]], input_size: Optional[int],
+         teachers: Optional[list[str]], method: Optional[str], resume: bool, download: bool) -> None:
+    from medistill.config import load_config
+    from medistill.distill.engine import Engine
+    from medistill.distill.methods import method_terms
+
+    out_dir = next((o.split("=", 1)[1] for o in overrides if o.startswith("out=")), None)
+    if resume:
+        if not out_dir and config is None:
+            raise MedistillError("--resume needs --out RUN_DIR")
+        saved = Path(out_dir or "") / "config.yaml"
+        if out_dir and saved.is_file():
+            config, overrides = saved, [o for o in overrides if o.startswith("out=")]
+    cfg0 = load_config(config, overrides)
+    tree = cfg0.model_dump(mode="json")
+    st = _students(model, input_size, tree.get("students"))
+    if st:
+        tree["students"] = st
+    if teachers:
+        tree["teachers"] = [{"name": f"teacher{i}" if len(teachers) > 1 else "teacher", "checkpoint": t} for i, t in enumerate(teachers)]
+    if method:
+        tree["terms"] = method_terms(method, tree["train"]["epochs"])
+        console.print(f"method {method}: terms = {json.dumps(tree['terms'])}")
+    if kind == "train" and tree.get("teachers"):
+        raise MedistillError("`train` takes no teachers; use `medistill distill`")
+    if kind == "distill" and not tree.get("teachers") and not any(t.get("type") == "peer" for t in tree.get("terms", [])):
+        raise MedistillError("`distill` needs --teacher (or teachers: in the config), or peer terms for mutual learning")
+    cfg = load_config(None, [], base=tree)
+    results = Engine(cfg, resume=resume, download=download, console=console).run()
+    summary = Path(cfg.out) / "summary.md"
+    print(summary.read_text() if summary.is_file() else json.dumps(results, indent=2))
+    print(f"run directory: {cfg.out}")
+
+
+@app.command()
+def train(
+    config: Optional[Path] = typer.Argument(None, help="YAML config (optional: flags suffice)"),
+    data: Optional[str] = typer.Option(None, "--data", help="MedMNIST name, .npz, image folder or CSV manifest"),
+    model: Optional[list[str]] = typer.Option(None, "--model", help="timm model name or cnn5"),
+    epochs: Optional[int] = typer.Option(None, "--epochs"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    out: Optional[str] = typer.Option(None, "--out", help="run directory"),
+    lr: Optional[float] = typer.Option(None, "--lr"),
+    input_size: Optional[int] = typer.Option(None, "--input-size"),
+    sets: Optional[list[str]] = _SET,
+    resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its last checkpoint"),
+    download: bool = typer.Option(False, "--download", help="download a missing MedMNIST file (needs network)"),
+) -> None:
+    """Train a teacher or a student-only baseline with a supervised loss."""
+    _run("train", config, _overrides(data, model, epochs, batch_size, seed, out, lr, input_size, sets), model,
+         input_size, None, None, resume, download)
+
+
+@app.command()
+def distill(
+    config: Optional[Path] = typer.Argument(None, help="YAML config with teachers, students and terms"),
+    teacher: Optional[list[str]] = typer.Option(None, "--teacher", help="teacher run/model dir (repeatable)"),
+    method: Optional[str] = typer.Option(None, "--method", help="preset: kd, dkd, fitnet, at, dml, kd++, dual_student, multi_teacher"),
+    data: Optional[str] = typer.Option(None, "--data"),
+    model: Optional[list[str]] = typer.Option(None, "--model", "--student", help="student model (repeatable)"),
+    epochs: Optional[int] = typer.Option(None, "--epochs"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    out: Optional[str] = typer.Option(None, "--out"),
+    lr: Optional[float] = typer.Option(None, "--lr"),
+    input_size: Optional[int] = typer.Option(None, "--input-size"),
+    sets: Optional[list[str]] = _SET,
+    resume: bool = typer.Option(False, "--resume"),
+    download: bool = typer.Option(False, "--download"),
+) -> None:
+    """Distil N teachers into M students with a list of loss terms."""
+    _run("distill", config, _overrides(data, model, epochs, batch_size, seed, out, lr, input_size, sets), model,
+         input_size, teacher, method, resume, download)
+
+
+@app.command()
+def evaluate(
+    target: Path = typer.Argument(..., help="run directory, student/model directory or weights file"),
+    data: Optional[str] = typer.Option(None, "--data", help="dataset (default: the run's own)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="write metrics here instead of beside the model"),
+    latency: bool = typer.Option(True, "--latency/--no-latency"),
+) -> None:
+    """Evaluate saved students on the run's validation and test splits."""
+    from medistill.evaluate import evaluate_target
+
+    res = evaluate_target(target, data=data, out=out, latency=latency)
+    t = Table("model", "ACC", "bal. ACC", "macro-F1", "QWK", "AUROC", "ECE")
+    for name, r in res.items():
+        m = r["test"]
+        t.add_row(name, *(f"{m[k]:.4f}" if m[k] is not None else "–" for k in ("accuracy", "balanced_accuracy", "macro_f1", "qwk", "auroc", "ece")))
+    Console().print(t)
+
+
+@models_app.command("list")
+def models_list(pattern: str = typer.Argument("*", help="glob, e.g. 'resnet*'")) -> None:
+    """List model names (timm + cnn5)."""
+    import timm
+
+    for n in (["cnn5"] if pattern in ("*", "cnn5", "cnn*") else []) + timm.list_models(pattern):
+        print(n)
+
+
+@models_app.command("taps")
+def models_taps(name: str, input_size: int = typer.Option(224, "--input-size"), in_chans: int = typer.Option(3, "--in-chans"),
+                num_classes: int = typer.Option(5, "--num-classes"), depth: int = typer.Option(2, "--depth"),
+                small_input: str = typer.Option("auto", "--small-input")) -> None:
+    """List tap names of a model with their output shapes."""
+    from medistill.models import create_model, list_taps
+
+    m = create_model(name, num_classes, in_chans, input_size, small_input=small_input)
+    t = Table("tap", "shape")
+    for n, s in list_taps(m, input_size, in_chans, depth):
+        t.add_row(n, "×".join(map(str, s[1:])))
+    Console().print(t)
+    if getattr(m, "medistill_adaptation", None):
+        Console().print(f"small-input adaptation: {m.medistill_adaptation}")
+
+
+def main() -> None:
+    try:
+        app()
+    except MedistillError as e:
+        console.print(f"[bold red]error:[/] {e}")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

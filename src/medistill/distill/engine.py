@@ -1,0 +1,639 @@
+"""The one training loop of medistill: N frozen teachers × M trainable students × loss terms.
+
+``medistill train`` is this engine with no teacher and a supervised term; every distillation
+method is a list of terms. Per step: one forward per teacher (or a cache lookup), one forward
+per student, a dict of named losses per student, one backward, one optimizer step per student.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from medistill.config import RunConfig, TermSpec, dump_config
+from medistill.data import DataBundle, build_data
+from medistill.data.transforms import apply_view, views_for
+from medistill.distill.cache import MAX_CACHED_TAP_NUMEL, TeacherCache, default_cache_dir
+from medistill.distill.context import StepContext
+from medistill.distill.terms import TERMS, LossTerm, TermSetup
+from medistill.errors import ConfigError, ModelError, NonFiniteLossError
+from medistill.eval.metrics import classification_metrics, selection_score
+from medistill.eval.predict import evaluate_splits, predict
+from medistill.io import (append_jsonl, check_writable, environment_info, sha256_file, torch_load, torch_save,
+                          write_json, write_text)
+from medistill.models.cost import count_flops, count_params, latency_ms
+from medistill.models.factory import (ModelSpecRecord, Preprocess, create_model, load_model_dir, resolve_norm,
+                                      save_model_dir)
+from medistill.models.taps import FeatureTaps
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class Participant:
+    """A model in a run: its network, its own preprocessing, and whether it is trained."""
+
+    name: str
+    model: nn.Module
+    pre: Preprocess
+    spec: ModelSpecRecord
+    trainable: bool
+    checkpoint: str | None = None
+    sha256: str | None = None
+    taps: set[str] = field(default_factory=set)
+
+    def logits(self, x: Tensor, channels_last: bool = False) -> Tensor:
+        x = self.pre(x)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.model(x)
+
+
+def supervised_terms(cfg: RunConfig) -> list[TermSpec]:
+    """The default objective of ``train``: one supervised term from ``train.loss``."""
+    t = cfg.train
+    cw = "class_balanced" if t.loss.startswith("cb_") else t.class_weights
+    if t.loss in ("ce", "cb_ce"):
+        return [TermSpec(type="ce", label_smoothing=t.label_smoothing, class_weights=cw)]
+    if t.loss in ("focal", "cb_focal"):
+        return [TermSpec(type="focal", gamma=t.focal_gamma, class_weights=cw)]
+    return [TermSpec(type="logit_adjusted")]
+
+
+def resolve_teacher(path: str) -> Path:
+    """A teacher checkpoint may be a model dir, a weights file beside model.json, or a run dir
+    whose single student is the teacher."""
+    p = Path(path)
+    if p.is_dir() and not (p / "model.json").is_file():
+        students = sorted((p / "students").glob("*/model.json")) if (p / "students").is_dir() else []
+        if len(students) == 1:
+            return students[0].parent
+        if students:
+            raise ModelError(f"{p} holds {len(students)} students; name one: {', '.join(str(s.parent) for s in students)}")
+        raise ModelError(f"teacher checkpoint {p}: no model.json and no students/ (not a medistill run or model dir)")
+    if not p.exists():
+        raise ModelError(f"teacher checkpoint not found: {p}")
+    return p
+
+
+class Engine:
+    """Set up participants, data, terms and optimizers from a :class:`RunConfig`; ``run()``
+    trains, selects on validation, evaluates on test and writes the run directory."""
+
+    def __init__(self, cfg: RunConfig, resume: bool = False, download: bool = False, console: Console | None = None):
+        self.cfg = cfg
+        self.resume = resume
+        self.download = download
+        self.console = console or Console(stderr=True)
+        self.out = Path(cfg.out)
+        self.ckpt_path = self.out / "checkpoint_last.pt"
+
+    # ----------------------------------------------------------------------------- set-up
+    def setup(self) -> None:
+        cfg = self.cfg
+        check_writable(self.out)
+        if self.ckpt_path.exists() and not self.resume:
+            raise ConfigError(f"{self.out} already holds a run (checkpoint_last.pt); pass --resume to continue it "
+                              "or choose another --out")
+        if self.resume and not self.ckpt_path.exists():
+            raise ConfigError(f"--resume: no checkpoint_last.pt in {self.out}")
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        self._seed(cfg.train.seed)
+
+        teacher_dirs = {t.name: resolve_teacher(t.checkpoint) for t in cfg.teachers}
+        fixed = None
+        if self.resume:
+            fixed = json.loads((self.out / "split.json").read_text())
+        role = cfg.data.role if cfg.data.role != "auto" else ("student" if cfg.teachers else "teacher")
+        self.data: DataBundle = build_data(cfg.data, None, role=role, download=self.download, fixed_splits=fixed)
+        native = self.data.source.native_size or 224
+        self.teachers = [self._load_teacher(t, teacher_dirs[t.name]) for t in cfg.teachers]
+        self.students = [self._make_student(s, native) for s in cfg.students]
+        # Images stay at their native size; each model resizes the shared batch for itself.
+        self.data.image_size = self.data.source.native_size or max(p.spec.input_size for p in self.teachers + self.students)
+        self.parts = {p.name: p for p in self.teachers + self.students}
+
+        counts = torch.as_tensor(self.data.counts("train"), dtype=torch.float32)
+        if (counts == 0).any():
+            missing = [self.data.class_names[i] for i in torch.nonzero(counts == 0).flatten().tolist()]
+            self.console.print(f"[yellow]warning: classes {missing} have no training images[/]")
+        self.class_counts = counts
+        self.class_prior = counts / counts.sum()
+        self.terms = self._make_terms()
+        self._make_optim()
+        self.cache = self._make_cache()
+
+    def _seed(self, seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed % (2 ** 32))
+        torch.manual_seed(seed)
+
+    def _load_teacher(self, spec: Any, path: Path) -> Participant:
+        if spec.model is not None and not (path.is_dir() or (path.parent / "model.json").is_file()):
+            rec = ModelSpecRecord(arch=spec.model, num_classes=self.data.num_classes, in_chans=self.data.channels,
+                                  data_chans=self.data.channels, input_size=spec.input_size or self.data.source.native_size or 224,
+                                  small_input="auto", mean=[], std=[], class_names=self.data.class_names)
+            rec.mean, rec.std = resolve_norm(spec.norm or "auto", False, rec.in_chans)
+            model, pre = rec.build()
+            from medistill.models.factory import load_weights
+
+            load_weights(model, path, strict=True)
+            wfile = path
+        else:
+            model, pre, rec = load_model_dir(path)
+            wfile = path if path.is_file() else path / "model.safetensors"
+        if rec.num_classes != self.data.num_classes:
+            raise ModelError(f"teacher {spec.name!r} ({path}) predicts {rec.num_classes} classes but the data has "
+                             f"{self.data.num_classes} ({self.data.source.description})")
+        if rec.data_chans != self.data.channels:
+            pre = Preprocess(self.data.channels, rec.in_chans, rec.input_size, tuple(rec.mean), tuple(rec.std))
+        if spec.input_size and spec.input_size != rec.input_size:
+            pre = Preprocess(self.data.channels, rec.in_chans, spec.input_size, tuple(rec.mean), tuple(rec.std))
+        if spec.norm not in (None, "auto"):
+            mean, std = resolve_norm(spec.norm, False, rec.in_chans)
+            pre = Preprocess(self.data.channels, rec.in_chans, pre.input_size, tuple(mean), tuple(std))
+        model.eval()
+        for prm in model.parameters():
+            prm.requires_grad_(False)
+        return Participant(spec.name, model, pre, rec, trainable=False, checkpoint=str(wfile), sha256=sha256_file(wfile))
+
+    def _make_student(self, s: Any, native: int) -> Participant:
+        in_chans = s.in_chans or self.data.channels
+        size = s.input_size or native
+        mean, std = resolve_norm(s.norm, s.pretrained, in_chans)
+        model = create_model(s.model, self.data.num_classes, in_chans, size, pretrained=s.pretrained,
+                             small_input=s.small_input, **s.kwargs)
+        rec = ModelSpecRecord(arch=s.model, num_classes=self.data.num_classes, in_chans=in_chans,
+                              data_chans=self.data.channels, input_size=size, small_input=s.small_input, mean=mean,
+                              std=std, class_names=self.data.class_names, kwargs=dict(s.kwargs),
+                              adaptation=getattr(model, "medistill_adaptation", None))
+        if self.cfg.train.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        return Participant(s.name, model, Preprocess(self.data.channels, in_chans, size, tuple(mean), tuple(std)), rec, trainable=True)
+
+    def _make_terms(self) -> nn.ModuleDict:
+        cfg = self.cfg
+        specs = cfg.terms or supervised_terms(cfg)
+        if cfg.teachers and not cfg.terms:
+            raise ConfigError("a distillation run needs loss terms (config `terms:` or --method)")
+        setup = TermSetup(
+            students=[s.name for s in self.students], teachers=[t.name for t in self.teachers],
+            num_classes=self.data.num_classes, class_counts=self.class_counts, tap_shapes={},
+            models={n: p.model for n, p in self.parts.items()},
+            teacher_val_recall=self._teacher_val_recall, teacher_class_means=self._teacher_class_means,
+        )
+        self.term_specs: dict[str, TermSpec] = {}
+        terms: dict[str, LossTerm] = {}
+        for spec in specs:
+            cls = TERMS.get(spec.type)
+            if cls is None:
+                raise ConfigError(f"unknown loss term {spec.type!r}; available: {', '.join(sorted(TERMS))}")
+            targets = [spec.student] if spec.student else setup.students
+            for s in targets:
+                from medistill.distill.terms import make_term_unbuilt
+
+                term = make_term_unbuilt(spec.type, s, spec.params(), setup)
+                key = f"{s}.{spec.type}"
+                n = 2
+                while key in terms:
+                    key, n = f"{s}.{spec.type}{n}", n + 1
+                terms[key] = term
+                self.term_specs[key] = spec
+        for term in terms.values():
+            for pname, taps in term.taps().items():
+                if pname not in self.parts:
+                    raise ConfigError(f"term {term.type_name!r} names unknown participant {pname!r}")
+                self.parts[pname].taps |= taps
+        self.tap_shapes = setup.tap_shapes = self._tap_shapes()
+        for term in terms.values():
+            term.build(setup)
+        return nn.ModuleDict({k.replace(".", "__"): v for k, v in terms.items()})
+
+    def _tap_shapes(self) -> dict[str, dict[str, tuple[int, ...]]]:
+        shapes: dict[str, dict[str, tuple[int, ...]]] = {}
+        x = torch.rand(2, self.data.channels, self.data.image_size, self.data.image_size)
+        for p in self.parts.values():
+            if not p.taps:
+                continue
+            was = p.model.training
+            p.model.eval()
+            with FeatureTaps(p.model, sorted(p.taps), detach=True) as taps, torch.no_grad():
+                p.logits(x)
+            p.model.train(was)
+            shapes[p.name] = {k: (1, *v.shape[1:]) for k, v in taps.outputs.items()}
+        return shapes
+
+    def _eval_loader(self, split: str):
+        return self.data.loader(split, self.cfg.train.eval_batch_size, train=False)
+
+    def _teacher_val_recall(self) -> Tensor:
+        rows = []
+        for t in self.teachers:
+            probs, labels, _ = predict(t.model, t.pre, self._eval_loader("val"))
+            rec = classification_metrics(probs, labels)["per_class_recall"]
+            rows.append([0.0 if r is None else r for r in rec])
+        return torch.tensor(rows)
+
+    def _teacher_class_means(self, teacher: str, tap: str) -> Tensor:
+        path = self.out / f"class_means-{teacher}-{tap}.safetensors"
+        from safetensors.torch import load_file, save_file
+
+        if path.is_file():
+            return load_file(str(path))["means"]
+        t = self.parts[teacher]
+        c = self.data.num_classes
+        sums, n = None, torch.zeros(c)
+        with FeatureTaps(t.model, [tap], detach=True) as taps, torch.no_grad():
+            for x, y, _i, _v in self._eval_loader("train"):
+                t.logits(x)
+                e = taps[tap].flatten(1).double()
+                sums = torch.zeros(c, e.shape[1], dtype=torch.float64) if sums is None else sums
+                sums.index_add_(0, torch.as_tensor(y), e)
+                n += torch.bincount(torch.as_tensor(y), minlength=c)
+        means = (sums / n.clamp_min(1)[:, None].double()).float()
+        from medistill.io import atomic_write
+
+        atomic_write(path, lambda p: save_file({"means": means}, str(p)))
+        return means
+
+    def _make_optim(self) -> None:
+        o, sc = self.cfg.optim, self.cfg.sched
+        self.optims: dict[str, torch.optim.Optimizer] = {}
+        for s in self.students:
+            head = s.model.get_classifier() if hasattr(s.model, "get_classifier") else None
+            head_ids = {id(p) for p in head.parameters()} if isinstance(head, nn.Module) else set()
+            body = [p for p in s.model.parameters() if id(p) not in head_ids]
+            groups = [{"params": body, "lr": o.lr}]
+            if head_ids:
+                groups.append({"params": [p for p in s.model.parameters() if id(p) in head_ids], "lr": o.head_lr or o.lr})
+            mod_params = [p for k, t in self.terms.items() if t.student == s.name for p in t.parameters()]
+            if mod_params:
+                groups.append({"params": mod_params, "lr": o.module_lr or o.lr})
+            if o.name == "sgd":
+                opt: torch.optim.Optimizer = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
+                                                             weight_decay=o.weight_decay)
+            elif o.name == "adam":
+                opt = torch.optim.Adam(groups, lr=o.lr, weight_decay=o.weight_decay)
+            else:
+                opt = torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay)
+            self.optims[s.name] = opt
+        self.steps_per_epoch = max(1, self._train_batches())
+        total = self.cfg.train.epochs * self.steps_per_epoch
+        warm = int(round(sc.warmup_epochs * self.steps_per_epoch))
+        self.scheds = {}
+        for name, opt in self.optims.items():
+            def factor(step: int, _w: int = warm, _t: int = total) -> float:
+                if _w and step < _w:
+                    return (step + 1) / _w
+                if sc.name == "cosine":
+                    prog = (step - _w) / max(1, _t - _w)
+                    return sc.min_lr / max(o.lr, 1e-12) + (1 - sc.min_lr / max(o.lr, 1e-12)) * 0.5 * (1 + math.cos(math.pi * min(prog, 1.0)))
+                if sc.name == "step":
+                    return sc.gamma ** (step // (sc.step_size * self.steps_per_epoch))
+                return 1.0
+            # LambdaLR is PyTorch's own per-step scheduler; the lambda holds warm-up + decay.
+            self.scheds[name] = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        self.emas: dict[str, AveragedModel] = {}
+        if self.cfg.train.ema.enabled:
+            for s in self.students:
+                self.emas[s.name] = AveragedModel(s.model, multi_avg_fn=get_ema_multi_avg_fn(self.cfg.train.ema.decay),
+                                                  use_buffers=True)
+
+    def _train_batches(self) -> int:
+        n, b = len(self.data.splits["train"]), self.cfg.train.batch_size
+        return n // b if self._drop_last() else math.ceil(n / b)
+
+    def _drop_last(self) -> bool:
+        # A trailing batch of one sample breaks BatchNorm in training mode.
+        return len(self.data.splits["train"]) % self.cfg.train.batch_size == 1
+
+    # ----------------------------------------------------------------------------- cache
+    def _make_cache(self) -> dict[str, TeacherCache]:
+        mode = self.cfg.train.teacher_cache
+        if not self.teachers or mode == "off":
+            return {}
+        reasons = []
+        if self.cfg.data.augment == "standard":
+            reasons.append("training augmentation is random (data.augment=standard); teachers must see each random view "
+                           "— use augment none/flip/dihedral to cache")
+        for t in self.teachers:
+            for tap in t.taps:
+                numel = math.prod(self.tap_shapes[t.name][tap][1:])
+                if numel > MAX_CACHED_TAP_NUMEL:
+                    reasons.append(f"teacher {t.name} tap {tap} has {numel} values per image (> {MAX_CACHED_TAP_NUMEL})")
+        if reasons:
+            if mode == "on":
+                raise ConfigError("teacher cache requested but invalid: " + "; ".join(reasons))
+            self.console.print("[yellow]teacher cache off:[/] " + "; ".join(reasons))
+            return {}
+        directory = Path(self.cfg.train.cache_dir) if self.cfg.train.cache_dir else default_cache_dir()
+        views = views_for(self.cfg.data.augment)
+        train_idx = self.data.splits["train"]
+        caches = {}
+        for t in self.teachers:
+            manifest = {
+                "format": 1, "teacher_name": t.name, "teacher_sha256": t.sha256,
+                "data_fingerprint": self.data.source.fingerprint,
+                "train_indices_sha256": hashlib.sha256(np.asarray(train_idx, dtype=np.int64).tobytes()).hexdigest(),
+                "image_size": self.data.image_size, "views": views,
+                "preprocess": {"input_size": t.pre.input_size, "in_chans": t.pre.in_chans,
+                               "mean": t.pre.mean.flatten().tolist(), "std": t.pre.std.flatten().tolist()},
+                "outputs": sorted(["logits", *t.taps]),
+            }
+            data_path, _ = TeacherCache.paths(directory, manifest)
+            if data_path.is_file():
+                caches[t.name] = TeacherCache.load(data_path, manifest)
+                self.console.print(f"teacher cache hit: {data_path}")
+                continue
+            caches[t.name] = self._build_cache(t, manifest, views, train_idx)
+            caches[t.name].save(directory)
+            self.console.print(f"teacher cache built: {data_path}")
+        return caches
+
+    @torch.no_grad()
+    def _build_cache(self, t: Participant, manifest: dict[str, Any], views: list[int], train_idx: np.ndarray) -> TeacherCache:
+        n = len(train_idx)
+        positions = torch.full((len(self.data.source),), -1, dtype=torch.long)
+        positions[torch.as_tensor(train_idx)] = torch.arange(n)
+        outs: dict[str, Tensor] = {}
+        loader = self.data.loader("train", self.cfg.train.eval_batch_size, train=False)
+        with FeatureTaps(t.model, sorted(t.taps), detach=True) as taps:
+            for vi, v in enumerate(views):
+                for x, _y, idx, _ in loader:
+                    rows = positions[torch.as_tensor(idx)]
+                    logits = t.logits(apply_view(x, v)).float()
+                    got = {"logits": logits, **{k: taps[k].float() for k in t.taps}}
+                    for k, val in got.items():
+                        if k not in outs:
+                            outs[k] = torch.zeros(len(views), n, *val.shape[1:])
+                        outs[k][vi, rows] = val
+        return TeacherCache(manifest, outs, positions)
+
+    # ----------------------------------------------------------------------------- training
+    def _teacher_outputs(self, x: Tensor, idx: Tensor, view: Tensor) -> tuple[dict[str, Tensor], dict[str, dict[str, Tensor]]]:
+        logits, feats = {}, {}
+        for t in self.teachers:
+            if t.name in self.cache:
+                out = self.cache[t.name].lookup(idx, view)
+                logits[t.name] = out.pop("logits")
+                feats[t.name] = out
+                continue
+            with FeatureTaps(t.model, sorted(t.taps), detach=True) as taps, torch.no_grad():
+                logits[t.name] = t.logits(x, self.cfg.train.channels_last).float()
+            feats[t.name] = dict(taps.outputs)
+        return logits, feats
+
+    def _student_outputs(self, x: Tensor, grad_for: set[str]) -> tuple[dict[str, Tensor], dict[str, dict[str, Tensor]]]:
+        logits, feats = {}, {}
+        for s in self.students:
+            with FeatureTaps(s.model, sorted(s.taps)) as taps, torch.set_grad_enabled(s.name in grad_for), \
+                    torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.train.bf16):
+                logits[s.name] = s.logits(x, self.cfg.train.channels_last).float()
+            feats[s.name] = {k: v.float() for k, v in taps.outputs.items()}
+        return logits, feats
+
+    def _objective(self, ctx: StepContext, student: str) -> tuple[Tensor, dict[str, float]]:
+        total = torch.zeros(())
+        logs: dict[str, float] = {}
+        for key, term in self.terms.items():
+            if term.student != student:
+                continue
+            spec = self.term_specs[key.replace("__", ".")]
+            ramp = min(ctx.epoch / spec.warmup_epochs, 1.0) if spec.warmup_epochs > 0 else 1.0
+            out = term(ctx)
+            value, diag = (out if isinstance(out, tuple) else (out, {}))
+            name = key.split("__", 1)[1]
+            if not torch.isfinite(value):
+                raise NonFiniteLossError(
+                    f"loss term {name!r} of student {student!r} is {float(value)} at epoch {ctx.epoch:.2f}; training "
+                    f"stopped. The last good checkpoint ({self.ckpt_path}) is intact. Check the inputs for NaN/Inf, "
+                    "lower the learning rate, or enable train.grad_clip.")
+            total = total + spec.weight * ramp * value
+            logs[name] = float(value.detach())
+            for k, v in diag.items():
+                logs[f"{name}.{k}"] = v
+        logs["loss"] = float(total.detach())
+        return total, logs
+
+    def _step(self, batch: tuple, epoch: int, step: int) -> dict[str, dict[str, float]]:
+        x, y, idx, view = batch
+        y = torch.as_tensor(y)
+        if not torch.isfinite(x).all():
+            raise NonFiniteLossError(f"input batch at epoch {epoch} step {step} holds NaN/Inf pixel values")
+        t_logits, t_feats = self._teacher_outputs(x, torch.as_tensor(idx), torch.as_tensor(view))
+        frac = epoch + (step + 1) / self.steps_per_epoch
+        names = [s.name for s in self.students]
+        logs: dict[str, dict[str, float]] = {}
+        sequential = self.cfg.train.update == "sequential" and len(self.students) > 1
+        groups = [[n] for n in names] if sequential else [names]
+        for group in groups:
+            s_logits, s_feats = self._student_outputs(x, set(group))
+            ctx = StepContext(logits={**t_logits, **s_logits}, feats={**t_feats, **s_feats}, target=y, epoch=frac,
+                              class_counts=self.class_counts, class_prior=self.class_prior,
+                              teachers=[t.name for t in self.teachers], students=names)
+            total = torch.zeros(())
+            for n in group:
+                loss, lg = self._objective(ctx, n)
+                total = total + loss
+                logs[n] = lg
+            for n in group:
+                self.optims[n].zero_grad(set_to_none=True)
+            total.backward()
+            for n in group:
+                if self.cfg.train.grad_clip:
+                    params = [p for g in self.optims[n].param_groups for p in g["params"]]
+                    torch.nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip)
+                self.optims[n].step()
+                self.scheds[n].step()
+                if n in self.emas:
+                    self.emas[n].update_parameters(self.parts[n].model)
+        return logs
+
+    def _eval_model(self, name: str) -> nn.Module:
+        return self.emas[name].module if name in self.emas else self.parts[name].model
+
+    def _student_dir(self, name: str) -> Path:
+        return self.out / "students" / name
+
+    def _write_run_files(self) -> None:
+        write_text(self.out / "config.yaml", dump_config(self.cfg))
+        info = environment_info()
+        info["seed"] = self.cfg.train.seed
+        info["teachers"] = {t.name: {"checkpoint": t.checkpoint, "sha256": t.sha256} for t in self.teachers}
+        info["adaptations"] = {s.name: s.spec.adaptation for s in self.students}
+        write_json(self.out / "run_info.json", info)
+        write_json(self.out / "split.json", self.data.split_record())
+
+    def _state(self, epoch: int, best: dict[str, float], bad: int) -> dict[str, Any]:
+        return {
+            "epoch": epoch, "best": best, "bad_epochs": bad,
+            "students": {s.name: s.model.state_dict() for s in self.students},
+            "ema": {k: v.state_dict() for k, v in self.emas.items()},
+            "terms": self.terms.state_dict(),
+            "optim": {k: v.state_dict() for k, v in self.optims.items()},
+            "sched": {k: v.state_dict() for k, v in self.scheds.items()},
+            "rng_torch": torch.get_rng_state(),
+        }
+
+    def _restore(self) -> tuple[int, dict[str, float], int]:
+        st = torch_load(self.ckpt_path)
+        for s in self.students:
+            s.model.load_state_dict(st["students"][s.name])
+        for k, v in self.emas.items():
+            v.load_state_dict(st["ema"][k])
+        self.terms.load_state_dict(st["terms"])
+        for k, v in self.optims.items():
+            v.load_state_dict(st["optim"][k])
+        for k, v in self.scheds.items():
+            v.load_state_dict(st["sched"][k])
+        torch.set_rng_state(st["rng_torch"])
+        # Keep only the log lines of completed, checkpointed epochs.
+        log = self.out / "metrics.jsonl"
+        if log.is_file():
+            keep = [ln for ln in log.read_text().splitlines() if ln.strip() and json.loads(ln)["epoch"] <= st["epoch"]]
+            write_text(log, "".join(ln + "\n" for ln in keep))
+        return st["epoch"] + 1, {k: float(v) for k, v in st["best"].items()}, int(st["bad_epochs"])
+
+    def fit(self) -> None:
+        cfg = self.cfg
+        if self.resume:
+            start, best, bad = self._restore()
+            self.console.print(f"resuming {self.out} at epoch {start}")
+        else:
+            self._write_run_files()
+            start, best, bad = 0, {s.name: -math.inf for s in self.students}, 0
+        from torch.utils.tensorboard import SummaryWriter
+
+        tb = SummaryWriter(str(self.out / "tb"))
+        try:
+            for epoch in range(start, cfg.train.epochs):
+                # Per-epoch seeding makes an epoch's shuffling and augmentation independent of
+                # how the run got there, so a resumed run repeats the uninterrupted one exactly.
+                torch.manual_seed(cfg.train.seed * 100003 + epoch)
+                loader = self.data.loader("train", cfg.train.batch_size, train=True,
+                                          seed=cfg.train.seed * 100003 + epoch, drop_last=self._drop_last())
+                for s in self.students:
+                    s.model.train()
+                sums: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+                t0 = time.perf_counter()
+                n_steps = 0
+                with self._progress() as bar:
+                    task = bar.add_task(f"epoch {epoch + 1}/{cfg.train.epochs}", total=len(loader), info="")
+                    for step, batch in enumerate(loader):
+                        logs = self._step(batch, epoch, step)
+                        n_steps += 1
+                        for s, lg in logs.items():
+                            for k, v in lg.items():
+                                sums[s][k] += v
+                        bar.update(task, advance=1, info=" ".join(f"{s}:{lg['loss']:.3f}" for s, lg in logs.items()))
+                train_time = time.perf_counter() - t0
+                train_logs = {s: {k: v / n_steps for k, v in d.items()} for s, d in sums.items()}
+                diag = {}
+                for key, term in self.terms.items():
+                    st = term.pop_stats(self.data.num_classes)
+                    if st:
+                        diag[key.replace("__", ".")] = st
+                val = {}
+                improved = False
+                for s in self.students:
+                    probs, labels, _ = predict(self._eval_model(s.name), s.pre, self._eval_loader("val"), cfg.train.channels_last)
+                    m = classification_metrics(probs, labels)
+                    val[s.name] = {k: m[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "qwk", "auroc", "ece", "nll")}
+                    score = selection_score(m, cfg.train.select_metric)
+                    if score > best[s.name]:
+                        best[s.name] = score
+                        improved = True
+                        save_model_dir(self._student_dir(s.name), self._eval_model(s.name), s.spec)
+                bad = 0 if improved else bad + 1
+                lr = {n: o.param_groups[0]["lr"] for n, o in self.optims.items()}
+                record = {"epoch": epoch, "lr": lr, "train": train_logs, "val": val, "diagnostics": diag,
+                          "train_time_s": round(train_time, 3), "images_per_s": round(len(self.data.splits["train"]) / max(train_time, 1e-9), 2)}
+                append_jsonl(self.out / "metrics.jsonl", record)
+                for s, d in train_logs.items():
+                    for k, v in d.items():
+                        tb.add_scalar(f"train/{s}/{k}", v, epoch)
+                for s, d in val.items():
+                    for k, v in d.items():
+                        if v is not None:
+                            tb.add_scalar(f"val/{s}/{k}", v, epoch)
+                tb.flush()
+                torch_save(self.ckpt_path, self._state(epoch, best, bad))
+                self.console.print(f"epoch {epoch + 1}/{cfg.train.epochs} " + " | ".join(
+                    f"{s}: loss {train_logs[s]['loss']:.4f} val {cfg.train.select_metric} {selection_score(val[s] | {'nll': val[s]['nll']}, cfg.train.select_metric):.4f}"
+                    for s in train_logs) + f" | {train_time:.1f}s")
+                if cfg.train.early_stopping_patience and bad >= cfg.train.early_stopping_patience:
+                    self.console.print(f"early stopping: no validation improvement for {bad} epochs")
+                    break
+        finally:
+            tb.close()
+
+    def _progress(self) -> Progress:
+        return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=self.console,
+                        disable=not self.cfg.train.progress, transient=True)
+
+    # ----------------------------------------------------------------------------- final evaluation
+    def finalize(self) -> dict[str, Any]:
+        results: dict[str, Any] = {}
+        loaders = {"val": self._eval_loader("val"), "test": self._eval_loader("test")}
+        for s in self.students:
+            d = self._student_dir(s.name)
+            model, pre, spec = load_model_dir(d)
+            info = model_cost(model, spec, latency=self.cfg.train.latency)
+            res = evaluate_splits(model, pre, loaders, d, info.pop("model"), spec.class_names)
+            res.update(info)
+            write_json(d / "metrics.json", res)
+            results[s.name] = res
+        primary = self.students[0].name
+        write_json(self.out / "metrics.json", {**results[primary], "student": primary})
+        rows = {}
+        for t in self.teachers:
+            probs, labels, _ = predict(t.model, t.pre, loaders["test"])
+            rows[t.name] = {"role": "teacher", "test": classification_metrics(probs, labels),
+                            "model": {"params": count_params(t.model),
+                                      "flops": count_flops(t.model, (1, t.spec.in_chans, t.pre.input_size, t.pre.input_size))}}
+        for n, r in results.items():
+            rows[n] = {"role": "student", **r}
+        write_json(self.out / "summary.json", rows)
+        write_text(self.out / "summary.md", summary_table(rows))
+        return results
+
+    def run(self) -> dict[str, Any]:
+        self.setup()
+        self.fit()
+        return self.finalize()
+
+
+def model_cost(model: nn.Module, spec: ModelSpecRecord, latency: bool = True) -> dict[str, Any]:
+    shape = (1, spec.in_chans, spec.input_size, spec.input_size)
+    out: dict[str, Any] = {"model": {"params": count_params(model), "flops": count_flops(model, shape), "arch": spec.arch,
+                                     "input_size": spec.input_size}}
+    if latency:
+        out["latency"] = {"cpu_batch1": latency_ms(model, shape)}
+    return out
+
+
+def summary_table(rows: dict[str, Any]) -> str:
+    head = "| model | role | params (M) | MFLOPs | ACC | bal. ACC | macro-F1 | QWK | AUROC | ECE |\n|---|---|---|---|---|---|---|---|---|---|\n"
+    lines = []
+    for name, r in rows.items():
+        t = r["test"]
+        au = "–" if t["auroc"] is None else f"{t['auroc']:.3f}"
+        lines.append(f"| {name} | {r['role']} | {r['model']['params'] / 1e6:.2f} | {r['model']['flops'] / 1e6:.1f} | "
+                     f"{t['accuracy']:.3f} | {t['balanced_accuracy']:.3f} | {t['macro_f1']:.3f} | {t['qwk']:.3f} | {au} | {t['ece']:.3f} |")
+    return head + "\n".join(lines) + "\n"

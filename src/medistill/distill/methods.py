@@ -1,0 +1,61 @@
+"""Named method presets: each is nothing but a list of loss terms (methods.md §F, §B, §E).
+
+``medistill distill --method NAME`` expands the name into ``terms:``; the expansion is printed
+and saved in the run's ``config.yaml``, so no default is hidden.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+Terms = list[dict[str, Any]]
+
+
+def _kd(epochs: int) -> Terms:
+    return [{"type": "ce", "weight": 0.1}, {"type": "kd", "weight": 0.9, "temperature": 4.0}]
+
+
+def _dkd(epochs: int) -> Terms:
+    # mdistiller warms DKD up over 20 of 240 epochs; keep that share for short runs.
+    return [{"type": "ce", "weight": 1.0},
+            {"type": "dkd", "alpha": 1.0, "beta": 8.0, "temperature": 4.0, "warmup_epochs": float(min(20, max(1, epochs // 12)))}]
+
+
+def _fitnet(epochs: int) -> Terms:
+    return [{"type": "ce"}, {"type": "fitnet", "weight": 100.0, "student_tap": "layer2", "teacher_tap": "layer2"}]
+
+
+def _at(epochs: int) -> Terms:
+    return [{"type": "ce"}, {"type": "at", "weight": 1000.0}]
+
+
+def _dml(epochs: int) -> Terms:
+    return [{"type": "ce"}, {"type": "peer", "temperature": 1.0}]
+
+
+def _kdpp(epochs: int) -> Terms:
+    return [{"type": "ce"}, {"type": "kd", "temperature": 4.0}, {"type": "nd", "weight": 2.0}]
+
+
+def _dual(epochs: int) -> Terms:
+    return [{"type": "ce", "weight": 0.4},
+            {"type": "kd", "weight": 0.4, "temperature": 4.0, "sample_weight": "entropy"},
+            {"type": "peer", "weight": 0.2, "temperature": 4.0}]
+
+
+def _mt(epochs: int) -> Terms:
+    return [{"type": "ce", "weight": 0.1}, {"type": "kd", "weight": 0.9, "temperature": 4.0, "aggregate": "prob_mean"}]
+
+
+METHODS: dict[str, Callable[[int], Terms]] = {
+    "kd": _kd, "dkd": _dkd, "fitnet": _fitnet, "at": _at, "dml": _dml, "kd++": _kdpp,
+    "dual_student": _dual, "multi_teacher": _mt,
+}
+
+
+def method_terms(name: str, epochs: int) -> Terms:
+    from medistill.errors import ConfigError
+
+    if name not in METHODS:
+        raise ConfigError(f"unknown method {name!r}; available: {', '.join(METHODS)}")
+    return METHODS[name](epochs)

@@ -1,0 +1,76 @@
+"""Batched inference and the ``metrics.json`` / ``predictions_test.csv`` writers."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from medistill.eval.metrics import classification_metrics
+from medistill.io import write_json, write_text
+
+
+@torch.no_grad()
+def predict(model: nn.Module, preprocess: nn.Module, loader: DataLoader, channels_last: bool = False,
+            head: Any = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Probabilities ``[N, C]``, labels ``[N]`` and source indices ``[N]`` over ``loader``.
+
+    ``head``, when given, maps ``(model, x)`` to probabilities (e.g. DHO's combined heads);
+    default: softmax of the logits. The model's train/eval mode is restored afterwards.
+    """
+    was = model.training
+    model.eval()
+    probs, labels, idx = [], [], []
+    try:
+        for x, y, i, _v in loader:
+            x = preprocess(x)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            p = head(model, x) if head is not None else torch.softmax(model(x).float(), -1)
+            probs.append(p.float())
+            labels.append(torch.as_tensor(y))
+            idx.append(torch.as_tensor(i))
+    finally:
+        model.train(was)
+    return torch.cat(probs), torch.cat(labels), torch.cat(idx)
+
+
+def predictions_csv(probs: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> str:
+    c = probs.shape[1]
+    buf = io.StringIO()
+    buf.write(",".join(["index", "label", "pred", *[f"prob_{k}" for k in range(c)]]) + "\n")
+    preds = probs.argmax(1)
+    for i, y, p, row in zip(indices.tolist(), labels.tolist(), preds.tolist(), probs.tolist()):
+        buf.write(f"{i},{y},{p}," + ",".join(f"{v:.6f}" for v in row) + "\n")
+    return buf.getvalue()
+
+
+def evaluate_splits(model: nn.Module, preprocess: nn.Module, loaders: dict[str, DataLoader],
+                    out_dir: str | Path | None = None, model_info: dict[str, Any] | None = None,
+                    class_names: list[str] | None = None, channels_last: bool = False, head: Any = None) -> dict[str, Any]:
+    """Evaluate on each split; write ``metrics.json``, ``predictions_test.csv`` and the confusion
+    matrix PNG into ``out_dir`` (atomically) when given."""
+    result: dict[str, Any] = {}
+    test_pred = None
+    for split, loader in loaders.items():
+        probs, labels, idx = predict(model, preprocess, loader, channels_last, head)
+        result[split] = classification_metrics(probs, labels)
+        if split == "test":
+            test_pred = (probs, labels, idx)
+    if model_info:
+        result["model"] = model_info
+    if class_names:
+        result["class_names"] = class_names
+    if out_dir is not None:
+        out = Path(out_dir)
+        write_json(out / "metrics.json", result)
+        if test_pred is not None:
+            write_text(out / "predictions_test.csv", predictions_csv(*test_pred))
+            from medistill.eval.plots import save_confusion_png
+
+            save_confusion_png(result["test"]["confusion_matrix"], class_names, out / "confusion_test.png")
+    return result
