@@ -202,7 +202,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
     Raises :class:`ConfigError` naming the file and the offending key.
     """
-    tree: dict[str, Any] = dict(base or {})
+    # Start from the defaults so that overrides can address list items (students.0.model=...).
+    tree: dict[str, Any] = _deep_merge(RunConfig().model_dump(mode="json"), dict(base or {}))
     source = "command line"
     if path is not None:
         p = Path(path)

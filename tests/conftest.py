@@ -1,0 +1,66 @@
+"""Test set-up: offline, quiet threading, real data from ../shared/data, tiny generated data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ["HF_HUB_OFFLINE"] = "1"
+SHARED = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data").resolve()
+os.environ.setdefault("MEDISTILL_DATA_DIR", str(SHARED))
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+def make_images(n_per_class: list[int], size: int = 16, channels: int = 3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Learnable toy images: class c has a bright square in cell c of a 3×3 grid, plus noise."""
+    rng = np.random.default_rng(seed)
+    imgs, labels = [], []
+    cell = size // 3
+    for c, n in enumerate(n_per_class):
+        for _ in range(n):
+            im = rng.integers(0, 60, size=(size, size, channels), dtype=np.uint8)
+            r, q = divmod(c % 9, 3)
+            im[r * cell:(r + 1) * cell, q * cell:(q + 1) * cell] = 220
+            imgs.append(im)
+            labels.append(c)
+    return np.stack(imgs), np.array(labels, dtype=np.uint8)
+
+
+def write_npz(path: Path, counts=(30, 20, 10), size: int = 16, channels: int = 3, seed: int = 0) -> Path:
+    parts = {}
+    for s, scale, sd in (("train", 1.0, seed), ("val", 0.34, seed + 1), ("test", 0.5, seed + 2)):
+        x, y = make_images([max(2, int(c * scale)) for c in counts], size, channels, sd)
+        parts[f"{s}_images"] = x[..., 0] if channels == 1 else x
+        parts[f"{s}_labels"] = y[:, None]
+    np.savez(path, **parts)
+    return path
+
+
+@pytest.fixture
+def tiny_npz(tmp_path: Path) -> Path:
+    return write_npz(tmp_path / "tiny.npz")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MEDISTILL_CACHE_DIR", str(tmp_path / "teacher_cache"))
+
+
+TINY_CNN = {"widths": [8, 8, 16, 16, 16]}
+
+
+def tiny_cfg(npz: Path, out: Path, **train: object) -> dict:
+    """A run config for a 3-class 16-px npz and a tiny cnn5."""
+    return {
+        "data": {"name": str(npz), "augment": "none"},
+        "students": [{"name": "student", "model": "cnn5", "kwargs": TINY_CNN}],
+        "optim": {"name": "adamw", "lr": 3e-3},
+        "train": {"epochs": 2, "batch_size": 16, "seed": 0, "latency": False, "progress": False, **train},
+        "out": str(out),
+    }

@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from medistill.config import load_config
+from medistill.errors import ConfigError
+
+
+def test_unknown_key_names_key_and_file(tmp_path: Path) -> None:
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  epochz: 3\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert "train.epochz" in str(e.value) and "unknown key" in str(e.value) and str(p) in str(e.value)
+
+
+def test_wrong_type(tmp_path: Path) -> None:
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  epochs: many\n")
+    with pytest.raises(ConfigError, match="train.epochs"):
+        load_config(p)
+
+
+def test_overrides_are_data_not_code() -> None:
+    cfg = load_config(None, ["train.epochs=3", "optim.lr=0.05", "students.0.model=cnn5", "data.name=__import__('os')"])
+    assert cfg.train.epochs == 3 and cfg.optim.lr == 0.05 and cfg.students[0].model == "cnn5"
+    assert cfg.data.name == "__import__('os')"  # stays a string, never evaluated
+
+
+def test_yaml_tags_refused(tmp_path: Path) -> None:
+    p = tmp_path / "c.yaml"
+    p.write_text("out: !!python/object/apply:os.system ['echo hacked']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(p)
+
+
+def test_duplicate_participants_and_bad_override() -> None:
+    with pytest.raises(ConfigError, match="unique"):
+        load_config(None, [], base={"students": [{"name": "a"}, {"name": "a"}]})
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        load_config(None, ["train.epochs"])
+
+
+def test_missing_file() -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_config("/nonexistent/c.yaml")
+
+
+def test_example_configs_validate() -> None:
+    root = Path(__file__).resolve().parents[1] / "configs"
+    files = sorted(root.rglob("*.yaml"))
+    assert files, "example configs missing"
+    for f in files:
+        load_config(f)

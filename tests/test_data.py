@@ -1,0 +1,190 @@
+"""Loaders on tiny generated npz / folders / CSV, bad inputs, splits and imbalance tools."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import SHARED, make_images, write_npz
+from medistill.config import DataConfig
+from medistill.data import build_data, open_source
+from medistill.data import splits as sp
+from medistill.data.medmnist import resolve
+from medistill.data.transforms import apply_view
+from medistill.errors import DataError
+
+
+def test_npz_rgb_and_gray(tmp_path: Path) -> None:
+    for ch in (3, 1):
+        p = write_npz(tmp_path / f"d{ch}.npz", channels=ch)
+        b = build_data(DataConfig(name=str(p)))
+        assert b.channels == ch and b.num_classes == 3 and b.image_size == 16
+        x, y, i, v = b.dataset("train", train=True)[0]
+        assert x.shape == (ch, 16, 16) and 0 <= float(x.min()) and float(x.max()) <= 1
+        assert b.split_origin == "dataset"
+
+
+def test_retinamnist_real_file() -> None:
+    b = build_data(DataConfig(name="retinamnist"))
+    assert [len(b.splits[k]) for k in ("train", "val", "test")] == [1080, 120, 400]
+    assert b.counts("train").tolist() == [486, 128, 206, 194, 66]
+    assert b.counts("test").tolist() == [174, 46, 92, 68, 20]
+
+
+def test_missing_dataset_says_where_it_looked(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("MEDISTILL_DATA_DIR", str(tmp_path))
+    with pytest.raises(DataError) as e:
+        resolve("breastmnist_64")
+    msg = str(e.value)
+    assert str(tmp_path / "breastmnist_64.npz") in msg and "zenodo" in msg
+
+
+def test_md5_mismatch(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    write_npz(tmp_path / "retinamnist.npz")
+    monkeypatch.setenv("MEDISTILL_DATA_DIR", str(tmp_path))
+    with pytest.raises(DataError, match="md5"):
+        resolve("retinamnist")
+
+
+def test_npz_with_bad_labels(tmp_path: Path) -> None:
+    p = tmp_path / "bad.npz"
+    x, y = make_images([3, 3])
+    np.savez(p, train_images=x, train_labels=np.stack([y, y], 1), val_images=x, val_labels=y[:, None],
+             test_images=x, test_labels=y[:, None])
+    with pytest.raises(DataError, match="multi-label"):
+        build_data(DataConfig(name=str(p)))
+
+
+def _write_folder(root: Path, counts: dict[str, int], mode: str = "RGB", size: int = 20) -> None:
+    for ci, (c, n) in enumerate(counts.items()):
+        (root / c).mkdir(parents=True)
+        x, _ = make_images([n], size, 3, seed=ci)
+        for k in range(n):
+            img = Image.fromarray(x[k])
+            if mode == "L":
+                img = img.convert("L")
+            elif mode == "RGBA":
+                img = img.convert("RGBA")
+            elif mode == "I;16":
+                img = Image.fromarray((np.asarray(img.convert("L"), dtype=np.uint16) * 257))
+            img.save(root / c / f"{k}.png")
+
+
+@pytest.mark.parametrize("mode,chans", [("RGB", 3), ("L", 1), ("RGBA", 3), ("I;16", 1)])
+def test_folder_modes(tmp_path: Path, mode: str, chans: int) -> None:
+    _write_folder(tmp_path / "f", {"a": 6, "b": 6}, mode)
+    b = build_data(DataConfig(name=str(tmp_path / "f"), val_fraction=0.2, test_fraction=0.2))
+    assert b.channels == chans
+    x, *_ = b.dataset("train", train=False)[0]
+    assert x.shape == (chans, 20, 20) and float(x.max()) > 0.5  # 16-bit scaled, not clipped to 1/255
+    assert b.split_origin.startswith("stratified")
+    assert sum(len(v) for v in b.splits.values()) == 12
+
+
+def test_bccd_tiny_class() -> None:
+    b = build_data(DataConfig(name=str(SHARED / "bccd-wbc")))
+    basophil = b.class_names.index("Basophil")
+    for k in ("train", "val", "test"):
+        assert b.counts(k)[basophil] == 1
+    with pytest.raises(DataError, match="only 3 image"):
+        sp.stratified_split(np.array([0] * 10 + [1] * 3), {"train": 0.5, "val": 0.2, "test": 0.2, "extra": 0.1}, 0,
+                            class_names=["a", "Basophil"])
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        parts = sp.stratified_split(np.array([0] * 10 + [1] * 2), {"train": 0.6, "val": 0.2, "test": 0.2}, 0,
+                                    tiny_class_policy="train_only")
+    assert set(parts["train"]) >= {10, 11}
+
+
+def test_corrupt_image_error_and_skip(tmp_path: Path) -> None:
+    _write_folder(tmp_path / "f", {"a": 6, "b": 6})
+    bad = tmp_path / "f" / "a" / "3.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    with pytest.raises(DataError, match="3.png"):
+        b = build_data(DataConfig(name=str(tmp_path / "f")))
+        for k in ("train", "val", "test"):
+            for i in range(len(b.dataset(k, False))):
+                b.dataset(k, False)[i]
+    with pytest.warns(UserWarning, match="3.png"):
+        b = build_data(DataConfig(name=str(tmp_path / "f"), skip_corrupt=True))
+    assert sum(len(v) for v in b.splits.values()) == 11
+
+
+def test_empty_class_folder(tmp_path: Path) -> None:
+    _write_folder(tmp_path / "f", {"a": 4})
+    (tmp_path / "f" / "empty").mkdir()
+    with pytest.raises(DataError, match="empty"):
+        open_source(str(tmp_path / "f"))
+
+
+def test_csv_manifest(tmp_path: Path) -> None:
+    _write_folder(tmp_path / "img", {"a": 5, "b": 5})
+    rows = ["path,label,split"] + [f"img/{c}/{k}.png,{c},{'train' if k < 3 else 'val' if k == 3 else 'test'}"
+                                   for c in "ab" for k in range(5)]
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    b = build_data(DataConfig(name=str(tmp_path / "m.csv")))
+    assert b.class_names == ["a", "b"] and len(b.splits["train"]) == 6 and b.split_origin == "dataset"
+
+
+def test_csv_refuses_escaping_paths_and_bad_rows(tmp_path: Path) -> None:
+    _write_folder(tmp_path / "img", {"a": 2})
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "m.csv").write_text("path,label\n../img/a/0.png,0\n")
+    with pytest.raises(DataError, match="escapes"):
+        open_source(str(tmp_path / "sub" / "m.csv"))
+    (tmp_path / "m2.csv").write_text("path,label\nimg/a/9.png,0\n")
+    with pytest.raises(DataError, match="not found"):
+        open_source(str(tmp_path / "m2.csv"))
+    (tmp_path / "m3.csv").write_text("file,y\nimg/a/0.png,0\n")
+    with pytest.raises(DataError, match="header"):
+        open_source(str(tmp_path / "m3.csv"))
+    (tmp_path / "m4.csv").write_text("path,label\nimg/a/0.png,-1\n")
+    with pytest.raises(DataError, match="negative"):
+        open_source(str(tmp_path / "m4.csv"))
+
+
+def test_stratified_split_is_seeded_and_stratified() -> None:
+    y = np.repeat(np.arange(3), [50, 20, 10])
+    a = sp.stratified_split(y, {"train": 0.7, "val": 0.1, "test": 0.2}, 3)
+    b = sp.stratified_split(y, {"train": 0.7, "val": 0.1, "test": 0.2}, 3)
+    assert all((a[k] == b[k]).all() for k in a)
+    assert np.bincount(y[a["test"]]).tolist() == [10, 4, 2]
+    assert len(set(a["train"]) & set(a["test"])) == 0
+
+
+def test_longtail_and_caps() -> None:
+    y = np.repeat(np.arange(4), 100)
+    idx = np.arange(400)
+    lt = sp.longtail_subsample(idx, y, 10.0, 0)
+    assert np.bincount(y[lt]).tolist() == [100, 46, 21, 10]
+    assert np.bincount(y[sp.cap_per_class(idx, y, 30, 0)]).tolist() == [30] * 4
+
+
+def test_protocols_never_touch_test() -> None:
+    cfg = DataConfig(name="retinamnist", protocol="source-imbalanced")
+    t = build_data(cfg, role="teacher")
+    s = build_data(cfg, role="student")
+    assert (t.splits["test"] == s.splits["test"]).all() and (t.splits["val"] == s.splits["val"]).all()
+    assert t.counts("train").tolist() == [486, 128, 206, 194, 66]
+    assert s.counts("train").tolist() == [194, 128, 194, 194, 66]
+    assert set(s.splits["train"]) <= set(t.splits["train"])
+    tgt = build_data(DataConfig(name="retinamnist", protocol="target-imbalanced"), role="teacher")
+    assert tgt.counts("train").tolist() == [194, 128, 194, 194, 66]
+
+
+def test_balanced_sampler_balances() -> None:
+    b = build_data(DataConfig(name="retinamnist", balanced_sampler=True, augment="none"))
+    ys = torch.cat([y for _, y, _, _ in b.loader("train", 256, train=True, seed=0)])
+    frac = torch.bincount(ys, minlength=5).float() / len(ys)
+    assert float(frac.min()) > 0.12  # vs 66/1080 = 0.06 without the sampler
+
+
+def test_dihedral_views() -> None:
+    x = torch.arange(16.0).view(1, 4, 4)
+    views = {tuple(apply_view(x, v).flatten().tolist()) for v in range(8)}
+    assert len(views) == 8 and torch.equal(apply_view(x, 0), x)

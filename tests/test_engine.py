@@ -1,0 +1,236 @@
+"""The engine end to end on tiny generated data: run directory, evaluation, resume, multi-teacher
+× multi-student distillation, gradient isolation, the teacher cache and bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY_CNN, tiny_cfg, write_npz
+from medistill.config import load_config
+from medistill.distill import cache as cache_mod
+from medistill.distill.engine import Engine
+from medistill.errors import CacheMismatchError, ConfigError, ModelError, NonFiniteLossError
+from medistill.evaluate import evaluate_target
+from medistill.io import torch_load
+
+
+def run(cfg: dict, resume: bool = False) -> Engine:
+    eng = Engine(load_config(None, [], base=cfg), resume=resume)
+    eng.run()
+    return eng
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("data")
+    write_npz(d / "tiny.npz")
+    return d
+
+
+@pytest.fixture(scope="module")
+def teachers(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    out = []
+    for i, widths in enumerate(([8, 8, 16, 16, 16], [8, 16, 16, 16, 32])):
+        d = tmp_path_factory.mktemp(f"teacher{i}")
+        cfg = tiny_cfg(data_dir / "tiny.npz", d / "run", epochs=2, seed=i)
+        cfg["students"] = [{"name": "t", "model": "cnn5", "kwargs": {"widths": widths}}]
+        run(cfg)
+        out.append(d / "run")
+    return out
+
+
+def test_train_writes_run_directory(tiny_npz: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    run(tiny_cfg(tiny_npz, out, epochs=8))
+    for f in ("config.yaml", "run_info.json", "split.json", "metrics.jsonl", "checkpoint_last.pt", "metrics.json", "summary.md"):
+        assert (out / f).is_file(), f
+    assert list((out / "tb").glob("events.*"))
+    sd = out / "students" / "student"
+    for f in ("model.json", "model.safetensors", "metrics.json", "predictions_test.csv", "confusion_test.png"):
+        assert (sd / f).is_file(), f
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(ln)["epoch"] for ln in lines] == list(range(8))
+    m = json.loads((out / "metrics.json").read_text())
+    for k in ("accuracy", "balanced_accuracy", "macro_f1", "qwk", "auroc", "ece", "nll", "per_class_recall", "confusion_matrix"):
+        assert k in m["test"] and k in m["val"]
+    assert m["model"]["params"] > 0 and m["model"]["flops"] > 0
+    rows = (sd / "predictions_test.csv").read_text().splitlines()
+    assert rows[0] == "index,label,pred,prob_0,prob_1,prob_2"
+    assert len(rows) - 1 == sum(sum(r) for r in m["test"]["confusion_matrix"])
+    assert abs(sum(float(v) for v in rows[1].split(",")[3:]) - 1) < 1e-4
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["seed"] == 0 and info["versions"]["torch"]
+    # a learnable toy task is actually learnt
+    assert m["test"]["balanced_accuracy"] > 0.5
+
+
+def test_evaluate_reproduces_metrics(tiny_npz: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    run(tiny_cfg(tiny_npz, out, epochs=1))
+    res = evaluate_target(out, out=tmp_path / "ev", latency=False)
+    saved = json.loads((out / "metrics.json").read_text())
+    again = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert again["test"] == saved["test"] and again["val"] == saved["val"] and again["model"] == saved["model"]
+    assert set(res) == {"student"}
+
+
+def test_refuses_to_overwrite_and_unwritable(tiny_npz: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    run(tiny_cfg(tiny_npz, out, epochs=1))
+    before = (out / "metrics.json").read_bytes()
+    with pytest.raises(ConfigError, match="--resume"):
+        run(tiny_cfg(tiny_npz, out, epochs=1))
+    assert (out / "metrics.json").read_bytes() == before
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="not writable"):
+        run(tiny_cfg(tiny_npz, tmp_path / "file" / "run"))
+
+
+def test_resume_equals_uninterrupted(tiny_npz: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    full = tmp_path / "full"
+    run(tiny_cfg(tiny_npz, full, epochs=3, ema={"enabled": True, "decay": 0.9}))
+    cut = tmp_path / "cut"
+    original = Engine._step
+
+    def crash(self: Engine, batch, epoch: int, step: int):
+        if epoch == 2 and step == 1:
+            raise KeyboardInterrupt("simulated kill")
+        return original(self, batch, epoch, step)
+
+    monkeypatch.setattr(Engine, "_step", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_cfg(tiny_npz, cut, epochs=3, ema={"enabled": True, "decay": 0.9}))
+    monkeypatch.setattr(Engine, "_step", original)
+    assert torch_load(cut / "checkpoint_last.pt")["epoch"] == 1
+    run(tiny_cfg(tiny_npz, cut, epochs=3, ema={"enabled": True, "decay": 0.9}), resume=True)
+    a = json.loads((full / "metrics.json").read_text())
+    b = json.loads((cut / "metrics.json").read_text())
+    assert a["test"] == b["test"] and a["val"] == b["val"]
+    assert len((cut / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_nan_loss_stops_with_checkpoint_intact(tiny_npz: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from medistill.distill.terms import CETerm
+
+    out = tmp_path / "run"
+    orig = CETerm.forward
+
+    def nan_later(self, ctx):
+        v = orig(self, ctx)
+        return v * float("nan") if ctx.epoch > 1.0 else v
+
+    monkeypatch.setattr(CETerm, "forward", nan_later)
+    with pytest.raises(NonFiniteLossError, match="intact"):
+        run(tiny_cfg(tiny_npz, out, epochs=3))
+    st = torch_load(out / "checkpoint_last.pt")
+    assert st["epoch"] == 0
+    assert (out / "students" / "student" / "model.safetensors").is_file()
+
+
+def _distill_cfg(data_dir: Path, teachers: list[Path], out: Path, terms: list[dict], augment: str = "none",
+                 students: int = 2, **train: object) -> dict:
+    cfg = tiny_cfg(data_dir / "tiny.npz", out, **train)
+    cfg["data"]["augment"] = augment
+    cfg["teachers"] = [{"name": f"t{i}", "checkpoint": str(t)} for i, t in enumerate(teachers)]
+    cfg["students"] = [{"name": f"s{i}", "model": "cnn5", "kwargs": TINY_CNN} for i in range(students)]
+    cfg["terms"] = terms
+    return cfg
+
+
+def test_two_teachers_two_students(data_dir: Path, teachers: list[Path], tmp_path: Path) -> None:
+    terms = [{"type": "ce", "weight": 0.5},
+             {"type": "kd", "weight": 0.5, "aggregate": "recall", "sample_weight": "entropy"},
+             {"type": "peer", "weight": 0.2, "temperature": 4.0},
+             {"type": "fitnet", "weight": 1.0, "student_tap": "conv3", "teacher_tap": "conv3", "teacher": "t1"}]
+    eng = Engine(load_config(None, [], base=_distill_cfg(data_dir, teachers, tmp_path / "run", terms)))
+    eng.setup()
+    t_state = {t.name: {k: v.clone() for k, v in t.model.state_dict().items()} for t in eng.teachers}
+    eng.fit()
+    eng.finalize()
+    for t in eng.teachers:
+        assert not t.model.training
+        assert all(p.grad is None and not p.requires_grad for p in t.model.parameters())
+        assert all(torch.equal(v, t_state[t.name][k]) for k, v in t.model.state_dict().items())  # incl. BN stats
+    # regressors are trained by the student's optimizer
+    reg = [p for k, term in eng.terms.items() if "fitnet" in k for p in term.parameters()]
+    opt_params = {id(p) for g in eng.optims["s0"].param_groups for p in g["params"]}
+    assert reg and any(id(p) in opt_params for p in reg)
+    # hooks never outlive a step
+    for p in eng.parts.values():
+        assert all(len(m._forward_hooks) == 0 for m in p.model.modules())
+    rec = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {"ce", "kd", "peer", "fitnet", "loss", "kd.confidence_weight"} <= set(rec["train"]["s1"])
+    assert len(rec["diagnostics"]["s0.kd"]["confidence_weight"]["per_class"]) == 3
+    for s in ("s0", "s1"):
+        assert (tmp_path / "run" / "students" / s / "metrics.json").is_file()
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert set(summary) == {"t0", "t1", "s0", "s1"}
+    res = evaluate_target(tmp_path / "run" / "students" / "s1", out=tmp_path / "ev", latency=False)
+    assert res["s1"]["test"] == json.loads((tmp_path / "run" / "students" / "s1" / "metrics.json").read_text())["test"]
+
+
+def test_sequential_dml_without_teacher(data_dir: Path, tmp_path: Path) -> None:
+    cfg = _distill_cfg(data_dir, [], tmp_path / "run", [{"type": "ce"}, {"type": "peer"}], update="sequential", epochs=1)
+    run(cfg)
+    rec = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert rec["train"]["s0"]["peer"] > 0 and rec["train"]["s1"]["peer"] > 0
+
+
+def test_teacher_cache_hit_miss_mismatch(data_dir: Path, teachers: list[Path], tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    terms = [{"type": "ce", "weight": 0.1}, {"type": "kd", "weight": 0.9}, {"type": "nd", "teacher": "t0"}]
+    run(_distill_cfg(data_dir, teachers[:1], tmp_path / "a", terms, augment="dihedral", students=1, epochs=1))
+    files = sorted((tmp_path / "teacher_cache").glob("*.safetensors"))
+    assert len(files) == 1
+    man = json.loads(files[0].with_suffix(".json").read_text())
+    assert man["views"] == list(range(8)) and "global_pool" in man["outputs"]
+
+    # hit: the teacher never runs during training
+    calls = {"n": 0}
+    orig = Engine._teacher_outputs
+
+    def counting(self, x, idx, view):
+        calls["n"] += sum(t.name not in self.cache for t in self.teachers)
+        return orig(self, x, idx, view)
+
+    monkeypatch.setattr(Engine, "_teacher_outputs", counting)
+    eng = run(_distill_cfg(data_dir, teachers[:1], tmp_path / "b", terms, augment="dihedral", students=1, epochs=1))
+    assert "t0" in eng.cache and calls["n"] == 0
+    # cached outputs equal live teacher outputs on a batch
+    x, y, idx, view = next(iter(eng.data.loader("train", 8, train=True)))
+    live = eng.teachers[0].logits(x)
+    assert torch.allclose(eng.cache["t0"].lookup(torch.as_tensor(idx), torch.as_tensor(view))["logits"], live, atol=1e-5)
+
+    # miss: another teacher checkpoint → a second cache file
+    run(_distill_cfg(data_dir, teachers[1:], tmp_path / "c", terms, augment="dihedral", students=1, epochs=1))
+    assert len(list((tmp_path / "teacher_cache").glob("*.safetensors"))) == 2
+
+    # mismatch: a cache presented for another configuration is refused
+    other = dict(man, teacher_sha256="0" * 64)
+    with pytest.raises(CacheMismatchError, match="teacher_sha256"):
+        cache_mod.TeacherCache.load(files[0], other)
+
+    # random crops: the cache is refused when forced, skipped under auto
+    with pytest.raises(ConfigError, match="random"):
+        run(_distill_cfg(data_dir, teachers[:1], tmp_path / "d", terms, augment="standard", students=1, epochs=1,
+                         teacher_cache="on"))
+
+
+def test_bad_distillation_inputs(data_dir: Path, teachers: list[Path], tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="unknown tap 'nope'"):
+        run(_distill_cfg(data_dir, teachers, tmp_path / "a", [{"type": "fitnet", "student_tap": "nope", "teacher_tap": "conv3"}]))
+    with pytest.raises(ConfigError, match="unknown loss term 'kdd'"):
+        run(_distill_cfg(data_dir, teachers, tmp_path / "b", [{"type": "kdd"}]))
+    with pytest.raises(ConfigError, match="temprature: unknown key"):
+        run(_distill_cfg(data_dir, teachers, tmp_path / "c", [{"type": "kd", "temprature": 3}]))
+    four = write_npz(tmp_path / "four.npz", counts=(10, 10, 10, 10))
+    cfg = _distill_cfg(data_dir, teachers, tmp_path / "d", [{"type": "kd"}])
+    cfg["data"]["name"] = str(four)
+    with pytest.raises(ModelError, match="3 classes but the data has 4"):
+        run(cfg)
+    with pytest.raises(ModelError, match="not found"):
+        run(_distill_cfg(data_dir, [tmp_path / "missing"], tmp_path / "e", [{"type": "kd"}]))
