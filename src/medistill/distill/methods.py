@@ -47,9 +47,25 @@ def _mt(epochs: int) -> Terms:
     return [{"type": "ce", "weight": 0.1}, {"type": "kd", "weight": 0.9, "temperature": 4.0, "aggregate": "prob_mean"}]
 
 
+def _umkd(sfa: bool = True, cfa: bool = True, udd: bool = True, uncertainty: bool = True) -> Callable[[int], Terms]:
+    """CE + α(L_SFA + L_CFA) + β·L_UDD with α = 10, β = 1 (methods.md A.7), and its ablations."""
+    def terms(epochs: int) -> Terms:
+        t: Terms = [{"type": "ce"}]
+        if sfa:
+            t.append({"type": "sfa", "weight": 10.0})
+        if cfa:
+            t.append({"type": "cfa", "weight": 10.0})
+        if udd:
+            t.append({"type": "udd", "weight": 1.0, "use_uncertainty": uncertainty})
+        return t
+    return terms
+
+
 METHODS: dict[str, Callable[[int], Terms]] = {
     "kd": _kd, "dkd": _dkd, "fitnet": _fitnet, "at": _at, "dml": _dml, "kd++": _kdpp,
     "dual_student": _dual, "multi_teacher": _mt,
+    "umkd": _umkd(), "umkd_no_sfa": _umkd(sfa=False), "umkd_no_cfa": _umkd(cfa=False), "umkd_no_udd": _umkd(udd=False),
+    "umkd_udd_no_uncertainty": _umkd(uncertainty=False),
 }
 
 

@@ -12,19 +12,35 @@ from medistill.errors import ModelError
 
 
 def resolve_modules(model: nn.Module, names: Iterable[str]) -> dict[str, nn.Module]:
-    """Map tap names to modules; an unknown name is an error listing close valid names."""
+    """Map tap names to modules; an unknown name is an error listing close valid names.
+
+    A name ending in ``:in`` taps the module's *input* (e.g. ``layer4.1.act2:in`` is the
+    pre-activation output of a ResNet stage)."""
     mods = dict(model.named_modules())
     out = {}
     for n in names:
-        if n not in mods:
+        if n.removesuffix(":in") not in mods:
             valid = [k for k in mods if k]
             close = difflib.get_close_matches(n, valid, n=5, cutoff=0.5)
             top = [k for k in valid if "." not in k]
             raise ModelError(f"unknown tap {n!r} on {type(model).__name__}. "
                              + (f"Close: {', '.join(close)}. " if close else "")
                              + f"Top-level modules: {', '.join(top)} (see `medistill models taps`)")
-        out[n] = mods[n]
+        out[n] = mods[n.removesuffix(":in")]
     return out
+
+
+def preact_tap(model: nn.Module, stage: str) -> str:
+    """The tap name of a ResNet stage's pre-activation output: the input of the last block's
+    final activation (timm BasicBlock ``act2``, Bottleneck ``act3``)."""
+    mod = dict(model.named_modules()).get(stage)
+    if mod is None or not list(mod.children()):
+        raise ModelError(f"cannot find a pre-activation tap for {stage!r}")
+    last_name, last = list(mod.named_children())[-1]
+    acts = [n for n, _ in last.named_children() if n.startswith("act")]
+    if not acts:
+        raise ModelError(f"{stage}.{last_name} has no act* module; pre-activation taps need a timm ResNet-style block")
+    return f"{stage}.{last_name}.{sorted(acts)[-1]}:in"
 
 
 class FeatureTaps:
@@ -46,16 +62,19 @@ class FeatureTaps:
         self.outputs: dict[str, torch.Tensor] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
-    def _hook(self, name: str):
-        def fn(_m: nn.Module, _inp: tuple, out: torch.Tensor) -> None:
-            if isinstance(out, (tuple, list)):
-                out = out[0]
-            self.outputs[name] = out.detach() if self.detach else out
-        return fn
+    def _store(self, name: str, out: torch.Tensor | tuple) -> None:
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        self.outputs[name] = out.detach() if self.detach else out
 
     def __enter__(self) -> "FeatureTaps":
         for n, m in self.modules.items():
-            self._handles.append(m.register_forward_hook(self._hook(n)))
+            if n.endswith(":in"):
+                # clone: the module may be an in-place activation that would overwrite its input
+                h = m.register_forward_pre_hook(lambda _m, inp, _n=n: self._store(_n, inp[0].clone()))
+            else:
+                h = m.register_forward_hook(lambda _m, _i, out, _n=n: self._store(_n, out))
+            self._handles.append(h)
         return self
 
     def __exit__(self, *exc: object) -> None:
