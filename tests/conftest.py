@@ -64,3 +64,33 @@ def tiny_cfg(npz: Path, out: Path, **train: object) -> dict:
         "train": {"epochs": 2, "batch_size": 16, "seed": 0, "latency": False, "progress": False, **train},
         "out": str(out),
     }
+
+
+def run_engine(cfg: dict, resume: bool = False):
+    from medistill.config import load_config
+    from medistill.distill.engine import Engine
+
+    eng = Engine(load_config(None, [], base=cfg), resume=resume)
+    eng.run()
+    return eng
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("data")
+    write_npz(d / "tiny.npz")
+    return d
+
+
+@pytest.fixture(scope="session")
+def teachers(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    out = []
+    for i, widths in enumerate(([8, 8, 16, 16, 16], [8, 16, 16, 16, 32])):
+        d = tmp_path_factory.mktemp(f"teacher{i}")
+        cfg = tiny_cfg(data_dir / "tiny.npz", d / "run", epochs=2, seed=i)
+        cfg["students"] = [{"name": "t", "model": "cnn5", "kwargs": {"widths": widths}}]
+        run_engine(cfg)
+        out.append(d / "run")
+    return out
+
+

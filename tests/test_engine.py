@@ -24,25 +24,6 @@ def run(cfg: dict, resume: bool = False) -> Engine:
     return eng
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("data")
-    write_npz(d / "tiny.npz")
-    return d
-
-
-@pytest.fixture(scope="module")
-def teachers(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    out = []
-    for i, widths in enumerate(([8, 8, 16, 16, 16], [8, 16, 16, 16, 32])):
-        d = tmp_path_factory.mktemp(f"teacher{i}")
-        cfg = tiny_cfg(data_dir / "tiny.npz", d / "run", epochs=2, seed=i)
-        cfg["students"] = [{"name": "t", "model": "cnn5", "kwargs": {"widths": widths}}]
-        run(cfg)
-        out.append(d / "run")
-    return out
-
-
 def test_train_writes_run_directory(tiny_npz: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     run(tiny_cfg(tiny_npz, out, epochs=8))

@@ -144,6 +144,25 @@ def evaluate(
     Console().print(t)
 
 
+@app.command()
+def explain(
+    run_dir: Path = typer.Argument(..., help="run directory (teachers from its config, students from students/)"),
+    images: int = typer.Option(8, "--images", help="number of random images from the split"),
+    per_class: Optional[int] = typer.Option(None, "--per-class", help="instead: N images of every class"),
+    methods: str = typer.Option("gradcam,scorecam,avgmap", "--methods", help="comma list of gradcam, gradcampp, layercam, scorecam, avgmap, shap"),
+    split: str = typer.Option("test", "--split"),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="Score-CAM: keep the k highest-variance channels"),
+    out: Optional[Path] = typer.Option(None, "--out"),
+) -> None:
+    """Explain every model of a run: overlays, faithfulness, agreement, explanation time."""
+    from medistill.explain.run import explain_run
+
+    report = explain_run(run_dir, images, per_class, [m.strip() for m in methods.split(",") if m.strip()], split, top_k, out=out)
+    from medistill.explain.run import explain_markdown
+
+    print(explain_markdown(report))
+
+
 @models_app.command("list")
 def models_list(pattern: str = typer.Argument("*", help="glob, e.g. 'resnet*'")) -> None:
     """List model names (timm + cnn5)."""

@@ -1,0 +1,181 @@
+"""``medistill explain``: maps, faithfulness, agreement and explanation time for every model of a run."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medistill.config import load_config
+from medistill.data import build_data
+from medistill.distill.engine import resolve_teacher
+from medistill.explain import cam as C
+from medistill.explain import metrics as M
+from medistill.io import atomic_path, write_json, write_text
+from medistill.models.factory import load_model_dir
+from medistill.models.taps import list_taps
+
+METHODS = ("gradcam", "gradcampp", "layercam", "scorecam", "avgmap", "shap")
+
+
+def shap_map(model: nn.Module, x: torch.Tensor, cls: torch.Tensor, background: torch.Tensor, n_samples: int = 16) -> torch.Tensor:
+    """GradientShap (captum) attribution, |·| summed over colour channels, min-max → ``[B, H, W]``.
+    The background is a fixed set of training images (see ``explain_run``)."""
+    from captum.attr import GradientShap
+
+    with C.eval_mode(model):
+        attr = GradientShap(model).attribute(x, baselines=background, target=cls, n_samples=n_samples, stdevs=0.09)
+    return C.minmax(attr.abs().sum(1).detach())
+
+
+def _methods(layer: str, top_k: int | None, background: torch.Tensor) -> dict[str, Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]]:
+    return {
+        "gradcam": lambda m, x, c: C.grad_cam(m, x, layer, c),
+        "gradcampp": lambda m, x, c: C.grad_cam_pp(m, x, layer, c),
+        "layercam": lambda m, x, c: C.layer_cam(m, x, layer, c),
+        "scorecam": lambda m, x, c: C.score_cam(m, x, layer, c, variant="original", top_k_channels=top_k),
+        "avgmap": lambda m, x, c: C.average_feature_maps(m, x, [layer])[layer],
+        "shap": lambda m, x, c: shap_map(m, x, c, background),
+    }
+
+
+def _pick(labels: np.ndarray, idx: np.ndarray, n: int, per_class: int | None, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    if per_class:
+        out = [rng.permutation(idx[labels == c])[:per_class] for c in np.unique(labels)]
+        return np.concatenate(out)
+    return rng.permutation(idx)[:n]
+
+
+def _overlay_grid(images: np.ndarray, columns: dict[str, np.ndarray], labels: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n, k = len(images), len(columns) + 1
+    fig, axes = plt.subplots(n, k, figsize=(1.6 * k, 1.6 * n), squeeze=False)
+    for i in range(n):
+        img = images[i]
+        axes[i, 0].imshow(img.squeeze(), cmap="gray" if img.shape[-1] == 1 else None)
+        axes[i, 0].set_ylabel(labels[i], fontsize=7)
+        for j, (name, maps) in enumerate(columns.items(), start=1):
+            axes[i, j].imshow(img.squeeze(), cmap="gray" if img.shape[-1] == 1 else None)
+            axes[i, j].imshow(maps[i], cmap="jet", alpha=0.45, vmin=0, vmax=1)
+            if i == 0:
+                axes[i, j].set_title(name, fontsize=7)
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def explain_run(run_dir: str | Path, n_images: int = 8, per_class: int | None = None, methods: list[str] | None = None,
+                split: str = "test", top_k: int | None = None, seed: int = 0, out: str | Path | None = None) -> dict[str, Any]:
+    run_dir = Path(run_dir)
+    methods = list(methods or ["gradcam", "scorecam", "avgmap"])
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown explanation method(s) {unknown}; available: {', '.join(METHODS)}")
+    out = Path(out) if out else run_dir / "explain"
+    cfg = load_config(run_dir / "config.yaml")
+    bundle = build_data(cfg.data, fixed_splits=json.loads((run_dir / "split.json").read_text()))
+    models: dict[str, tuple[str, nn.Module, nn.Module, Any]] = {}
+    for t in cfg.teachers:
+        m, pre, spec = load_model_dir(resolve_teacher(t.checkpoint))
+        models[t.name] = ("teacher", m, pre, spec)
+    for d in sorted((run_dir / "students").glob("*/model.json")):
+        m, pre, spec = load_model_dir(d.parent)
+        models[d.parent.name] = ("student", m, pre, spec)
+    bundle.image_size = bundle.source.native_size or max(s.input_size for *_, s in models.values())
+    labels_all = bundle.labels(split)
+    chosen = _pick(labels_all, bundle.splits[split], n_images, per_class, seed)
+    ds = bundle.dataset(split, train=False)
+    pos = {int(i): k for k, i in enumerate(bundle.splits[split])}
+    items = [ds[pos[int(i)]] for i in chosen]
+    x = torch.stack([it[0] for it in items])
+    y = torch.tensor([it[1] for it in items])
+    bg_ds = bundle.dataset("train", train=False)
+    bg = torch.stack([bg_ds[i][0] for i in np.random.default_rng(seed).permutation(len(bg_ds))[:16]])
+    size = tuple(x.shape[-2:])
+    report: dict[str, Any] = {"split": split, "images": chosen.tolist(), "labels": y.tolist(), "device": "cpu",
+                              "threads": torch.get_num_threads(), "scorecam_variant": "original", "top_k_channels": top_k,
+                              "deletion_baseline": "0 in normalised input space (the normalisation mean colour)",
+                              "shap_background": "16 random training images (eval transform), GradientShap n_samples=16, stdev 0.09",
+                              "fidelity": "prediction agreement of f(x ⊙ S) with f(x)", "models": {}}
+    all_maps: dict[str, dict[str, torch.Tensor]] = {}
+    for name, (role, model, pre, spec) in models.items():
+        xin = pre(x)
+        layer = C.default_target_layer(model, spec.input_size, spec.in_chans)
+        fns = _methods(layer, top_k, pre(bg))
+        with torch.no_grad():
+            pred = model.eval()(xin).argmax(1)
+        entry: dict[str, Any] = {"role": role, "target_layer": layer, "methods": {}}
+        all_maps[name] = {}
+        for meth in methods:
+            fn = fns[meth]
+            fn(model, xin[:1], pred[:1])                               # warm-up, discarded
+            t0 = time.perf_counter()
+            maps = fn(model, xin, pred)
+            met = (time.perf_counter() - t0) / len(x)
+            res = {"met_s_per_image": met,
+                   "deletion_auc": M.per_class(M.deletion_auc(model, xin, maps), y, bundle.num_classes),
+                   "insertion_auc": M.per_class(M.insertion_auc(model, xin, maps), y, bundle.num_classes),
+                   "fidelity": M.prediction_fidelity(model, xin, maps)}
+            cc = M.confidence_change(model, xin, maps)
+            res["average_drop"] = M.per_class(cc["drop"], y, bundle.num_classes)
+            res["increase_in_confidence"] = M.per_class(cc["increase"], y, bundle.num_classes)
+            entry["methods"][meth] = res
+            all_maps[name][meth] = F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+        layers = [n for n, s in list_taps(model, spec.input_size, spec.in_chans, 1) if len(s) == 4]
+        per_layer = C.average_feature_maps(model, xin, layers)
+        _overlay_grid(x.permute(0, 2, 3, 1).numpy(), {k: F.interpolate(v[:, None], size=size, mode="bilinear")[:, 0].numpy()
+                                                     for k, v in per_layer.items()},
+                      [f"y={int(v)}" for v in y], out / f"layers_{name}.png")
+        report["models"][name] = entry
+    teachers = [n for n, (r, *_) in models.items() if r == "teacher"]
+    if teachers:
+        ref = teachers[0]
+        agree: dict[str, Any] = {}
+        for name in models:
+            if name == ref:
+                continue
+            agree[name] = {}
+            for meth in methods:
+                a = M.map_agreement(all_maps[ref][meth], all_maps[name][meth])
+                agree[name][meth] = {k: M.per_class(v, y, bundle.num_classes) for k, v in a.items()}
+        report["agreement_with"] = ref
+        report["agreement"] = agree
+    for meth in methods:
+        _overlay_grid(x.permute(0, 2, 3, 1).numpy(), {n: all_maps[n][meth].numpy() for n in models},
+                      [f"y={int(v)}" for v in y], out / f"grid_{meth}.png")
+    write_json(out / "explain.json", report)
+    write_text(out / "explain.md", explain_markdown(report))
+    return report
+
+
+def explain_markdown(r: dict[str, Any]) -> str:
+    lines = ["# Explanations", "", f"{len(r['images'])} {r['split']} images; CPU, {r['threads']} threads; "
+             f"fidelity = {r['fidelity']}; deletion/insertion baseline = {r['deletion_baseline']}.", "",
+             "| model | method | layer | MET (ms/img) | fidelity | deletion AUC ↓ (macro) | insertion AUC ↑ (macro) | avg drop ↓ |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, e in r["models"].items():
+        for meth, v in e["methods"].items():
+            lines.append(f"| {name} | {meth} | {e['target_layer']} | {1e3 * v['met_s_per_image']:.1f} | {v['fidelity']:.3f} | "
+                         f"{v['deletion_auc']['macro']:.3f} | {v['insertion_auc']['macro']:.3f} | {v['average_drop']['macro']:.3f} |")
+    if r.get("agreement"):
+        lines += ["", f"## Agreement with teacher {r['agreement_with']} (macro over classes)", "",
+                  "| model | method | top-20% IoU | Spearman |", "|---|---|---|---|"]
+        for name, d in r["agreement"].items():
+            for meth, v in d.items():
+                lines.append(f"| {name} | {meth} | {v['iou']['macro']:.3f} | {v['spearman']['macro']:.3f} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,27 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from conftest import TINY_CNN, run_engine, tiny_cfg
+from medistill.explain.run import explain_run
+
+
+def test_explain_run_end_to_end(data_dir: Path, teachers: list[Path], tmp_path: Path) -> None:
+    cfg = tiny_cfg(data_dir / "tiny.npz", tmp_path / "run", epochs=1)
+    cfg["teachers"] = [{"name": "t0", "checkpoint": str(teachers[0])}]
+    cfg["students"] = [{"name": "s", "model": "cnn5", "kwargs": TINY_CNN}]
+    cfg["terms"] = [{"type": "ce"}, {"type": "kd"}]
+    run_engine(cfg)
+    rep = explain_run(tmp_path / "run", per_class=2, methods=["gradcam", "scorecam", "avgmap", "shap"])
+    out = tmp_path / "run" / "explain"
+    assert (out / "explain.json").is_file() and (out / "explain.md").is_file()
+    for m in ("gradcam", "scorecam", "avgmap", "shap"):
+        assert (out / f"grid_{m}.png").stat().st_size > 1000
+    assert (out / "layers_s.png").is_file() and (out / "layers_t0.png").is_file()
+    r = json.loads((out / "explain.json").read_text())
+    assert set(r["models"]) == {"t0", "s"} and len(r["images"]) == 6
+    e = r["models"]["s"]["methods"]["scorecam"]
+    assert e["met_s_per_image"] > 0 and 0 <= e["fidelity"] <= 1 and len(e["deletion_auc"]["per_class"]) == 3
+    assert set(r["agreement"]["s"]) == {"gradcam", "scorecam", "avgmap", "shap"}
+    assert rep["models"]["t0"]["target_layer"] == "conv4"  # conv5 is 1×1 at 16 px; the deepest ≥ 2×2 map is chosen
