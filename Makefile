@@ -27,7 +27,7 @@ demo: $(BIN)/.installed
 	$(BIN)/python -m medistill.demo --out demo_runs
 
 bench: $(BIN)/.installed
-	$(BIN)/python benchmarks/run_all.py
+	PATH=$(abspath $(BIN)):$$PATH bash benchmarks/run_all.sh
 
 clean:
 	rm -rf $(VENV) demo_runs runs

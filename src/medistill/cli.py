@@ -163,6 +163,38 @@ def explain(
     print(explain_markdown(report))
 
 
+@app.command()
+def report(run_dirs: list[Path] = typer.Argument(..., help="one run (a report) or several (a comparison)"),
+           out: Optional[Path] = typer.Option(None, "--out", help="HTML file (default: RUN/report.html)")) -> None:
+    """Write a self-contained HTML report of one or more runs."""
+    from medistill.report import build_report
+
+    print(build_report(run_dirs, out))
+
+
+@app.command()
+def export(target: Path = typer.Argument(..., help="run directory (first student), model directory or weights file"),
+           fmt: str = typer.Option("onnx", "--format", help="onnx or torchscript"),
+           out: Optional[Path] = typer.Option(None, "--out")) -> None:
+    """Export a student (preprocessing included, dynamic batch) and check it against PyTorch."""
+    from medistill.deploy import export_model
+
+    r = export_model(target, fmt, out)
+    print(f"{r['path']}  max |Δ| vs PyTorch = {r['max_abs_diff']:.2e} (batches {r['batches_checked']})")
+
+
+@app.command()
+def predict(model: Path = typer.Argument(..., help="run dir, model dir, weights file or exported .onnx"),
+            images: list[Path] = typer.Argument(..., help="image files (any size or mode)"),
+            cam: bool = typer.Option(False, "--cam", help="also write a Grad-CAM overlay PNG per image"),
+            out: Optional[Path] = typer.Option(None, "--out", help="folder for CAM overlays")) -> None:
+    """Predict classes and probabilities for image files."""
+    from medistill.deploy import predict_files
+
+    for r in predict_files(model, images, cam, out):
+        print(json.dumps(r))
+
+
 @models_app.command("list")
 def models_list(pattern: str = typer.Argument("*", help="glob, e.g. 'resnet*'")) -> None:
     """List model names (timm + cnn5)."""

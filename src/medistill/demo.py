@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--student-epochs", type=int, default=4)
     ap.add_argument("--quick", action="store_true", help="tiny models and subsets (smoke test)")
     a = ap.parse_args(argv)
-    con = Console()
+    con = Console(width=max(Console().width, 110))
     out = Path(a.out)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     root = out / stamp

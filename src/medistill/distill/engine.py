@@ -127,6 +127,8 @@ class Engine:
         # Images stay at their native size; each model resizes the shared batch for itself.
         self.data.image_size = self.data.source.native_size or max(p.spec.input_size for p in self.teachers + self.students)
         self.parts = {p.name: p for p in self.teachers + self.students}
+        for s in self.students:
+            s.spec.data_size = self.data.image_size
 
         counts = torch.as_tensor(self.data.counts("train"), dtype=torch.float32)
         if (counts == 0).any():

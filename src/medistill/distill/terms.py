@@ -240,7 +240,7 @@ class DKDTerm(LossTerm):
     def forward(self, ctx: StepContext) -> tuple[Tensor, dict[str, float]]:
         t = torch.stack([ctx.logits[n].detach() for n in self.names]).mean(0)
         tckd, nckd = L.dkd_parts(ctx.logits[self.student], t, ctx.target, self.p.temperature)
-        return self.p.alpha * tckd.mean() + self.p.beta * nckd.mean(), {"tckd": float(tckd.mean()), "nckd": float(nckd.mean())}
+        return self.p.alpha * tckd.mean() + self.p.beta * nckd.mean(), {"tckd": float(tckd.detach().mean()), "nckd": float(nckd.detach().mean())}
 
 
 @register("peer")

@@ -135,7 +135,7 @@ class _AlignTerm(LossTerm):
         hs, hts, recs = self.cfl(fs, fts)
         mmd = sum(L.mmd2(hs, ht, self.p.sigmas) for ht in hts)
         rec = sum(F.mse_loss(r, f) for r, f in zip(recs, fts))
-        return mmd + self.p.recon_weight * rec, {"mmd": float(mmd), "recon": float(rec)}
+        return mmd + self.p.recon_weight * rec, {"mmd": float(mmd.detach()), "recon": float(rec.detach())}
 
 
 @register("sfa")

@@ -207,6 +207,7 @@ class ModelSpecRecord:
     class_names: list[str]
     kwargs: dict[str, Any] = field(default_factory=dict)
     adaptation: str | None = None
+    data_size: int | None = None    # side the data pipeline resized images to before Preprocess
 
     def build(self) -> tuple[nn.Module, Preprocess]:
         model = create_model(self.arch, self.num_classes, self.in_chans, self.input_size,

@@ -1,0 +1,142 @@
+"""Deployable students: ONNX / TorchScript export checked against PyTorch, and prediction on
+image files preprocessed exactly as in training."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from medistill.data.sources import pil_to_array
+from medistill.data.transforms import resize
+from medistill.errors import DataError, ModelError
+from medistill.io import atomic_path, write_json
+from medistill.models.factory import ModelSpecRecord, Preprocess, load_model_dir
+
+
+class Deployable(nn.Module):
+    """Preprocess + network: takes images ``[B, C_data, S, S]`` in [0, 1], returns logits ``[B, C]``."""
+
+    def __init__(self, pre: Preprocess, model: nn.Module):
+        super().__init__()
+        self.pre, self.model = pre, model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(self.pre(x))
+
+
+def resolve_model_dir(target: str | Path) -> Path:
+    t = Path(target)
+    if (t / "model.json").is_file():
+        return t
+    if t.is_file() and (t.parent / "model.json").is_file():
+        return t.parent
+    students = sorted((t / "students").glob("*/model.json")) if (t / "students").is_dir() else []
+    if students:
+        return students[0].parent
+    raise ModelError(f"{t}: not a run directory, model directory or weights file beside model.json")
+
+
+def export_model(target: str | Path, fmt: str = "onnx", out: str | Path | None = None, check_batch: int = 4) -> dict[str, Any]:
+    """Export the (first) student of ``target``; the export is run on random inputs at batch 1
+    and ``check_batch`` and compared with PyTorch. Returns the path and the max |difference|."""
+    d = resolve_model_dir(target)
+    model, pre, spec = load_model_dir(d)
+    net = Deployable(pre, model).eval()
+    size = spec.data_size or spec.input_size
+    example = torch.rand(1, spec.data_chans, size, size)
+    dest = Path(out) if out else d / ("model.onnx" if fmt == "onnx" else "model.torchscript.pt")
+    if fmt == "onnx":
+        with atomic_path(dest) as tmp:
+            # The TorchScript-based exporter: robust for CNNs and needs no onnxscript dependency.
+            torch.onnx.export(net, (example,), str(tmp), dynamo=False, input_names=["images"], output_names=["logits"],
+                              dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17)
+            import onnx
+
+            m = onnx.load(str(tmp))
+            for k, v in {"medistill_spec": json.dumps(spec.__dict__)}.items():
+                m.metadata_props.add(key=k, value=v)
+            onnx.save(m, str(tmp))
+        run = _onnx_runner(dest)
+    elif fmt == "torchscript":
+        with atomic_path(dest) as tmp:
+            torch.jit.save(torch.jit.trace(net, example), str(tmp))
+        ts = torch.jit.load(str(dest))
+        run = lambda x: ts(torch.from_numpy(x)).detach().numpy()  # noqa: E731
+    else:
+        raise ModelError(f"unknown export format {fmt!r} (onnx, torchscript)")
+    diffs = []
+    for b in (1, check_batch):
+        x = torch.rand(b, spec.data_chans, size, size)
+        with torch.no_grad():
+            ref = net(x).numpy()
+        diffs.append(float(np.abs(run(x.numpy()) - ref).max()))
+    result = {"path": str(dest), "format": fmt, "max_abs_diff": max(diffs), "batches_checked": [1, check_batch]}
+    write_json(dest.with_name(dest.name + ".check.json"), result)
+    return result
+
+
+def _onnx_runner(path: Path):
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return lambda x: sess.run(None, {"images": x.astype(np.float32)})[0]
+
+
+def load_image(path: str | Path, spec: ModelSpecRecord) -> torch.Tensor:
+    """One image file → ``[C_data, S, S]`` in [0, 1], as the data pipeline made it in training."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            arr = pil_to_array(img, spec.data_chans)
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read image {path}: {e}") from e
+    x = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float().div_(255.0)
+    return resize(x, spec.data_size or spec.input_size)
+
+
+def predict_files(model_path: str | Path, images: list[str | Path], cam: bool = False, out_dir: str | Path | None = None) -> list[dict[str, Any]]:
+    """Class and probabilities per image; with ``cam``, a Grad-CAM overlay PNG per image
+    (PyTorch models only). ``model_path``: run dir, model dir, weights file or ``.onnx``."""
+    p = Path(model_path)
+    if p.suffix == ".onnx":
+        import onnx
+
+        meta = {m.key: m.value for m in onnx.load(str(p)).metadata_props}
+        if "medistill_spec" not in meta:
+            raise ModelError(f"{p}: not exported by medistill (no medistill_spec metadata)")
+        spec = ModelSpecRecord(**json.loads(meta["medistill_spec"]))
+        runner = _onnx_runner(p)
+        forward = lambda x: torch.from_numpy(runner(x.numpy()))  # noqa: E731
+        model = pre = None
+        if cam:
+            raise ModelError("--cam needs the PyTorch model (a run or model directory), not an ONNX file")
+    else:
+        model, pre, spec = load_model_dir(resolve_model_dir(p))
+        forward = lambda x: model(pre(x))  # noqa: E731
+    x = torch.stack([load_image(i, spec) for i in images])
+    with torch.no_grad():
+        probs = torch.softmax(forward(x).float(), 1)
+    results = []
+    for path, pr in zip(images, probs):
+        k = int(pr.argmax())
+        results.append({"image": str(path), "class": k, "class_name": spec.class_names[k] if spec.class_names else str(k),
+                        "probabilities": [round(float(v), 6) for v in pr]})
+    if cam and model is not None:
+        from medistill.explain.cam import default_target_layer, grad_cam
+        from medistill.explain.run import _overlay_grid
+
+        layer = default_target_layer(model, spec.input_size, spec.in_chans)
+        maps = torch.nn.functional.interpolate(grad_cam(model, pre(x), layer)[:, None], size=x.shape[-2:], mode="bilinear")[:, 0]
+        dest = Path(out_dir or ".")
+        for i, (path, r) in enumerate(zip(images, results)):
+            png = dest / f"{Path(path).stem}_cam.png"
+            _overlay_grid(x[i:i + 1].permute(0, 2, 3, 1).numpy(), {f"Grad-CAM {layer}": maps[i:i + 1].numpy()},
+                          [r["class_name"]], png)
+            r["cam"] = str(png)
+    return results

@@ -1,0 +1,219 @@
+"""``medistill report``: one self-contained HTML file for one or several run directories.
+
+Figures are drawn with matplotlib and embedded as base64 PNGs; the page loads nothing from the
+network and needs no JavaScript.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from medistill.io import write_text  # noqa: E402
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1150px;color:#1d2433;padding:0 1rem}
+h1{font-size:1.6rem}h2{font-size:1.25rem;border-bottom:1px solid #d5dae3;padding-bottom:.25rem;margin-top:2.2rem}
+h3{font-size:1.05rem}table{border-collapse:collapse;margin:.6rem 0;font-size:.88rem}
+td,th{border:1px solid #d5dae3;padding:.3rem .55rem;text-align:right}th{background:#eef1f6}
+td:first-child,th:first-child{text-align:left}.grid{display:flex;flex-wrap:wrap;gap:1rem}
+.grid figure{margin:0}.note{color:#5a6478;font-size:.85rem}img{max-width:100%}
+"""
+
+
+def _png(fig: plt.Figure) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _img_file(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def _fmt(v: Any, nd: int = 3) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.{nd}f}"
+    return html.escape(str(v))
+
+
+def _curves(log: list[dict[str, Any]]) -> str:
+    students = sorted({s for r in log for s in r["train"]})
+    terms = sorted({k for r in log for s in r["train"].values() for k in s})
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    ep = [r["epoch"] + 1 for r in log]
+    for s in students:
+        for k in terms:
+            ys = [r["train"].get(s, {}).get(k) for r in log]
+            if any(y is not None for y in ys):
+                axes[0].plot(ep, ys, marker=".", label=f"{s}: {k}")
+        axes[1].plot(ep, [r["val"][s]["balanced_accuracy"] for r in log], marker="o", label=f"{s} bal. acc")
+        axes[1].plot(ep, [r["val"][s]["qwk"] for r in log], marker="x", ls="--", label=f"{s} QWK")
+    axes[0].set_title("training loss terms (epoch means)")
+    axes[0].set_yscale("symlog", linthresh=1e-2)
+    axes[1].set_title("validation")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def _confusion(cm: list[list[int]], names: list[str], title: str) -> str:
+    m = np.asarray(cm, dtype=float)
+    row = m / np.clip(m.sum(1, keepdims=True), 1, None)
+    c = len(m)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.55 * c, 1.0 + 0.55 * c))
+    ax.imshow(row, cmap="Blues", vmin=0, vmax=1)
+    for i in range(c):
+        for j in range(c):
+            ax.text(j, i, int(m[i, j]), ha="center", va="center", fontsize=7, color="white" if row[i, j] > 0.5 else "black")
+    ax.set_xticks(range(c), names, rotation=45, ha="right", fontsize=7)
+    ax.set_yticks(range(c), names, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=9)
+    return _png(fig)
+
+
+def _recall_bars(models: dict[str, dict[str, Any]], names: list[str]) -> str:
+    fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(names) * max(1, len(models)) / 2), 3.2))
+    width = 0.8 / max(1, len(models))
+    for k, (n, m) in enumerate(models.items()):
+        rec = [np.nan if v is None else v for v in m["test"]["per_class_recall"]]
+        ax.bar(np.arange(len(rec)) + k * width, rec, width, label=n)
+    ax.set_xticks(np.arange(len(names)) + 0.4 - width / 2, names, fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("test recall")
+    ax.legend(fontsize=7)
+    ax.set_title("per-class recall (test)")
+    return _png(fig)
+
+
+def _reliability(pred_csv: Path, title: str, bins: int = 15) -> str:
+    with open(pred_csv) as fh:
+        rows = list(csv.DictReader(fh))
+    probs = np.array([[float(v) for k, v in r.items() if k.startswith("prob_")] for r in rows])
+    y = np.array([int(r["label"]) for r in rows])
+    conf, pred = probs.max(1), probs.argmax(1)
+    edges = np.linspace(0, 1, bins + 1)
+    acc, mid, cnt = [], [], []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        m = (conf > lo) & (conf <= hi)
+        if m.any():
+            acc.append((pred[m] == y[m]).mean())
+            mid.append(conf[m].mean())
+            cnt.append(m.sum())
+    fig, ax = plt.subplots(figsize=(3.6, 3.4))
+    ax.plot([0, 1], [0, 1], "k--", lw=1)
+    ax.scatter(mid, acc, s=[10 + 200 * c / max(cnt) for c in cnt])
+    ax.plot(mid, acc)
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title, fontsize=9)
+    return _png(fig)
+
+
+def _model_table(rows: dict[str, dict[str, Any]]) -> str:
+    head = ("<table><tr><th>model</th><th>role</th><th>params (M)</th><th>MFLOPs</th><th>latency b1 (ms)</th><th>OA</th>"
+            "<th>mAcc</th><th>macro-F1</th><th>QWK</th><th>AUROC</th><th>ECE</th></tr>")
+    body = []
+    for n, r in rows.items():
+        t, mdl = r["test"], r.get("model", {})
+        lat = r.get("latency", {}).get("cpu_batch1", {}).get("median_ms")
+        body.append(f"<tr><td>{html.escape(n)}</td><td>{r.get('role', 'student')}</td><td>{mdl.get('params', 0) / 1e6:.2f}</td>"
+                    f"<td>{mdl.get('flops', 0) / 1e6:.1f}</td><td>{_fmt(lat, 2)}</td>"
+                    + "".join(f"<td>{_fmt(t[k])}</td>" for k in ("accuracy", "balanced_accuracy", "macro_f1", "qwk", "auroc", "ece"))
+                    + "</tr>")
+    return head + "".join(body) + "</table>"
+
+
+def _run_section(run: Path) -> tuple[str, dict[str, dict[str, Any]]]:
+    parts = [f"<section class='run'><h2>Run {html.escape(run.name)}</h2><p class='note'>{html.escape(str(run.resolve()))}</p>"]
+    summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else {}
+    parts.append("<h3 id='models'>Teacher vs students</h3>" + _model_table(summary))
+    log_path = run / "metrics.jsonl"
+    if log_path.is_file():
+        log = [json.loads(ln) for ln in log_path.read_text().splitlines() if ln.strip()]
+        if log:
+            parts.append(f"<h3 id='curves'>Training curves</h3><img alt='training curves' src='{_curves(log)}'>")
+            diag = log[-1].get("diagnostics") or {}
+            if diag:
+                parts.append("<h3>Diagnostics (last epoch, mean per true class)</h3><table><tr><th>term.diagnostic</th><th>mean</th><th>per class</th></tr>"
+                             + "".join(f"<tr><td>{html.escape(t)}.{html.escape(k)}</td><td>{_fmt(v['mean'])}</td><td>{', '.join(_fmt(x) for x in v['per_class'])}</td></tr>"
+                                       for t, d in diag.items() for k, v in d.items()) + "</table>")
+    students = {n: r for n, r in summary.items() if r.get("role") == "student"}
+    names = json.loads((run / "split.json").read_text()).get("class_names") if (run / "split.json").is_file() else None
+    if summary:
+        names = names or [str(i) for i in range(len(next(iter(summary.values()))["test"]["confusion_matrix"]))]
+        parts.append(f"<h3 id='recall'>Per-class recall</h3><img alt='per-class recall' src='{_recall_bars(summary, names)}'>")
+        figs = [f"<figure><img alt='confusion {html.escape(n)}' src='{_confusion(r['test']['confusion_matrix'], names, n)}'></figure>"
+                for n, r in summary.items()]
+        parts.append("<h3 id='confusion'>Confusion matrices (test)</h3><div class='grid'>" + "".join(figs) + "</div>")
+        rel = [f"<figure><img alt='reliability {html.escape(n)}' src='{_reliability(run / 'students' / n / 'predictions_test.csv', n)}'></figure>"
+               for n in students if (run / "students" / n / "predictions_test.csv").is_file()]
+        if rel:
+            parts.append("<h3 id='calibration'>Reliability diagrams (test, 15 bins)</h3><div class='grid'>" + "".join(rel) + "</div>")
+    exp = run / "explain"
+    if (exp / "explain.md").is_file():
+        parts.append("<h3 id='explanations'>Explanations</h3>" + _md_table_html((exp / "explain.md").read_text()))
+        for png in sorted(exp.glob("grid_*.png")) + sorted(exp.glob("layers_*.png")):
+            parts.append(f"<figure><figcaption>{html.escape(png.stem)}</figcaption><img alt='{html.escape(png.stem)}' src='{_img_file(png)}'></figure>")
+    parts.append("</section>")
+    return "".join(parts), summary
+
+
+def _md_table_html(md: str) -> str:
+    """Render the pipe tables and paragraphs of explain.md (a tiny subset of markdown)."""
+    out, rows = [], []
+    for line in md.splitlines() + [""]:
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if not all(set(c) <= set("-: ") for c in cells):
+                rows.append(cells)
+            continue
+        if rows:
+            out.append("<table>" + "".join("<tr>" + "".join(f"<{'th' if i == 0 else 'td'}>{html.escape(c)}</{'th' if i == 0 else 'td'}>" for c in r) + "</tr>"
+                                           for i, r in enumerate(rows)) + "</table>")
+            rows = []
+        if line.startswith("#"):
+            out.append(f"<h4>{html.escape(line.lstrip('# '))}</h4>")
+        elif line.strip():
+            out.append(f"<p class='note'>{html.escape(line)}</p>")
+    return "".join(out)
+
+
+def build_report(run_dirs: list[str | Path], out: str | Path | None = None) -> Path:
+    """Write ``report.html`` (into the single run dir, or ``out``) and return its path."""
+    runs = [Path(r) for r in run_dirs]
+    for r in runs:
+        if not (r / "summary.json").is_file():
+            raise FileNotFoundError(f"{r}: no summary.json (not a finished medistill run)")
+    sections, all_rows = [], {}
+    for r in runs:
+        sec, rows = _run_section(r)
+        sections.append(sec)
+        for n, v in rows.items():
+            all_rows[f"{r.name}/{n}" if len(runs) > 1 else n] = v
+    title = "medistill report" + (f": {runs[0].name}" if len(runs) == 1 else f": {len(runs)} runs")
+    comparison = f"<h2 id='comparison'>Comparison</h2>{_model_table(all_rows)}" if len(runs) > 1 else ""
+    page = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>"
+            "<p class='note'>OA = accuracy; mAcc = balanced accuracy (mean per-class recall); checkpoints selected on "
+            "validation, metrics on the untouched test split.</p>" + comparison + "".join(sections) + "</body></html>")
+    dest = Path(out) if out else (runs[0] / "report.html" if len(runs) == 1 else Path("report.html"))
+    write_text(dest, page)
+    return dest

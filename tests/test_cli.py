@@ -1,0 +1,70 @@
+"""The command line end to end, as a user runs it (subprocesses, real RetinaMNIST)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import write_npz
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "2"}
+
+
+def cli(*args: str, ok: bool = True) -> subprocess.CompletedProcess:
+    p = subprocess.run([sys.executable, "-m", "medistill", *args], capture_output=True, text=True, env=ENV, timeout=900)
+    if ok:
+        assert p.returncode == 0, p.stderr[-3000:]
+    return p
+
+
+@pytest.mark.slow
+def test_train_and_evaluate_retinamnist(tmp_path: Path) -> None:
+    out = tmp_path / "x"
+    cli("train", "--data", "retinamnist", "--model", "resnet18", "--epochs", "1", "--out", str(out),
+        "--set", "data.subset.max_samples=160", "--set", "train.latency=false")
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["test"]["n"] == 400 and m["val"]["n"] == 120
+    assert "bal. ACC" in (out / "summary.md").read_text()
+    cli("evaluate", str(out), "--out", str(tmp_path / "ev"), "--no-latency")
+    again = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert again["test"] == m["test"] and again["val"] == m["val"]
+
+
+def test_grayscale_npz_by_path(tmp_path: Path) -> None:
+    npz = write_npz(tmp_path / "gray.npz", channels=1)
+    out = tmp_path / "g"
+    cli("train", "--data", str(npz), "--model", "cnn5", "--epochs", "1", "--out", str(out),
+        "--set", "students.0.kwargs={widths: [4, 4, 8, 8, 8]}", "--set", "train.latency=false")
+    spec = json.loads((out / "students" / "student" / "model.json").read_text())
+    assert spec["in_chans"] == 1 and spec["data_chans"] == 1
+
+
+def test_distill_method_preset_and_errors(tmp_path: Path) -> None:
+    npz = write_npz(tmp_path / "d.npz")
+    small = ["--set", "students.0.kwargs={widths: [4, 4, 8, 8, 8]}", "--set", "train.latency=false"]
+    cli("train", "--data", str(npz), "--model", "cnn5", "--epochs", "1", "--out", str(tmp_path / "t"), *small)
+    p = cli("distill", "--teacher", str(tmp_path / "t"), "--method", "dkd", "--data", str(npz), "--model", "cnn5",
+            "--epochs", "1", "--out", str(tmp_path / "s"), *small)
+    assert "method dkd" in p.stderr and (tmp_path / "s" / "students" / "student" / "metrics.json").is_file()
+    bad = cli("train", "--data", "nosuchmnist", "--out", str(tmp_path / "n"), ok=False)
+    assert bad.returncode == 2 and "not found" in bad.stderr and "Traceback" not in bad.stderr
+    bad = cli("train", "--data", str(npz), "--model", "resnet-18", "--out", str(tmp_path / "m"), ok=False)
+    assert "Did you mean" in bad.stderr and "resnet18" in bad.stderr
+    bad = cli("train", "--data", str(npz), "--set", "train.epocs=2", "--out", str(tmp_path / "k"), ok=False)
+    assert "train.epocs" in bad.stderr and "unknown key" in bad.stderr
+
+
+def test_help_on_every_command() -> None:
+    for cmd in (["--help"], ["train", "--help"], ["distill", "--help"], ["evaluate", "--help"], ["explain", "--help"],
+                ["models", "taps", "--help"]):
+        assert "Usage" in cli(*cmd).stdout
+
+
+def test_models_taps() -> None:
+    out = cli("models", "taps", "resnet18", "--input-size", "28").stdout
+    assert "layer4" in out and "512×4×4" in out
