@@ -215,3 +215,54 @@ def test_bad_distillation_inputs(data_dir: Path, teachers: list[Path], tmp_path:
         run(cfg)
     with pytest.raises(ModelError, match="not found"):
         run(_distill_cfg(data_dir, [tmp_path / "missing"], tmp_path / "e", [{"type": "kd"}]))
+
+
+def test_umkd_in_the_engine(data_dir: Path, teachers: list[Path], tmp_path: Path) -> None:
+    terms = [{"type": "ce"},
+             {"type": "sfa", "weight": 10.0, "student_tap": "conv2", "expert_tap": "conv2"},
+             {"type": "cfa", "weight": 10.0, "student_tap": "conv4", "expert_tap": "conv4"},
+             {"type": "udd", "student_tap": "conv5", "expert_tap": "conv5", "scales": [1]}]  # conv5 is 1×1 at 16 px
+    eng = run(_distill_cfg(data_dir, teachers, tmp_path / "run", terms, students=1, epochs=1))
+    rec = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])["train"]["s0"]
+    assert {"sfa", "sfa.mmd", "sfa.recon", "cfa", "udd", "udd.confidence"} <= set(rec)
+    opt = {id(p) for g in eng.optims["s0"].param_groups for p in g["params"]}
+    mods = [p for k, t in eng.terms.items() for p in t.parameters()]
+    assert mods and all(id(p) in opt for p in mods)
+    # small feature maps (≤ 4096 values per image) are cached with the logits
+    assert set(eng.cache["t0"].outputs) == {"logits", "conv2", "conv4", "conv5"}
+    with pytest.raises(ModelError, match="feeds the classifier"):
+        run(_distill_cfg(data_dir, teachers, tmp_path / "bad", [{"type": "udd", "student_tap": "conv4", "expert_tap": "conv4",
+                                                                  "scales": [1]}], students=1, epochs=1))
+
+
+def test_dual_student_preset_equals_functional_api(data_dir: Path, teachers: list[Path], tmp_path: Path) -> None:
+    from medistill.distill.context import StepContext
+    from medistill.distill.methods import method_terms
+    from medistill.losses import dual_student_losses
+
+    cfg = _distill_cfg(data_dir, teachers[:1], tmp_path / "run", method_terms("dual_student", 1), students=2, epochs=1)
+    eng = Engine(load_config(None, [], base=cfg))
+    eng.setup()
+    g = torch.Generator().manual_seed(0)
+    z1, z2, zt = (torch.randn(6, 3, generator=g) for _ in range(3))
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    ctx = StepContext({"t0": zt, "s0": z1, "s1": z2}, {}, y, 1.0, eng.class_counts, eng.class_prior, ["t0"], ["s0", "s1"])
+    l1, _ = eng._objective(ctx, "s0")
+    l2, _ = eng._objective(ctx, "s1")
+    r1, r2 = dual_student_losses(z1, z2, zt, y)
+    assert torch.allclose(l1, r1, atol=1e-6) and torch.allclose(l2, r2, atol=1e-6)
+
+
+def test_sweep_collects_one_table(data_dir: Path, teachers: list[Path], tmp_path: Path) -> None:
+    import yaml
+
+    from medistill.sweep import run_sweep
+
+    base = _distill_cfg(data_dir, teachers[:1], tmp_path / "unused", [], students=1, epochs=1)
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    rows = run_sweep(tmp_path / "base.yaml", tmp_path / "sw", methods=["kd", "dkd"], grid=["optim.lr=0.001,0.003"], seeds=[0, 1])
+    assert len(rows) == 8
+    md = (tmp_path / "sw" / "results.md").read_text()
+    assert md.count("\n") == 2 + 4 and "± " in md
+    again = run_sweep(tmp_path / "base.yaml", tmp_path / "sw", methods=["kd", "dkd"], grid=["optim.lr=0.001,0.003"], seeds=[0, 1])
+    assert again == rows  # finished runs are reused, not retrained

@@ -164,6 +164,23 @@ def explain(
 
 
 @app.command()
+def sweep(
+    config: Optional[Path] = typer.Argument(None, help="base config (teachers, students, data, ...)"),
+    out: Path = typer.Option(..., "--out", help="sweep directory (one sub-directory per run)"),
+    methods: Optional[str] = typer.Option(None, "--methods", help="comma list of presets, e.g. umkd,umkd_no_sfa,dkd,kd"),
+    grid: Optional[list[str]] = typer.Option(None, "--grid", help="key=v1,v2 (repeatable; cartesian product)"),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="comma list, e.g. 0,1,2"),
+    sets: Optional[list[str]] = _SET,
+) -> None:
+    """Run a resumable grid of runs and collect one results table (CSV + markdown)."""
+    from medistill.sweep import run_sweep
+
+    run_sweep(config, out, [m for m in (methods or "").split(",") if m] or None, grid,
+              [int(s) for s in seeds.split(",")] if seeds else None, sets, console)
+    print((out / "results.md").read_text())
+
+
+@app.command()
 def report(run_dirs: list[Path] = typer.Argument(..., help="one run (a report) or several (a comparison)"),
            out: Optional[Path] = typer.Option(None, "--out", help="HTML file (default: RUN/report.html)")) -> None:
     """Write a self-contained HTML report of one or more runs."""

@@ -205,6 +205,10 @@ class UDDTerm(LossTerm):
                                  f"{max(self.p.scales)}; use scales [1, 2], a larger input, or a stride-1 stem")
             if not hasattr(setup.models[who], "get_classifier"):
                 raise ModelError(f"{who} has no get_classifier(); region logits need the model's own classifier")
+            fc = setup.models[who].get_classifier()
+            if getattr(fc, "in_features", shape[1]) != shape[1]:
+                raise ModelError(f"{who}'s tap {t} has {shape[1]} channels but its classifier takes {fc.in_features}; "
+                                 "region logits need the map that feeds the classifier (the last stage)")
 
     def _regions(self, who: str, f: Tensor) -> Tensor:
         return L.region_logits(f, self.models[who].get_classifier(), self.p.scales, self.p.spp_cascade)

@@ -1,0 +1,94 @@
+"""``medistill sweep``: run a grid of configs (methods × overrides × seeds), resumably, and
+collect every run's test metrics into one table (CSV + markdown, mean ± std over seeds)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from medistill.config import load_config
+from medistill.distill.engine import Engine
+from medistill.distill.methods import method_terms
+from medistill.errors import ConfigError
+from medistill.io import write_text
+
+METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "qwk", "auroc", "ece")
+
+
+def _slug(s: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in s)
+
+
+def run_sweep(config: str | Path | None, out: str | Path, methods: list[str] | None = None,
+              grid: list[str] | None = None, seeds: list[int] | None = None, overrides: list[str] | None = None,
+              console: Console | None = None) -> list[dict[str, Any]]:
+    """Each cell = (method, grid point, seed) → ``out/<cell>``; finished cells are skipped,
+    interrupted ones resumed. Returns one row per run and writes ``out/results.{csv,md}``."""
+    console = console or Console(stderr=True)
+    out = Path(out)
+    axes: list[list[tuple[str, Any]]] = []
+    for g in grid or []:
+        if "=" not in g:
+            raise ConfigError(f"--grid {g!r} must look like key=v1,v2")
+        key, vals = g.split("=", 1)
+        axes.append([(key, v) for v in vals.split(",")])
+    rows = []
+    for method in methods or [None]:
+        for point in itertools.product(*axes) if axes else [()]:
+            for seed in seeds or [None]:
+                parts = ([method] if method else []) + [f"{k.split('.')[-1]}={v}" for k, v in point] + ([f"seed={seed}"] if seed is not None else [])
+                name = _slug("_".join(parts) or "run")
+                ov = list(overrides or []) + [f"{k}={v}" for k, v in point] + [f"out={out / name}"]
+                if seed is not None:
+                    ov.append(f"train.seed={seed}")
+                cfg = load_config(config, ov)
+                if method:
+                    tree = cfg.model_dump(mode="json")
+                    tree["terms"] = method_terms(method, cfg.train.epochs)
+                    cfg = load_config(None, [], base=tree)
+                run_dir = out / name
+                if not (run_dir / "summary.json").is_file():
+                    console.print(f"[bold]sweep[/] {name}")
+                    Engine(cfg, resume=(run_dir / "checkpoint_last.pt").is_file(), console=console).run()
+                summary = json.loads((run_dir / "summary.json").read_text())
+                for model, r in summary.items():
+                    if r["role"] != "student":
+                        continue
+                    rows.append({"run": name, "method": method or "", **{k: v for k, v in point}, "seed": seed,
+                                 "student": model, **{m: r["test"][m] for m in METRICS}, "params": r["model"]["params"]})
+    write_text(out / "results.csv", _csv(rows))
+    write_text(out / "results.md", aggregate_markdown(rows, [k for k, _ in (a[0] for a in axes)]))
+    return rows
+
+
+def _csv(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return ""
+    buf = io.StringIO()
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    w = csv.DictWriter(buf, fieldnames=keys)
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def aggregate_markdown(rows: list[dict[str, Any]], keys: list[str]) -> str:
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], *(r.get(k) for k in keys), r["student"]), []).append(r)
+    head = ["method", *keys, "student", "n seeds", *METRICS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for g, rs in groups.items():
+        cells = []
+        for m in METRICS:
+            vals = [r[m] for r in rs if r[m] is not None]
+            cells.append("–" if not vals else f"{statistics.mean(vals):.3f}" + (f" ± {statistics.stdev(vals):.3f}" if len(vals) > 1 else ""))
+        lines.append("| " + " | ".join([str(x) for x in g[:-1]] + [str(g[-1]), str(len(rs))] + cells) + " |")
+    return "\n".join(lines) + "\n"
