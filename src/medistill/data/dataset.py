@@ -8,7 +8,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset, Subset, WeightedRandomSampler
+from torch.utils.data.distributed import DistributedSampler
 
 from medistill.config import DataConfig
 from medistill.data import splits as sp
@@ -70,12 +71,26 @@ class DataBundle:
 
     def loader(self, split: str, batch_size: int, train: bool, seed: int = 0,
                balanced: bool | None = None, drop_last: bool = False) -> DataLoader:
+        from medistill import dist
+
         ds = self.dataset(split, train)
         if len(ds) == 0:
             raise DataError(f"the {split} split is empty")
         gen = torch.Generator().manual_seed(seed)
         sampler = None
-        if train and (self.cfg.balanced_sampler if balanced is None else balanced):
+        balanced = self.cfg.balanced_sampler if balanced is None else balanced
+        if dist.world() > 1:
+            if not train:
+                # Evaluation shards without padding; predictions are gathered and ordered by index.
+                shard = Subset(ds, list(range(dist.rank(), len(ds), dist.world())))
+                loader = DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=self.cfg.num_workers)
+                loader.medistill_sharded = True  # type: ignore[attr-defined]
+                return loader
+            if balanced:
+                raise DataError("data.balanced_sampler is not supported with distributed training yet")
+            sampler = DistributedSampler(ds, shuffle=True, seed=seed, drop_last=drop_last)
+            return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=self.cfg.num_workers, drop_last=drop_last)
+        if train and balanced:
             counts = self.counts(split)
             w = 1.0 / counts[self.labels(split)]
             sampler = WeightedRandomSampler(torch.as_tensor(w, dtype=torch.double), len(ds),

@@ -24,6 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from medistill import dist
 from medistill.config import RunConfig, TermSpec, dump_config
 from medistill.data import DataBundle, build_data
 from medistill.data.transforms import apply_view, views_for
@@ -105,8 +106,15 @@ class Engine:
     # ----------------------------------------------------------------------------- set-up
     def setup(self) -> None:
         cfg = self.cfg
-        check_writable(self.out)
-        if self.ckpt_path.exists() and not self.resume:
+        # torchrun: one process per rank; rank 0 alone writes files and prints.
+        self.world = dist.init_from_env()
+        self.main = dist.rank() == 0
+        if not self.main:
+            self.console = Console(quiet=True)
+        if self.main:
+            check_writable(self.out)
+        dist.barrier()
+        if self.ckpt_path.exists() and not self.resume and not (self.world > 1 and not self.main):
             raise ConfigError(f"{self.out} already holds a run (checkpoint_last.pt); pass --resume to continue it "
                               "or choose another --out")
         if self.resume and not self.ckpt_path.exists():
@@ -241,7 +249,14 @@ class Engine:
         return shapes
 
     def _eval_loader(self, split: str):
+        """Evaluation loader (sharded across ranks under torchrun; predictions are gathered)."""
         return self.data.loader(split, self.cfg.train.eval_batch_size, train=False)
+
+    def _full_loader(self, split: str):
+        """Unsharded, unaugmented loader over a whole split (cache building, class means)."""
+        from torch.utils.data import DataLoader
+
+        return DataLoader(self.data.dataset(split, train=False), batch_size=self.cfg.train.eval_batch_size)
 
     def _teacher_val_recall(self) -> Tensor:
         rows = []
@@ -261,7 +276,7 @@ class Engine:
         c = self.data.num_classes
         sums, n = None, torch.zeros(c)
         with FeatureTaps(t.model, [tap], detach=True) as taps, torch.no_grad():
-            for x, y, _i, _v in self._eval_loader("train"):
+            for x, y, _i, _v in self._full_loader("train"):
                 t.logits(x)
                 e = taps[tap].flatten(1).double()
                 sums = torch.zeros(c, e.shape[1], dtype=torch.float64) if sums is None else sums
@@ -270,7 +285,8 @@ class Engine:
         means = (sums / n.clamp_min(1)[:, None].double()).float()
         from medistill.io import atomic_write
 
-        atomic_write(path, lambda p: save_file({"means": means}, str(p)))
+        if self.main:
+            atomic_write(path, lambda p: save_file({"means": means}, str(p)))
         return means
 
     def _make_optim(self) -> None:
@@ -310,6 +326,13 @@ class Engine:
                 return 1.0
             # LambdaLR is PyTorch's own per-step scheduler; the lambda holds warm-up + decay.
             self.scheds[name] = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        # Only trainable students are wrapped; frozen teachers run plain. Term-owned modules
+        # (regressors, CFL blocks) are small: their gradients are averaged by all-reduce.
+        self.ddp: dict[str, nn.Module] = {}
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.ddp = {s.name: DDP(s.model) for s in self.students}
         self.emas: dict[str, AveragedModel] = {}
         if self.cfg.train.ema.enabled:
             for s in self.students:
@@ -317,12 +340,12 @@ class Engine:
                                                   use_buffers=True)
 
     def _train_batches(self) -> int:
-        n, b = len(self.data.splits["train"]), self.cfg.train.batch_size
+        n, b = math.ceil(len(self.data.splits["train"]) / max(1, self.world)), self.cfg.train.batch_size
         return n // b if self._drop_last() else math.ceil(n / b)
 
     def _drop_last(self) -> bool:
         # A trailing batch of one sample breaks BatchNorm in training mode.
-        return len(self.data.splits["train"]) % self.cfg.train.batch_size == 1
+        return math.ceil(len(self.data.splits["train"]) / max(1, self.world)) % self.cfg.train.batch_size == 1
 
     # ----------------------------------------------------------------------------- cache
     def _make_cache(self) -> dict[str, TeacherCache]:
@@ -358,13 +381,19 @@ class Engine:
                 "outputs": sorted(["logits", *t.taps]),
             }
             data_path, _ = TeacherCache.paths(directory, manifest)
+            if not self.main:
+                dist.barrier()   # rank 0 builds or checks the cache first
+                caches[t.name] = TeacherCache.load(data_path, manifest)
+                continue
             if data_path.is_file():
                 caches[t.name] = TeacherCache.load(data_path, manifest)
                 self.console.print(f"teacher cache hit: {data_path}")
-                continue
-            caches[t.name] = self._build_cache(t, manifest, views, train_idx)
-            caches[t.name].save(directory)
-            self.console.print(f"teacher cache built: {data_path}")
+            else:
+                caches[t.name] = self._build_cache(t, manifest, views, train_idx)
+                caches[t.name].save(directory)
+                self.console.print(f"teacher cache built: {data_path}")
+            if self.world > 1:
+                dist.barrier()
         return caches
 
     @torch.no_grad()
@@ -373,7 +402,7 @@ class Engine:
         positions = torch.full((len(self.data.source),), -1, dtype=torch.long)
         positions[torch.as_tensor(train_idx)] = torch.arange(n)
         outs: dict[str, Tensor] = {}
-        loader = self.data.loader("train", self.cfg.train.eval_batch_size, train=False)
+        loader = self._full_loader("train")
         with FeatureTaps(t.model, sorted(t.taps), detach=True) as taps:
             for vi, v in enumerate(views):
                 for x, _y, idx, _ in loader:
@@ -403,9 +432,13 @@ class Engine:
     def _student_outputs(self, x: Tensor, grad_for: set[str]) -> tuple[dict[str, Tensor], dict[str, dict[str, Tensor]]]:
         logits, feats = {}, {}
         for s in self.students:
+            net = self.ddp.get(s.name, s.model)
             with FeatureTaps(s.model, sorted(s.taps)) as taps, torch.set_grad_enabled(s.name in grad_for), \
                     torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.train.bf16):
-                logits[s.name] = s.logits(x, self.cfg.train.channels_last).float()
+                xs = s.pre(x)
+                if self.cfg.train.channels_last:
+                    xs = xs.contiguous(memory_format=torch.channels_last)
+                logits[s.name] = net(xs).float()
             feats[s.name] = {k: v.float() for k, v in taps.outputs.items()}
         return logits, feats
 
@@ -456,6 +489,12 @@ class Engine:
             for n in group:
                 self.optims[n].zero_grad(set_to_none=True)
             total.backward()
+            if self.world > 1:
+                for key, term in self.terms.items():
+                    if term.student in group:
+                        for p in term.parameters():
+                            if p.grad is not None:
+                                dist.all_reduce_mean(p.grad)
             for n in group:
                 if self.cfg.train.grad_clip:
                     params = [p for g in self.optims[n].param_groups for p in g["params"]]
@@ -517,11 +556,12 @@ class Engine:
             start, best, bad = self._restore()
             self.console.print(f"resuming {self.out} at epoch {start}")
         else:
-            self._write_run_files()
+            if self.main:
+                self._write_run_files()
             start, best, bad = 0, {s.name: -math.inf for s in self.students}, 0
         from torch.utils.tensorboard import SummaryWriter
 
-        tb = SummaryWriter(str(self.out / "tb"))
+        tb = SummaryWriter(str(self.out / "tb")) if self.main else None
         try:
             for epoch in range(start, cfg.train.epochs):
                 # Per-epoch seeding makes an epoch's shuffling and augmentation independent of
@@ -544,7 +584,8 @@ class Engine:
                                 sums[s][k] += v
                         bar.update(task, advance=1, info=" ".join(f"{s}:{lg['loss']:.3f}" for s, lg in logs.items()))
                 train_time = time.perf_counter() - t0
-                train_logs = {s: {k: v / n_steps for k, v in d.items()} for s, d in sums.items()}
+                train_logs = {s: {k: float(dist.all_reduce_mean(torch.tensor(v / n_steps, dtype=torch.float64)))
+                                  for k, v in d.items()} for s, d in sums.items()}
                 diag = {}
                 for key, term in self.terms.items():
                     st = term.pop_stats(self.data.num_classes)
@@ -560,21 +601,24 @@ class Engine:
                     if score > best[s.name]:
                         best[s.name] = score
                         improved = True
-                        save_model_dir(self._student_dir(s.name), self._eval_model(s.name), s.spec)
+                        if self.main:
+                            save_model_dir(self._student_dir(s.name), self._eval_model(s.name), s.spec)
                 bad = 0 if improved else bad + 1
                 lr = {n: o.param_groups[0]["lr"] for n, o in self.optims.items()}
                 record = {"epoch": epoch, "lr": lr, "train": train_logs, "val": val, "diagnostics": diag,
                           "train_time_s": round(train_time, 3), "images_per_s": round(len(self.data.splits["train"]) / max(train_time, 1e-9), 2)}
-                append_jsonl(self.out / "metrics.jsonl", record)
-                for s, d in train_logs.items():
-                    for k, v in d.items():
-                        tb.add_scalar(f"train/{s}/{k}", v, epoch)
-                for s, d in val.items():
-                    for k, v in d.items():
-                        if v is not None:
-                            tb.add_scalar(f"val/{s}/{k}", v, epoch)
-                tb.flush()
-                torch_save(self.ckpt_path, self._state(epoch, best, bad))
+                if self.main:
+                    append_jsonl(self.out / "metrics.jsonl", record)
+                    for s, d in train_logs.items():
+                        for k, v in d.items():
+                            tb.add_scalar(f"train/{s}/{k}", v, epoch)
+                    for s, d in val.items():
+                        for k, v in d.items():
+                            if v is not None:
+                                tb.add_scalar(f"val/{s}/{k}", v, epoch)
+                    tb.flush()
+                    torch_save(self.ckpt_path, self._state(epoch, best, bad))
+                dist.barrier()
                 self.console.print(f"epoch {epoch + 1}/{cfg.train.epochs} " + " | ".join(
                     f"{s}: loss {train_logs[s]['loss']:.4f} val {cfg.train.select_metric} {selection_score(val[s] | {'nll': val[s]['nll']}, cfg.train.select_metric):.4f}"
                     for s in train_logs) + f" | {train_time:.1f}s")
@@ -582,7 +626,8 @@ class Engine:
                     self.console.print(f"early stopping: no validation improvement for {bad} epochs")
                     break
         finally:
-            tb.close()
+            if tb is not None:
+                tb.close()
 
     def _progress(self) -> Progress:
         return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -596,12 +641,15 @@ class Engine:
         for s in self.students:
             d = self._student_dir(s.name)
             model, pre, spec = load_model_dir(d)
-            info = model_cost(model, spec, latency=self.cfg.train.latency)
+            info = model_cost(model, spec, latency=self.cfg.train.latency and self.main)
             res = evaluate_splits(model, pre, loaders, d, info.pop("model"), spec.class_names)
             res.update(info)
-            write_json(d / "metrics.json", res)
+            if self.main:
+                write_json(d / "metrics.json", res)
             results[s.name] = res
         primary = self.students[0].name
+        if not self.main:
+            return results
         write_json(self.out / "metrics.json", {**results[primary], "student": primary})
         rows = {}
         for t in self.teachers:
@@ -616,9 +664,12 @@ class Engine:
         return results
 
     def run(self) -> dict[str, Any]:
-        self.setup()
-        self.fit()
-        return self.finalize()
+        try:
+            self.setup()
+            self.fit()
+            return self.finalize()
+        finally:
+            dist.destroy()
 
 
 def model_cost(model: nn.Module, spec: ModelSpecRecord, latency: bool = True) -> dict[str, Any]:

@@ -36,7 +36,12 @@ def predict(model: nn.Module, preprocess: nn.Module, loader: DataLoader, channel
             idx.append(torch.as_tensor(i))
     finally:
         model.train(was)
-    return torch.cat(probs), torch.cat(labels), torch.cat(idx)
+    out = (torch.cat(probs), torch.cat(labels), torch.cat(idx))
+    if getattr(loader, "medistill_sharded", False):
+        from medistill.dist import gather_predictions
+
+        out = gather_predictions(*out)
+    return out
 
 
 def predictions_csv(probs: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> str:
@@ -65,7 +70,9 @@ def evaluate_splits(model: nn.Module, preprocess: nn.Module, loaders: dict[str, 
         result["model"] = model_info
     if class_names:
         result["class_names"] = class_names
-    if out_dir is not None:
+    from medistill.dist import rank
+
+    if out_dir is not None and rank() == 0:
         out = Path(out_dir)
         write_json(out / "metrics.json", result)
         if test_pred is not None:

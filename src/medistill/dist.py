@@ -1,0 +1,59 @@
+"""Distributed helpers around ``torch.distributed`` (DDP via torchrun: gloo on CPU, NCCL on GPU)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if initialized() else 0
+
+
+def world() -> int:
+    return dist.get_world_size() if initialized() else 1
+
+
+def init_from_env() -> int:
+    """Join the process group torchrun describes (``WORLD_SIZE`` > 1); returns the world size."""
+    n = int(os.environ.get("WORLD_SIZE", "1"))
+    if n > 1 and not initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return world()
+
+
+def barrier() -> None:
+    if initialized():
+        dist.barrier()
+
+
+def gather_predictions(probs: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Concatenate every rank's shard and order by source index, so every rank holds the
+    predictions of the whole evaluation set, exactly as a single process would."""
+    if not initialized():
+        return probs, labels, idx
+    parts: list = [None] * world()
+    dist.all_gather_object(parts, (probs, labels, idx))
+    p = torch.cat([a for a, _, _ in parts])
+    y = torch.cat([b for _, b, _ in parts])
+    i = torch.cat([c for _, _, c in parts])
+    order = i.argsort()
+    return p[order], y[order], i[order]
+
+
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    if initialized():
+        dist.all_reduce(t)
+        t /= world()
+    return t
+
+
+def destroy() -> None:
+    if initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,46 @@
+"""torchrun with 2 CPU processes (gloo on loopback): the run trains, only rank 0 writes, and the
+distributed evaluation equals a single-process evaluation of the same checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import write_npz
+from medistill.evaluate import evaluate_target
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_processes(tmp_path: Path) -> None:
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun not found")
+    npz = write_npz(tmp_path / "d.npz", counts=(40, 30, 20))
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MEDISTILL_CACHE_DIR": str(tmp_path / "cache")}
+    cmd = [torchrun, "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "medistill",
+           "distill", "--data", str(npz), "--method", "dml", "--epochs", "2", "--out", str(out),
+           "--set", "students=[{name: a, model: cnn5, kwargs: {widths: [4, 4, 8, 8, 8]}}, {name: b, model: cnn5, kwargs: {widths: [4, 8, 8, 8, 8]}}]",
+           "--set", "train.latency=false", "--set", "train.batch_size=8", "--set", "data.augment=none"]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2  # one line per epoch: rank 1 wrote nothing
+    run_metrics = json.loads((out / "students" / "a" / "metrics.json").read_text())
+    single = evaluate_target(out / "students" / "a", out=tmp_path / "single", latency=False)["a"]
+    assert single["test"]["confusion_matrix"] == run_metrics["test"]["confusion_matrix"]
+    for k in ("accuracy", "balanced_accuracy", "macro_f1", "qwk", "auroc", "ece", "nll"):
+        assert abs(single["test"][k] - run_metrics["test"][k]) < 1e-6, k
+    assert run_metrics["test"]["n"] == sum(sum(r) for r in single["test"]["confusion_matrix"])
