@@ -266,3 +266,29 @@ def test_sweep_collects_one_table(data_dir: Path, teachers: list[Path], tmp_path
     assert md.count("\n") == 2 + 4 and "± " in md
     again = run_sweep(tmp_path / "base.yaml", tmp_path / "sw", methods=["kd", "dkd"], grid=["optim.lr=0.001,0.003"], seeds=[0, 1])
     assert again == rows  # finished runs are reused, not retrained
+
+
+def test_swa_weights_are_what_is_saved(tiny_npz: Path, tmp_path: Path) -> None:
+    from medistill.models.factory import load_model_dir
+
+    eng = run(tiny_cfg(tiny_npz, tmp_path / "run", epochs=4, swa={"enabled": True, "start_epoch": 2, "lr": 1e-3}))
+    saved, _, _ = load_model_dir(tmp_path / "run" / "students" / "student")
+    avg = eng.swas["student"]
+    assert int(avg.n_averaged) == 2
+    for (k, a), b in zip(saved.state_dict().items(), avg.module.state_dict().values()):
+        assert torch.equal(a, b), k
+    last = eng.students[0].model.state_dict()
+    assert any(not torch.equal(saved.state_dict()[k], v) for k, v in last.items() if v.dtype.is_floating_point)
+
+
+def test_kd_without_t2_scale(data_dir: Path, teachers: list[Path], tmp_path: Path) -> None:
+    from medistill.distill.context import StepContext
+
+    cfg = _distill_cfg(data_dir, teachers[:1], tmp_path / "run",
+                       [{"type": "kd", "temperature": 5.0}, {"type": "kd", "temperature": 5.0, "t2_scale": False}], students=1)
+    eng = Engine(load_config(None, [], base=cfg))
+    eng.setup()
+    z, t = torch.randn(4, 3), torch.randn(4, 3)
+    ctx = StepContext({"t0": t, "s0": z}, {}, torch.tensor([0, 1, 2, 0]), 1.0, eng.class_counts, eng.class_prior, ["t0"], ["s0"])
+    _, logs = eng._objective(ctx, "s0")
+    assert abs(logs["kd"] / 25.0 - logs["kd2"]) < 1e-6

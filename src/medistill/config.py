@@ -103,6 +103,15 @@ class EMAConfig(_Strict):
     decay: float = Field(0.999, gt=0, lt=1)
 
 
+class SWAConfig(_Strict):
+    """Stochastic weight averaging from ``start_epoch``; the averaged model (BatchNorm statistics
+    re-estimated on the training split) is what gets saved, evaluated and distilled from."""
+
+    enabled: bool = False
+    start_epoch: int = Field(0, ge=0)
+    lr: float | None = Field(None, gt=0, description="constant learning rate during SWA (default: keep the schedule)")
+
+
 class TrainConfig(_Strict):
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(64, ge=1)
@@ -114,6 +123,7 @@ class TrainConfig(_Strict):
     focal_gamma: float = 2.0
     grad_clip: float | None = Field(None, gt=0)
     ema: EMAConfig = EMAConfig()
+    swa: SWAConfig = SWAConfig()
     channels_last: bool = False
     bf16: bool = False
     select_metric: Literal["balanced_accuracy", "accuracy", "macro_f1", "qwk", "auroc", "neg_nll"] = "balanced_accuracy"

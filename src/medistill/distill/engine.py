@@ -333,6 +333,9 @@ class Engine:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             self.ddp = {s.name: DDP(s.model) for s in self.students}
+        self.swas: dict[str, AveragedModel] = {}
+        if self.cfg.train.swa.enabled:
+            self.swas = {s.name: AveragedModel(s.model) for s in self.students}
         self.emas: dict[str, AveragedModel] = {}
         if self.cfg.train.ema.enabled:
             for s in self.students:
@@ -501,6 +504,10 @@ class Engine:
                     torch.nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip)
                 self.optims[n].step()
                 self.scheds[n].step()
+                swa = self.cfg.train.swa
+                if swa.enabled and swa.lr and epoch >= swa.start_epoch:
+                    for g in self.optims[n].param_groups:
+                        g["lr"] = swa.lr
                 if n in self.emas:
                     self.emas[n].update_parameters(self.parts[n].model)
         return logs
@@ -525,6 +532,7 @@ class Engine:
             "epoch": epoch, "best": best, "bad_epochs": bad,
             "students": {s.name: s.model.state_dict() for s in self.students},
             "ema": {k: v.state_dict() for k, v in self.emas.items()},
+            "swa": {k: v.state_dict() for k, v in self.swas.items()},
             "terms": self.terms.state_dict(),
             "optim": {k: v.state_dict() for k, v in self.optims.items()},
             "sched": {k: v.state_dict() for k, v in self.scheds.items()},
@@ -537,6 +545,8 @@ class Engine:
             s.model.load_state_dict(st["students"][s.name])
         for k, v in self.emas.items():
             v.load_state_dict(st["ema"][k])
+        for k, v in self.swas.items():
+            v.load_state_dict(st["swa"][k])
         self.terms.load_state_dict(st["terms"])
         for k, v in self.optims.items():
             v.load_state_dict(st["optim"][k])
@@ -603,6 +613,9 @@ class Engine:
                         improved = True
                         if self.main:
                             save_model_dir(self._student_dir(s.name), self._eval_model(s.name), s.spec)
+                if self.swas and epoch >= cfg.train.swa.start_epoch:
+                    for s in self.students:
+                        self.swas[s.name].update_parameters(s.model)
                 bad = 0 if improved else bad + 1
                 lr = {n: o.param_groups[0]["lr"] for n, o in self.optims.items()}
                 record = {"epoch": epoch, "lr": lr, "train": train_logs, "val": val, "diagnostics": diag,
@@ -628,6 +641,33 @@ class Engine:
         finally:
             if tb is not None:
                 tb.close()
+        if self.swas:
+            self._finish_swa()
+
+    @torch.no_grad()
+    def _finish_swa(self) -> None:
+        """Re-estimate BatchNorm statistics of each averaged model on the training split and save
+        it as the student: the averaged weights are what evaluation and later distillation see."""
+        for s in self.students:
+            avg = self.swas[s.name]
+            if int(avg.n_averaged) == 0:
+                raise ConfigError(f"SWA never started (start_epoch {self.cfg.train.swa.start_epoch} ≥ epochs "
+                                  f"{self.cfg.train.epochs} or early stopping came first)")
+            m = avg.module
+            bns = [b for b in m.modules() if isinstance(b, nn.modules.batchnorm._BatchNorm)]
+            for b in bns:
+                b.reset_running_stats()
+                b.momentum = None   # cumulative average over the whole pass
+            m.train()
+            for x, _y, _i, _v in self._full_loader("train"):
+                m(s.pre(x))
+            m.eval()
+            for b in bns:
+                b.momentum = 0.1
+            if self.main:
+                save_model_dir(self._student_dir(s.name), m, s.spec)
+            self.console.print(f"SWA: {s.name} saved as the average of {int(avg.n_averaged)} epochs")
+        dist.barrier()
 
     def _progress(self) -> Progress:
         return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

@@ -185,6 +185,7 @@ class KDTerm(LossTerm):
         entropy_temperature: float = Field(1.0, gt=0)
         gate_correct: bool = False
         normalize_weights: bool = False
+        t2_scale: bool = Field(True, description="multiply by τ² (Hinton); False reproduces papers whose loss omits it")
 
     def build(self, setup: TermSetup) -> None:
         self.names = self._teachers(self.p.teachers)
@@ -212,6 +213,8 @@ class KDTerm(LossTerm):
         tau = self.p.temperature
         q = self.target_probs(ctx, tau)
         per = L.kd_per_sample(ctx.logits[self.student], q, tau)
+        if not self.p.t2_scale:
+            per = per / tau ** 2
         w = torch.ones_like(per)
         diag: dict[str, float] = {}
         if self.p.sample_weight == "entropy":
