@@ -181,6 +181,18 @@ def sweep(
 
 
 @app.command()
+def recipe(
+    file: Path = typer.Argument(..., help="recipe YAML (configs/papers/*.yaml)"),
+    only: Optional[str] = typer.Option(None, "--only", help="comma list of stage names"),
+    sets: Optional[list[str]] = _SET,
+) -> None:
+    """Run a paper's protocol (teachers, students, sweeps) stage by stage; resumable."""
+    from medistill.recipe import run_recipe
+
+    run_recipe(file, [s for s in (only or "").split(",") if s] or None, sets, console)
+
+
+@app.command()
 def report(run_dirs: list[Path] = typer.Argument(..., help="one run (a report) or several (a comparison)"),
            out: Optional[Path] = typer.Option(None, "--out", help="HTML file (default: RUN/report.html)")) -> None:
     """Write a self-contained HTML report of one or more runs."""

@@ -61,8 +61,11 @@ def run_sweep(config: str | Path | None, out: str | Path, methods: list[str] | N
                 for model, r in summary.items():
                     if r["role"] != "student":
                         continue
+                    val = json.loads((run_dir / "students" / model / "metrics.json").read_text())["val"]
                     rows.append({"run": name, "method": method or "", **{k: v for k, v in point}, "seed": seed,
-                                 "student": model, **{m: r["test"][m] for m in METRICS}, "params": r["model"]["params"]})
+                                 "student": model, **{m: r["test"][m] for m in METRICS},
+                                 f"val_{cfg.train.select_metric}": val.get(cfg.train.select_metric),
+                                 "params": r["model"]["params"]})
     write_text(out / "results.csv", _csv(rows))
     write_text(out / "results.md", aggregate_markdown(rows, [k for k, _ in (a[0] for a in axes)]))
     return rows
@@ -83,10 +86,18 @@ def aggregate_markdown(rows: list[dict[str, Any]], keys: list[str]) -> str:
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault((r["method"], *(r.get(k) for k in keys), r["student"]), []).append(r)
-    head = ["method", *keys, "student", "n seeds", *METRICS]
+    val_key = next((k for k in (rows[0] if rows else {}) if k.startswith("val_")), None)
+    head = ["method", *keys, "student", "n seeds", *([val_key + " (selection)"] if val_key else []), *[f"test {m}" for m in METRICS]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    best = None
+    if val_key:
+        means = {g: statistics.mean([r[val_key] for r in rs if r[val_key] is not None] or [float("-inf")]) for g, rs in groups.items()}
+        best = max(means, key=means.get) if means else None
     for g, rs in groups.items():
         cells = []
+        if val_key:
+            vals = [r[val_key] for r in rs if r[val_key] is not None]
+            cells.append(("**" if g == best else "") + (f"{statistics.mean(vals):.3f}" if vals else "–") + ("**" if g == best else ""))
         for m in METRICS:
             vals = [r[m] for r in rs if r[m] is not None]
             cells.append("–" if not vals else f"{statistics.mean(vals):.3f}" + (f" ± {statistics.stdev(vals):.3f}" if len(vals) > 1 else ""))

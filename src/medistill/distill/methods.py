@@ -61,9 +61,27 @@ def _umkd(sfa: bool = True, cfa: bool = True, udd: bool = True, uncertainty: boo
     return terms
 
 
+def _ce_only(epochs: int) -> Terms:
+    return [{"type": "ce"}]
+
+
+def _kd_ce03(epochs: int) -> Terms:
+    """The dual-student paper's "traditional KD" baseline: 0.3·CE + 0.7·KD, τ = 4 (also KD-OCT's student loss)."""
+    return [{"type": "ce", "weight": 0.3}, {"type": "kd", "weight": 0.7, "temperature": 4.0}]
+
+
+def _uncertainty_kd(epochs: int) -> Terms:
+    return [{"type": "ce", "weight": 0.4}, {"type": "kd", "weight": 0.4, "temperature": 4.0, "sample_weight": "entropy"}]
+
+
+def _dkdpp(epochs: int) -> Terms:
+    return _dkd(epochs) + [{"type": "nd", "weight": 2.0}]
+
+
 METHODS: dict[str, Callable[[int], Terms]] = {
     "kd": _kd, "dkd": _dkd, "fitnet": _fitnet, "at": _at, "dml": _dml, "kd++": _kdpp,
     "dual_student": _dual, "multi_teacher": _mt,
+    "ce_only": _ce_only, "kd_ce03": _kd_ce03, "uncertainty_kd": _uncertainty_kd, "dkd++": _dkdpp,
     "umkd": _umkd(), "umkd_no_sfa": _umkd(sfa=False), "umkd_no_cfa": _umkd(cfa=False), "umkd_no_udd": _umkd(udd=False),
     "umkd_udd_no_uncertainty": _umkd(uncertainty=False),
 }

@@ -228,6 +228,32 @@ class KDTerm(LossTerm):
         return loss, diag
 
 
+@register("hybrid")
+class HybridTerm(LossTerm):
+    """``α·CE_w(z_S, y) + (1 − α)·s_T·KL(q ‖ σ_T(z_S))`` in one term (methods.md C.3, D.2): α weights
+    the *hard* loss; ``s_T = T²`` unless ``t2_scale`` is off; optional class weights on the CE;
+    q = probability mean of the chosen teachers."""
+
+    class P(_TeacherParams):
+        alpha: float = Field(0.5, ge=0, le=1)
+        t2_scale: bool = True
+        class_weights: str = Field("none", pattern="^(none|balanced|class_balanced)$")
+        cb_beta: float = 0.999
+
+    def build(self, setup: TermSetup) -> None:
+        self.names = self._teachers(self.p.teachers)
+        w = _class_weights(_Weighted(class_weights=self.p.class_weights, cb_beta=self.p.cb_beta), setup.class_counts)
+        self.register_buffer("cw", w if w is not None else torch.empty(0), persistent=False)
+
+    def forward(self, ctx: StepContext) -> tuple[Tensor, dict[str, float]]:
+        z = ctx.logits[self.student]
+        ce = F.cross_entropy(z, ctx.target, weight=self.cw if self.cw.numel() else None)
+        tau = self.p.temperature
+        q = L.aggregate_teachers([ctx.logits[n] for n in self.names], "prob_mean", tau)
+        kd = L.kd_per_sample(z, q, tau).mean() / (1.0 if self.p.t2_scale else tau ** 2)
+        return self.p.alpha * ce + (1 - self.p.alpha) * kd, {"ce": float(ce.detach()), "kd": float(kd.detach())}
+
+
 @register("dkd")
 class DKDTerm(LossTerm):
     """Decoupled KD (F.2) against the logit mean of the chosen teachers. Use the term's

@@ -1,0 +1,69 @@
+"""``medistill recipe FILE``: a paper's whole protocol (teachers, then students, sweeps and seeds)
+as ordered stages, run resumably with one command. Finished runs are reused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+from rich.console import Console
+
+from medistill.config import _deep_merge, _set_dotted, parse_override
+from medistill.errors import ConfigError
+from medistill.io import write_text
+from medistill.sweep import run_sweep
+
+
+class Stage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    config: dict[str, Any]
+    methods: list[str] | None = None
+    grid: list[str] | None = None
+    seeds: list[int] | None = None
+
+
+class Recipe(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    description: str = ""
+    out: str
+    defaults: dict[str, Any] = Field(default_factory=dict, description="merged under every stage's config")
+    stages: list[Stage]
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"recipe not found: {p}")
+    try:
+        return Recipe.model_validate(yaml.safe_load(p.read_text()))
+    except Exception as e:  # noqa: BLE001 - pydantic and YAML errors both name the problem
+        raise ConfigError(f"{p}: {e}") from None
+
+
+def run_recipe(path: str | Path, only: list[str] | None = None, overrides: list[str] | None = None,
+               console: Console | None = None) -> dict[str, list[dict[str, Any]]]:
+    """Run the stages in order (or ``only`` those named); every stage is a sweep writing
+    ``OUT/STAGE/results.{csv,md}``; all tables are concatenated into ``OUT/results.md``."""
+    r = load_recipe(path)
+    console = console or Console(stderr=True)
+    out = Path(r.out)
+    tables, rows = [], {}
+    for st in r.stages:
+        if only and st.name not in only:
+            continue
+        tree = _deep_merge(r.defaults, st.config)
+        for item in overrides or []:
+            k, v = parse_override(item)
+            _set_dotted(tree, k, v)
+        stage_dir = out / st.name
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        cfg_path = stage_dir / "stage.yaml"
+        write_text(cfg_path, yaml.safe_dump(tree, sort_keys=False))
+        console.print(f"[bold]recipe stage[/] {st.name}")
+        rows[st.name] = run_sweep(cfg_path, stage_dir, st.methods, st.grid, st.seeds, None, console)
+        tables.append(f"## {st.name}\n\n" + (stage_dir / "results.md").read_text())
+    write_text(out / "results.md", f"# {r.description}\n\n" + "\n".join(tables))
+    return rows
