@@ -1,0 +1,111 @@
+"""Explanation cost and fidelity: MET of Score-CAM (full, top-k), Grad-CAM, average maps and SHAP
+on a ResNet-50 teacher and ResNet-18 / cnn5 students at 28 px (RetinaMNIST); our Score-CAM vs
+pytorch-grad-cam's ScoreCAM (same model, layer, images): time ratio and max map difference;
+teacher–student agreement per grade for the KD student of retinamnist_kd.py.
+
+    python benchmarks/explain_bench.py [--images 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common import RESULTS, machine, save
+from medistill.config import DataConfig
+from medistill.data import build_data
+from medistill.explain import average_feature_maps, grad_cam, score_cam
+from medistill.explain.run import explain_run, shap_map
+from medistill.models import create_model, load_model_dir
+
+
+def timed(fn, repeats: int = 1) -> tuple[float, object]:
+    fn()  # warm-up, discarded
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        out = fn()
+    return (time.perf_counter() - t0) / repeats, out
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    from scipy.stats import spearmanr
+
+    return float(np.mean([spearmanr(x.ravel(), y.ravel())[0] for x, y in zip(a.numpy(), b.numpy())]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--images", type=int, default=4)
+    ap.add_argument("--runs", default=str(RESULTS / "runs"))
+    a = ap.parse_args()
+    runs = Path(a.runs)
+    data = build_data(DataConfig(name="retinamnist"))
+    ds = data.dataset("test", train=False)
+    x = torch.stack([ds[i][0] for i in range(a.images)])
+    models = {}
+    if (runs / "teacher_resnet50" / "students" / "resnet50").is_dir():
+        m, pre, _ = load_model_dir(runs / "teacher_resnet50" / "students" / "resnet50")
+        models["resnet50 (teacher)"] = (m, pre, "layer4")
+    if (runs / "kd_s0" / "students" / "resnet18").is_dir():
+        m, pre, _ = load_model_dir(runs / "kd_s0" / "students" / "resnet18")
+        models["resnet18 (KD student)"] = (m, pre, "layer4")
+    cnn = create_model("cnn5", 5, 3, 28).eval()
+    models["cnn5 (untrained; timing only)"] = (cnn, lambda t: (t - 0.5) / 0.5, "conv5")
+    bg = torch.stack([data.dataset("train", False)[i][0] for i in range(16)])
+    rows = []
+    for name, (m, pre, layer) in models.items():
+        xin = pre(x)
+        k = dict(m.named_modules())[layer]
+        with torch.no_grad():
+            from medistill.models import FeatureTaps
+
+            with FeatureTaps(m, [layer]) as tp:
+                m(xin[:1])
+            channels = tp[layer].shape[1]
+        top_k = max(1, channels // 8)
+        t_full, full = timed(lambda: score_cam(m, xin, layer))
+        t_top, top = timed(lambda: score_cam(m, xin, layer, top_k_channels=top_k))
+        t_gc, _ = timed(lambda: grad_cam(m, xin, layer))
+        t_avg, _ = timed(lambda: average_feature_maps(m, xin, [layer]))
+        t_shap, _ = timed(lambda: shap_map(m, xin, m(xin).argmax(1), pre(bg)))
+        row = {"model": name, "layer": layer, "channels": channels, "images": len(x),
+               "met_ms": {"scorecam_full": 1e3 * t_full / len(x), f"scorecam_top{top_k}": 1e3 * t_top / len(x),
+                          "gradcam": 1e3 * t_gc / len(x), "avgmap": 1e3 * t_avg / len(x), "shap_gradientshap": 1e3 * t_shap / len(x)},
+               "topk_spearman_to_full": spearman(top, full), "topk_speedup": t_full / t_top}
+        try:
+            from pytorch_grad_cam import ScoreCAM
+            from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+            cls = m(xin).argmax(1).tolist()
+            ours_t, ours = timed(lambda: score_cam(m, xin, layer, variant="logit_softmax"))
+
+            def theirs():
+                with ScoreCAM(model=m, target_layers=[k]) as cam:
+                    cam.batch_size = 64
+                    return cam(input_tensor=xin, targets=[ClassifierOutputTarget(c) for c in cls])
+            their_t, ref = timed(theirs)
+            row["vs_pytorch_grad_cam"] = {"ours_ms": 1e3 * ours_t / len(x), "theirs_ms": 1e3 * their_t / len(x),
+                                          "time_ratio_ours_over_theirs": ours_t / their_t,
+                                          "max_abs_map_diff": float(np.abs(ours.numpy() - ref).max()),
+                                          "spearman": spearman(ours, torch.from_numpy(ref))}
+        except ImportError:
+            pass
+        rows.append(row)
+        print(row, flush=True)
+    result = {"machine": machine(), "rows": rows}
+    if (runs / "kd_s0" / "summary.json").is_file():
+        rep = explain_run(runs / "kd_s0", per_class=4, methods=["gradcam", "scorecam", "avgmap"], top_k=64,
+                          out=RESULTS / "explain_kd_s0")
+        result["agreement_kd_s0"] = rep["agreement"]
+        result["faithfulness_kd_s0"] = {n: {m: {k: v[k] for k in ("met_s_per_image", "fidelity")} | {
+            "deletion_macro": v["deletion_auc"]["macro"], "insertion_macro": v["insertion_auc"]["macro"]}
+            for m, v in e["methods"].items()} for n, e in rep["models"].items()}
+    save("explain", result)
+
+
+if __name__ == "__main__":
+    main()
