@@ -254,3 +254,12 @@ def test_region_logits_shapes_and_global_region() -> None:
     assert not torch.allclose(L.region_logits(f7, fc)[:, :, 0], fc(f7.mean((2, 3))), atol=1e-4)
     with pytest.raises(Exception, match="smaller than the finest region scale"):
         L.region_logits(torch.randn(1, 16, 2, 2), fc)
+
+
+def test_single_class_batch_is_finite() -> None:
+    s = torch.randn(5, 4, requires_grad=True)
+    t = torch.randn(5, 4)
+    y = torch.zeros(5, dtype=torch.long)
+    total = L.kd_loss(s, t) + L.dkd_loss(s, t, y) + L.focal_loss(s, y) + L.udd_loss(s[:, :, None], t[:, :, None], y)
+    total.backward()
+    assert torch.isfinite(total) and torch.isfinite(s.grad).all()

@@ -79,9 +79,15 @@ def _run(kind: str, config: Optional[Path], overrides: list[str], model: Optiona
         raise MedistillError("`distill` needs --teacher (or teachers: in the config), or peer terms for mutual learning")
     cfg = load_config(None, [], base=tree)
     results = Engine(cfg, resume=resume, download=download, console=console).run()
+    from medistill.dist import rank
+
+    if rank() != 0:
+        return
     summary = Path(cfg.out) / "summary.md"
     print(summary.read_text() if summary.is_file() else json.dumps(results, indent=2))
-    print(f"run directory: {cfg.out}")
+    from medistill.report import build_report
+
+    print(f"run directory: {cfg.out}\nreport: {build_report([cfg.out])}")
 
 
 @app.command()

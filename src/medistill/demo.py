@@ -69,7 +69,11 @@ def main(argv: list[str] | None = None) -> None:
         table.add_row(name, m["model"]["arch"], f"{m['model']['params'] / 1e6:.2f}",
                       *(f"{t[k]:.3f}" if t[k] is not None else "–" for k in ("accuracy", "balanced_accuracy", "macro_f1", "qwk", "auroc", "ece")))
     con.print(table)
+    from medistill.report import build_report
+
+    report = build_report([root / "teacher", root / "kd", root / "dkd"], root / "report.html")
     con.print(f"run directories: {root}")
+    con.print(f"HTML report (open in a browser): {report.resolve()}")
 
 
 if __name__ == "__main__":

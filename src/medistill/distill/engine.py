@@ -471,6 +471,8 @@ class Engine:
     def _step(self, batch: tuple, epoch: int, step: int) -> dict[str, dict[str, float]]:
         x, y, idx, view = batch
         y = torch.as_tensor(y)
+        if x.shape[0] == 0:
+            return {}
         if not torch.isfinite(x).all():
             raise NonFiniteLossError(f"input batch at epoch {epoch} step {step} holds NaN/Inf pixel values")
         t_logits, t_feats = self._teacher_outputs(x, torch.as_tensor(idx), torch.as_tensor(view))
