@@ -88,15 +88,11 @@ def _spatial(f: Tensor, size: tuple[int, int]) -> Tensor:
     return f if tuple(f.shape[-2:]) == size else F.adaptive_avg_pool2d(f, size)
 
 
-class _AlignTerm(LossTerm):
-    """Shared logic of SFA and CFA: taps, CFL block, MMD² + reconstruction per expert."""
+class _ExpertTerm(LossTerm):
+    """A term reading one stage of the student and of each expert (default taps: the stage's
+    output, or its pre-activation with ``tap_preact``; explicit names override)."""
 
-    stage = "layer1"
-
-    class P(_UMKDParams):
-        hidden: int = Field(128, ge=1)
-        recon_weight: float = 1.0
-        sigmas: list[float] = [0.001, 0.01, 0.05, 0.1, 0.2, 1.0, 2.0]
+    stage = "layer4"
 
     def __init__(self, student: str, params: Params, setup: TermSetup):
         super().__init__(student, params, setup)
@@ -114,6 +110,17 @@ class _AlignTerm(LossTerm):
         for e, t in self.e_taps.items():
             out.setdefault(e, set()).add(t)
         return out
+
+
+class _AlignTerm(_ExpertTerm):
+    """Shared logic of SFA and CFA: CFL block, MMD² + reconstruction per expert."""
+
+    stage = "layer1"
+
+    class P(_UMKDParams):
+        hidden: int = Field(128, ge=1)
+        recon_weight: float = 1.0
+        sigmas: list[float] = [0.001, 0.01, 0.05, 0.1, 0.2, 1.0, 2.0]
 
     def build(self, setup: TermSetup) -> None:
         s = setup.tap_shapes[self.student][self.s_tap]
@@ -163,7 +170,7 @@ class CFATerm(_AlignTerm):
 
 
 @register("udd")
-class UDDTerm(LossTerm):
+class UDDTerm(_ExpertTerm):
     """Uncertainty-aware decoupled distillation over multi-scale region logits.
 
     Region logits come from each model's own classifier; expert region logits are averaged;
@@ -183,19 +190,7 @@ class UDDTerm(LossTerm):
 
     def __init__(self, student: str, params: Params, setup: TermSetup):
         super().__init__(student, params, setup)
-        self.experts = self._teachers(self.p.experts)
         self.models = setup.models  # classifiers are looked up at call time; not registered as submodules
-
-        def tap(who: str, explicit: str | None) -> str:
-            return explicit or (preact_tap(setup.models[who], "layer4") if self.p.tap_preact else "layer4")
-        self.s_tap = tap(student, self.p.student_tap)
-        self.e_taps = {e: tap(e, _expert_tap(self.p, e)) for e in self.experts}
-
-    def taps(self) -> dict[str, set[str]]:
-        out = {self.student: {self.s_tap}}
-        for e, t in self.e_taps.items():
-            out.setdefault(e, set()).add(t)
-        return out
 
     def build(self, setup: TermSetup) -> None:
         for who, t in [(self.student, self.s_tap), *self.e_taps.items()]:
