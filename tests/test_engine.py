@@ -292,3 +292,35 @@ def test_kd_without_t2_scale(data_dir: Path, teachers: list[Path], tmp_path: Pat
     ctx = StepContext({"t0": t, "s0": z}, {}, torch.tensor([0, 1, 2, 0]), 1.0, eng.class_counts, eng.class_prior, ["t0"], ["s0"])
     _, logs = eng._objective(ctx, "s0")
     assert abs(logs["kd"] / 25.0 - logs["kd2"]) < 1e-6
+
+
+def test_dho_dual_head_student(data_dir: Path, teachers: list[Path], tmp_path: Path) -> None:
+    from medistill.distill.methods import method_terms
+    from medistill.models.factory import load_model_dir
+
+    cfg = _distill_cfg(data_dir, teachers[:1], tmp_path / "run", method_terms("dho", 2), students=1, epochs=2)
+    cfg["students"] = [{"name": "s0", "model": "resnet18", "input_size": 16, "kwargs": {"dual_head": True}}]
+    run(cfg)
+    rec = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])["train"]["s0"]
+    assert {"ce", "kd"} <= set(rec)
+    model, pre, spec = load_model_dir(tmp_path / "run" / "students" / "s0")
+    from medistill.models.dualhead import A_GRID, B_GRID
+
+    assert min(abs(float(model.a) - a) for a in A_GRID) < 1e-6 and min(abs(float(model.b) - b) for b in B_GRID) < 1e-6
+    x = torch.rand(3, 3, 16, 16)
+    z_ce, z_kd = model.heads(pre(x))
+    p = model.a * torch.softmax(z_ce, -1) + (1 - model.a) * torch.softmax(z_kd / model.b, -1)
+    assert torch.allclose(torch.softmax(model(pre(x)), -1), p, atol=1e-5)
+
+
+def test_dho_combination_limits() -> None:
+    from medistill.models import create_model
+
+    m = create_model("resnet18", 3, 3, 16, dual_head=True).eval()
+    x = torch.rand(2, 3, 16, 16)
+    z_ce, z_kd = m.heads(x)
+    m.a.fill_(1.0)
+    assert torch.equal(m(x).argmax(1), z_ce.argmax(1))
+    m.a.fill_(0.0)
+    m.b.fill_(1.0)
+    assert torch.equal(m(x).argmax(1), z_kd.argmax(1))

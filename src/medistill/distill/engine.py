@@ -514,6 +514,16 @@ class Engine:
                     self.emas[n].update_parameters(self.parts[n].model)
         return logs
 
+    def _tune_heads(self, s: Participant) -> None:
+        """DHO students: choose the head combination (a, b) on the validation split."""
+        from medistill.models.dualhead import DualHead
+
+        m = self._eval_model(s.name)
+        if isinstance(m, DualHead):
+            batches = [(s.pre(x), torch.as_tensor(y)) for x, y, _i, _v in self._full_loader("val")]
+            metric = self.cfg.train.select_metric
+            m.tune(batches, lambda p, y: selection_score(classification_metrics(p, y), metric))
+
     def _eval_model(self, name: str) -> nn.Module:
         return self.emas[name].module if name in self.emas else self.parts[name].model
 
@@ -606,6 +616,7 @@ class Engine:
                 val = {}
                 improved = False
                 for s in self.students:
+                    self._tune_heads(s)
                     probs, labels, _ = predict(self._eval_model(s.name), s.pre, self._eval_loader("val"), cfg.train.channels_last)
                     m = classification_metrics(probs, labels)
                     val[s.name] = {k: m[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "qwk", "auroc", "ece", "nll")}

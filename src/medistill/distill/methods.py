@@ -74,6 +74,12 @@ def _uncertainty_kd(epochs: int) -> Terms:
     return [{"type": "ce", "weight": 0.4}, {"type": "kd", "weight": 0.4, "temperature": 4.0, "sample_weight": "entropy"}]
 
 
+def _dho(epochs: int) -> Terms:
+    """DHO: CE on the CE head, KD (τ = 2) on the KD head; students need ``kwargs: {dual_head: true}``."""
+    return [{"type": "ce", "weight": 0.5},
+            {"type": "kd", "weight": 0.5, "temperature": 2.0, "student_logits_tap": "head_kd"}]
+
+
 def _dkdpp(epochs: int) -> Terms:
     return _dkd(epochs) + [{"type": "nd", "weight": 2.0}]
 
@@ -81,7 +87,7 @@ def _dkdpp(epochs: int) -> Terms:
 METHODS: dict[str, Callable[[int], Terms]] = {
     "kd": _kd, "dkd": _dkd, "fitnet": _fitnet, "at": _at, "dml": _dml, "kd++": _kdpp,
     "dual_student": _dual, "multi_teacher": _mt,
-    "ce_only": _ce_only, "kd_ce03": _kd_ce03, "uncertainty_kd": _uncertainty_kd, "dkd++": _dkdpp,
+    "ce_only": _ce_only, "kd_ce03": _kd_ce03, "uncertainty_kd": _uncertainty_kd, "dkd++": _dkdpp, "dho": _dho,
     "umkd": _umkd(), "umkd_no_sfa": _umkd(sfa=False), "umkd_no_cfa": _umkd(cfa=False), "umkd_no_udd": _umkd(udd=False),
     "umkd_udd_no_uncertainty": _umkd(uncertainty=False),
 }

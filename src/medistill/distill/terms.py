@@ -163,10 +163,22 @@ class LogitAdjustedTerm(LossTerm):
 class _TeacherParams(Params):
     teachers: list[str] | None = None
     temperature: float = Field(4.0, gt=0)
+    student_logits_tap: str | None = Field(None, description="read the student's logits from this tap (e.g. DHO's head_kd)")
+
+
+class _TeacherTerm(LossTerm):
+    """A logit term whose student logits may come from a tapped head instead of the output."""
+
+    def taps(self) -> dict[str, set[str]]:
+        return {self.student: {self.p.student_logits_tap}} if self.p.student_logits_tap else {}
+
+    def student_logits(self, ctx: StepContext) -> Tensor:
+        tap = self.p.student_logits_tap
+        return ctx.feats[self.student][tap] if tap else ctx.logits[self.student]
 
 
 @register("kd")
-class KDTerm(LossTerm):
+class KDTerm(_TeacherTerm):
     """Hinton KD against one teacher or an aggregate of several (F.1, F.6).
 
     ``aggregate``: ``logit_mean`` | ``prob_mean`` (with optional static ``teacher_weights``),
@@ -212,7 +224,7 @@ class KDTerm(LossTerm):
     def forward(self, ctx: StepContext) -> tuple[Tensor, dict[str, float]]:
         tau = self.p.temperature
         q = self.target_probs(ctx, tau)
-        per = L.kd_per_sample(ctx.logits[self.student], q, tau)
+        per = L.kd_per_sample(self.student_logits(ctx), q, tau)
         if not self.p.t2_scale:
             per = per / tau ** 2
         w = torch.ones_like(per)
@@ -255,7 +267,7 @@ class HybridTerm(LossTerm):
 
 
 @register("dkd")
-class DKDTerm(LossTerm):
+class DKDTerm(_TeacherTerm):
     """Decoupled KD (F.2) against the logit mean of the chosen teachers. Use the term's
     ``warmup_epochs`` for DKD's warm-up (mdistiller: 20 epochs on CIFAR)."""
 
@@ -268,7 +280,7 @@ class DKDTerm(LossTerm):
 
     def forward(self, ctx: StepContext) -> tuple[Tensor, dict[str, float]]:
         t = torch.stack([ctx.logits[n].detach() for n in self.names]).mean(0)
-        tckd, nckd = L.dkd_parts(ctx.logits[self.student], t, ctx.target, self.p.temperature)
+        tckd, nckd = L.dkd_parts(self.student_logits(ctx), t, ctx.target, self.p.temperature)
         return self.p.alpha * tckd.mean() + self.p.beta * nckd.mean(), {"tckd": float(tckd.detach().mean()), "nckd": float(nckd.detach().mean())}
 
 

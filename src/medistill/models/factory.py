@@ -81,6 +81,7 @@ def create_model(name: str, num_classes: int, in_chans: int = 3, input_size: int
     """
     if num_classes < 2:
         raise ModelError(f"num_classes must be ≥ 2, got {num_classes}")
+    dual_head = bool(kwargs.pop("dual_head", False))
     if name == "cnn5":
         model: nn.Module = CNN5(num_classes, in_chans, **kwargs)
     else:
@@ -100,6 +101,11 @@ def create_model(name: str, num_classes: int, in_chans: int = 3, input_size: int
     model.medistill_adaptation = adaptation  # type: ignore[attr-defined]
     if isinstance(pretrained, str) and pretrained:
         load_weights(model, pretrained, strict=False)
+    if dual_head:
+        from medistill.models.dualhead import DualHead
+
+        model = DualHead(model, num_classes)
+        model.medistill_adaptation = adaptation  # type: ignore[attr-defined]
     _check_forward(model, name, in_chans, input_size)
     return model
 
