@@ -96,6 +96,23 @@ def main() -> None:
             pass
         rows.append(row)
         print(row, flush=True)
+    # 224 px (LC25000): randomly initialised ResNet-18 (timing only; maps of an untrained model mean nothing)
+    lc = build_data(DataConfig(name="lc25000-lung"))
+    lds = lc.dataset("test", train=False)
+    x224 = torch.stack([lds[i][0] for i in range(2)])
+    r18 = create_model("resnet18", 3, 3, 224).eval()
+    xin = (x224 - 0.5) / 0.5
+    t_full, full = timed(lambda: score_cam(r18, xin, "layer4"))
+    t_top, top = timed(lambda: score_cam(r18, xin, "layer4", top_k_channels=64))
+    t_gc, _ = timed(lambda: grad_cam(r18, xin, "layer4"))
+    t_avg, _ = timed(lambda: average_feature_maps(r18, xin, ["layer4"]))
+    bg224 = (torch.stack([lc.dataset("train", False)[i][0] for i in range(8)]) - 0.5) / 0.5
+    t_shap, _ = timed(lambda: shap_map(r18, xin, r18(xin).argmax(1), bg224))
+    rows.append({"model": "resnet18 @224 px (untrained; timing only)", "layer": "layer4", "channels": 512, "images": 2,
+                 "met_ms": {"scorecam_full": 1e3 * t_full / 2, "scorecam_top64": 1e3 * t_top / 2, "gradcam": 1e3 * t_gc / 2,
+                            "avgmap": 1e3 * t_avg / 2, "shap_gradientshap": 1e3 * t_shap / 2},
+                 "topk_spearman_to_full": spearman(top, full), "topk_speedup": t_full / t_top})
+    print(rows[-1], flush=True)
     result = {"machine": machine(), "rows": rows}
     if (runs / "kd_s0" / "summary.json").is_file():
         rep = explain_run(runs / "kd_s0", per_class=4, methods=["gradcam", "scorecam", "avgmap"], top_k=64,
