@@ -68,3 +68,24 @@ def test_help_on_every_command() -> None:
 def test_models_taps() -> None:
     out = cli("models", "taps", "resnet18", "--input-size", "28").stdout
     assert "layer4" in out and "512×4×4" in out
+
+
+def test_report_export_predict_commands(tmp_path: Path) -> None:
+    from PIL import Image
+
+    npz = write_npz(tmp_path / "d.npz")
+    out = tmp_path / "r"
+    p = cli("train", "--data", str(npz), "--model", "cnn5", "--epochs", "1", "--out", str(out),
+            "--set", "students.0.kwargs={widths: [4, 4, 8, 8, 8]}", "--set", "train.latency=false")
+    assert "report:" in p.stdout and (out / "report.html").is_file()
+    p = cli("export", str(out), "--format", "onnx")
+    assert "max |Δ|" in p.stdout
+    img = tmp_path / "x.png"
+    Image.new("RGB", (50, 40), (200, 30, 30)).save(img)
+    onnx_path = out / "students" / "student" / "model.onnx"
+    lines = [json.loads(x) for x in cli("predict", str(onnx_path), str(img)).stdout.splitlines()]
+    assert len(lines) == 1 and len(lines[0]["probabilities"]) == 3
+    cam = cli("predict", str(out), str(img), "--cam", "--out", str(tmp_path)).stdout
+    assert (tmp_path / "x_cam.png").is_file() and '"cam"' in cam
+    cli("report", str(out), str(out), "--out", str(tmp_path / "cmp.html"))
+    assert "Comparison" in (tmp_path / "cmp.html").read_text()

@@ -188,3 +188,32 @@ def test_dihedral_views() -> None:
     x = torch.arange(16.0).view(1, 4, 4)
     views = {tuple(apply_view(x, v).flatten().tolist()) for v in range(8)}
     assert len(views) == 8 and torch.equal(apply_view(x, 0), x)
+
+
+def test_download_checks_md5_over_loopback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real download code against a file server on 127.0.0.1 (no internet in tests)."""
+    import functools
+    import hashlib
+    import http.server
+    import threading
+
+    from medistill.data import medmnist
+
+    served = tmp_path / "srv"
+    served.mkdir()
+    payload = write_npz(served / "pathmnist.npz")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setattr(medmnist, "ZENODO_RECORD", f"http://127.0.0.1:{httpd.server_address[1]}")
+        monkeypatch.setenv("MEDISTILL_DATA_DIR", str(tmp_path / "empty"))
+        monkeypatch.setattr(medmnist, "default_cache_dir", lambda: tmp_path / "cache")
+        with pytest.raises(DataError, match="md5"):
+            resolve("pathmnist", download=True)            # the official checksum does not match our stand-in
+        assert not (tmp_path / "cache" / "pathmnist.npz").exists()   # nothing half-written is left behind
+        monkeypatch.setitem(medmnist.MD5, "pathmnist", hashlib.md5(payload.read_bytes()).hexdigest())
+        got = resolve("pathmnist", download=True)
+        assert got == tmp_path / "cache" / "pathmnist.npz" and got.read_bytes() == payload.read_bytes()
+    finally:
+        httpd.shutdown()
