@@ -8,7 +8,6 @@ are randomly initialised (memory does not depend on their weights).
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import sys
 import tempfile

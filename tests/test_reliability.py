@@ -15,7 +15,7 @@ from conftest import run_engine, tiny_cfg, write_npz
 from medistill.config import DataConfig
 from medistill.data import build_data
 from medistill.errors import DataError, MedistillError, ModelError, NonFiniteLossError
-from medistill.io import torch_load, write_json
+from medistill.io import write_json
 
 
 def test_full_disk_keeps_previous_checkpoint(tiny_npz: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

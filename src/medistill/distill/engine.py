@@ -495,7 +495,7 @@ class Engine:
                 self.optims[n].zero_grad(set_to_none=True)
             total.backward()
             if self.world > 1:
-                for key, term in self.terms.items():
+                for term in self.terms.values():
                     if term.student in group:
                         for p in term.parameters():
                             if p.grad is not None:
