@@ -77,7 +77,7 @@ def explain() -> str:
         topk = next(k for k in m if k.startswith("scorecam_top"))
         out.append(f"| {row['model']} | {row['layer']} ({row['channels']}) | {m['scorecam_full']:.1f} | {m[topk]:.1f} ({topk[12:]}) | "
                    f"{row['topk_speedup']:.2f}× | {row['topk_spearman_to_full']:.3f} | {m['gradcam']:.1f} | {m['avgmap']:.1f} | {m['shap_gradientshap']:.1f} |")
-    out += ["", "MET in ms per image (warm-up discarded).", "", "| model | ours (logit_softmax) ms | pytorch-grad-cam ScoreCAM ms | time ratio ours/theirs | max |map diff| | Spearman |",
+    out += ["", "MET in ms per image (warm-up discarded).", "", "| model | ours (logit_softmax) ms | pytorch-grad-cam ScoreCAM ms | time ratio ours/theirs | max abs map diff | Spearman |",
             "|---|---|---|---|---|---|"]
     for row in r["rows"]:
         v = row.get("vs_pytorch_grad_cam")
