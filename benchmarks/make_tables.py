@@ -113,7 +113,41 @@ def memory() -> str:
     return "\n".join(out) + "\n"
 
 
-SECTIONS = {"THROUGHPUT": throughput, "KD": kd, "EXPLAIN": explain, "DEPLOY": deploy, "MEMORY": memory}
+def _grouped(r: dict) -> str:
+    import re
+
+    groups: dict[str, list[dict]] = {}
+    for key, summ in r["runs"].items():
+        method = re.sub(r"_s\d+$", "", key)
+        for name, row in summ.items():
+            if row["role"] == "student":
+                groups.setdefault(f"{method} ({name})", []).append(row["test"])
+    out = ["| run | n | " + " | ".join(h for _, h in METRICS) + " |", "|---|---|" + "---|" * len(METRICS)]
+    for label, rows in groups.items():
+        out.append(f"| {label} | {len(rows)} | " + " | ".join(ms([x[k] for x in rows]) for k, _ in METRICS) + " |")
+    return "\n".join(out) + "\n"
+
+
+def umkd() -> str:
+    r = load("umkd")
+    if not r:
+        return "_not run yet: `python benchmarks/umkd_bench.py` (≈ 4–5× the cost of the KD table per method)_\n"
+    t = "\n".join(f"- {k}: {v:.1f} s" for k, v in r.get("timing", {}).items())
+    return f"Machine: {r['machine']}. {r['epochs']} epochs.\n\n" + _grouped(r) + ("\nEpoch times (best epoch):\n" + t + "\n" if t else "")
+
+
+def dual() -> str:
+    r = load("dual_student")
+    if not r:
+        return "_not run yet: `python benchmarks/dual_student_bench.py`_\n"
+    t = r.get("timing", {})
+    head = (f"Machine: {r['machine']}. Epoch time, teacher outputs cached for both: single-student KD "
+            f"{t.get('kd_single_epoch_s', 0):.1f} s, dual-student {t.get('dual_student_epoch_s', 0):.1f} s, "
+            f"ratio **{t.get('ratio', 0):.2f}×** (the paper reports 1.63× without a cache).\n\n")
+    return head + (_grouped(r) if r["runs"] else "_ablation runs not run yet_\n")
+
+
+SECTIONS = {"THROUGHPUT": throughput, "KD": kd, "EXPLAIN": explain, "DEPLOY": deploy, "MEMORY": memory, "UMKD": umkd, "DUAL": dual}
 
 
 def main() -> None:
