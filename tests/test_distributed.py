@@ -30,14 +30,23 @@ def test_torchrun_two_processes(tmp_path: Path) -> None:
     npz = write_npz(tmp_path / "d.npz", counts=(40, 30, 20))
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MEDISTILL_CACHE_DIR": str(tmp_path / "cache")}
+    teacher = tmp_path / "teacher"
+    t = subprocess.run([sys.executable, "-m", "medistill", "train", "--data", str(npz), "--model", "cnn5", "--epochs", "2",
+                        "--out", str(teacher), "--set", "students.0.kwargs={widths: [4, 8, 8, 8, 8]}", "--set", "train.latency=false"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert t.returncode == 0, t.stderr[-2000:]
+    # two students, one teacher (cached by rank 0), dual-student terms: teacher, peer and CE losses under DDP
     cmd = [torchrun, "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "medistill",
-           "distill", "--data", str(npz), "--method", "dml", "--epochs", "2", "--out", str(out),
+           "distill", "--data", str(npz), "--teacher", str(teacher), "--method", "dual_student", "--epochs", "2", "--out", str(out),
            "--set", "students=[{name: a, model: cnn5, kwargs: {widths: [4, 4, 8, 8, 8]}}, {name: b, model: cnn5, kwargs: {widths: [4, 8, 8, 8, 8]}}]",
-           "--set", "train.latency=false", "--set", "train.batch_size=8", "--set", "data.augment=none"]
+           "--set", "train.latency=false", "--set", "train.batch_size=8", "--set", "data.augment=flip"]
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2  # one line per epoch: rank 1 wrote nothing
+    assert "teacher cache built" in p.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["teacher"]["role"] == "teacher" and set(summary) == {"teacher", "a", "b"}
     run_metrics = json.loads((out / "students" / "a" / "metrics.json").read_text())
     single = evaluate_target(out / "students" / "a", out=tmp_path / "single", latency=False)["a"]
     assert single["test"]["confusion_matrix"] == run_metrics["test"]["confusion_matrix"]

@@ -79,9 +79,9 @@ def _run(kind: str, config: Optional[Path], overrides: list[str], model: Optiona
         raise MedistillError("`distill` needs --teacher (or teachers: in the config), or peer terms for mutual learning")
     cfg = load_config(None, [], base=tree)
     results = Engine(cfg, resume=resume, download=download, console=console).run()
-    from medistill.dist import rank
+    import os
 
-    if rank() != 0:
+    if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 alone reports (the process group is gone by now)
         return
     summary = Path(cfg.out) / "summary.md"
     print(summary.read_text() if summary.is_file() else json.dumps(results, indent=2))

@@ -567,7 +567,7 @@ class Engine:
         torch.set_rng_state(st["rng_torch"])
         # Keep only the log lines of completed, checkpointed epochs.
         log = self.out / "metrics.jsonl"
-        if log.is_file():
+        if log.is_file() and self.main:
             keep = [ln for ln in log.read_text().splitlines() if ln.strip() and json.loads(ln)["epoch"] <= st["epoch"]]
             write_text(log, "".join(ln + "\n" for ln in keep))
         return st["epoch"] + 1, {k: float(v) for k, v in st["best"].items()}, int(st["bad_epochs"])
@@ -701,13 +701,14 @@ class Engine:
                 write_json(d / "metrics.json", res)
             results[s.name] = res
         primary = self.students[0].name
+        # Every rank takes part in the (sharded) teacher evaluation; rank 0 writes.
+        teacher_test = {t.name: classification_metrics(*predict(t.model, t.pre, loaders["test"])[:2]) for t in self.teachers}
         if not self.main:
             return results
         write_json(self.out / "metrics.json", {**results[primary], "student": primary})
         rows = {}
         for t in self.teachers:
-            probs, labels, _ = predict(t.model, t.pre, loaders["test"])
-            rows[t.name] = {"role": "teacher", "test": classification_metrics(probs, labels),
+            rows[t.name] = {"role": "teacher", "test": teacher_test[t.name],
                             "model": {"params": count_params(t.model),
                                       "flops": count_flops(t.model, (1, t.spec.in_chans, t.pre.input_size, t.pre.input_size))}}
         for n, r in results.items():
