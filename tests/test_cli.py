@@ -89,3 +89,13 @@ def test_report_export_predict_commands(tmp_path: Path) -> None:
     assert (tmp_path / "x_cam.png").is_file() and '"cam"' in cam
     cli("report", str(out), str(out), "--out", str(tmp_path / "cmp.html"))
     assert "Comparison" in (tmp_path / "cmp.html").read_text()
+
+
+def test_demo_quick(tmp_path: Path) -> None:
+    """`make demo` runs medistill.demo; --quick is the same pipeline with tiny models and subsets."""
+    p = subprocess.run(
+        [sys.executable, "-m", "medistill.demo", "--quick", "--out", str(tmp_path)], capture_output=True, text=True, env=ENV, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "HTML report" in p.stdout and list(tmp_path.glob("*/report.html"))
+    for run in ("teacher", "kd", "dkd"):
+        assert list(tmp_path.glob(f"*/{run}/metrics.json"))
