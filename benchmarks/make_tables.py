@@ -59,7 +59,7 @@ def kd() -> str:
     t = r.get("timing")
     if t:
         so = t["student_only_epoch_s"]
-        out += ["", "| epoch time (s, best epoch of one run) | seconds | ratio to student-only |", "|---|---|---|",
+        out += ["", "| epoch time (fastest epoch over the seeds) | seconds | ratio to student-only |", "|---|---|---|",
                 f"| student-only ResNet-18 | {so:.1f} | 1.00 |",
                 f"| KD, teacher outputs cached | {t['kd_cached_epoch_s']:.1f} | {t['kd_cached_epoch_s'] / so:.2f} |",
                 f"| KD, teacher run live | {t['kd_uncached_epoch_s']:.1f} | {t['kd_uncached_epoch_s'] / so:.2f} |"]
