@@ -228,8 +228,12 @@ def test_umkd_in_the_engine(data_dir: Path, teachers: list[Path], tmp_path: Path
     opt = {id(p) for g in eng.optims["s0"].param_groups for p in g["params"]}
     mods = [p for k, t in eng.terms.items() for p in t.parameters()]
     assert mods and all(id(p) in opt for p in mods)
-    # small feature maps (≤ 4096 values per image) are cached with the logits
+    # tapped feature maps are cached with the logits while they fit the memory budget
     assert set(eng.cache["t0"].outputs) == {"logits", "conv2", "conv4", "conv5"}
+    over = _distill_cfg(data_dir, teachers, tmp_path / "over", terms, students=1, epochs=1, teacher_cache="on",
+                        teacher_cache_max_mb=0.01)
+    with pytest.raises(ConfigError, match="teacher_cache_max_mb"):
+        run(over)
     with pytest.raises(ModelError, match="feeds the classifier"):
         run(_distill_cfg(data_dir, teachers, tmp_path / "bad", [{"type": "udd", "student_tap": "conv4", "expert_tap": "conv4",
                                                                   "scales": [1]}], students=1, epochs=1))

@@ -130,6 +130,7 @@ class TrainConfig(_Strict):
     early_stopping_patience: int | None = Field(None, ge=1)
     update: Literal["simultaneous", "sequential"] = "simultaneous"
     teacher_cache: Literal["auto", "on", "off"] = "auto"
+    teacher_cache_max_mb: float = Field(4096, gt=0, description="largest teacher cache (logits + taps, all views) kept in memory")
     latency: bool = True
     cache_dir: str | None = Field(None, description="teacher cache directory (default: $MEDISTILL_CACHE_DIR or the user cache)")
     progress: bool = True

@@ -1,4 +1,4 @@
-"""Teacher-output cache: teacher logits (and small taps) computed once per
+"""Teacher-output cache: teacher logits (and tapped features) computed once per
 (data, split, view set, teacher checkpoint, preprocessing), stored as safetensors with a JSON
 manifest, refused on any mismatch.
 
@@ -21,9 +21,6 @@ from safetensors.torch import load_file, save_file
 
 from medistill.errors import CacheMismatchError
 from medistill.io import atomic_write, write_json
-
-MAX_CACHED_TAP_NUMEL = 4096
-
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("MEDISTILL_CACHE_DIR") or Path(user_cache_dir("medistill")) / "teacher_cache")

@@ -28,7 +28,7 @@ from medistill import dist
 from medistill.config import RunConfig, TermSpec, dump_config
 from medistill.data import DataBundle, build_data
 from medistill.data.transforms import apply_view, views_for
-from medistill.distill.cache import MAX_CACHED_TAP_NUMEL, TeacherCache, default_cache_dir
+from medistill.distill.cache import TeacherCache, default_cache_dir
 from medistill.distill.context import StepContext
 from medistill.distill.terms import TERMS, LossTerm, TermSetup
 from medistill.errors import ConfigError, ModelError, NonFiniteLossError
@@ -359,11 +359,12 @@ class Engine:
         if self.cfg.data.augment == "standard":
             reasons.append("training augmentation is random (data.augment=standard); teachers must see each random view "
                            "— use augment none/flip/dihedral to cache")
-        for t in self.teachers:
-            for tap in t.taps:
-                numel = math.prod(self.tap_shapes[t.name][tap][1:])
-                if numel > MAX_CACHED_TAP_NUMEL:
-                    reasons.append(f"teacher {t.name} tap {tap} has {numel} values per image (> {MAX_CACHED_TAP_NUMEL})")
+        # The cache lives in memory during training (float32, every view of every training image).
+        values = sum(1 + sum(math.prod(self.tap_shapes[t.name][tap][1:]) for tap in t.taps) for t in self.teachers)
+        size_mb = values * 4 * len(views_for(self.cfg.data.augment)) * len(self.data.splits["train"]) / 2**20
+        if size_mb > self.cfg.train.teacher_cache_max_mb:
+            reasons.append(f"the teacher outputs would take {size_mb:.0f} MB "
+                           f"(> train.teacher_cache_max_mb = {self.cfg.train.teacher_cache_max_mb:.0f})")
         if reasons:
             if mode == "on":
                 raise ConfigError("teacher cache requested but invalid: " + "; ".join(reasons))
