@@ -31,12 +31,13 @@ def main() -> None:
     ap.add_argument("--protocols", nargs="+", default=["source-imbalanced", "target-imbalanced"])
     ap.add_argument("--ablation-seeds", type=int, nargs="*", default=[0])
     ap.add_argument("--methods", nargs="+", default=HEADLINE + ABLATIONS)
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast for the students and UMKD's modules (2.3× faster here)")
     ap.add_argument("--runs", default=str(RESULTS / "runs"))
     a = ap.parse_args()
     root = Path(a.runs)
     prev = RESULTS / "umkd.json"  # invocations per protocol add to one result file
     res: dict = json.loads(prev.read_text()) if prev.is_file() else {"runs": {}, "timing": {}}
-    res.update(machine=machine(), epochs=a.epochs)
+    res.update(machine=machine(), epochs=a.epochs, bf16=a.bf16)
     for proto in a.protocols:
         tag = proto.split("-")[0]
         base = {"data": {"name": "retinamnist", "augment": "flip", "protocol": proto},
@@ -52,7 +53,7 @@ def main() -> None:
                 out = root / f"umkd_{tag}_{m}_s{seed}"
                 cfg = {**base, "data": {**base["data"], "role": "student"}, "students": [{"name": "resnet18", "model": "resnet18"}],
                        "teachers": [] if m == "student_only" else experts, "terms": [] if m == "student_only" else method_terms(m, a.epochs),
-                       "out": str(out), "train": {"epochs": a.epochs, "batch_size": 64, "seed": seed, "progress": False}}
+                       "out": str(out), "train": {"epochs": a.epochs, "batch_size": 64, "seed": seed, "progress": False, "bf16": a.bf16}}
                 res["runs"][out.name] = run(cfg)
                 if seed == a.seeds[0]:
                     res["timing"][f"{tag}_{m}_epoch_s"] = min(epoch_times(out))

@@ -233,6 +233,11 @@ def test_mmd2() -> None:
     z = torch.randn(5, 3, 2, 2)
     assert float(L.mmd2(z, z)) == 0.0
     assert float(L.mmd2(torch.randn(4, 8), torch.randn(6, 8))) >= 0.0
+    # under bf16 autocast (train.bf16) the kernel still computes in float32
+    a, b = torch.randn(6, 32), torch.randn(6, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = L.mmd2(a, b)
+    assert got.dtype == torch.float32 and torch.equal(got, L.mmd2(a, b))
 
 
 def test_multiscale_lowpass() -> None:

@@ -454,8 +454,12 @@ class Engine:
                 continue
             spec = self.term_specs[key.replace("__", ".")]
             ramp = min(ctx.epoch / spec.warmup_epochs, 1.0) if spec.warmup_epochs > 0 else 1.0
-            out = term(ctx)
+            # bf16 also covers method-owned modules (UMKD's CFL blocks dominate its step); the loss
+            # functions themselves compute in float32.
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.train.bf16):
+                out = term(ctx)
             value, diag = (out if isinstance(out, tuple) else (out, {}))
+            value = value.float()
             name = key.split("__", 1)[1]
             if not torch.isfinite(value):
                 raise NonFiniteLossError(

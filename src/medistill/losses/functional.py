@@ -203,6 +203,12 @@ def mmd2(x: Tensor, y: Tensor, sigmas: Sequence[float] = (0.001, 0.01, 0.05, 0.1
     """Biased MMD² between two sets on the unit sphere (A.4): rows are flattened over all but the
     batch dimension and L2-normalised; multi-bandwidth Gaussian kernel; squared distances clamped
     at 1e-12; result clamped at 0."""
+    # float32 even under autocast: with σ = 0.001 the kernel resolves distances far below bf16's precision
+    with torch.autocast(x.device.type, enabled=False):
+        return _mmd2(x.float(), y.float(), sigmas)
+
+
+def _mmd2(x: Tensor, y: Tensor, sigmas: Sequence[float]) -> Tensor:
     x = F.normalize(x.flatten(1), dim=1)
     y = F.normalize(y.flatten(1), dim=1)
 
