@@ -33,7 +33,8 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path: Path) -> None:
     log = cut / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and p.poll() is None:
-        if log.is_file() and len(log.read_text().splitlines()) >= 3:
+        # epoch 3 logged ⇒ epoch 2's checkpoint is on disk (it is written before epoch 3 starts)
+        if log.is_file() and len(log.read_text().splitlines()) >= 4:
             time.sleep(0.05)  # somewhere inside the next epoch
             break
         time.sleep(0.01)

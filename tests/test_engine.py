@@ -87,6 +87,8 @@ def test_resume_equals_uninterrupted(tiny_npz: Path, tmp_path: Path, monkeypatch
         run(tiny_cfg(tiny_npz, cut, epochs=3, ema={"enabled": True, "decay": 0.9}))
     monkeypatch.setattr(Engine, "_step", original)
     assert torch_load(cut / "checkpoint_last.pt")["epoch"] == 1
+    with pytest.raises(ConfigError, match=r"train\.epochs: 3 → 4"):  # a changed schedule would mix two runs
+        run(tiny_cfg(tiny_npz, cut, epochs=4, ema={"enabled": True, "decay": 0.9}), resume=True)
     run(tiny_cfg(tiny_npz, cut, epochs=3, ema={"enabled": True, "decay": 0.9}), resume=True)
     a = json.loads((full / "metrics.json").read_text())
     b = json.loads((cut / "metrics.json").read_text())

@@ -119,6 +119,8 @@ class Engine:
                               "or choose another --out")
         if self.resume and not self.ckpt_path.exists():
             raise ConfigError(f"--resume: no checkpoint_last.pt in {self.out}")
+        if self.resume:
+            _check_resume_config(self.out / "config.yaml", cfg)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         self._seed(cfg.train.seed)
@@ -749,3 +751,30 @@ def summary_table(rows: dict[str, Any]) -> str:
         lines.append(f"| {name} | {r['role']} | {r['model']['params'] / 1e6:.2f} | {r['model']['flops'] / 1e6:.1f} | "
                      f"{t['accuracy']:.3f} | {t['balanced_accuracy']:.3f} | {t['macro_f1']:.3f} | {t['qwk']:.3f} | {au} | {t['ece']:.3f} |")
     return head + "\n".join(lines) + "\n"
+
+
+# Settings that may change between an interrupted run and its resumption: they do not alter what is trained.
+_RESUME_FREE = {"train.progress", "train.latency", "train.threads", "train.cache_dir", "data.num_workers"}
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        return {k: v for key, val in d.items() for k, v in _flat(val, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: d}
+
+
+def _check_resume_config(saved_path: Path, cfg: RunConfig) -> None:
+    """A resumed run must continue the same experiment: any other difference from the saved
+    ``config.yaml`` (epochs, schedule, bf16, terms, ...) would silently mix two runs."""
+    import yaml
+
+    if not saved_path.is_file():
+        raise ConfigError(f"--resume: {saved_path} is missing; cannot check that the run continues the same config")
+    old = _flat(yaml.safe_load(saved_path.read_text()))
+    new = _flat(yaml.safe_load(dump_config(cfg)))
+    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in _RESUME_FREE)
+    if diff:
+        shown = ", ".join(f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in diff[:4])
+        raise ConfigError(f"--resume: the config differs from the interrupted run's {saved_path} ({shown}"
+                          + (f", and {len(diff) - 4} more" if len(diff) > 4 else "") + "); resume with the same config "
+                          "or start a new --out")
