@@ -131,9 +131,42 @@ def _grouped(r: dict) -> str:
 def umkd() -> str:
     r = load("umkd")
     if not r:
-        return "_not run yet: `python benchmarks/umkd_bench.py` (≈ 4–5× the cost of the KD table per method)_\n"
-    t = "\n".join(f"- {k}: {v:.1f} s" for k, v in r.get("timing", {}).items())
-    return f"Machine: {r['machine']}. {r['epochs']} epochs.\n\n" + _grouped(r) + ("\nEpoch times (best epoch):\n" + t + "\n" if t else "")
+        return "_not run yet: `python benchmarks/umkd_bench.py`_\n"
+    out = [f"Machine: {r['machine']}. Students {r['epochs']} epochs" + (", bf16 autocast" if r.get("bf16") else "")
+           + "; experts 10 epochs (fp32).\n"]
+    for proto in ("source", "target"):
+        runs = {k[len(f"umkd_{proto}_"):]: v for k, v in r["runs"].items() if k.startswith(f"umkd_{proto}_")}
+        if not runs:
+            continue
+        out += [f"**{proto}-imbalanced**\n", _grouped({"runs": runs})]
+        t = {k[len(proto) + 1:-len("_epoch_s")]: v for k, v in r.get("timing", {}).items() if k.startswith(proto + "_")}
+        if "kd" in t:
+            out += ["| method (seed 0) | epoch s | ratio to KD |", "|---|---|---|"]
+            out += [f"| {m} | {v:.1f} | {v / t['kd']:.2f} |" for m, v in t.items()]
+            out.append("")
+    return "\n".join(out)
+
+
+def torchdistill() -> str:
+    r = load("torchdistill")
+    if not r:
+        return "_not run yet: `python benchmarks/torchdistill_compare.py`_\n"
+    import re
+
+    kd = load("retinamnist_kd") or {"runs": {}}
+    out = [f"Machine: {r['machine']}. torchdistill {r['torchdistill']}, {r['epochs']} epochs, test split, "
+           "checkpoint chosen on validation balanced accuracy.\n",
+           "| run | n | " + " | ".join(h for _, h in METRICS) + " | images/s |", "|---|---|" + "---|" * (len(METRICS) + 1)]
+    seeds = sorted({int(k.rsplit("_s", 1)[1]) for k in r["runs"]})
+    ips = r.get("medistill_images_per_s", {})
+    for method in ("kd", "dkd"):
+        ours = [kd["runs"][f"{method}_s{s}"]["resnet18"]["test"] for s in seeds if f"{method}_s{s}" in kd["runs"]]
+        theirs = [v for k, v in r["runs"].items() if re.sub(r"_s\d+$", "", k) == method]
+        out.append(f"| medistill {method} | {len(ours)} | " + " | ".join(ms([x[k] for x in ours]) for k, _ in METRICS)
+                   + f" | {ips.get('kd_cached', 0):.0f} cached, {ips.get('kd_teacher_live', 0):.0f} live |")
+        out.append(f"| torchdistill {method} | {len(theirs)} | " + " | ".join(ms([x["test"][k] for x in theirs]) for k, _ in METRICS)
+                   + f" | {ms([x['images_per_s'] for x in theirs])} |")
+    return "\n".join(out) + "\n"
 
 
 def dual() -> str:
@@ -147,7 +180,8 @@ def dual() -> str:
     return head + (_grouped(r) if r["runs"] else "_ablation runs not run yet_\n")
 
 
-SECTIONS = {"THROUGHPUT": throughput, "KD": kd, "EXPLAIN": explain, "DEPLOY": deploy, "MEMORY": memory, "UMKD": umkd, "DUAL": dual}
+SECTIONS = {"THROUGHPUT": throughput, "KD": kd, "EXPLAIN": explain, "DEPLOY": deploy, "MEMORY": memory, "UMKD": umkd, "DUAL": dual,
+            "TORCHDISTILL": torchdistill}
 
 
 def main() -> None:
