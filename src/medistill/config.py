@@ -43,7 +43,7 @@ class DataConfig(_Strict):
     subset: SubsetConfig = SubsetConfig()
     max_eval_samples: int | None = Field(None, ge=1, description="stratified cap on val/test (smoke tests only)")
     protocol: Literal["none", "source-imbalanced", "target-imbalanced"] = "none"
-    protocol_cap: dict[int, int] | None = Field(None, description="per-class caps of the balanced subset; default: the minority count")
+    protocol_cap: dict[int, int] | None = Field(None, description="per-class caps of the balanced subset; default: the median class count of the training split")
     role: Literal["auto", "teacher", "student"] = Field("auto", description="protocol side; auto: teacher when the run has no teachers")
     num_workers: int = Field(0, ge=0)
 
