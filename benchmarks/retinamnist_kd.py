@@ -3,6 +3,7 @@ plus (--extra) FitNet, AT, DML, ND (KD++) and two-teacher averaging over the sam
 without the teacher cache. Resumable: finished runs are reused.
 
     python benchmarks/retinamnist_kd.py [--epochs 10] [--seeds 0 1 2] [--teacher-epochs 10]
+        [--extra [--extra-only dho nd_kdpp] [--extra-seeds 0]]
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 from pathlib import Path
 
 from common import RESULTS, epoch_times, machine, run, save
+from medistill.distill.methods import method_terms
 
 BASE = {
     "data": {"name": "retinamnist", "augment": "flip"},
@@ -32,12 +34,16 @@ def main() -> None:
     ap.add_argument("--teacher-epochs", type=int, default=10)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--out", default=str(RESULTS / "runs"))
-    ap.add_argument("--extra", action="store_true", help="also FitNet, AT, DML, ND, two teachers")
+    ap.add_argument("--extra", action="store_true", help="also FitNet, AT, DML, ND, two teachers, DHO")
+    ap.add_argument("--extra-only", nargs="*", default=None, help="a subset of the extra methods")
+    ap.add_argument("--extra-seeds", type=int, nargs="*", default=None, help="seeds of the extras (default: --seeds)")
     a = ap.parse_args()
     root = Path(a.out)
     r18 = [{"name": "resnet18", "model": "resnet18"}]
     t_dir = root / "teacher_resnet50"
-    results: dict = {"machine": machine(), "epochs": a.epochs, "teacher_epochs": a.teacher_epochs, "runs": {}}
+    prev = RESULTS / "retinamnist_kd.json"  # runs of earlier invocations (other seeds or extras) are kept
+    results: dict = json.loads(prev.read_text()) if prev.is_file() else {"runs": {}}
+    results.update(machine=machine(), epochs=a.epochs, teacher_epochs=a.teacher_epochs)
     results["runs"]["teacher_resnet50"] = run(cfg(t_dir, a.teacher_epochs, 0, [{"name": "resnet50", "model": "resnet50"}]))
     teacher = [{"name": "resnet50", "checkpoint": str(t_dir)}]
     methods = {
@@ -70,9 +76,15 @@ def main() -> None:
                                 [{"type": "ce", "weight": 0.1}, {"type": "kd", "weight": 0.9, "aggregate": "prob_mean"}]),
             "dml": ([], [{"name": "resnet18", "model": "resnet18"}, {"name": "peer", "model": "resnet18"}],
                     [{"type": "ce"}, {"type": "peer", "temperature": 1.0}]),
+            "dho": (teacher, [{"name": "resnet18", "model": "resnet18", "kwargs": {"dual_head": True}}], method_terms("dho", a.epochs)),
         }
-        for seed in a.seeds:
+        unknown = set(a.extra_only or []) - set(extra)
+        if unknown:
+            raise SystemExit(f"unknown extra method(s) {sorted(unknown)}; choose from {sorted(extra)}")
+        for seed in a.seeds if a.extra_seeds is None else a.extra_seeds:
             for name, (tch, st, terms) in extra.items():
+                if a.extra_only and name not in a.extra_only:
+                    continue
                 results["runs"][f"{name}_s{seed}"] = run(cfg(root / f"{name}_s{seed}", a.epochs, seed, st, tch, terms))
                 save("retinamnist_kd", results)
     print(json.dumps(results.get("timing", {}), indent=2))
