@@ -10,29 +10,38 @@ medistill with the cache (its default) and without it.
 
     pip install torchdistill==1.1.5      # benchmark-only extra: pip install -e .[bench]
     python benchmarks/torchdistill_compare.py [--epochs 10] [--seeds 0]
+    python benchmarks/torchdistill_compare.py --timing   # 1 epoch each, back to back, same threads
+
+The accuracy runs may share the machine with other work; ``--timing`` measures images/s of
+torchdistill KD and medistill KD (teacher live, and cached) in one process, one after the other.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import time
 from pathlib import Path
 
 import torch
+import torchdistill
+from common import RESULTS, epoch_times, machine, save
 from torch import nn
 from torch.utils.data import Dataset
+from torchdistill.core.distillation import DistillationBox
+from torchdistill.losses.registry import register_mid_level_loss
 
-from common import RESULTS, epoch_times, machine, save
 from medistill.config import DataConfig
 from medistill.data import build_data
 from medistill.eval.metrics import classification_metrics
 from medistill.losses import dkd_loss
-from medistill.models.factory import Preprocess, create_model, load_model_dir, resolve_norm
-
-import torchdistill
-from torchdistill.core.distillation import DistillationBox
-from torchdistill.losses.registry import register_mid_level_loss
+from medistill.models.factory import (
+    Preprocess,
+    create_model,
+    load_model_dir,
+    resolve_norm,
+)
 
 
 class WithPre(nn.Module):
@@ -143,19 +152,43 @@ def run_one(method: str, seed: int, epochs: int, teacher_dir: Path) -> dict:
             "images_per_s": n_train / min(times), "epoch_s": min(times)}
 
 
+def timing(root: Path) -> dict:
+    """Images/s of one training epoch: torchdistill KD, medistill KD with the teacher live, and
+    medistill KD with the teacher cache (cache already built), back to back in this process."""
+    from common import run
+
+    out = {"machine": machine(), "torchdistill_kd": run_one("kd", 0, 1, root / "teacher_resnet50")["images_per_s"]}
+    for mode in ("off", "on"):
+        d = root / f"timing_medistill_kd_cache_{mode}"
+        cfg = {"data": {"name": "retinamnist", "augment": "flip"}, "students": [{"name": "resnet18", "model": "resnet18"}],
+               "teachers": [{"name": "resnet50", "checkpoint": str(root / "teacher_resnet50")}],
+               "terms": [{"type": "ce", "weight": 0.1}, {"type": "kd", "weight": 0.9, "temperature": 4.0}],
+               "optim": {"name": "adamw", "lr": 1e-3, "weight_decay": 5e-4}, "sched": {"name": "cosine", "warmup_epochs": 1},
+               "train": {"epochs": 1, "batch_size": 64, "seed": 0, "progress": False, "latency": False, "teacher_cache": mode},
+               "out": str(d)}
+        if not (d / "summary.json").is_file():
+            run(cfg)
+        n = len(json.loads((d / "split.json").read_text())["train"])
+        out[f"medistill_kd_cache_{mode}"] = n / min(epoch_times(d))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--timing", action="store_true")
     ap.add_argument("--runs", default=str(RESULTS / "runs"))
     a = ap.parse_args()
     root = Path(a.runs)
     prev = RESULTS / "torchdistill.json"
-    import json
-
     res = json.loads(prev.read_text()) if prev.is_file() else {"runs": {}}
+    if a.timing:
+        res["timing"] = timing(root)
+        save("torchdistill", res)
+        print(json.dumps(res["timing"], indent=2))
+        return
     res.update(machine=machine(), torchdistill=torchdistill.__version__, epochs=a.epochs)
-    n_train = None
     for seed in a.seeds:
         for method in ("kd", "dkd"):
             key = f"{method}_s{seed}"
