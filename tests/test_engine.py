@@ -313,6 +313,8 @@ def test_dho_dual_head_student(data_dir: Path, teachers: list[Path], tmp_path: P
     from medistill.models.dualhead import A_GRID, B_GRID
 
     assert min(abs(float(model.a) - a) for a in A_GRID) < 1e-6 and min(abs(float(model.b) - b) for b in B_GRID) < 1e-6
+    heads = json.loads((tmp_path / "run" / "students" / "s0" / "metrics.json").read_text())["dho_heads"]
+    assert heads == {"a": float(model.a), "b": float(model.b)}
     x = torch.rand(3, 3, 16, 16)
     z_ce, z_kd = model.heads(pre(x))
     p = model.a * torch.softmax(z_ce, -1) + (1 - model.a) * torch.softmax(z_kd / model.b, -1)

@@ -704,6 +704,8 @@ class Engine:
             info = model_cost(model, spec, latency=self.cfg.train.latency and self.main)
             res = evaluate_splits(model, pre, loaders, d, info.pop("model"), spec.class_names)
             res.update(info)
+            if hasattr(model, "head_kd"):  # DHO: the head combination chosen on validation
+                res["dho_heads"] = {"a": float(model.a), "b": float(model.b)}
             if self.main:
                 write_json(d / "metrics.json", res)
             results[s.name] = res
