@@ -156,16 +156,20 @@ def torchdistill() -> str:
     kd = load("retinamnist_kd") or {"runs": {}}
     out = [f"Machine: {r['machine']}. torchdistill {r['torchdistill']}, {r['epochs']} epochs, test split, "
            "checkpoint chosen on validation balanced accuracy.\n",
-           "| run | n | " + " | ".join(h for _, h in METRICS) + " | images/s |", "|---|---|" + "---|" * (len(METRICS) + 1)]
-    seeds = sorted({int(k.rsplit("_s", 1)[1]) for k in r["runs"]})
-    ips = r.get("medistill_images_per_s", {})
+           "| run | n | " + " | ".join(h for _, h in METRICS) + " |", "|---|---|" + "---|" * len(METRICS)]
     for method in ("kd", "dkd"):
-        ours = [kd["runs"][f"{method}_s{s}"]["resnet18"]["test"] for s in seeds if f"{method}_s{s}" in kd["runs"]]
-        theirs = [v for k, v in r["runs"].items() if re.sub(r"_s\d+$", "", k) == method]
-        out.append(f"| medistill {method} | {len(ours)} | " + " | ".join(ms([x[k] for x in ours]) for k, _ in METRICS)
-                   + f" | {ips.get('kd_cached', 0):.0f} cached, {ips.get('kd_teacher_live', 0):.0f} live |")
-        out.append(f"| torchdistill {method} | {len(theirs)} | " + " | ".join(ms([x["test"][k] for x in theirs]) for k, _ in METRICS)
-                   + f" | {ms([x['images_per_s'] for x in theirs])} |")
+        ours = [v["resnet18"]["test"] for k, v in kd["runs"].items() if re.sub(r"_s\d+$", "", k) == method]
+        theirs = [v["test"] for k, v in r["runs"].items() if re.sub(r"_s\d+$", "", k) == method]
+        for who, rows in (("medistill", ours), ("torchdistill", theirs)):
+            out.append(f"| {who} {method} | {len(rows)} | " + " | ".join(ms([x[k] for x in rows]) for k, _ in METRICS) + " |")
+    t = r.get("timing")
+    if t:
+        base = t["torchdistill_kd"]
+        out += ["", f"One KD training epoch each, back to back in one process ({t['machine']}):", "",
+                "| loop | images/s | relative to torchdistill |", "|---|---|---|",
+                f"| torchdistill 1.1.5 (teacher run every batch) | {base:.1f} | 1.00 |",
+                f"| medistill, teacher run every batch | {t['medistill_kd_cache_off']:.1f} | {t['medistill_kd_cache_off'] / base:.2f} |",
+                f"| medistill, teacher outputs cached | {t['medistill_kd_cache_on']:.1f} | {t['medistill_kd_cache_on'] / base:.2f} |"]
     return "\n".join(out) + "\n"
 
 
