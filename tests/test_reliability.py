@@ -19,20 +19,32 @@ from medistill.io import write_json
 
 
 def test_full_disk_keeps_previous_checkpoint(tiny_npz: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from medistill.distill.engine import Engine
+
     out = tmp_path / "run"
-    run_engine(tiny_cfg(tiny_npz, out, epochs=1))
+    cfg = tiny_cfg(tiny_npz, out, epochs=2)
+    step = Engine._step
+
+    def interrupted(self, batch, epoch: int, i: int):
+        if epoch == 1:
+            raise KeyboardInterrupt("stopped after epoch 0")
+        return step(self, batch, epoch, i)
+
+    monkeypatch.setattr(Engine, "_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_engine(cfg)
+    monkeypatch.setattr(Engine, "_step", step)
     before = (out / "checkpoint_last.pt").read_bytes()
-    metrics_before = (out / "metrics.json").read_bytes()
+    split_before = (out / "split.json").read_bytes()
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", full)
-    cfg = tiny_cfg(tiny_npz, out, epochs=2)
     with pytest.raises(MedistillError, match="No space left on device"):
         run_engine(cfg, resume=True)
     assert (out / "checkpoint_last.pt").read_bytes() == before
-    assert (out / "metrics.json").read_bytes() == metrics_before
+    assert (out / "split.json").read_bytes() == split_before
     assert not list(out.glob(".*.tmp"))
 
 
