@@ -15,6 +15,7 @@ from pathlib import Path
 from common import RESULTS, epoch_times, machine, run, save
 from medistill.distill.methods import method_terms
 
+KD_TERMS = [{"type": "ce", "weight": 0.1}, {"type": "kd", "weight": 0.9, "temperature": 4.0}]
 BASE = {
     "data": {"name": "retinamnist", "augment": "flip"},
     "optim": {"name": "adamw", "lr": 1e-3, "weight_decay": 5e-4},
@@ -48,7 +49,7 @@ def main() -> None:
     teacher = [{"name": "resnet50", "checkpoint": str(t_dir)}]
     methods = {
         "student_only": ([], None),
-        "kd": (teacher, [{"type": "ce", "weight": 0.1}, {"type": "kd", "weight": 0.9, "temperature": 4.0}]),
+        "kd": (teacher, KD_TERMS),
         "dkd": (teacher, [{"type": "ce"}, {"type": "dkd", "alpha": 1.0, "beta": 8.0, "temperature": 4.0, "warmup_epochs": 1.0}]),
     }
     for seed in a.seeds:

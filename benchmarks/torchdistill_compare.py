@@ -156,18 +156,13 @@ def timing(root: Path) -> dict:
     """Images/s of one training epoch: torchdistill KD, medistill KD with the teacher live, and
     medistill KD with the teacher cache (cache already built), back to back in this process."""
     from common import run
+    from retinamnist_kd import KD_TERMS, cfg
 
     out = {"machine": machine(), "torchdistill_kd": run_one("kd", 0, 1, root / "teacher_resnet50")["images_per_s"]}
+    teacher = [{"name": "resnet50", "checkpoint": str(root / "teacher_resnet50")}]
     for mode in ("off", "on"):
         d = root / f"timing_medistill_kd_cache_{mode}"
-        cfg = {"data": {"name": "retinamnist", "augment": "flip"}, "students": [{"name": "resnet18", "model": "resnet18"}],
-               "teachers": [{"name": "resnet50", "checkpoint": str(root / "teacher_resnet50")}],
-               "terms": [{"type": "ce", "weight": 0.1}, {"type": "kd", "weight": 0.9, "temperature": 4.0}],
-               "optim": {"name": "adamw", "lr": 1e-3, "weight_decay": 5e-4}, "sched": {"name": "cosine", "warmup_epochs": 1},
-               "train": {"epochs": 1, "batch_size": 64, "seed": 0, "progress": False, "latency": False, "teacher_cache": mode},
-               "out": str(d)}
-        if not (d / "summary.json").is_file():
-            run(cfg)
+        run(cfg(d, 1, 0, [{"name": "resnet18", "model": "resnet18"}], teacher, KD_TERMS, latency=False, teacher_cache=mode))
         n = len(json.loads((d / "split.json").read_text())["train"])
         out[f"medistill_kd_cache_{mode}"] = n / min(epoch_times(d))
     return out

@@ -39,6 +39,7 @@ from medistill.io import (append_jsonl, check_writable, environment_info, sha256
 from medistill.models.cost import count_flops, count_params, latency_ms
 from medistill.models.factory import (ModelSpecRecord, Preprocess, create_model, load_model_dir, resolve_norm,
                                       save_model_dir)
+from medistill.models.dualhead import DualHead
 from medistill.models.taps import FeatureTaps
 
 Tensor = torch.Tensor
@@ -523,8 +524,6 @@ class Engine:
 
     def _tune_heads(self, s: Participant) -> None:
         """DHO students: choose the head combination (a, b) on the validation split."""
-        from medistill.models.dualhead import DualHead
-
         m = self._eval_model(s.name)
         if isinstance(m, DualHead):
             batches = [(s.pre(x), torch.as_tensor(y)) for x, y, _i, _v in self._full_loader("val")]
@@ -704,7 +703,7 @@ class Engine:
             info = model_cost(model, spec, latency=self.cfg.train.latency and self.main)
             res = evaluate_splits(model, pre, loaders, d, info.pop("model"), spec.class_names)
             res.update(info)
-            if hasattr(model, "head_kd"):  # DHO: the head combination chosen on validation
+            if isinstance(model, DualHead):  # DHO: the head combination chosen on validation
                 res["dho_heads"] = {"a": float(model.a), "b": float(model.b)}
             if self.main:
                 write_json(d / "metrics.json", res)
