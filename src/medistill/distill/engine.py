@@ -729,7 +729,12 @@ class Engine:
         try:
             self.setup()
             self.fit()
-            return self.finalize()
+            results = self.finalize()
+            # Rank 0 is still writing when the others return from finalize; tearing gloo down
+            # while a peer is mid-flight aborted a rank at exit ("terminate called without an
+            # active exception"), so every rank waits here and the group is destroyed in step.
+            dist.barrier()
+            return results
         finally:
             dist.destroy()
 
