@@ -31,6 +31,18 @@ def test_other_families_run_at_28(name: str) -> None:
     assert m.medistill_adaptation
 
 
+@pytest.mark.parametrize("name,size", [("visformer_tiny", 64), ("vit_tiny_patch16_224", 32)])
+def test_patch_transformers_built_for_the_input_size(name: str, size: int) -> None:
+    # these fix their input size at construction; without img_size they refuse 64 px
+    m = create_model(name, 3, 3, size).eval()
+    assert m(torch.zeros(2, 3, size, size)).shape == (2, 3)
+
+
+def test_unrunnable_size_is_a_model_error() -> None:
+    with pytest.raises(ModelError, match="cannot run on 16×16"):
+        create_model("densenet121", 3, 3, 16, small_input="off")
+
+
 def test_unknown_model_suggests() -> None:
     with pytest.raises(ModelError, match="resnet18"):
         create_model("resnet-18", 5)

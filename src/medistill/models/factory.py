@@ -88,8 +88,7 @@ def create_model(name: str, num_classes: int, in_chans: int = 3, input_size: int
         if name not in timm.list_models() and not timm.is_model(name):
             raise _unknown_model(name)
         try:
-            model = timm.create_model(name, num_classes=num_classes, in_chans=in_chans,
-                                      pretrained=pretrained is True, **kwargs)
+            model = _timm_create(name, num_classes, in_chans, input_size, pretrained is True, kwargs)
         except (OSError, RuntimeError) as e:
             if pretrained is True:
                 raise ModelError(f"could not fetch hub weights for {name!r} (offline?): {e}. "
@@ -110,13 +109,28 @@ def create_model(name: str, num_classes: int, in_chans: int = 3, input_size: int
     return model
 
 
+def _timm_create(name: str, num_classes: int, in_chans: int, input_size: int, hub: bool,
+                 kwargs: dict[str, Any]) -> nn.Module:
+    """Transformers with patch embeddings (ViT, Visformer, Swin, …) fix their input size at
+    construction; they get ``img_size=input_size``. Convnets do not take the argument, which
+    timm reports as a TypeError naming it — then they are built without it."""
+    if "img_size" not in kwargs:
+        try:
+            return timm.create_model(name, num_classes=num_classes, in_chans=in_chans, pretrained=hub,
+                                     img_size=input_size, **kwargs)
+        except TypeError as e:
+            if "img_size" not in str(e):
+                raise
+    return timm.create_model(name, num_classes=num_classes, in_chans=in_chans, pretrained=hub, **kwargs)
+
+
 def _check_forward(model: nn.Module, name: str, in_chans: int, input_size: int) -> None:
     was = model.training
     model.eval()
     try:
         with torch.no_grad():
             model(torch.zeros(1, in_chans, input_size, input_size))
-    except RuntimeError as e:
+    except (RuntimeError, AssertionError) as e:  # timm's size checks are assertions
         raise ModelError(f"{name} cannot run on {input_size}×{input_size} inputs ({e}); "
                          "use a larger input_size or small_input=on") from e
     finally:
