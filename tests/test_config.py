@@ -3,6 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from medistill.config import load_config
 from medistill.errors import ConfigError
@@ -93,3 +94,27 @@ def test_recipe_runs_stages_in_order(tmp_path: Path) -> None:
     rows = run_recipe(tmp_path / "r.yaml")
     assert [r["method"] for r in rows["students"]] == ["kd", "dkd"]
     assert "## students" in (tmp_path / "r" / "results.md").read_text()
+
+
+def test_paper_recipe_models_build_at_their_sizes() -> None:
+    """Every model a recipe trains (grid values included) is built at its input size: validation
+    alone let a Visformer that refused 64 px through."""
+    from medistill.config import _deep_merge
+    from medistill.models import create_model
+    from medistill.recipe import load_recipe
+
+    seen = set()
+    for f in sorted((Path(__file__).resolve().parents[1] / "configs" / "papers").glob("*.yaml")):
+        r = load_recipe(f)
+        for st in r.stages:
+            cfg = load_config(None, [], base=_deep_merge(r.defaults, st.config))
+            names = [g.split("=", 1)[1].split(",") for g in st.grid or [] if g.startswith("students.0.model=")]
+            for i, s in enumerate(cfg.students):
+                size = s.input_size or (224 if "lc25000" in cfg.data.name else 28)
+                for name in (names[0] if names and i == 0 else [s.model]):
+                    if (name, size, s.small_input) in seen:
+                        continue
+                    seen.add((name, size, s.small_input))
+                    m = create_model(name, 3, 3, size, small_input=s.small_input, **s.kwargs)
+                    assert m.eval()(torch.zeros(1, 3, size, size)).shape == (1, 3), (f.name, name)
+    assert len(seen) >= 6
