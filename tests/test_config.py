@@ -118,3 +118,21 @@ def test_paper_recipe_models_build_at_their_sizes() -> None:
                     m = create_model(name, 3, 3, size, small_input=s.small_input, **s.kwargs)
                     assert m.eval()(torch.zeros(1, 3, size, size)).shape == (1, 3), (f.name, name)
     assert len(seen) >= 6
+
+
+def test_recipe_checkpoint_that_no_stage_makes_is_refused(tmp_path: Path) -> None:
+    import yaml
+
+    from medistill.recipe import load_recipe
+
+    recipe = {"out": "runs/r", "stages": [
+        {"name": "experts", "seeds": [0, 1], "config": {"students": [{"name": "e", "model": "cnn5"}]}},
+        {"name": "student", "config": {"teachers": [{"name": "e0", "checkpoint": "runs/r/experts/seed=0"}],
+                                       "students": [{"name": "s", "model": "cnn5"}]}}]}
+    f = tmp_path / "r.yaml"
+    f.write_text(yaml.safe_dump(recipe))
+    with pytest.raises(ConfigError, match=r"'runs/r/experts/seed=0'.*runs/r/experts/seed-0, runs/r/experts/seed-1"):
+        load_recipe(f)
+    recipe["stages"][1]["config"]["teachers"][0]["checkpoint"] = "runs/r/experts/seed-1"
+    f.write_text(yaml.safe_dump(recipe))
+    assert len(load_recipe(f).stages) == 2

@@ -13,7 +13,7 @@ from rich.console import Console
 from medistill.config import _deep_merge, _set_dotted, parse_override
 from medistill.errors import ConfigError
 from medistill.io import write_text
-from medistill.sweep import run_sweep
+from medistill.sweep import run_sweep, sweep_cells
 
 
 class Stage(BaseModel):
@@ -38,9 +38,31 @@ def load_recipe(path: str | Path) -> Recipe:
     if not p.is_file():
         raise ConfigError(f"recipe not found: {p}")
     try:
-        return Recipe.model_validate(yaml.safe_load(p.read_text()))
+        r = Recipe.model_validate(yaml.safe_load(p.read_text()))
     except Exception as e:  # noqa: BLE001 - pydantic and YAML errors both name the problem
         raise ConfigError(f"{p}: {e}") from None
+    _check_checkpoints(r, p)
+    return r
+
+
+def _check_checkpoints(r: Recipe, path: Path) -> None:
+    """A teacher checkpoint inside the recipe's ``out`` must be a run an earlier stage makes —
+    otherwise the mistake (e.g. ``seed=0`` for the directory ``seed-0``) surfaces only hours
+    later, when the stage that needs it starts."""
+    out = Path(r.out)
+    made: list[str] = []
+    for st in r.stages:
+        tree = _deep_merge(r.defaults, st.config)
+        wanted = [t.get("checkpoint") for t in tree.get("teachers", []) if isinstance(t, dict)]
+        for g in st.grid or []:
+            key, _, vals = g.partition("=")
+            if key.endswith(".checkpoint"):
+                wanted += vals.split(",")
+        for c in wanted:
+            if c and Path(c).is_relative_to(out) and str(Path(c)) not in made:
+                raise ConfigError(f"{path}: stage {st.name!r} reads teacher checkpoint {c!r}, which no earlier "
+                                  f"stage makes; earlier stages make: {', '.join(made) or 'nothing'}")
+        made += [str(out / st.name / name) for name, *_ in sweep_cells(st.methods, st.grid, st.seeds)]
 
 
 def run_recipe(path: str | Path, only: list[str] | None = None, overrides: list[str] | None = None,

@@ -26,6 +26,25 @@ def _slug(s: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in s)
 
 
+def sweep_cells(methods: list[str] | None = None, grid: list[str] | None = None,
+                seeds: list[int] | None = None) -> list[tuple[str, str | None, tuple[tuple[str, str], ...], int | None]]:
+    """(run directory name, method, grid point, seed) of every cell, in run order. Recipes use
+    the names to check that a later stage's checkpoints are runs an earlier stage makes."""
+    axes: list[list[tuple[str, str]]] = []
+    for g in grid or []:
+        if "=" not in g:
+            raise ConfigError(f"--grid {g!r} must look like key=v1,v2")
+        key, vals = g.split("=", 1)
+        axes.append([(key, v) for v in vals.split(",")])
+    cells = []
+    for method in methods or [None]:
+        for point in itertools.product(*axes) if axes else [()]:
+            for seed in seeds or [None]:
+                parts = ([method] if method else []) + [f"{k.split('.')[-1]}={v}" for k, v in point] + ([f"seed={seed}"] if seed is not None else [])
+                cells.append((_slug("_".join(parts) or "run"), method, point, seed))
+    return cells
+
+
 def run_sweep(config: str | Path | None, out: str | Path, methods: list[str] | None = None,
               grid: list[str] | None = None, seeds: list[int] | None = None, overrides: list[str] | None = None,
               console: Console | None = None) -> list[dict[str, Any]]:
@@ -33,41 +52,31 @@ def run_sweep(config: str | Path | None, out: str | Path, methods: list[str] | N
     interrupted ones resumed. Returns one row per run and writes ``out/results.{csv,md}``."""
     console = console or Console(stderr=True)
     out = Path(out)
-    axes: list[list[tuple[str, Any]]] = []
-    for g in grid or []:
-        if "=" not in g:
-            raise ConfigError(f"--grid {g!r} must look like key=v1,v2")
-        key, vals = g.split("=", 1)
-        axes.append([(key, v) for v in vals.split(",")])
     rows = []
-    for method in methods or [None]:
-        for point in itertools.product(*axes) if axes else [()]:
-            for seed in seeds or [None]:
-                parts = ([method] if method else []) + [f"{k.split('.')[-1]}={v}" for k, v in point] + ([f"seed={seed}"] if seed is not None else [])
-                name = _slug("_".join(parts) or "run")
-                ov = list(overrides or []) + [f"{k}={v}" for k, v in point] + [f"out={out / name}"]
-                if seed is not None:
-                    ov.append(f"train.seed={seed}")
-                cfg = load_config(config, ov)
-                if method:
-                    tree = cfg.model_dump(mode="json")
-                    tree["terms"] = method_terms(method, cfg.train.epochs)
-                    cfg = load_config(None, [], base=tree)
-                run_dir = out / name
-                if not (run_dir / "summary.json").is_file():
-                    console.print(f"[bold]sweep[/] {name}")
-                    Engine(cfg, resume=(run_dir / "checkpoint_last.pt").is_file(), console=console).run()
-                summary = json.loads((run_dir / "summary.json").read_text())
-                for model, r in summary.items():
-                    if r["role"] != "student":
-                        continue
-                    val = json.loads((run_dir / "students" / model / "metrics.json").read_text())["val"]
-                    rows.append({"run": name, "method": method or "", **{k: v for k, v in point}, "seed": seed,
-                                 "student": model, **{m: r["test"][m] for m in METRICS},
-                                 f"val_{cfg.train.select_metric}": val.get(cfg.train.select_metric),
-                                 "params": r["model"]["params"]})
+    for name, method, point, seed in sweep_cells(methods, grid, seeds):
+        ov = list(overrides or []) + [f"{k}={v}" for k, v in point] + [f"out={out / name}"]
+        if seed is not None:
+            ov.append(f"train.seed={seed}")
+        cfg = load_config(config, ov)
+        if method:
+            tree = cfg.model_dump(mode="json")
+            tree["terms"] = method_terms(method, cfg.train.epochs)
+            cfg = load_config(None, [], base=tree)
+        run_dir = out / name
+        if not (run_dir / "summary.json").is_file():
+            console.print(f"[bold]sweep[/] {name}")
+            Engine(cfg, resume=(run_dir / "checkpoint_last.pt").is_file(), console=console).run()
+        summary = json.loads((run_dir / "summary.json").read_text())
+        for model, r in summary.items():
+            if r["role"] != "student":
+                continue
+            val = json.loads((run_dir / "students" / model / "metrics.json").read_text())["val"]
+            rows.append({"run": name, "method": method or "", **{k: v for k, v in point}, "seed": seed,
+                         "student": model, **{m: r["test"][m] for m in METRICS},
+                         f"val_{cfg.train.select_metric}": val.get(cfg.train.select_metric),
+                         "params": r["model"]["params"]})
     write_text(out / "results.csv", _csv(rows))
-    write_text(out / "results.md", aggregate_markdown(rows, [k for k, _ in (a[0] for a in axes)]))
+    write_text(out / "results.md", aggregate_markdown(rows, [g.split("=", 1)[0] for g in grid or []]))
     return rows
 
 

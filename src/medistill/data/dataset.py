@@ -30,7 +30,8 @@ class ImageDataset(Dataset):
     def __getitem__(self, k: int) -> tuple[torch.Tensor, int, int, int]:
         i = int(self.indices[k])
         arr = self.source.load(i)
-        x = resize(torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float().div_(255.0), self.size)
+        # a copy: memory-mapped sources are read-only, and torch warns on non-writable arrays
+        x = resize(torch.from_numpy(np.array(arr)).permute(2, 0, 1).float().div_(255.0), self.size)
         view = 0
         if self.augment is not None:
             x, view = self.augment(x)
