@@ -93,6 +93,7 @@ def test_recipe_runs_stages_in_order(tmp_path: Path) -> None:
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     rows = run_recipe(tmp_path / "r.yaml")
     assert [r["method"] for r in rows["students"]] == ["kd", "dkd"]
+    assert [r["method"] for r in rows["teacher"]] == ["ce"]  # no named method: the terms label the row
     assert "## students" in (tmp_path / "r" / "results.md").read_text()
 
 

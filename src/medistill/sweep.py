@@ -14,7 +14,7 @@ from typing import Any
 from rich.console import Console
 
 from medistill.config import load_config
-from medistill.distill.engine import Engine
+from medistill.distill.engine import Engine, supervised_terms
 from medistill.distill.methods import method_terms
 from medistill.errors import ConfigError
 from medistill.io import write_text
@@ -71,7 +71,9 @@ def run_sweep(config: str | Path | None, out: str | Path, methods: list[str] | N
             if r["role"] != "student":
                 continue
             val = json.loads((run_dir / "students" / model / "metrics.json").read_text())["val"]
-            rows.append({"run": name, "method": method or "", **{k: v for k, v in point}, "seed": seed,
+            # without a named method, the terms say what the cell trained (e.g. "hybrid" vs "ce")
+            label = method or "+".join(t.type for t in cfg.terms or supervised_terms(cfg) if t.student in (None, model))
+            rows.append({"run": name, "method": label, **{k: v for k, v in point}, "seed": seed,
                          "student": model, **{m: r["test"][m] for m in METRICS},
                          f"val_{cfg.train.select_metric}": val.get(cfg.train.select_metric),
                          "params": r["model"]["params"]})
