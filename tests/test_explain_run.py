@@ -25,3 +25,21 @@ def test_explain_run_end_to_end(data_dir: Path, teachers: list[Path], tmp_path: 
     assert e["met_s_per_image"] > 0 and 0 <= e["fidelity"] <= 1 and len(e["deletion_auc"]["per_class"]) == 3
     assert set(r["agreement"]["s"]) == {"gradcam", "scorecam", "avgmap", "shap"}
     assert rep["models"]["t0"]["target_layer"] == "conv4"  # conv5 is 1×1 at 16 px; the deepest ≥ 2×2 map is chosen
+    assert rep["models"]["t0"]["target_map"] == [2, 2]
+
+
+def test_explain_run_layer_choice(data_dir: Path, teachers: list[Path], tmp_path: Path) -> None:
+    import pytest
+
+    cfg = tiny_cfg(data_dir / "tiny.npz", tmp_path / "run", epochs=1)
+    cfg["teachers"] = [{"name": "t0", "checkpoint": str(teachers[0])}]
+    cfg["students"] = [{"name": "s", "model": "cnn5", "kwargs": TINY_CNN}]
+    cfg["terms"] = [{"type": "kd"}]
+    run_engine(cfg)
+    rep = explain_run(tmp_path / "run", n_images=2, methods=["gradcam"], layers={"s": "conv3"})
+    assert rep["models"]["s"]["target_layer"] == "conv3" and rep["models"]["s"]["target_map"] == [4, 4]
+    assert rep["models"]["t0"]["target_layer"] == "conv4"
+    with pytest.raises(ValueError, match="unknown model"):
+        explain_run(tmp_path / "run", n_images=2, methods=["gradcam"], layers={"nobody": "conv3"})
+    with pytest.raises(ValueError, match="not a module with a spatial"):
+        explain_run(tmp_path / "run", n_images=2, methods=["gradcam"], layers={"s": "no_such_layer"})

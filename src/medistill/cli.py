@@ -159,11 +159,16 @@ def explain(
     split: str = typer.Option("test", "--split"),
     top_k: Optional[int] = typer.Option(None, "--top-k", help="Score-CAM: keep the k highest-variance channels"),
     out: Optional[Path] = typer.Option(None, "--out"),
+    layer: Optional[list[str]] = typer.Option(None, "--layer", help="MODEL=MODULE: the CAM layer of one model, e.g. mobilenetv3=blocks.4 (repeatable)"),
 ) -> None:
     """Explain every model of a run: overlays, faithfulness, agreement, explanation time."""
     from medistill.explain.run import explain_run
 
-    report = explain_run(run_dir, images, per_class, [m.strip() for m in methods.split(",") if m.strip()], split, top_k, out=out)
+    bad = [v for v in layer or [] if "=" not in v]
+    if bad:
+        raise typer.BadParameter(f"--layer {bad[0]!r} must look like MODEL=MODULE")
+    report = explain_run(run_dir, images, per_class, [m.strip() for m in methods.split(",") if m.strip()], split, top_k,
+                         out=out, layers=dict(v.split("=", 1) for v in layer or []))
     from medistill.explain.run import explain_markdown
 
     print(explain_markdown(report))

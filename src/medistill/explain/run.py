@@ -80,8 +80,12 @@ def _overlay_grid(images: np.ndarray, columns: dict[str, np.ndarray], labels: li
 
 
 def explain_run(run_dir: str | Path, n_images: int = 8, per_class: int | None = None, methods: list[str] | None = None,
-                split: str = "test", top_k: int | None = None, seed: int = 0, out: str | Path | None = None) -> dict[str, Any]:
+                split: str = "test", top_k: int | None = None, seed: int = 0, out: str | Path | None = None,
+                layers: dict[str, str] | None = None) -> dict[str, Any]:
+    """``layers`` maps a participant name to the module its CAMs use (default: the deepest top-level
+    module with a map of at least 2×2 — at small inputs that map is coarse, e.g. 2×2 at 64 px)."""
     run_dir = Path(run_dir)
+    cam_layers = dict(layers or {})
     methods = list(methods or ["gradcam", "scorecam", "avgmap"])
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -96,6 +100,9 @@ def explain_run(run_dir: str | Path, n_images: int = 8, per_class: int | None = 
     for d in sorted((run_dir / "students").glob("*/model.json")):
         m, pre, spec = load_model_dir(d.parent)
         models[d.parent.name] = ("student", m, pre, spec)
+    unknown = sorted(set(cam_layers) - set(models))
+    if unknown:
+        raise ValueError(f"--layer names unknown model(s) {unknown}; this run has {sorted(models)}")
     bundle.image_size = bundle.source.native_size or max(s.input_size for *_, s in models.values())
     labels_all = bundle.labels(split)
     chosen = _pick(labels_all, bundle.splits[split], n_images, per_class, seed)
@@ -115,11 +122,15 @@ def explain_run(run_dir: str | Path, n_images: int = 8, per_class: int | None = 
     all_maps: dict[str, dict[str, torch.Tensor]] = {}
     for name, (role, model, pre, spec) in models.items():
         xin = pre(x)
-        layer = C.default_target_layer(model, spec.input_size, spec.in_chans)
+        layer = cam_layers.get(name) or C.default_target_layer(model, spec.input_size, spec.in_chans)
+        shape = dict(list_taps(model, spec.input_size, spec.in_chans, layer.count(".") + 1)).get(layer)
+        if shape is None or len(shape) != 4:
+            raise ValueError(f"{name}: layer {layer!r} is not a module with a spatial [B, C, H, W] output; "
+                             f"candidates: {[n for n, sh in list_taps(model, spec.input_size, spec.in_chans, 2) if len(sh) == 4]}")
         fns = _methods(layer, top_k, pre(bg))
         with torch.no_grad():
             pred = model.eval()(xin).argmax(1)
-        entry: dict[str, Any] = {"role": role, "target_layer": layer, "methods": {}}
+        entry: dict[str, Any] = {"role": role, "target_layer": layer, "target_map": list(shape[-2:]), "methods": {}}
         all_maps[name] = {}
         for meth in methods:
             fn = fns[meth]
@@ -136,8 +147,8 @@ def explain_run(run_dir: str | Path, n_images: int = 8, per_class: int | None = 
             res["increase_in_confidence"] = M.per_class(cc["increase"], y, bundle.num_classes)
             entry["methods"][meth] = res
             all_maps[name][meth] = F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
-        layers = [n for n, s in list_taps(model, spec.input_size, spec.in_chans, 1) if len(s) == 4]
-        per_layer = C.average_feature_maps(model, xin, layers)
+        tap_names = [n for n, s in list_taps(model, spec.input_size, spec.in_chans, 1) if len(s) == 4]
+        per_layer = C.average_feature_maps(model, xin, tap_names)
         _overlay_grid(x.permute(0, 2, 3, 1).numpy(), {k: F.interpolate(v[:, None], size=size, mode="bilinear")[:, 0].numpy()
                                                      for k, v in per_layer.items()},
                       [f"y={int(v)}" for v in y], out / f"layers_{name}.png")
@@ -170,7 +181,7 @@ def explain_markdown(r: dict[str, Any]) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for name, e in r["models"].items():
         for meth, v in e["methods"].items():
-            lines.append(f"| {name} | {meth} | {e['target_layer']} | {1e3 * v['met_s_per_image']:.1f} | {v['fidelity']:.3f} | "
+            lines.append(f"| {name} | {meth} | {e['target_layer']} ({'×'.join(map(str, e.get('target_map', [])))}) | {1e3 * v['met_s_per_image']:.1f} | {v['fidelity']:.3f} | "
                          f"{v['deletion_auc']['macro']:.3f} | {v['insertion_auc']['macro']:.3f} | {v['average_drop']['macro']:.3f} |")
     if r.get("agreement"):
         lines += ["", f"## Agreement with teacher {r['agreement_with']} (macro over classes)", "",
