@@ -121,7 +121,8 @@ def _grouped(r: dict) -> str:
         method = re.sub(r"_s\d+$", "", key)
         for name, row in summ.items():
             if row["role"] == "student":
-                label = method if name == method else f"{method} ({name})"
+                # experts of different seeds carry different participant names; pool them
+                label = method if name == method or method == "expert" else f"{method} ({name})"
                 groups.setdefault(label, []).append(row["test"])
     out = ["| run | n | " + " | ".join(h for _, h in METRICS) + " |", "|---|---|" + "---|" * len(METRICS)]
     for label, rows in groups.items():
