@@ -43,3 +43,25 @@ def test_explain_run_layer_choice(data_dir: Path, teachers: list[Path], tmp_path
         explain_run(tmp_path / "run", n_images=2, methods=["gradcam"], layers={"nobody": "conv3"})
     with pytest.raises(ValueError, match="not a module with a spatial"):
         explain_run(tmp_path / "run", n_images=2, methods=["gradcam"], layers={"s": "no_such_layer"})
+
+
+def test_explain_run_compare_and_every_teacher(data_dir: Path, teachers: list[Path], tmp_path: Path) -> None:
+    """A model from elsewhere (a student trained alone) is explained beside the run's models, and
+    agreement is reported against every teacher."""
+    import pytest
+
+    cfg = tiny_cfg(data_dir / "tiny.npz", tmp_path / "run", epochs=1)
+    cfg["teachers"] = [{"name": "t0", "checkpoint": str(teachers[0])}, {"name": "t1", "checkpoint": str(teachers[1])}]
+    cfg["students"] = [{"name": "s", "model": "cnn5", "kwargs": TINY_CNN}]
+    cfg["terms"] = [{"type": "kd"}]
+    run_engine(cfg)
+    rep = explain_run(tmp_path / "run", n_images=3, methods=["gradcam"], compare={"alone": teachers[1]})
+    assert rep["models"]["alone"]["role"] == "compare"
+    assert set(rep["agreement_all"]) == {"t0", "t1"} and set(rep["agreement_all"]["t1"]) == {"t0", "s", "alone"}
+    assert rep["agreement"] == rep["agreement_all"]["t0"]
+    # t1 and "alone" are the same weights: identical maps agree perfectly
+    assert rep["agreement_all"]["t1"]["alone"]["gradcam"]["iou"]["macro"] == pytest.approx(1.0)
+    md = (tmp_path / "run" / "explain" / "explain.md").read_text()
+    assert "## Agreement with teacher t0" in md and "## Agreement with teacher t1" in md and "| alone | compare |" in md
+    with pytest.raises(ValueError, match="already a model"):
+        explain_run(tmp_path / "run", n_images=2, methods=["gradcam"], compare={"s": teachers[1]})

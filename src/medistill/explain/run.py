@@ -81,11 +81,15 @@ def _overlay_grid(images: np.ndarray, columns: dict[str, np.ndarray], labels: li
 
 def explain_run(run_dir: str | Path, n_images: int = 8, per_class: int | None = None, methods: list[str] | None = None,
                 split: str = "test", top_k: int | None = None, seed: int = 0, out: str | Path | None = None,
-                layers: dict[str, str] | None = None) -> dict[str, Any]:
+                layers: dict[str, str] | None = None, compare: dict[str, str | Path] | None = None) -> dict[str, Any]:
     """``layers`` maps a participant name to the module its CAMs use (default: the deepest top-level
-    module with a map of at least 2×2 — at small inputs that map is coarse, e.g. 2×2 at 64 px)."""
+    module with a map of at least 2×2 — at small inputs that map is coarse, e.g. 2×2 at 64 px).
+    ``compare`` adds models from elsewhere (name → model or run directory), e.g. a student trained
+    without a teacher: its agreement with the teachers is the baseline a distilled student's is
+    judged against."""
     run_dir = Path(run_dir)
     cam_layers = dict(layers or {})
+    compare = dict(compare or {})
     methods = list(methods or ["gradcam", "scorecam", "avgmap"])
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -100,6 +104,14 @@ def explain_run(run_dir: str | Path, n_images: int = 8, per_class: int | None = 
     for d in sorted((run_dir / "students").glob("*/model.json")):
         m, pre, spec = load_model_dir(d.parent)
         models[d.parent.name] = ("student", m, pre, spec)
+    for name, path in compare.items():
+        if name in models:
+            raise ValueError(f"--compare name {name!r} is already a model of this run; pick another")
+        m, pre, spec = load_model_dir(resolve_teacher(str(path)))
+        models[name] = ("compare", m, pre, spec)
+    counts = {n: s.num_classes for n, (*_, s) in models.items()}
+    if len(set(counts.values())) > 1:
+        raise ValueError(f"models disagree on the number of classes: {counts}")
     unknown = sorted(set(cam_layers) - set(models))
     if unknown:
         raise ValueError(f"--layer names unknown model(s) {unknown}; this run has {sorted(models)}")
@@ -155,17 +167,19 @@ def explain_run(run_dir: str | Path, n_images: int = 8, per_class: int | None = 
         report["models"][name] = entry
     teachers = [n for n, (r, *_) in models.items() if r == "teacher"]
     if teachers:
-        ref = teachers[0]
-        agree: dict[str, Any] = {}
-        for name in models:
-            if name == ref:
-                continue
-            agree[name] = {}
-            for meth in methods:
-                a = M.map_agreement(all_maps[ref][meth], all_maps[name][meth])
-                agree[name][meth] = {k: M.per_class(v, y, bundle.num_classes) for k, v in a.items()}
-        report["agreement_with"] = ref
-        report["agreement"] = agree
+        agree_all: dict[str, Any] = {}
+        for ref in teachers:
+            agree_all[ref] = {}
+            for name in models:
+                if name == ref:
+                    continue
+                agree_all[ref][name] = {}
+                for meth in methods:
+                    a = M.map_agreement(all_maps[ref][meth], all_maps[name][meth])
+                    agree_all[ref][name][meth] = {k: M.per_class(v, y, bundle.num_classes) for k, v in a.items()}
+        report["agreement_with"] = teachers[0]
+        report["agreement"] = agree_all[teachers[0]]
+        report["agreement_all"] = agree_all
     for meth in methods:
         _overlay_grid(x.permute(0, 2, 3, 1).numpy(), {n: all_maps[n][meth].numpy() for n in models},
                       [f"y={int(v)}" for v in y], out / f"grid_{meth}.png")
@@ -183,10 +197,11 @@ def explain_markdown(r: dict[str, Any]) -> str:
         for meth, v in e["methods"].items():
             lines.append(f"| {name} | {meth} | {e['target_layer']} ({'×'.join(map(str, e.get('target_map', [])))}) | {1e3 * v['met_s_per_image']:.1f} | {v['fidelity']:.3f} | "
                          f"{v['deletion_auc']['macro']:.3f} | {v['insertion_auc']['macro']:.3f} | {v['average_drop']['macro']:.3f} |")
-    if r.get("agreement"):
-        lines += ["", f"## Agreement with teacher {r['agreement_with']} (macro over classes)", "",
-                  "| model | method | top-20% IoU | Spearman |", "|---|---|---|---|"]
-        for name, d in r["agreement"].items():
+    roles = {n: e["role"] for n, e in r["models"].items()}
+    for ref, agree in (r.get("agreement_all") or ({r["agreement_with"]: r["agreement"]} if r.get("agreement") else {})).items():
+        lines += ["", f"## Agreement with teacher {ref} (macro over classes; two random top-20% masks: IoU ≈ 0.11)", "",
+                  "| model | role | method | top-20% IoU | Spearman |", "|---|---|---|---|---|"]
+        for name, d in agree.items():
             for meth, v in d.items():
-                lines.append(f"| {name} | {meth} | {v['iou']['macro']:.3f} | {v['spearman']['macro']:.3f} |")
+                lines.append(f"| {name} | {roles.get(name, '')} | {meth} | {v['iou']['macro']:.3f} | {v['spearman']['macro']:.3f} |")
     return "\n".join(lines) + "\n"
