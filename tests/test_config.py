@@ -95,6 +95,15 @@ def test_recipe_runs_stages_in_order(tmp_path: Path) -> None:
     assert [r["method"] for r in rows["students"]] == ["kd", "dkd"]
     assert [r["method"] for r in rows["teacher"]] == ["ce"]  # no named method: the terms label the row
     assert "## students" in (tmp_path / "r" / "results.md").read_text()
+    # a partial rerun keeps the other stages' tables; --seeds replaces a seeded stage's seeds only
+    recipe["stages"][1]["seeds"] = [0]
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    rows = run_recipe(tmp_path / "r.yaml", only=["students"], seeds=[1])
+    assert [r["run"] for r in rows["students"]] == ["kd_seed-1", "dkd_seed-1"]
+    md = (tmp_path / "r" / "results.md").read_text()
+    assert "## teacher" in md and "## students" in md
+    with pytest.raises(ConfigError, match="no stage named"):
+        run_recipe(tmp_path / "r.yaml", only=["studnets"])
 
 
 def test_paper_recipe_models_build_at_their_sizes() -> None:

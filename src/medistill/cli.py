@@ -198,11 +198,13 @@ def recipe(
     file: Path = typer.Argument(..., help="recipe YAML (configs/papers/*.yaml)"),
     only: Optional[str] = typer.Option(None, "--only", help="comma list of stage names"),
     sets: Optional[list[str]] = _SET,
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="comma list replacing the seeds of seeded stages, e.g. 0 for a first pass"),
 ) -> None:
     """Run a paper's protocol (teachers, students, sweeps) stage by stage; resumable."""
     from medistill.recipe import run_recipe
 
-    run_recipe(file, [s for s in (only or "").split(",") if s] or None, sets, console)
+    run_recipe(file, [s for s in (only or "").split(",") if s] or None, sets, console,
+               [int(v) for v in seeds.split(",") if v.strip()] if seeds else None)
 
 
 @app.command()

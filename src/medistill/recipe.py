@@ -66,16 +66,26 @@ def _check_checkpoints(r: Recipe, path: Path) -> None:
 
 
 def run_recipe(path: str | Path, only: list[str] | None = None, overrides: list[str] | None = None,
-               console: Console | None = None) -> dict[str, list[dict[str, Any]]]:
+               console: Console | None = None, seeds: list[int] | None = None) -> dict[str, list[dict[str, Any]]]:
     """Run the stages in order (or ``only`` those named); every stage is a sweep writing
-    ``OUT/STAGE/results.{csv,md}``; all tables are concatenated into ``OUT/results.md``."""
+    ``OUT/STAGE/results.{csv,md}``; the tables of every stage run so far are concatenated into
+    ``OUT/results.md``. ``seeds`` replaces the seed list of the stages that have one (a cheap
+    first pass: ``seeds=[0]``); stages without seeds (e.g. a single teacher) keep theirs."""
     r = load_recipe(path)
+    unknown = sorted(set(only or []) - {st.name for st in r.stages})
+    if unknown:
+        raise ConfigError(f"{path}: no stage named {unknown}; stages: {[st.name for st in r.stages]}")
     console = console or Console(stderr=True)
     out = Path(r.out)
     tables, rows = [], {}
     for st in r.stages:
         if only and st.name not in only:
+            # keep the tables of stages run earlier: a partial run must not drop them from results.md
+            if (out / st.name / "results.md").is_file():
+                tables.append(f"## {st.name}\n\n" + (out / st.name / "results.md").read_text())
             continue
+        if seeds and st.seeds:
+            st = st.model_copy(update={"seeds": list(seeds)})
         tree = _deep_merge(r.defaults, st.config)
         for item in overrides or []:
             k, v = parse_override(item)
