@@ -65,3 +65,9 @@ def test_explain_run_compare_and_every_teacher(data_dir: Path, teachers: list[Pa
     assert "## Agreement with teacher t0" in md and "## Agreement with teacher t1" in md and "| alone | compare |" in md
     with pytest.raises(ValueError, match="already a model"):
         explain_run(tmp_path / "run", n_images=2, methods=["gradcam"], compare={"s": teachers[1]})
+    from conftest import write_npz
+
+    four = tiny_cfg(write_npz(tmp_path / "four.npz", counts=(10, 10, 10, 10)), tmp_path / "four", epochs=1)
+    run_engine(four)
+    with pytest.raises(ValueError, match="number of classes"):
+        explain_run(tmp_path / "run", n_images=2, methods=["gradcam"], compare={"four": tmp_path / "four"})
