@@ -135,10 +135,13 @@ def explain_run(run_dir: str | Path, n_images: int = 8, per_class: int | None = 
     for name, (role, model, pre, spec) in models.items():
         xin = pre(x)
         layer = cam_layers.get(name) or C.default_target_layer(model, spec.input_size, spec.in_chans)
-        shape = dict(list_taps(model, spec.input_size, spec.in_chans, layer.count(".") + 1)).get(layer)
-        if shape is None or len(shape) != 4:
+        # one shape-probing forward serves the CAM layer, the error message and the per-layer maps
+        spatial = {n: sh for n, sh in list_taps(model, spec.input_size, spec.in_chans, max(2, layer.count(".") + 1))
+                   if len(sh) == 4}
+        if layer not in spatial:
             raise ValueError(f"{name}: layer {layer!r} is not a module with a spatial [B, C, H, W] output; "
-                             f"candidates: {[n for n, sh in list_taps(model, spec.input_size, spec.in_chans, 2) if len(sh) == 4]}")
+                             f"candidates: {[n for n in spatial if n.count('.') < 2]}")
+        shape = spatial[layer]
         fns = _methods(layer, top_k, pre(bg))
         with torch.no_grad():
             pred = model.eval()(xin).argmax(1)
@@ -159,8 +162,7 @@ def explain_run(run_dir: str | Path, n_images: int = 8, per_class: int | None = 
             res["increase_in_confidence"] = M.per_class(cc["increase"], y, bundle.num_classes)
             entry["methods"][meth] = res
             all_maps[name][meth] = F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
-        tap_names = [n for n, s in list_taps(model, spec.input_size, spec.in_chans, 1) if len(s) == 4]
-        per_layer = C.average_feature_maps(model, xin, tap_names)
+        per_layer = C.average_feature_maps(model, xin, [n for n in spatial if "." not in n])
         _overlay_grid(x.permute(0, 2, 3, 1).numpy(), {k: F.interpolate(v[:, None], size=size, mode="bilinear")[:, 0].numpy()
                                                      for k, v in per_layer.items()},
                       [f"y={int(v)}" for v in y], out / f"layers_{name}.png")
@@ -198,7 +200,7 @@ def explain_markdown(r: dict[str, Any]) -> str:
             lines.append(f"| {name} | {meth} | {e['target_layer']} ({'×'.join(map(str, e.get('target_map', [])))}) | {1e3 * v['met_s_per_image']:.1f} | {v['fidelity']:.3f} | "
                          f"{v['deletion_auc']['macro']:.3f} | {v['insertion_auc']['macro']:.3f} | {v['average_drop']['macro']:.3f} |")
     roles = {n: e["role"] for n, e in r["models"].items()}
-    for ref, agree in (r.get("agreement_all") or ({r["agreement_with"]: r["agreement"]} if r.get("agreement") else {})).items():
+    for ref, agree in r.get("agreement_all", {}).items():
         lines += ["", f"## Agreement with teacher {ref} (macro over classes; two random top-20% masks: IoU ≈ 0.11)", "",
                   "| model | role | method | top-20% IoU | Spearman |", "|---|---|---|---|---|"]
         for name, d in agree.items():
