@@ -104,10 +104,66 @@ def train(
     sets: Optional[list[str]] = _SET,
     resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its last checkpoint"),
     download: bool = typer.Option(False, "--download", help="download a missing MedMNIST file (needs network)"),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="comma list, e.g. 0,1,2: a seed ensemble, one run per seed "
+                                        "under --out/seed-N plus ensemble.json and the ensemble's evaluation"),
 ) -> None:
-    """Train a teacher or a student-only baseline with a supervised loss."""
-    _run("train", config, _overrides(data, model, epochs, batch_size, seed, out, lr, input_size, sets), model,
-         input_size, None, None, resume, download)
+    """Train a teacher or a student-only baseline with a supervised loss (or a seed ensemble)."""
+    overrides = _overrides(data, model, epochs, batch_size, seed, out, lr, input_size, sets)
+    if seeds is None:
+        _run("train", config, overrides, model, input_size, None, None, resume, download)
+        return
+    seed_list = _parse_seeds(seeds)
+    if seed is not None:
+        raise MedistillError("give either --seed or --seeds, not both")
+    if not out:
+        raise MedistillError("--seeds needs --out ENSEMBLE_DIR")
+    members = []
+    for s in seed_list:
+        d = Path(out) / f"seed-{s}"
+        members.append(d)
+        if resume and (d / "students").is_dir() and (d / "metrics.json").is_file():
+            console.print(f"{d}: finished, kept")
+            continue
+        if not resume and d.exists() and any(d.iterdir()):
+            raise MedistillError(f"ensemble member {d} already exists; pass --resume to continue the ensemble "
+                                 "or choose another --out")
+        member_overrides = [o for o in overrides if not o.startswith("out=")] + [f"out={d}", f"train.seed={s}"]
+        _run("train", config, member_overrides, model, input_size, None, None,
+             resume and (d / "checkpoint_last.pt").is_file(), download)
+    _ensemble(members, Path(out), "prob_mean")
+
+
+def _parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise MedistillError(f"--seeds {text!r}: expected a comma list of integers, e.g. 0,1,2") from None
+    dup = sorted({s for s in seeds if seeds.count(s) > 1})
+    if dup:
+        raise MedistillError(f"--seeds {text!r} repeats seed(s) {dup}: members would be identical")
+    if len(seeds) < 2:
+        raise MedistillError(f"--seeds {text!r}: an ensemble needs at least 2 seeds")
+    return seeds
+
+
+def _ensemble(members: list[Path], out: Path, aggregation: str) -> None:
+    from medistill.evaluate import evaluate_ensemble
+    from medistill.models.ensemble import write_ensemble
+
+    write_ensemble(out, members, aggregation)
+    evaluate_ensemble(out)
+    print((out / "summary.md").read_text())
+    print(f"ensemble: {out} (use it as one teacher: medistill distill --teacher {out} ...)")
+
+
+@app.command()
+def ensemble(
+    members: list[Path] = typer.Argument(..., help="trained runs or model directories (at least 2)"),
+    out: Path = typer.Option(..., "--out", help="ensemble directory (ensemble.json, metrics, summary)"),
+    aggregation: str = typer.Option("prob_mean", "--aggregation", help="prob_mean (default) or logit_mean"),
+) -> None:
+    """Combine trained models into one teacher ensemble and evaluate it on their shared split."""
+    _ensemble(list(members), out, aggregation)
 
 
 @app.command()

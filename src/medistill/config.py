@@ -54,7 +54,9 @@ class ModelSpec(_Strict):
     input_size: int | None = Field(None, ge=8, description="default: the dataset's native size")
     in_chans: int | None = Field(None, description="default: the dataset's channels")
     pretrained: str | bool = False
-    small_input: Literal["auto", "on", "off"] = "auto"
+    small_input: Literal["auto", "on", "off", "stride8", "stride16"] = Field(
+        "auto", description="stem adaptation for small inputs: auto (≤ 64 px; pooling kept from 48 px), on, off, "
+        "or stride8/stride16 to force the adaptation without/with the stem's pooling")
     norm: Literal["auto", "imagenet", "half"] | tuple[list[float], list[float]] = "auto"
     kwargs: dict[str, Any] = Field(default_factory=dict)
 

@@ -64,3 +64,67 @@ def evaluate_target(target: str | Path, data: str | None = None, out: str | Path
         first = model_dirs[0].name
         write_json(run_dir / "metrics.json", {**results[first], "student": first})
     return results
+
+
+def evaluate_ensemble(directory: str | Path, latency: bool = False) -> dict[str, Any]:
+    """Evaluate an ensemble directory on its members' (shared) validation and test splits.
+
+    Writes ``metrics.json`` (the averaged prediction, with ``members`` beside it),
+    ``predictions_test.csv``, ``confusion_test.png`` and ``summary.md`` into the directory.
+    Members trained on different splits are refused: the ensemble's test set would hold images
+    some member trained on."""
+    import statistics
+
+    from medistill.io import write_text
+    from medistill.models.ensemble import load_ensemble
+
+    d = Path(directory)
+    ens, specs, digest, rec = load_ensemble(d)
+    runs = []
+    for row in rec["members"]:
+        md = d / row["model_dir"]
+        run = _run_dir_of(md)
+        if run is None:
+            raise ModelError(f"ensemble member {md} is not inside a run directory (no config.yaml/split.json): "
+                             "its split is unknown, so it cannot be evaluated without a leak check")
+        runs.append(run)
+    split = json.loads((runs[0] / "split.json").read_text())
+    for run in runs[1:]:
+        other = json.loads((run / "split.json").read_text())
+        if other.get("val") != split.get("val") or other.get("test") != split.get("test"):
+            raise ModelError(f"ensemble members {runs[0]} and {run} were trained on different splits; "
+                             "an ensemble of them has no clean test set")
+    cfg = load_config(runs[0] / "config.yaml")
+    bundle = build_data(cfg.data, fixed_splits=split)
+    bundle.image_size = bundle.source.native_size or max(s.data_size or s.input_size for s in specs)
+    loaders = {k: bundle.loader(k, 256, train=False) for k in ("val", "test")}
+    c = bundle.channels
+    from medistill.models.factory import Preprocess
+
+    pre = Preprocess(c, c, bundle.image_size, (0.0,) * c, (1.0,) * c)
+    from medistill.models.cost import count_flops, count_params
+
+    info = {"params": count_params(ens), "arch": f"ensemble of {len(specs)}",
+            "flops": sum(count_flops(m, (1, s.in_chans, s.input_size, s.input_size)) for m, s in zip(ens.members, specs))}
+    res = evaluate_splits(ens, pre, loaders, d, info, rec["class_names"])
+    members = {}
+    for row, run in zip(rec["members"], runs):
+        m = json.loads(((d / row["model_dir"]) / "metrics.json").read_text())
+        members[row["model_dir"]] = {"val": m["val"], "test": m["test"], "run": str(run)}
+    res["members"] = members
+    res["ensemble"] = {"aggregation": rec["aggregation"], "sha256": digest}
+    write_json(d / "metrics.json", res)
+    keys = ("accuracy", "balanced_accuracy", "macro_f1", "auroc", "ece")
+    lines = ["| model | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    for name, m in members.items():
+        lines.append(f"| {name} | " + " | ".join(_fmt(m["test"][k]) for k in keys) + " |")
+    vals = {k: [m["test"][k] for m in members.values() if m["test"][k] is not None] for k in keys}
+    lines.append("| members, mean ± std | " + " | ".join(
+        f"{statistics.mean(v):.3f} ± {statistics.stdev(v) if len(v) > 1 else 0.0:.3f}" if v else "–" for v in vals.values()) + " |")
+    lines.append(f"| **ensemble ({rec['aggregation']})** | " + " | ".join(_fmt(res["test"][k]) for k in keys) + " |")
+    write_text(d / "summary.md", "Test split, members and their ensemble:\n\n" + "\n".join(lines) + "\n")
+    return res
+
+
+def _fmt(v: Any) -> str:
+    return "–" if v is None else f"{v:.3f}"

@@ -40,6 +40,7 @@ from medistill.models.cost import count_flops, count_params, latency_ms
 from medistill.models.factory import (ModelSpecRecord, Preprocess, create_model, load_model_dir, resolve_norm,
                                       save_model_dir)
 from medistill.models.dualhead import DualHead
+from medistill.models.ensemble import EnsembleModel, is_ensemble_dir, load_ensemble
 from medistill.models.taps import FeatureTaps
 
 Tensor = torch.Tensor
@@ -80,6 +81,8 @@ def resolve_teacher(path: str) -> Path:
     """A teacher checkpoint may be a model dir, a weights file beside model.json, or a run dir
     whose single student is the teacher."""
     p = Path(path)
+    if is_ensemble_dir(p):
+        return p
     if p.is_dir() and not (p / "model.json").is_file():
         students = sorted((p / "students").glob("*/model.json")) if (p / "students").is_dir() else []
         if len(students) == 1:
@@ -156,7 +159,27 @@ class Engine:
         np.random.seed(seed % (2 ** 32))
         torch.manual_seed(seed)
 
+    def _load_ensemble_teacher(self, spec: Any, path: Path) -> Participant:
+        """An ensemble directory as one teacher: members keep their own preprocessing inside
+        :class:`EnsembleModel`, so the participant's preprocessing only passes the batch on."""
+        model, specs, digest, rec = load_ensemble(path)
+        if rec["num_classes"] != self.data.num_classes:
+            raise ModelError(f"teacher {spec.name!r} (ensemble {path}) predicts {rec['num_classes']} classes but the data "
+                             f"has {self.data.num_classes} ({self.data.source.description})")
+        size = self.data.source.native_size or max(s.data_size or s.input_size for s in specs)
+        c = self.data.channels
+        archs = sorted({s.arch for s in specs})
+        rec0 = ModelSpecRecord(**{**specs[0].__dict__, "arch": f"ensemble({len(specs)}× {'+'.join(archs)})",
+                                  "in_chans": c, "data_chans": c, "input_size": size,
+                                  "mean": [0.0] * c, "std": [1.0] * c})
+        for prm in model.parameters():
+            prm.requires_grad_(False)
+        return Participant(spec.name, model, Preprocess(c, c, size, (0.0,) * c, (1.0,) * c), rec0, trainable=False,
+                           checkpoint=str(path), sha256=digest)
+
     def _load_teacher(self, spec: Any, path: Path) -> Participant:
+        if is_ensemble_dir(path):
+            return self._load_ensemble_teacher(spec, path)
         if spec.model is not None and not (path.is_dir() or (path.parent / "model.json").is_file()):
             rec = ModelSpecRecord(arch=spec.model, num_classes=self.data.num_classes, in_chans=self.data.channels,
                                   data_chans=self.data.channels, input_size=spec.input_size or self.data.source.native_size or 224,
@@ -231,6 +254,9 @@ class Engine:
             for pname, taps in term.taps().items():
                 if pname not in self.parts:
                     raise ConfigError(f"term {term.type_name!r} names unknown participant {pname!r}")
+                if taps and isinstance(self.parts[pname].model, EnsembleModel):
+                    raise ConfigError(f"term {term.type_name!r} taps features of {pname!r}, a teacher ensemble; "
+                                      "feature terms need a single network (name one member as the teacher)")
                 self.parts[pname].taps |= taps
         self.tap_shapes = setup.tap_shapes = self._tap_shapes()
         for term in terms.values():

@@ -24,13 +24,21 @@ from medistill.models.cnn5 import CNN5
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 SMALL_INPUT_MAX = 64
 
-# What the small-input adaptation changes, per family (the docs table is generated from this).
+# Inputs from this side up keep the stem's pooling (total stride 16, last map 3–4 px at 48–64 px);
+# smaller ones lose it too (stride 8, 4×4 at 28 px). Keeping the max-pool at 64 px cuts a
+# ResNet-18's FLOPs by 4× for the same 4×4 last map.
+KEEP_POOL_FROM = 48
+
+# What the small-input adaptation changes, per family and regime (the docs table is generated from this).
 ADAPTATIONS = {
     "ResNet": "conv1 7×7/2 → 3×3/1, maxpool removed (total stride 32 → 8; layer4 is 4×4 at 28 px)",
+    "ResNet/pool": "conv1 7×7/2 → 3×3/1, maxpool kept (total stride 32 → 16; layer4 is 4×4 at 64 px)",
     "DenseNet": "conv0 7×7/2 → 3×3/1, pool0 removed (total stride 32 → 8; 3×3 at 28 px)",
-    "EfficientNet": "conv_stem stride 2 → 1 (total stride 32 → 16; 2×2 at 28 px); also MobileNetV2",
+    "DenseNet/pool": "conv0 7×7/2 → 3×3/1, pool0 kept (total stride 32 → 16; 4×4 at 64 px)",
+    "EfficientNet": "conv_stem stride 2 → 1 (total stride 32 → 16; 2×2 at 28 px, 4×4 at 64 px); also MobileNetV2",
     "MobileNetV3": "conv_stem stride 2 → 1 (total stride 32 → 16)",
     "ConvNeXt": "stem 4×4/4 → 3×3/1 (total stride 32 → 8)",
+    "ConvNeXt/pool": "stem 4×4/4 → 3×3/2 (total stride 32 → 16; 4×4 at 64 px)",
     "CNN5": "none needed (ceil-mode pooling)",
 }
 
@@ -45,7 +53,9 @@ def _unknown_model(name: str) -> ModelError:
     return ModelError(f"unknown model {name!r}.{hint}")
 
 
-def _adapt_small_input(model: nn.Module, in_chans: int) -> str | None:
+def _adapt_small_input(model: nn.Module, in_chans: int, keep_pool: bool) -> str | None:
+    """Make the stem fit a small input: stride 1 in the first conv; ``keep_pool`` keeps the
+    stem's pooling (total stride 16), otherwise it goes too (stride 8)."""
     kind = type(model).__name__
     if kind == "ResNet":
         old = model.conv1
@@ -54,19 +64,22 @@ def _adapt_small_input(model: nn.Module, in_chans: int) -> str | None:
         else:  # deep stem: make its first conv stride 1
             first = next(m for m in old.modules() if isinstance(m, nn.Conv2d))
             first.stride = (1, 1)
-        model.maxpool = nn.Identity()
+        if not keep_pool:
+            model.maxpool = nn.Identity()
     elif kind == "DenseNet":
         old = model.features.conv0
         model.features.conv0 = nn.Conv2d(in_chans, old.out_channels, 3, 1, 1, bias=False)
-        model.features.pool0 = nn.Identity()
+        if not keep_pool:
+            model.features.pool0 = nn.Identity()
     elif kind in ("EfficientNet", "MobileNetV3"):
         model.conv_stem.stride = (1, 1)
+        return ADAPTATIONS[kind]
     elif kind == "ConvNeXt":
         old = model.stem[0]
-        model.stem[0] = nn.Conv2d(in_chans, old.out_channels, 3, 1, 1)
+        model.stem[0] = nn.Conv2d(in_chans, old.out_channels, 3, 2 if keep_pool else 1, 1)
     else:
         return None
-    return ADAPTATIONS[kind]
+    return ADAPTATIONS[f"{kind}/pool" if keep_pool else kind]
 
 
 def create_model(name: str, num_classes: int, in_chans: int = 3, input_size: int = 224,
@@ -74,7 +87,10 @@ def create_model(name: str, num_classes: int, in_chans: int = 3, input_size: int
     """Build ``name`` with a ``num_classes`` head.
 
     ``small_input``: "auto" adapts the stem of ResNet/DenseNet/EfficientNet/MobileNet/ConvNeXt
-    when ``input_size <= 64`` (see :data:`ADAPTATIONS`); "on"/"off" force it. ``pretrained`` may be
+    when ``input_size <= 64`` (see :data:`ADAPTATIONS`; the stem's pooling is kept from
+    :data:`KEEP_POOL_FROM` px up); "on"/"off" force it; "stride8"/"stride16" force the
+    adaptation with the stem's pooling removed/kept whatever the size (e.g. a cheap ResNet
+    at 32 px: "stride16" costs a quarter of "stride8" for a 2×2 instead of 4×4 last map). ``pretrained`` may be
     a local weights file (safetensors or a weights-only torch file); the head is re-initialised
     when its shape differs. ``True`` asks timm's hub and needs network access.
     The adaptation applied is stored as ``model.medistill_adaptation``.
@@ -95,8 +111,10 @@ def create_model(name: str, num_classes: int, in_chans: int = 3, input_size: int
                                  "Pass a local weights file as pretrained=PATH instead.") from e
             raise
     adaptation = None
-    if small_input == "on" or (small_input == "auto" and input_size <= SMALL_INPUT_MAX):
-        adaptation = _adapt_small_input(model, in_chans)
+    if small_input in ("stride8", "stride16"):
+        adaptation = _adapt_small_input(model, in_chans, keep_pool=small_input == "stride16")
+    elif small_input == "on" or (small_input == "auto" and input_size <= SMALL_INPUT_MAX):
+        adaptation = _adapt_small_input(model, in_chans, keep_pool=input_size >= KEEP_POOL_FROM)
     model.medistill_adaptation = adaptation  # type: ignore[attr-defined]
     if isinstance(pretrained, str) and pretrained:
         load_weights(model, pretrained, strict=False)
