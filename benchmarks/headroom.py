@@ -1,0 +1,238 @@
+"""The headroom benchmark: is a distilled student better than the same student trained alone?
+
+On ISIC 9-class dermoscopy (``isic9_64.npz``): a teacher ensemble of seeds, then students over
+seeds, each alone with CE, alone with logit-adjusted CE, KD from the ensemble, DKD from the
+ensemble and KD with logit-adjusted CE — for a ResNet-18 and for a small student at ≤ 1/10 of
+one teacher's FLOPs. Every run goes through the ``medistill`` command line; a finished run is
+reused and an interrupted one resumed, so the benchmark can be stopped and restarted at will
+(and split over processes with ``--cells``).
+
+    python benchmarks/headroom.py                      # everything, resumable
+    python benchmarks/headroom.py --cells mnv3s:ce,mnv3s:kd --seeds 0 1 2
+    python benchmarks/headroom.py --table-only         # rewrite the table from finished runs
+
+Settings come from ``configs/bench/headroom_isic9.yaml`` (32 px, dihedral views so the teacher
+outputs are cached, AdamW + cosine); ``--epochs`` and ``--set`` override them for every run.
+Results: ``benchmarks/results/headroom.json`` and ``headroom.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent
+REPO = ROOT.parent
+RESULTS = ROOT / "results"
+BASE = REPO / "configs" / "bench" / "headroom_isic9.yaml"
+
+STUDENTS = {
+    "resnet18": {"model": "resnet18", "input_size": 32, "small_input": "stride16"},
+    "mnv3s": {"model": "mobilenetv3_small_100", "input_size": 32, "small_input": "auto"},
+}
+# Each variant: (command, loss terms or None for `train` with train.loss).
+KD = {"type": "kd", "weight": 0.9, "temperature": 4.0}
+VARIANTS: dict[str, tuple[str, Any]] = {
+    "ce": ("train", {"train.loss": "ce"}),
+    "la": ("train", {"train.loss": "logit_adjusted"}),
+    "kd": ("distill", [{"type": "ce", "weight": 0.1}, KD]),
+    "dkd": ("distill", "dkd"),
+    "kd_la": ("distill", [{"type": "logit_adjusted", "weight": 0.1}, KD]),
+}
+LABELS = {"ce": "alone, CE", "la": "alone, logit-adjusted CE", "kd": "KD from the ensemble",
+          "dkd": "DKD from the ensemble", "kd_la": "KD + logit-adjusted CE"}
+METRICS = ("balanced_accuracy", "accuracy", "macro_f1", "auroc", "ece")
+
+
+def medistill(*args: str) -> None:
+    cmd = [sys.executable, "-m", "medistill", *args]
+    print("$ medistill " + " ".join(args), flush=True)
+    subprocess.run(cmd, check=True, cwd=REPO)
+
+
+def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node: Any = tree
+    keys = dotted.split(".")
+    for k in keys[:-1]:
+        node = node[int(k)] if isinstance(node, list) else node.setdefault(k, {})
+    if isinstance(node, list):
+        node[int(keys[-1])] = value
+    else:
+        node[keys[-1]] = value
+
+
+def base_config(epochs: int | None, sets: list[str]) -> dict[str, Any]:
+    cfg = yaml.safe_load(BASE.read_text())
+    cfg["data"]["name"] = str((REPO / cfg["data"]["name"]).resolve()) if not Path(cfg["data"]["name"]).is_absolute() else cfg["data"]["name"]
+    if os.environ.get("MEDISTILL_DATA_DIR"):
+        cand = Path(os.environ["MEDISTILL_DATA_DIR"]) / "isic9_64.npz"
+        if cand.is_file():
+            cfg["data"]["name"] = str(cand)
+    if epochs:
+        cfg["train"]["epochs"] = epochs
+    for s in sets:
+        k, v = s.split("=", 1)
+        _set(cfg, k, yaml.safe_load(v))
+    return cfg
+
+
+def teachers(out: Path, cfg: dict[str, Any], seeds: list[int]) -> Path:
+    ens = out / "teachers"
+    if (ens / "ensemble.json").is_file() and (ens / "metrics.json").is_file():
+        return ens
+    path = out / "configs" / "teacher.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    medistill("train", str(path), "--seeds", ",".join(map(str, seeds)), "--out", str(ens), "--resume")
+    return ens
+
+
+def cell(out: Path, cfg: dict[str, Any], ens: Path, student: str, variant: str, seed: int) -> Path:
+    run = out / f"{student}-{variant}" / f"seed-{seed}"
+    if (run / "summary.json").is_file():
+        return run
+    c = json.loads(json.dumps(cfg))
+    c["students"] = [{"name": "student", **STUDENTS[student]}]
+    c["train"]["seed"] = seed
+    kind, spec = VARIANTS[variant]
+    if kind == "train":
+        for k, v in spec.items():
+            _set(c, k, v)
+    else:
+        c["teachers"] = [{"name": "ensemble", "checkpoint": str(ens)}]
+        if isinstance(spec, str):
+            from medistill.distill.methods import method_terms
+
+            c["terms"] = method_terms(spec, c["train"]["epochs"])
+        else:
+            c["terms"] = spec
+    path = out / "configs" / f"{student}-{variant}-{seed}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(c, sort_keys=False))
+    args = [kind, str(path), "--out", str(run)]
+    if (run / "checkpoint_last.pt").is_file():
+        args.append("--resume")
+    medistill(*args)
+    return run
+
+
+def _mean_std(v: list[float]) -> tuple[float | None, float | None]:
+    if not v:
+        return None, None
+    return statistics.mean(v), (statistics.stdev(v) if len(v) > 1 else None)
+
+
+def collect(out: Path) -> dict[str, Any]:
+    ens = out / "teachers"
+    res: dict[str, Any] = {"machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, "
+                           f"{os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d"), "cells": {}}
+    if (ens / "metrics.json").is_file():
+        m = json.loads((ens / "metrics.json").read_text())
+        res["ensemble"] = {"test": {k: m["test"][k] for k in METRICS}, "flops": m["model"]["flops"],
+                           "params": m["model"]["params"],
+                           "members": {k: {x: v["test"][x] for x in METRICS} for k, v in m["members"].items()}}
+        one = next(iter(m["members"].values()))["run"]
+        single = json.loads((Path(one) / "students" / "student" / "metrics.json").read_text())
+        res["teacher_member"] = {"flops": single["model"]["flops"], "params": single["model"]["params"],
+                                 "latency_ms": (single.get("latency", {}).get("cpu_batch1") or {}).get("median_ms")}
+    for student in STUDENTS:
+        for variant in VARIANTS:
+            d = out / f"{student}-{variant}"
+            runs = sorted(p for p in d.glob("seed-*") if (p / "summary.json").is_file())
+            if not runs:
+                continue
+            per_seed, times = {}, []
+            model = None
+            for r in runs:
+                m = json.loads((r / "students" / "student" / "metrics.json").read_text())
+                per_seed[r.name] = {k: m["test"][k] for k in METRICS}
+                model = {"params": m["model"]["params"], "flops": m["model"]["flops"],
+                         "latency_ms": (m.get("latency", {}).get("cpu_batch1") or {}).get("median_ms")}
+                lines = [json.loads(ln) for ln in (r / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+                times.extend(ln["train_time_s"] for ln in lines)
+            res["cells"][f"{student}:{variant}"] = {
+                "student": student, "variant": variant, "seeds": per_seed, "model": model,
+                "epoch_time_s": statistics.mean(times) if times else None,
+                **{k: _mean_std([s[k] for s in per_seed.values() if s[k] is not None]) for k in METRICS},
+            }
+    return res
+
+
+def _f(ms: tuple[float | None, float | None] | list) -> str:
+    m, s = ms
+    if m is None:
+        return "–"
+    return f"{m:.3f}" + (f" ± {s:.3f}" if s is not None else "")
+
+
+def table(res: dict[str, Any]) -> str:
+    lines = []
+    if "ensemble" in res:
+        e = res["ensemble"]
+        lines.append("Teachers (test split):\n")
+        lines.append("| model | bal. ACC | ACC | macro-F1 | AUROC | ECE |\n|---|---|---|---|---|---|")
+        members = list(e["members"].values())
+        for k, v in e["members"].items():
+            lines.append(f"| member {k.split('/')[0]} | " + " | ".join(f"{v[m]:.3f}" for m in METRICS) + " |")
+        lines.append("| members, mean ± std | " + " | ".join(
+            _f(_mean_std([v[m] for v in members])) for m in METRICS) + " |")
+        lines.append("| **ensemble** | " + " | ".join(f"{e['test'][m]:.3f}" for m in METRICS) + " |\n")
+    lines.append("Students (test split, mean ± std over seeds; checkpoints selected on validation):\n")
+    lines.append("| student | trained | seeds | bal. ACC | ACC | macro-F1 | AUROC | ECE | params (M) | MFLOPs | CPU ms (b=1) | epoch time ratio |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for key, c in res["cells"].items():
+        base = res["cells"].get(f"{c['student']}:ce")
+        ratio = (c["epoch_time_s"] / base["epoch_time_s"]) if base and base["epoch_time_s"] and c["epoch_time_s"] else None
+        mdl = c["model"] or {}
+        lat = mdl.get("latency_ms")
+        lines.append(f"| {STUDENTS[c['student']]['model']} | {LABELS[c['variant']]} | {len(c['seeds'])} | "
+                     + " | ".join(_f(c[m]) for m in METRICS)
+                     + f" | {mdl.get('params', 0) / 1e6:.2f} | {mdl.get('flops', 0) / 1e6:.0f} | "
+                     + (f"{lat:.2f}" if lat else "–") + " | " + (f"{ratio:.2f}" if ratio else "–") + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=str(REPO / "runs" / "headroom"))
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--teacher-seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--cells", default=None, help="comma list of STUDENT:VARIANT (default: all, small student first)")
+    ap.add_argument("--epochs", type=int, default=None)
+    ap.add_argument("--set", dest="sets", action="append", default=[], help="dotted override for every run")
+    ap.add_argument("--table-only", action="store_true")
+    a = ap.parse_args()
+    out = Path(a.out)
+    cfg = base_config(a.epochs, a.sets)
+    if not a.table_only:
+        ens = teachers(out, cfg, a.teacher_seeds)
+        order = [f"{s}:{v}" for s in ("mnv3s", "resnet18") for v in VARIANTS]
+        cells = a.cells.split(",") if a.cells else order
+        for c in cells:
+            student, variant = c.split(":")
+            if student not in STUDENTS or variant not in VARIANTS:
+                raise SystemExit(f"unknown cell {c!r}; students {list(STUDENTS)}, variants {list(VARIANTS)}")
+        for seed in a.seeds:          # seeds outermost: a partial run already has every cell once
+            for c in cells:
+                student, variant = c.split(":")
+                cell(out, cfg, ens, student, variant, seed)
+    res = collect(out)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "headroom.json").write_text(json.dumps(res, indent=2))
+    md = table(res)
+    (RESULTS / "headroom.md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
