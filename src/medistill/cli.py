@@ -19,7 +19,9 @@ models_app = typer.Typer(help="Inspect the model zoo and feature taps.", no_args
 app.add_typer(models_app, name="models")
 console = Console(stderr=True)
 
-_SET = typer.Option(None, "--set", help="dotted override, e.g. --set train.lr=0.01 (repeatable)")
+_SET = typer.Option(None, "--set", help="dotted override, e.g. --set optim.lr=0.01 (repeatable)")
+_PRETRAINED = typer.Option(False, "--pretrained", help="start the students from timm's published weights (needs "
+                           "network access; offline, pass a local file with --set students.0.pretrained=PATH)")
 
 
 def _overrides(data: Optional[str], model: Optional[list[str]], epochs: Optional[int], batch_size: Optional[int],
@@ -51,8 +53,9 @@ def _students(model: Optional[list[str]], input_size: Optional[int], base: list[
 
 
 def _run(kind: str, config: Optional[Path], overrides: list[str], model: Optional[list[str]], input_size: Optional[int],
-         teachers: Optional[list[str]], method: Optional[str], resume: bool, download: bool) -> None:
-    from medistill.config import load_config
+         teachers: Optional[list[str]], method: Optional[str], resume: bool, download: bool,
+         pretrained: bool = False) -> None:
+    from medistill.config import apply_overrides, load_config
     from medistill.distill.engine import Engine
     from medistill.distill.methods import method_terms
 
@@ -68,8 +71,14 @@ def _run(kind: str, config: Optional[Path], overrides: list[str], model: Optiona
     st = _students(model, input_size, tree.get("students"))
     if st:
         tree["students"] = st
+        # --model rebuilt the student list: re-apply the --set items that address students,
+        # which would otherwise be silently dropped (e.g. --set students.0.pretrained=PATH).
+        apply_overrides(tree, [o for o in overrides if o.startswith("students.")])
+    if pretrained:
+        for s in tree["students"]:
+            s["pretrained"] = True
     if teachers:
-        tree["teachers"] = [{"name": f"teacher{i}" if len(teachers) > 1 else "teacher", "checkpoint": t} for i, t in enumerate(teachers)]
+        tree["teachers"] = [_teacher_entry(t, f"teacher{i}" if len(teachers) > 1 else "teacher") for i, t in enumerate(teachers)]
     if method:
         tree["terms"] = method_terms(method, tree["train"]["epochs"])
         console.print(f"method {method}: terms = {json.dumps(tree['terms'])}")
@@ -90,6 +99,21 @@ def _run(kind: str, config: Optional[Path], overrides: list[str], model: Optiona
     print(f"run directory: {cfg.out}\nreport: {build_report([cfg.out])}")
 
 
+def _method_names() -> list[str]:
+    from medistill.distill.methods import METHODS
+
+    return list(METHODS)
+
+
+def _teacher_entry(text: str, name: str) -> dict[str, Any]:
+    """``--teacher DIR`` (run, model or ensemble directory) or ``--teacher ARCH=WEIGHTS`` (a timm
+    model name and a weights file, e.g. timm's ``model_best.pth.tar``)."""
+    if "=" in text and not Path(text).exists():
+        arch, path = text.split("=", 1)
+        return {"name": name, "checkpoint": path, "model": arch}
+    return {"name": name, "checkpoint": text}
+
+
 @app.command()
 def train(
     config: Optional[Path] = typer.Argument(None, help="YAML config (optional: flags suffice)"),
@@ -106,11 +130,12 @@ def train(
     download: bool = typer.Option(False, "--download", help="download a missing MedMNIST file (needs network)"),
     seeds: Optional[str] = typer.Option(None, "--seeds", help="comma list, e.g. 0,1,2: a seed ensemble, one run per seed "
                                         "under --out/seed-N plus ensemble.json and the ensemble's evaluation"),
+    pretrained: bool = _PRETRAINED,
 ) -> None:
     """Train a teacher or a student-only baseline with a supervised loss (or a seed ensemble)."""
     overrides = _overrides(data, model, epochs, batch_size, seed, out, lr, input_size, sets)
     if seeds is None:
-        _run("train", config, overrides, model, input_size, None, None, resume, download)
+        _run("train", config, overrides, model, input_size, None, None, resume, download, pretrained)
         return
     seed_list = _parse_seeds(seeds)
     if seed is not None:
@@ -129,7 +154,7 @@ def train(
                                  "or choose another --out")
         member_overrides = [o for o in overrides if not o.startswith("out=")] + [f"out={d}", f"train.seed={s}"]
         _run("train", config, member_overrides, model, input_size, None, None,
-             resume and (d / "checkpoint_last.pt").is_file(), download)
+             resume and (d / "checkpoint_last.pt").is_file(), download, pretrained)
     _ensemble(members, Path(out), "prob_mean")
 
 
@@ -169,8 +194,8 @@ def ensemble(
 @app.command()
 def distill(
     config: Optional[Path] = typer.Argument(None, help="YAML config with teachers, students and terms"),
-    teacher: Optional[list[str]] = typer.Option(None, "--teacher", help="teacher run/model dir (repeatable)"),
-    method: Optional[str] = typer.Option(None, "--method", help="preset: kd, dkd, fitnet, at, dml, kd++, dual_student, multi_teacher"),
+    teacher: Optional[list[str]] = typer.Option(None, "--teacher", help="teacher run, model or ensemble directory (repeatable)"),
+    method: Optional[str] = typer.Option(None, "--method", help="preset: " + ", ".join(_method_names())),
     data: Optional[str] = typer.Option(None, "--data"),
     model: Optional[list[str]] = typer.Option(None, "--model", "--student", help="student model (repeatable)"),
     epochs: Optional[int] = typer.Option(None, "--epochs"),
@@ -182,10 +207,11 @@ def distill(
     sets: Optional[list[str]] = _SET,
     resume: bool = typer.Option(False, "--resume"),
     download: bool = typer.Option(False, "--download"),
+    pretrained: bool = _PRETRAINED,
 ) -> None:
     """Distil N teachers into M students with a list of loss terms."""
     _run("distill", config, _overrides(data, model, epochs, batch_size, seed, out, lr, input_size, sets), model,
-         input_size, teacher, method, resume, download)
+         input_size, teacher, method, resume, download, pretrained)
 
 
 @app.command()

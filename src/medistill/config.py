@@ -198,6 +198,13 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+def apply_overrides(tree: dict[str, Any], items: list[str]) -> None:
+    """Apply ``key.sub=value`` overrides to a config tree in place (values parsed as YAML data)."""
+    for item in items:
+        key, value = parse_override(item)
+        _set_dotted(tree, key, value)
+
+
 def _format_validation_error(e: ValidationError, source: str) -> str:
     lines = [f"invalid configuration ({source}):"]
     for err in e.errors():

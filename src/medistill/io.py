@@ -8,6 +8,7 @@ previous version.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
 import json
@@ -41,12 +42,22 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
+        # mkstemp creates 0600; give the file the mode an ordinary write would (0666 & ~umask),
+        # so teammates and web servers can read results on a shared machine.
+        os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, path)
     except OSError as e:
         raise MedistillError(f"could not write {path}: {e.strerror or e}; the previous version (if any) is intact") from e
     finally:
         if tmp_path is not None and tmp_path.exists():
             tmp_path.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    # os.umask can only be read by setting it; restore it at once.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write(path: str | os.PathLike, writer: Callable[[Path], None]) -> None:
@@ -83,12 +94,27 @@ def append_jsonl(path: str | os.PathLike, obj: Any) -> None:
 
 
 def torch_save(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write(path, lambda p: torch.save(obj, p))
+    from medistill.errors import MedistillError
+
+    try:
+        atomic_write(path, lambda p: torch.save(obj, p))
+    except RuntimeError as e:
+        # torch's zip writer reports a full disk as RuntimeError ("enforce fail at inline_container").
+        raise MedistillError(f"could not write {path}: {str(e).splitlines()[0]} (disk full?); "
+                             "the previous version (if any) is intact") from e
+
+
+# The only non-tensor type that timm's and torchvision's training scripts put into their
+# checkpoints (the parsed command line, ``args``). It holds plain values and runs no code when
+# rebuilt, so allow-listing it lets ``model_best.pth.tar`` load while weights_only stays on.
+SAFE_CHECKPOINT_TYPES = [argparse.Namespace]
 
 
 def torch_load(path: str | os.PathLike) -> Any:
-    """Load a torch file with ``weights_only=True``: never unpickles arbitrary objects."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """Load a torch file with ``weights_only=True``: never unpickles arbitrary objects
+    (only :data:`SAFE_CHECKPOINT_TYPES` beyond tensors and containers)."""
+    with torch.serialization.safe_globals(SAFE_CHECKPOINT_TYPES):
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -99,15 +125,38 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def git_commit(cwd: str | os.PathLike | None = None) -> str | None:
+def _git(args: list[str], cwd: str | os.PathLike) -> str | None:
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=cwd or Path(__file__).parent,
-            capture_output=True, text=True, timeout=5,
-        )
+        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def git_commit(cwd: str | os.PathLike | None = None) -> str | None:
+    """The commit of medistill itself: only when the package runs from medistill's own
+    repository (an editable install of it). A pip-installed medistill inside someone else's
+    repository must not report *their* commit as medistill's."""
+    if cwd is not None:
+        return _git(["rev-parse", "HEAD"], cwd) or None
+    root = Path(__file__).resolve().parents[2]
+    pyproject = root / "pyproject.toml"
+    if not pyproject.is_file() or 'name = "medistill"' not in pyproject.read_text(encoding="utf-8", errors="replace"):
+        return None
+    top = _git(["rev-parse", "--show-toplevel"], root)
+    if top is None or Path(top).resolve() != root:
+        return None
+    return _git(["rev-parse", "HEAD"], root) or None
+
+
+def workdir_git() -> dict[str, Any]:
+    """The commit of the user's working directory (the experiment code a run traces to), and
+    whether it had uncommitted changes; ``None`` values outside a git repository."""
+    commit = _git(["rev-parse", "HEAD"], os.getcwd())
+    if not commit:
+        return {"workdir_git_commit": None, "workdir_git_dirty": None}
+    status = _git(["status", "--porcelain", "--untracked-files=no"], os.getcwd())
+    return {"workdir_git_commit": commit, "workdir_git_dirty": bool(status)}
 
 
 def environment_info() -> dict[str, Any]:
@@ -129,6 +178,7 @@ def environment_info() -> dict[str, Any]:
         "cuda": torch.cuda.is_available(),
         "versions": versions,
         "git_commit": git_commit(),
+        **workdir_git(),
         "argv": sys.argv,
     }
 

@@ -584,7 +584,11 @@ class Engine:
         }
 
     def _restore(self) -> tuple[int, dict[str, float], int]:
-        st = torch_load(self.ckpt_path)
+        try:
+            st = torch_load(self.ckpt_path)
+        except Exception as e:  # noqa: BLE001 - a truncated or foreign file: say so, keep it for inspection
+            raise ConfigError(f"--resume: {self.ckpt_path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                              "it was probably cut short. Start a new --out, or delete it to train from scratch") from e
         for s in self.students:
             s.model.load_state_dict(st["students"][s.name])
         for k, v in self.emas.items():

@@ -26,7 +26,10 @@ def classification_metrics(probs: torch.Tensor, labels: torch.Tensor, ece_bins: 
     bins), nll, per-class recall/precision (NaN where undefined) and the confusion matrix
     (rows = true, columns = predicted).
     """
+    # Renormalise in float64: float32 softmax rows miss 1 by ~1e-7, which scikit-learn's AUROC
+    # check reports as "y_prob values do not sum to one".
     probs = probs.double()
+    probs = probs / probs.sum(1, keepdim=True).clamp_min(1e-300)
     labels = labels.long()
     n, c = probs.shape
     preds = probs.argmax(1)
