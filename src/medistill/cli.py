@@ -347,11 +347,49 @@ def models_taps(name: str, input_size: int = typer.Option(224, "--input-size"), 
 
 
 def main() -> None:
+    """The error boundary: a foreseeable failure (:class:`MedistillError`) is one line and exit
+    code 2; anything else is a short message naming a log file with the traceback (exit 1),
+    unless ``--debug`` (or ``MEDISTILL_DEBUG=1``) asks for the traceback itself."""
+    import os
+
+    debug = "--debug" in sys.argv[1:] or os.environ.get("MEDISTILL_DEBUG") == "1"
+    sys.argv = [a for a in sys.argv if a != "--debug"]
     try:
         app()
     except MedistillError as e:
-        console.print(f"[bold red]error:[/] {e}")
+        console.print(f"[bold red]error:[/] {e}", soft_wrap=True)
         sys.exit(2)
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        sys.exit(130)
+    except Exception as e:  # noqa: BLE001 - the boundary itself
+        if debug:
+            raise
+        log = _crash_log()
+        first = (str(e).splitlines() or [""])[0][:300]
+        console.print(f"[bold red]internal error:[/] {type(e).__name__}: {first}\n"
+                      f"This is probably a bug in medistill. Traceback: {log} (rerun with --debug to print it).", soft_wrap=True)
+        sys.exit(1)
+
+
+def _crash_log() -> str:
+    """Write the current exception's traceback to a log file; return its path."""
+    import tempfile
+    import time
+    import traceback
+
+    from platformdirs import user_log_dir
+
+    text = f"medistill {' '.join(sys.argv[1:])}\n\n{traceback.format_exc()}"
+    for d in (Path(user_log_dir("medistill")), Path(tempfile.gettempdir())):
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            p = d / f"crash-{time.strftime('%Y%m%d-%H%M%S')}.log"
+            p.write_text(text)
+            return str(p)
+        except OSError:
+            continue
+    return "(no writable log folder; rerun with --debug)"
 
 
 if __name__ == "__main__":

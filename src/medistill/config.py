@@ -47,6 +47,13 @@ class DataConfig(_Strict):
     role: Literal["auto", "teacher", "student"] = Field("auto", description="protocol side; auto: teacher when the run has no teachers")
     num_workers: int = Field(0, ge=0)
 
+    @model_validator(mode="after")
+    def _fractions(self) -> "DataConfig":
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError(f"val_fraction + test_fraction = {self.val_fraction + self.test_fraction:g} leaves no "
+                             "training images; their sum must be below 1")
+        return self
+
 
 class ModelSpec(_Strict):
     name: str = "student"
@@ -63,7 +70,9 @@ class ModelSpec(_Strict):
 
 class TeacherSpec(_Strict):
     name: str = "teacher"
-    checkpoint: str = Field(..., description="run directory, model directory or weights file")
+    checkpoint: str = Field(..., description="run directory, model directory, ensemble directory or weights file")
+    allow_other_data: bool = Field(False, description="accept a teacher whose model.json records another dataset "
+                                   "(fingerprint or class names), e.g. one trained on a larger collection")
     model: str | None = Field(None, description="architecture; read from model.json when omitted")
     input_size: int | None = None
     norm: Literal["auto", "imagenet", "half"] | tuple[list[float], list[float]] | None = None

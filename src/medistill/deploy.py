@@ -94,7 +94,7 @@ def load_image(path: str | Path, spec: ModelSpecRecord) -> torch.Tensor:
         with Image.open(path) as img:
             img.load()
             arr = pil_to_array(img, spec.data_chans)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"cannot read image {path}: {e}") from e
     x = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float().div_(255.0)
     return resize(x, spec.data_size or spec.input_size)

@@ -23,3 +23,11 @@ class NonFiniteLossError(MedistillError):
 
 class CacheMismatchError(MedistillError):
     """A teacher-output cache was built for other data, transforms or checkpoints."""
+
+
+class ArgumentError(MedistillError, ValueError):
+    """A command argument (method list, layer, model name) is invalid."""
+
+
+class NotARunError(MedistillError, FileNotFoundError):
+    """A path given as a run directory is not a finished medistill run."""

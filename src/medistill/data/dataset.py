@@ -121,6 +121,39 @@ def _scan_corrupt(source: ImageSource, idx: np.ndarray) -> np.ndarray:
     return np.array(keep, dtype=np.int64)
 
 
+def check_fixed_splits(record: dict[str, Any], source: ImageSource) -> dict[str, np.ndarray]:
+    """A saved split (``split.json``) must fit ``source``: integer indices in range, the three
+    splits disjoint, and — when recorded — the same dataset fingerprint. Anything else would
+    silently score other images (negative indices wrap around) or leak train into test."""
+    fp = record.get("fingerprint")
+    if fp and source.fingerprint and fp != source.fingerprint:
+        raise DataError(f"the saved split was made for another version of the data ({record.get('source', '?')}, "
+                        f"fingerprint {fp[:12]}…) than {source.description} ({source.fingerprint[:12]}…)")
+    splits = {}
+    for k in ("train", "val", "test"):
+        if k not in record:
+            raise DataError(f"the saved split has no {k!r} list")
+        try:
+            v = np.asarray(record[k])
+        except (TypeError, ValueError) as e:
+            raise DataError(f"the saved split's {k!r} entry is not a list of indices ({e})") from e
+        if v.size and (v.ndim != 1 or not np.issubdtype(v.dtype, np.integer)):
+            raise DataError(f"the saved split's {k!r} entry must be a flat list of integers")
+        v = v.astype(np.int64)
+        if v.size and (v.min() < 0 or v.max() >= len(source)):
+            bad = int(v.min()) if v.min() < 0 else int(v.max())
+            raise DataError(f"the saved split's {k!r} holds index {bad}, outside the dataset's 0…{len(source) - 1} "
+                            f"({source.description}; other data?)")
+        if len(np.unique(v)) != len(v):
+            raise DataError(f"the saved split's {k!r} lists an image more than once")
+        splits[k] = v
+    for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+        common = np.intersect1d(splits[a], splits[b])
+        if len(common):
+            raise DataError(f"the saved split puts image {int(common[0])} (and {len(common) - 1} more) in both {a} and {b}")
+    return splits
+
+
 def build_data(cfg: DataConfig, image_size: int | None = None, role: str = "student",
                download: bool = False, fixed_splits: dict[str, list[int]] | None = None) -> DataBundle:
     """Open the dataset, split it, apply the imbalance tools to train (never to val/test).
@@ -130,15 +163,13 @@ def build_data(cfg: DataConfig, image_size: int | None = None, role: str = "stud
     """
     source = open_source(cfg.name, cfg.format, download=download)
     if fixed_splits is not None:
-        splits = {k: np.asarray(fixed_splits[k], dtype=np.int64) for k in ("train", "val", "test")}
+        splits = check_fixed_splits(fixed_splits, source)
         origin = "saved split"
-        if max((int(v.max()) for v in splits.values() if len(v)), default=-1) >= len(source):
-            raise DataError("the saved split refers to images the dataset does not have (other data?)")
     else:
         splits, origin = sp.make_splits(source.labels, source.split_tags, cfg.val_fraction,
                                         cfg.test_fraction, cfg.split_seed, cfg.tiny_class_policy,
                                         source.class_names)
-        if cfg.skip_corrupt and source._arrays is None:
+        if cfg.skip_corrupt and not source.in_memory:
             splits = {k: _scan_corrupt(source, v) for k, v in splits.items()}
         tr, y, s = splits["train"], source.labels, cfg.subset
         tr = sp.protocol_indices(tr, y, cfg.protocol, role, cfg.protocol_cap, s.seed)

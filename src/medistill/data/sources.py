@@ -29,7 +29,12 @@ def pil_to_array(img: Image.Image, channels: int) -> np.ndarray:
     """Any PIL mode (L, RGB, RGBA, P, I;16, I, F) → uint8 ``[H, W, channels]``."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
-        hi = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        if not np.isfinite(arr).all():
+            raise ValueError("image holds NaN/Inf values")
+        if img.mode == "F" and arr.size and arr.min() >= 0.0 and arr.max() <= 1.0:
+            hi = 1.0    # a float image in [0, 1] (a 255 scale would make it black)
+        else:
+            hi = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
         arr = np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
         img = Image.fromarray(arr, mode="L")
     img = img.convert("L" if channels == 1 else "RGB")
@@ -55,6 +60,11 @@ class ImageSource:
         return len(self.labels)
 
     @property
+    def in_memory(self) -> bool:
+        """Images held as one array (MedMNIST ``.npz``) rather than read from files."""
+        return self._arrays is not None
+
+    @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
@@ -67,6 +77,8 @@ class ImageSource:
             with Image.open(path) as img:
                 img.load()
                 return pil_to_array(img, self.channels)
+        except Image.DecompressionBombError as e:
+            raise DataError(f"image {path} declares a size beyond PIL's safety limit (decompression bomb?): {e}") from e
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
             raise DataError(f"corrupt or unreadable image {path}: {e}") from e
 
@@ -80,23 +92,74 @@ def from_medmnist(name: str, download: bool = False) -> ImageSource:
     imgs, labels, tags = [], [], []
     for s in SPLIT_NAMES:
         im = arrays[f"{s}_images"]
-        if im.ndim == 3:
-            im = im[..., None]
+        y = _check_labels(arrays[f"{s}_labels"], len(im), f"{path}: {s}_labels")
+        im = _check_images(im, f"{path}: {s}_images")
         imgs.append(im)
-        labels.append(arrays[f"{s}_labels"].reshape(-1).astype(np.int64))
+        labels.append(y)
         tags.extend([s] * len(im))
+    shapes = {s: im.shape[1:] for s, im in zip(SPLIT_NAMES, imgs)}
+    if len(set(shapes.values())) > 1:
+        shown = ", ".join(f"{s} {'×'.join(map(str, v))}" for s, v in shapes.items())
+        raise DataError(f"{path}: the splits' images differ in size or channels ({shown}); "
+                        "medistill needs one H×W×C for the whole file")
     images = np.concatenate(imgs)
     y = np.concatenate(labels)
-    if images.dtype != np.uint8:
-        raise DataError(f"{path}: images must be uint8, got {images.dtype}")
-    if y.min() < 0:
-        raise DataError(f"{path}: negative label {int(y.min())}")
-    n_classes = int(y.max()) + 1
+    n_classes = _check_label_range(y, str(path))
     return ImageSource(
         description=str(path), labels=y, class_names=[str(c) for c in range(n_classes)],
         channels=images.shape[-1], native_size=images.shape[1] if images.shape[1] == images.shape[2] else None,
         split_tags=np.array(tags), fingerprint=medmnist.md5_file(path), _arrays=images,
     )
+
+
+def _check_images(im: np.ndarray, where: str) -> np.ndarray:
+    """``[N, H, W]`` or ``[N, H, W, C]`` uint8 with C in (1, 3); a channels-first array is named as such."""
+    if im.dtype != np.uint8:
+        raise DataError(f"{where}: images must be uint8 in 0…255, got {im.dtype}"
+                        + (" (scale floats in [0, 1] by 255 and convert)" if np.issubdtype(im.dtype, np.floating) else ""))
+    if im.ndim == 3:
+        im = im[..., None]
+    if im.ndim != 4:
+        raise DataError(f"{where}: expected [N, H, W] or [N, H, W, C] images, got shape {im.shape}")
+    if im.shape[-1] not in (1, 3):
+        if im.shape[1] in (1, 3):
+            raise DataError(f"{where}: shape {im.shape} looks channels-first [N, C, H, W]; medistill reads "
+                            "[N, H, W, C] (np.moveaxis(images, 1, -1))")
+        raise DataError(f"{where}: images have {im.shape[-1]} channels; 1 (grey) or 3 (RGB) are supported")
+    return im
+
+
+def _check_labels(raw: np.ndarray, n_images: int, where: str) -> np.ndarray:
+    """Integer class ids ``[N]`` from ``[N]`` or ``[N, 1]``; floats only when integral."""
+    y = np.asarray(raw)
+    if y.ndim == 2 and y.shape[1] != 1:
+        raise DataError(f"{where}: shape {y.shape} looks multi-label; medistill handles one label per image")
+    y = y.reshape(-1)
+    if len(y) != n_images:
+        raise DataError(f"{where}: {len(y)} labels for {n_images} images")
+    if np.issubdtype(y.dtype, np.floating):
+        if not np.isfinite(y).all() or (y != np.round(y)).any():
+            bad = y[~np.isfinite(y) | (y != np.round(y))][0]
+            raise DataError(f"{where}: label {bad} is not a whole number; labels must be integer class ids")
+    elif not (np.issubdtype(y.dtype, np.integer) or y.dtype == bool):
+        raise DataError(f"{where}: labels must be integer class ids, got {y.dtype}")
+    return y.astype(np.int64)
+
+
+def _check_label_range(y: np.ndarray, where: str) -> int:
+    """Class ids must be 0…K−1 with every class present: a stray id (250 among grades 0–4)
+    would otherwise make a 251-class model."""
+    if len(y) == 0:
+        raise DataError(f"{where}: no labelled images")
+    if y.min() < 0:
+        raise DataError(f"{where}: negative label {int(y.min())}")
+    k = int(y.max()) + 1
+    present = np.bincount(y, minlength=k) > 0
+    if not present.all():
+        missing = np.flatnonzero(~present)
+        raise DataError(f"{where}: label {k - 1} implies {k} classes but {len(missing)} of them have no image "
+                        f"(e.g. {int(missing[0])}); class ids must run 0…K−1 — is {k - 1} a typo?")
+    return k
 
 
 def _probe_channels(paths: list[Path]) -> int:
@@ -142,6 +205,10 @@ def from_folder(root: str | Path) -> ImageSource:
         raise DataError(f"image folder not found: {root}")
     subdirs = sorted(d for d in root.iterdir() if d.is_dir())
     split_dirs = {_SPLIT_ALIASES[d.name.lower()]: d for d in subdirs if d.name.lower() in _SPLIT_ALIASES}
+    stray = [d.name for d in subdirs if d.name.lower() not in _SPLIT_ALIASES and not d.name.startswith(".")]
+    if split_dirs and stray:
+        raise DataError(f"{root} has split folders ({', '.join(sorted(d.name for d in split_dirs.values()))}) and also "
+                        f"{', '.join(stray)}/ beside them; move class folders under train/val/test or remove them")
     layout = split_dirs if split_dirs else {None: root}
     class_names = sorted({c.name for base in layout.values() for c in base.iterdir() if c.is_dir()})
     if not class_names:
@@ -181,7 +248,8 @@ def from_csv(manifest: str | Path) -> ImageSource:
     if not manifest.is_file():
         raise DataError(f"CSV manifest not found: {manifest}")
     root = manifest.parent.resolve()
-    with open(manifest, newline="", encoding="utf-8") as fh:
+    # utf-8-sig: spreadsheet programs put a byte-order mark before the header
+    with open(manifest, newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
         cols = [c.strip().lower() for c in (reader.fieldnames or [])]
         if "path" not in cols or "label" not in cols:
@@ -191,22 +259,24 @@ def from_csv(manifest: str | Path) -> ImageSource:
         raise DataError(f"{manifest}: no rows")
     raw_labels = [r["label"] for r in rows]
     if all(_is_int(v) for v in raw_labels):
-        ints = sorted({int(v) for v in raw_labels})
-        if ints[0] < 0:
-            raise DataError(f"{manifest}: negative label {ints[0]}")
-        class_names = [str(i) for i in range(ints[-1] + 1)]
         y = np.array([int(v) for v in raw_labels], dtype=np.int64)
+        class_names = [str(i) for i in range(_check_label_range(y, str(manifest)))]
     else:
         class_names = sorted(set(raw_labels))
         index = {c: i for i, c in enumerate(class_names)}
         y = np.array([index[v] for v in raw_labels], dtype=np.int64)
     paths, tags = [], []
+    seen: dict[Path, int] = {}
     for line, r in enumerate(rows, start=2):
         if not r["path"]:
             raise DataError(f"{manifest}:{line}: empty path")
         p = (root / r["path"]).resolve()
         if root != p and root not in p.parents:
             raise DataError(f"{manifest}:{line}: path {r['path']!r} escapes the manifest's folder {root}; refused")
+        if p in seen:
+            raise DataError(f"{manifest}:{line}: {r['path']!r} is listed again (first on line {seen[p]}); a repeated "
+                            "image can land in train and test at once — list each image once")
+        seen[p] = line
         if not p.is_file():
             raise DataError(f"{manifest}:{line}: image not found: {p}")
         paths.append(p)

@@ -42,6 +42,7 @@ from medistill.models.factory import (ModelSpecRecord, Preprocess, create_model,
 from medistill.models.dualhead import DualHead
 from medistill.models.ensemble import EnsembleModel, is_ensemble_dir, load_ensemble
 from medistill.models.taps import FeatureTaps
+from medistill.rundir import resolve_teacher
 
 Tensor = torch.Tensor
 
@@ -77,24 +78,6 @@ def supervised_terms(cfg: RunConfig) -> list[TermSpec]:
     return [TermSpec(type="logit_adjusted")]
 
 
-def resolve_teacher(path: str) -> Path:
-    """A teacher checkpoint may be a model dir, a weights file beside model.json, or a run dir
-    whose single student is the teacher."""
-    p = Path(path)
-    if is_ensemble_dir(p):
-        return p
-    if p.is_dir() and not (p / "model.json").is_file():
-        students = sorted((p / "students").glob("*/model.json")) if (p / "students").is_dir() else []
-        if len(students) == 1:
-            return students[0].parent
-        if students:
-            raise ModelError(f"{p} holds {len(students)} students; name one: {', '.join(str(s.parent) for s in students)}")
-        raise ModelError(f"teacher checkpoint {p}: no model.json and no students/ (not a medistill run or model dir)")
-    if not p.exists():
-        raise ModelError(f"teacher checkpoint not found: {p}")
-    return p
-
-
 class Engine:
     """Set up participants, data, terms and optimizers from a :class:`RunConfig`; ``run()``
     trains, selects on validation, evaluates on test and writes the run directory."""
@@ -115,14 +98,16 @@ class Engine:
         self.main = dist.rank() == 0
         if not self.main:
             self.console = Console(quiet=True)
+        if self.resume and not self.ckpt_path.exists():
+            raise ConfigError(f"--resume: no checkpoint_last.pt in {self.out}"
+                              + ("" if self.out.is_dir() else " (the folder does not exist)"))
+        self._created_out = not self.out.exists()
         if self.main:
             check_writable(self.out)
         dist.barrier()
         if self.ckpt_path.exists() and not self.resume and not (self.world > 1 and not self.main):
             raise ConfigError(f"{self.out} already holds a run (checkpoint_last.pt); pass --resume to continue it "
                               "or choose another --out")
-        if self.resume and not self.ckpt_path.exists():
-            raise ConfigError(f"--resume: no checkpoint_last.pt in {self.out}")
         if self.resume:
             _check_resume_config(self.out / "config.yaml", cfg)
         if cfg.train.threads:
@@ -143,6 +128,7 @@ class Engine:
         self.parts = {p.name: p for p in self.teachers + self.students}
         for s in self.students:
             s.spec.data_size = self.data.image_size
+            s.spec.data_fingerprint = self.data.source.fingerprint or None
 
         counts = torch.as_tensor(self.data.counts("train"), dtype=torch.float32)
         if (counts == 0).any():
@@ -166,6 +152,7 @@ class Engine:
         if rec["num_classes"] != self.data.num_classes:
             raise ModelError(f"teacher {spec.name!r} (ensemble {path}) predicts {rec['num_classes']} classes but the data "
                              f"has {self.data.num_classes} ({self.data.source.description})")
+        self._check_teacher_data(spec, path, specs)
         size = self.data.source.native_size or max(s.data_size or s.input_size for s in specs)
         c = self.data.channels
         archs = sorted({s.arch for s in specs})
@@ -176,6 +163,21 @@ class Engine:
             prm.requires_grad_(False)
         return Participant(spec.name, model, Preprocess(c, c, size, (0.0,) * c, (1.0,) * c), rec0, trainable=False,
                            checkpoint=str(path), sha256=digest)
+
+    def _check_teacher_data(self, spec: Any, path: Path, recs: list[ModelSpecRecord]) -> None:
+        """A teacher records the dataset it was trained on; another dataset with the same class
+        count (blood-cell types distilled into retinal grades) is refused unless allowed."""
+        if spec.allow_other_data:
+            return
+        for rec in recs:
+            if rec.class_names and rec.class_names != self.data.class_names:
+                raise ModelError(f"teacher {spec.name!r} ({path}) was trained on classes {rec.class_names} but the data "
+                                 f"has {self.data.class_names}; set teachers.N.allow_other_data=true if that is intended")
+            fp = self.data.source.fingerprint
+            if rec.data_fingerprint and fp and rec.data_fingerprint != fp:
+                raise ModelError(f"teacher {spec.name!r} ({path}) was trained on another dataset than "
+                                 f"{self.data.source.description} (fingerprints {rec.data_fingerprint[:12]}… vs {fp[:12]}…); "
+                                 "set teachers.N.allow_other_data=true if that is intended")
 
     def _load_teacher(self, spec: Any, path: Path) -> Participant:
         if is_ensemble_dir(path):
@@ -196,6 +198,7 @@ class Engine:
         if rec.num_classes != self.data.num_classes:
             raise ModelError(f"teacher {spec.name!r} ({path}) predicts {rec.num_classes} classes but the data has "
                              f"{self.data.num_classes} ({self.data.source.description})")
+        self._check_teacher_data(spec, path, [rec])
         if rec.data_chans != self.data.channels:
             pre = Preprocess(self.data.channels, rec.in_chans, rec.input_size, tuple(rec.mean), tuple(rec.std))
         if spec.input_size and spec.input_size != rec.input_size:
@@ -757,7 +760,13 @@ class Engine:
 
     def run(self) -> dict[str, Any]:
         try:
-            self.setup()
+            try:
+                self.setup()
+            except BaseException:
+                # A run that failed before writing anything leaves no empty folder behind.
+                if self.main and getattr(self, "_created_out", False) and self.out.is_dir() and not any(self.out.iterdir()):
+                    self.out.rmdir()
+                raise
             self.fit()
             results = self.finalize()
             # Rank 0 is still writing when the others return from finalize; tearing gloo down

@@ -14,12 +14,14 @@ from torch import nn
 
 from medistill.config import load_config
 from medistill.data import build_data
-from medistill.distill.engine import resolve_teacher
 from medistill.explain import cam as C
 from medistill.explain import metrics as M
 from medistill.io import atomic_path, write_json, write_text
+from medistill.errors import ArgumentError
+from medistill.models.ensemble import is_ensemble_dir, read_ensemble
 from medistill.models.factory import load_model_dir
 from medistill.models.taps import list_taps
+from medistill.rundir import resolve_teacher
 
 METHODS = ("gradcam", "gradcampp", "layercam", "scorecam", "avgmap", "shap")
 
@@ -93,28 +95,34 @@ def explain_run(run_dir: str | Path, n_images: int = 8, per_class: int | None = 
     methods = list(methods or ["gradcam", "scorecam", "avgmap"])
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
-        raise ValueError(f"unknown explanation method(s) {unknown}; available: {', '.join(METHODS)}")
+        raise ArgumentError(f"unknown explanation method(s) {unknown}; available: {', '.join(METHODS)}")
     out = Path(out) if out else run_dir / "explain"
     cfg = load_config(run_dir / "config.yaml")
     bundle = build_data(cfg.data, fixed_splits=json.loads((run_dir / "split.json").read_text()))
     models: dict[str, tuple[str, nn.Module, nn.Module, Any]] = {}
     for t in cfg.teachers:
-        m, pre, spec = load_model_dir(resolve_teacher(t.checkpoint))
+        tdir = resolve_teacher(t.checkpoint)
+        if is_ensemble_dir(tdir):   # an ensemble is explained member by member
+            for i, row in enumerate(read_ensemble(tdir)["members"]):
+                m, pre, spec = load_model_dir(tdir / row["model_dir"])
+                models[f"{t.name}.{i}"] = ("teacher", m, pre, spec)
+            continue
+        m, pre, spec = load_model_dir(tdir)
         models[t.name] = ("teacher", m, pre, spec)
     for d in sorted((run_dir / "students").glob("*/model.json")):
         m, pre, spec = load_model_dir(d.parent)
         models[d.parent.name] = ("student", m, pre, spec)
     for name, path in compare.items():
         if name in models:
-            raise ValueError(f"--compare name {name!r} is already a model of this run; pick another")
+            raise ArgumentError(f"--compare name {name!r} is already a model of this run; pick another")
         m, pre, spec = load_model_dir(resolve_teacher(str(path)))
         models[name] = ("compare", m, pre, spec)
     counts = {n: s.num_classes for n, (*_, s) in models.items()}
     if len(set(counts.values())) > 1:
-        raise ValueError(f"models disagree on the number of classes: {counts}")
+        raise ArgumentError(f"models disagree on the number of classes: {counts}")
     unknown = sorted(set(cam_layers) - set(models))
     if unknown:
-        raise ValueError(f"--layer names unknown model(s) {unknown}; this run has {sorted(models)}")
+        raise ArgumentError(f"--layer names unknown model(s) {unknown}; this run has {sorted(models)}")
     bundle.image_size = bundle.source.native_size or max(s.input_size for *_, s in models.values())
     labels_all = bundle.labels(split)
     chosen = _pick(labels_all, bundle.splits[split], n_images, per_class, seed)
@@ -139,7 +147,7 @@ def explain_run(run_dir: str | Path, n_images: int = 8, per_class: int | None = 
         spatial = {n: sh for n, sh in list_taps(model, spec.input_size, spec.in_chans, max(2, layer.count(".") + 1))
                    if len(sh) == 4}
         if layer not in spatial:
-            raise ValueError(f"{name}: layer {layer!r} is not a module with a spatial [B, C, H, W] output; "
+            raise ArgumentError(f"{name}: layer {layer!r} is not a module with a spatial [B, C, H, W] output; "
                              f"candidates: {[n for n in spatial if n.count('.') < 2]}")
         shape = spatial[layer]
         fns = _methods(layer, top_k, pre(bg))

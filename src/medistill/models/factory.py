@@ -99,12 +99,18 @@ def create_model(name: str, num_classes: int, in_chans: int = 3, input_size: int
         raise ModelError(f"num_classes must be ≥ 2, got {num_classes}")
     dual_head = bool(kwargs.pop("dual_head", False))
     if name == "cnn5":
-        model: nn.Module = CNN5(num_classes, in_chans, **kwargs)
+        try:
+            model: nn.Module = CNN5(num_classes, in_chans, **kwargs)
+        except TypeError as e:
+            raise ModelError(f"cnn5 does not take the keyword arguments {sorted(kwargs)} ({e})") from e
     else:
         if name not in timm.list_models() and not timm.is_model(name):
             raise _unknown_model(name)
         try:
             model = _timm_create(name, num_classes, in_chans, input_size, pretrained is True, kwargs)
+        except TypeError as e:
+            raise ModelError(f"{name} does not accept the keyword arguments {sorted(kwargs)} ({e}); "
+                             "see timm's documentation of the model for its arguments") from e
         except (OSError, RuntimeError) as e:
             if pretrained is True:
                 raise ModelError(f"could not fetch hub weights for {name!r} (offline?): {e}. "
@@ -246,6 +252,7 @@ class ModelSpecRecord:
     kwargs: dict[str, Any] = field(default_factory=dict)
     adaptation: str | None = None
     data_size: int | None = None    # side the data pipeline resized images to before Preprocess
+    data_fingerprint: str | None = None   # the dataset the model was trained on (teacher checks)
 
     def build(self) -> tuple[nn.Module, Preprocess]:
         model = create_model(self.arch, self.num_classes, self.in_chans, self.input_size,

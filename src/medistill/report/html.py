@@ -20,6 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from medistill.errors import NotARunError  # noqa: E402
 from medistill.io import write_text  # noqa: E402
 
 CSS = """
@@ -201,7 +202,7 @@ def build_report(run_dirs: list[str | Path], out: str | Path | None = None) -> P
     runs = [Path(r) for r in run_dirs]
     for r in runs:
         if not (r / "summary.json").is_file():
-            raise FileNotFoundError(f"{r}: no summary.json (not a finished medistill run)")
+            raise NotARunError(f"{r}: no summary.json (not a finished medistill run)")
     sections, all_rows = [], {}
     for r in runs:
         sec, rows = _run_section(r)
