@@ -97,5 +97,7 @@ def test_demo_quick(tmp_path: Path) -> None:
         [sys.executable, "-m", "medistill.demo", "--quick", "--out", str(tmp_path)], capture_output=True, text=True, env=ENV, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "HTML report" in p.stdout and list(tmp_path.glob("*/report.html"))
-    for run in ("teacher", "kd", "dkd"):
+    assert "Did distillation help?" in p.stdout and "student alone (CE)" in p.stdout
+    assert list(tmp_path.glob("*/teachers/ensemble.json"))
+    for run in ("teachers", "alone", "kd"):
         assert list(tmp_path.glob(f"*/{run}/metrics.json"))

@@ -67,3 +67,27 @@ def test_absent_class_is_ignored_not_zero() -> None:
 def test_selection_score() -> None:
     assert selection_score({"nll": 0.5}, "neg_nll") == -0.5
     assert selection_score({"auroc": None}, "auroc") == float("-inf")
+
+
+def test_qwk_only_for_ordinal_data(tmp_path) -> None:
+    """QWK weighs confusions by class-id distance: reported for graded data, None for nominal."""
+    import torch
+
+    from conftest import write_npz
+    from medistill.config import load_config
+    from medistill.data import build_data
+    from medistill.distill.engine import summary_table
+    from medistill.eval.metrics import classification_metrics
+
+    p = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6], [0.6, 0.3, 0.1]])
+    y = torch.tensor([0, 1, 2, 2])
+    assert classification_metrics(p, y)["qwk"] is not None
+    nominal = classification_metrics(p, y, ordinal=False)
+    assert nominal["qwk"] is None and nominal["balanced_accuracy"] == classification_metrics(p, y)["balanced_accuracy"]
+    assert build_data(load_config(None, ["data.name=retinamnist"]).data).ordinal is True
+    npz = write_npz(tmp_path / "d.npz")
+    assert build_data(load_config(None, [f"data.name={npz}"]).data).ordinal is False
+    assert build_data(load_config(None, [f"data.name={npz}", "data.ordinal=true"]).data).ordinal is True
+    row = {"role": "student", "model": {"params": 1, "flops": 1}, "test": nominal}
+    assert "QWK" not in summary_table({"s": row})
+    assert "QWK" in summary_table({"s": {**row, "test": {**nominal, "qwk": 0.5}}})

@@ -31,6 +31,10 @@ def evaluate_target(target: str | Path, data: str | None = None, out: str | Path
     target = Path(target)
     if not target.exists():
         raise ModelError(f"nothing to evaluate at {target}")
+    from medistill.models.ensemble import is_ensemble_dir
+
+    if is_ensemble_dir(target) and data is None and out is None:
+        return {"ensemble": evaluate_ensemble(target, latency=latency)}
     if (target / "students").is_dir():
         model_dirs = sorted(p.parent for p in (target / "students").glob("*/model.json"))
         run_dir: Path | None = target
@@ -56,7 +60,7 @@ def evaluate_target(target: str | Path, data: str | None = None, out: str | Path
         loaders = {k: bundle.loader(k, 256, train=False) for k in ("val", "test")}
         dest = Path(out) / d.name if out is not None and len(model_dirs) > 1 else (Path(out) if out is not None else d if d.is_dir() else d.parent)
         info = model_cost(model, spec, latency=latency)
-        res = evaluate_splits(model, pre, loaders, dest, info.pop("model"), spec.class_names)
+        res = evaluate_splits(model, pre, loaders, dest, info.pop("model"), spec.class_names, ordinal=bundle.ordinal)
         res.update(info)
         write_json(dest / "metrics.json", res)
         results[d.name] = res
@@ -106,7 +110,7 @@ def evaluate_ensemble(directory: str | Path, latency: bool = False) -> dict[str,
 
     info = {"params": count_params(ens), "arch": f"ensemble of {len(specs)}",
             "flops": sum(count_flops(m, (1, s.in_chans, s.input_size, s.input_size)) for m, s in zip(ens.members, specs))}
-    res = evaluate_splits(ens, pre, loaders, d, info, rec["class_names"])
+    res = evaluate_splits(ens, pre, loaders, d, info, rec["class_names"], ordinal=bundle.ordinal)
     members = {}
     for row, run in zip(rec["members"], runs):
         m = json.loads(((d / row["model_dir"]) / "metrics.json").read_text())

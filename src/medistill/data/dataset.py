@@ -60,6 +60,15 @@ class DataBundle:
     def channels(self) -> int:
         return self.source.channels
 
+    @property
+    def ordinal(self) -> bool:
+        """Ordered grades (QWK is reported) or nominal classes (``data.ordinal``)."""
+        if self.cfg.ordinal != "auto":
+            return bool(self.cfg.ordinal)
+        from medistill.data.medmnist import is_ordinal
+
+        return self.source.in_memory and is_ordinal(self.cfg.name)
+
     def counts(self, split: str = "train") -> np.ndarray:
         return sp.class_counts(self.source.labels[self.splits[split]], self.num_classes)
 

@@ -44,6 +44,8 @@ MD5: dict[str, str] = {
     "organsmnist": "e5c39f1af030238290b9557d9503af9d",
 }
 FLAVOURS = sorted({k.split("_")[0] for k in MD5})
+# Datasets whose class ids are ordered grades (QWK is meaningful): RetinaMNIST's DR grades 0–4.
+ORDINAL = {"retinamnist"}
 MULTI_LABEL = {"chestmnist"}
 _NAME_RE = re.compile(r"^([a-z]+mnist)(?:_(28|64|128|224))?$")
 
@@ -51,6 +53,12 @@ _NAME_RE = re.compile(r"^([a-z]+mnist)(?:_(28|64|128|224))?$")
 def is_medmnist_name(name: str) -> bool:
     m = _NAME_RE.match(name.lower())
     return bool(m) and m.group(1) in FLAVOURS
+
+
+def is_ordinal(name: str) -> bool:
+    """Whether a MedMNIST name or ``.npz`` path (by its file name) is an ordinal grading task."""
+    stem = Path(name).stem if name.endswith(".npz") else name
+    return stem.lower().split("_")[0] in ORDINAL
 
 
 def default_cache_dir() -> Path:

@@ -134,6 +134,9 @@ class Engine:
         if (counts == 0).any():
             missing = [self.data.class_names[i] for i in torch.nonzero(counts == 0).flatten().tolist()]
             self.console.print(f"[yellow]warning: classes {missing} have no training images[/]")
+        if cfg.train.select_metric == "qwk" and not self.data.ordinal:
+            raise ConfigError("train.select_metric=qwk needs ordinal labels; this data is nominal "
+                              "(set data.ordinal=true if its class ids are ordered grades)")
         self.class_counts = counts
         self.class_prior = counts / counts.sum()
         self.terms = self._make_terms()
@@ -657,7 +660,7 @@ class Engine:
                 for s in self.students:
                     self._tune_heads(s)
                     probs, labels, _ = predict(self._eval_model(s.name), s.pre, self._eval_loader("val"), cfg.train.channels_last)
-                    m = classification_metrics(probs, labels)
+                    m = classification_metrics(probs, labels, ordinal=self.data.ordinal)
                     val[s.name] = {k: m[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "qwk", "auroc", "ece", "nll")}
                     score = selection_score(m, cfg.train.select_metric)
                     if score > best[s.name]:
@@ -734,7 +737,7 @@ class Engine:
             d = self._student_dir(s.name)
             model, pre, spec = load_model_dir(d)
             info = model_cost(model, spec, latency=self.cfg.train.latency and self.main)
-            res = evaluate_splits(model, pre, loaders, d, info.pop("model"), spec.class_names)
+            res = evaluate_splits(model, pre, loaders, d, info.pop("model"), spec.class_names, ordinal=self.data.ordinal)
             res.update(info)
             if isinstance(model, DualHead):  # DHO: the head combination chosen on validation
                 res["dho_heads"] = {"a": float(model.a), "b": float(model.b)}
@@ -743,7 +746,13 @@ class Engine:
             results[s.name] = res
         primary = self.students[0].name
         # Every rank takes part in the (sharded) teacher evaluation; rank 0 writes.
-        teacher_test = {t.name: classification_metrics(*predict(t.model, t.pre, loaders["test"])[:2]) for t in self.teachers}
+        ordinal = self.data.ordinal
+        teacher_test = {t.name: classification_metrics(*predict(t.model, t.pre, loaders["test"])[:2], ordinal=ordinal)
+                        for t in self.teachers}
+        # An ensemble teacher's members are shown beside it, on this run's test split.
+        members = {f"{t.name}.member{i}": (m, pre, classification_metrics(*predict(m, pre, loaders["test"])[:2], ordinal=ordinal))
+                   for t in self.teachers if isinstance(t.model, EnsembleModel)
+                   for i, (pre, m) in enumerate(zip(t.model.pres, t.model.members))}
         if not self.main:
             return results
         write_json(self.out / "metrics.json", {**results[primary], "student": primary})
@@ -752,6 +761,9 @@ class Engine:
             rows[t.name] = {"role": "teacher", "test": teacher_test[t.name],
                             "model": {"params": count_params(t.model),
                                       "flops": count_flops(t.model, (1, t.spec.in_chans, t.pre.input_size, t.pre.input_size))}}
+        for name, (m, pre, test) in members.items():
+            rows[name] = {"role": "ensemble member", "test": test,
+                          "model": {"params": count_params(m), "flops": count_flops(m, (1, pre.in_chans, pre.input_size, pre.input_size))}}
         for n, r in results.items():
             rows[n] = {"role": "student", **r}
         write_json(self.out / "summary.json", rows)
@@ -788,13 +800,17 @@ def model_cost(model: nn.Module, spec: ModelSpecRecord, latency: bool = True) ->
 
 
 def summary_table(rows: dict[str, Any]) -> str:
-    head = "| model | role | params (M) | MFLOPs | ACC | bal. ACC | macro-F1 | QWK | AUROC | ECE |\n|---|---|---|---|---|---|---|---|---|---|\n"
+    """Markdown table of every model's test metrics; QWK only for ordinal data."""
+    keys = ["accuracy", "balanced_accuracy", "macro_f1", "qwk", "auroc", "ece"]
+    if all(r["test"].get("qwk") is None for r in rows.values()):
+        keys.remove("qwk")
+    names = {"accuracy": "ACC", "balanced_accuracy": "bal. ACC", "macro_f1": "macro-F1", "qwk": "QWK", "auroc": "AUROC", "ece": "ECE"}
+    head = "| model | role | params (M) | MFLOPs | " + " | ".join(names[k] for k in keys) + " |\n|" + "---|" * (4 + len(keys)) + "\n"
     lines = []
     for name, r in rows.items():
         t = r["test"]
-        au = "–" if t["auroc"] is None else f"{t['auroc']:.3f}"
         lines.append(f"| {name} | {r['role']} | {r['model']['params'] / 1e6:.2f} | {r['model']['flops'] / 1e6:.1f} | "
-                     f"{t['accuracy']:.3f} | {t['balanced_accuracy']:.3f} | {t['macro_f1']:.3f} | {t['qwk']:.3f} | {au} | {t['ece']:.3f} |")
+                     + " | ".join("–" if t.get(k) is None else f"{t[k]:.3f}" for k in keys) + " |")
     return head + "\n".join(lines) + "\n"
 
 

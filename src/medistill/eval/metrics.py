@@ -18,13 +18,16 @@ from torchmetrics.functional.classification import (multiclass_auroc, multiclass
                                                     multiclass_f1_score)
 
 
-def classification_metrics(probs: torch.Tensor, labels: torch.Tensor, ece_bins: int = 15) -> dict[str, Any]:
+def classification_metrics(probs: torch.Tensor, labels: torch.Tensor, ece_bins: int = 15,
+                           ordinal: bool = True) -> dict[str, Any]:
     """Metrics of ``probs [N, C]`` (rows sum to 1) against ``labels [N]``.
 
     Returns accuracy, balanced_accuracy, macro_f1, qwk, auroc (macro one-vs-rest over classes
     present with both positives and negatives; NaN if none), ece (top-label, ``ece_bins`` equal
     bins), nll, per-class recall/precision (NaN where undefined) and the confusion matrix
-    (rows = true, columns = predicted).
+    (rows = true, columns = predicted). ``qwk`` is ``None`` when ``ordinal`` is false: quadratic
+    kappa weighs a confusion by the distance between class ids, which means nothing for
+    nominal classes (skin-lesion types, tissue types).
     """
     # Renormalise in float64: float32 softmax rows miss 1 by ~1e-7, which scikit-learn's AUROC
     # check reports as "y_prob values do not sum to one".
@@ -45,7 +48,7 @@ def classification_metrics(probs: torch.Tensor, labels: torch.Tensor, ece_bins: 
         "accuracy": float(diag.sum() / n),
         "balanced_accuracy": float(recall[present].mean()),
         "macro_f1": float(multiclass_f1_score(preds, labels, num_classes=c, average="none")[present].mean()),
-        "qwk": float(multiclass_cohen_kappa(preds, labels, num_classes=c, weights="quadratic")),
+        "qwk": float(multiclass_cohen_kappa(preds, labels, num_classes=c, weights="quadratic")) if ordinal else None,
         "auroc": _macro_auroc(probs, labels, present),
         "ece": float(multiclass_calibration_error(probs, labels, num_classes=c, n_bins=ece_bins, norm="l1")),
         "nll": float(F.nll_loss(probs.clamp_min(1e-12).log(), labels)),

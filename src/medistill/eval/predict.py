@@ -56,14 +56,15 @@ def predictions_csv(probs: torch.Tensor, labels: torch.Tensor, indices: torch.Te
 
 def evaluate_splits(model: nn.Module, preprocess: nn.Module, loaders: dict[str, DataLoader],
                     out_dir: str | Path | None = None, model_info: dict[str, Any] | None = None,
-                    class_names: list[str] | None = None, channels_last: bool = False, head: Any = None) -> dict[str, Any]:
+                    class_names: list[str] | None = None, channels_last: bool = False, head: Any = None,
+                    ordinal: bool = True) -> dict[str, Any]:
     """Evaluate on each split; write ``metrics.json``, ``predictions_test.csv`` and the confusion
     matrix PNG into ``out_dir`` (atomically) when given."""
     result: dict[str, Any] = {}
     test_pred = None
     for split, loader in loaders.items():
         probs, labels, idx = predict(model, preprocess, loader, channels_last, head)
-        result[split] = classification_metrics(probs, labels)
+        result[split] = classification_metrics(probs, labels, ordinal=ordinal)
         if split == "test":
             test_pred = (probs, labels, idx)
     if model_info:

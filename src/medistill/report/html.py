@@ -63,7 +63,8 @@ def _curves(log: list[dict[str, Any]]) -> str:
             if any(y is not None for y in ys):
                 axes[0].plot(ep, ys, marker=".", label=f"{s}: {k}")
         axes[1].plot(ep, [r["val"][s]["balanced_accuracy"] for r in log], marker="o", label=f"{s} bal. acc")
-        axes[1].plot(ep, [r["val"][s]["qwk"] for r in log], marker="x", ls="--", label=f"{s} QWK")
+        if all(r["val"][s].get("qwk") is not None for r in log):   # ordinal data only
+            axes[1].plot(ep, [r["val"][s]["qwk"] for r in log], marker="x", ls="--", label=f"{s} QWK")
     axes[0].set_title("training loss terms (epoch means)")
     axes[0].set_yscale("symlog", linthresh=1e-2)
     axes[1].set_title("validation")
@@ -129,15 +130,19 @@ def _reliability(pred_csv: Path, title: str, bins: int = 15) -> str:
 
 
 def _model_table(rows: dict[str, dict[str, Any]]) -> str:
-    head = ("<table><tr><th>model</th><th>role</th><th>params (M)</th><th>MFLOPs</th><th>latency b1 (ms)</th><th>OA</th>"
-            "<th>mAcc</th><th>macro-F1</th><th>QWK</th><th>AUROC</th><th>ECE</th></tr>")
+    keys = ["accuracy", "balanced_accuracy", "macro_f1", "qwk", "auroc", "ece"]
+    if all(r["test"].get("qwk") is None for r in rows.values()):   # nominal data: QWK means nothing
+        keys.remove("qwk")
+    names = {"accuracy": "OA", "balanced_accuracy": "mAcc", "macro_f1": "macro-F1", "qwk": "QWK", "auroc": "AUROC", "ece": "ECE"}
+    head = ("<table><tr><th>model</th><th>role</th><th>params (M)</th><th>MFLOPs</th><th>latency b1 (ms)</th>"
+            + "".join(f"<th>{names[k]}</th>" for k in keys) + "</tr>")
     body = []
     for n, r in rows.items():
         t, mdl = r["test"], r.get("model", {})
         lat = r.get("latency", {}).get("cpu_batch1", {}).get("median_ms")
         body.append(f"<tr><td>{html.escape(n)}</td><td>{r.get('role', 'student')}</td><td>{mdl.get('params', 0) / 1e6:.2f}</td>"
                     f"<td>{mdl.get('flops', 0) / 1e6:.1f}</td><td>{_fmt(lat, 2)}</td>"
-                    + "".join(f"<td>{_fmt(t[k])}</td>" for k in ("accuracy", "balanced_accuracy", "macro_f1", "qwk", "auroc", "ece"))
+                    + "".join(f"<td>{_fmt(t.get(k))}</td>" for k in keys)
                     + "</tr>")
     return head + "".join(body) + "</table>"
 
