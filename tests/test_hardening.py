@@ -166,6 +166,13 @@ def test_truncated_checkpoint_and_resume_on_missing_folder(tmp_path: Path) -> No
     cfg = tiny_cfg(npz, tmp_path / "r", epochs=1)
     with pytest.raises(ConfigError, match="unreadable"):
         run_engine(cfg, resume=True)
+    # With two epochs written, the previous checkpoint is kept and --resume falls back to it.
+    run2 = run_engine(tiny_cfg(npz, tmp_path / "r2", epochs=2)).out
+    assert (run2 / "checkpoint_prev.pt").is_file()
+    before = json.loads((run2 / "metrics.json").read_text())["test"]
+    (run2 / "checkpoint_last.pt").write_bytes(b"junk")
+    run_engine(tiny_cfg(npz, tmp_path / "r2", epochs=2), resume=True)   # re-runs epoch 2 from epoch 1's state
+    assert json.loads((run2 / "metrics.json").read_text())["test"] == before
     with pytest.raises(ConfigError, match="does not exist"):
         run_engine(tiny_cfg(npz, tmp_path / "nothere", epochs=1), resume=True)
     assert not (tmp_path / "nothere").exists()

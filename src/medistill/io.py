@@ -93,11 +93,16 @@ def append_jsonl(path: str | os.PathLike, obj: Any) -> None:
         os.fsync(fh.fileno())
 
 
-def torch_save(path: str | os.PathLike, obj: Any) -> None:
+def torch_save(path: str | os.PathLike, obj: Any, keep_previous: str | os.PathLike | None = None) -> None:
+    """Atomically write ``obj`` with ``torch.save``. ``keep_previous``: once the new file is
+    fully written, the old ``path`` is moved there (so a fallback exists) before the rename."""
     from medistill.errors import MedistillError
 
     try:
-        atomic_write(path, lambda p: torch.save(obj, p))
+        with atomic_path(path) as tmp:
+            torch.save(obj, tmp)
+            if keep_previous is not None and Path(path).is_file():
+                os.replace(path, keep_previous)
     except RuntimeError as e:
         # torch's zip writer reports a full disk as RuntimeError ("enforce fail at inline_container").
         raise MedistillError(f"could not write {path}: {str(e).splitlines()[0]} (disk full?); "

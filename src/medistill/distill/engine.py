@@ -89,6 +89,7 @@ class Engine:
         self.console = console or Console(stderr=True)
         self.out = Path(cfg.out)
         self.ckpt_path = self.out / "checkpoint_last.pt"
+        self.prev_ckpt_path = self.out / "checkpoint_prev.pt"
 
     # ----------------------------------------------------------------------------- set-up
     def setup(self) -> None:
@@ -98,7 +99,7 @@ class Engine:
         self.main = dist.rank() == 0
         if not self.main:
             self.console = Console(quiet=True)
-        if self.resume and not self.ckpt_path.exists():
+        if self.resume and not self.ckpt_path.exists() and not self.prev_ckpt_path.exists():
             raise ConfigError(f"--resume: no checkpoint_last.pt in {self.out}"
                               + ("" if self.out.is_dir() else " (the folder does not exist)"))
         self._created_out = not self.out.exists()
@@ -592,9 +593,16 @@ class Engine:
     def _restore(self) -> tuple[int, dict[str, float], int]:
         try:
             st = torch_load(self.ckpt_path)
-        except Exception as e:  # noqa: BLE001 - a truncated or foreign file: say so, keep it for inspection
-            raise ConfigError(f"--resume: {self.ckpt_path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0]}); "
-                              "it was probably cut short. Start a new --out, or delete it to train from scratch") from e
+        except Exception as e:  # noqa: BLE001 - a truncated or foreign file: fall back or say so
+            why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            try:
+                st = torch_load(self.prev_ckpt_path)
+            except Exception:  # noqa: BLE001 - no usable fallback either
+                raise ConfigError(f"--resume: {self.ckpt_path} is unreadable ({why}); it was probably cut short, and "
+                                  f"there is no readable {self.prev_ckpt_path.name}. Start a new --out, or delete it "
+                                  "to train from scratch") from e
+            self.console.print(f"[yellow]warning:[/] {self.ckpt_path.name} is unreadable ({why}); resuming from "
+                               f"{self.prev_ckpt_path.name} (epoch {st['epoch'] + 1})")
         for s in self.students:
             s.model.load_state_dict(st["students"][s.name])
         for k, v in self.emas.items():
@@ -685,7 +693,9 @@ class Engine:
                             if v is not None:
                                 tb.add_scalar(f"val/{s}/{k}", v, epoch)
                     tb.flush()
-                    torch_save(self.ckpt_path, self._state(epoch, best, bad))
+                    # The previous epoch's checkpoint is kept as checkpoint_prev.pt: if the newest
+                    # one is ever unreadable (a disk that lied about a write), --resume falls back.
+                    torch_save(self.ckpt_path, self._state(epoch, best, bad), keep_previous=self.prev_ckpt_path)
                 dist.barrier()
                 self.console.print(f"epoch {epoch + 1}/{cfg.train.epochs} " + " | ".join(
                     f"{s}: loss {train_logs[s]['loss']:.4f} val {cfg.train.select_metric} {selection_score(val[s] | {'nll': val[s]['nll']}, cfg.train.select_metric):.4f}"
