@@ -228,3 +228,29 @@ def test_mmd2_keeps_float64() -> None:
     ref = (k(xn, xn).mean() + k(yn, yn).mean() - 2 * k(xn, yn).mean()).clamp_min(0)
     assert torch.allclose(v, ref, rtol=1e-9, atol=1e-12)
     assert mmd2(x.bfloat16(), y.bfloat16()).dtype == torch.float32
+
+
+def test_python_api_with_an_in_memory_teacher(tmp_path: Path) -> None:
+    from medistill import api
+    from medistill.models import load_model_dir
+
+    npz = write_npz(tmp_path / "d.npz")
+    cfg = {"data": {"augment": "flip"}, "students": [{"kwargs": TINY_CNN}],
+           "train": {"latency": False, "progress": False, "batch_size": 16}}
+    t = api.train(data=str(npz), model="cnn5", epochs=1, out=tmp_path / "t", config=cfg, quiet=True)
+    assert t.out == tmp_path / "t" and 0.0 <= t.metrics["test"]["balanced_accuracy"] <= 1.0
+    module, _pre, _spec = load_model_dir(t.out / "students" / "student")
+    run = api.distill([module], data=str(npz), model="cnn5", method="kd", epochs=1, out=tmp_path / "s",
+                            config=cfg, quiet=True)
+    info = json.loads((run.out / "run_info.json").read_text())
+    assert info["teachers"]["teacher"]["checkpoint"] == "<memory>" and len(info["teachers"]["teacher"]["sha256"]) == 64
+    assert not any(p.requires_grad for p in module.parameters())
+    assert set(run.students) == {"student"}
+    # The same teacher from its run directory gives the same teacher row.
+    run2 = api.distill([t.out], data=str(npz), model="cnn5", method="kd", epochs=1, out=tmp_path / "s2",
+                             config=cfg, quiet=True)
+    rows = [json.loads((r.out / "summary.json").read_text())["teacher"]["test"] for r in (run, run2)]
+    assert rows[0]["balanced_accuracy"] == pytest.approx(rows[1]["balanced_accuracy"])
+    with pytest.raises(ModelError, match="expected \\[B, 3\\] logits"):
+        api.distill([nn.Sequential(nn.Flatten(), nn.LazyLinear(4))], data=str(npz), model="cnn5", epochs=1,
+                          out=tmp_path / "bad", config=cfg, quiet=True)

@@ -82,8 +82,13 @@ class Engine:
     """Set up participants, data, terms and optimizers from a :class:`RunConfig`; ``run()``
     trains, selects on validation, evaluates on test and writes the run directory."""
 
-    def __init__(self, cfg: RunConfig, resume: bool = False, download: bool = False, console: Console | None = None):
+    def __init__(self, cfg: RunConfig, resume: bool = False, download: bool = False, console: Console | None = None,
+                 teacher_modules: dict[str, nn.Module] | None = None):
+        """``teacher_modules``: teachers given as in-memory modules (Python API), by teacher name;
+        their config entries carry ``checkpoint: <memory>``. Each takes the data batch ``[B, C, S, S]``
+        in [0, 1] resized to its ``input_size`` and normalised by its ``norm``."""
         self.cfg = cfg
+        self.teacher_modules = dict(teacher_modules or {})
         self.resume = resume
         self.download = download
         self.console = console or Console(stderr=True)
@@ -115,14 +120,15 @@ class Engine:
             torch.set_num_threads(cfg.train.threads)
         self._seed(cfg.train.seed)
 
-        teacher_dirs = {t.name: resolve_teacher(t.checkpoint) for t in cfg.teachers}
+        teacher_dirs = {t.name: resolve_teacher(t.checkpoint) for t in cfg.teachers if t.name not in self.teacher_modules}
         fixed = None
         if self.resume:
             fixed = json.loads((self.out / "split.json").read_text())
         role = cfg.data.role if cfg.data.role != "auto" else ("student" if cfg.teachers else "teacher")
         self.data: DataBundle = build_data(cfg.data, None, role=role, download=self.download, fixed_splits=fixed)
         native = self.data.source.native_size or 224
-        self.teachers = [self._load_teacher(t, teacher_dirs[t.name]) for t in cfg.teachers]
+        self.teachers = [self._memory_teacher(t) if t.name in self.teacher_modules else self._load_teacher(t, teacher_dirs[t.name])
+                         for t in cfg.teachers]
         self.students = [self._make_student(s, native) for s in cfg.students]
         # Images stay at their native size; each model resizes the shared batch for itself.
         self.data.image_size = self.data.source.native_size or max(p.spec.input_size for p in self.teachers + self.students)
@@ -167,6 +173,29 @@ class Engine:
             prm.requires_grad_(False)
         return Participant(spec.name, model, Preprocess(c, c, size, (0.0,) * c, (1.0,) * c), rec0, trainable=False,
                            checkpoint=str(path), sha256=digest)
+
+    def _memory_teacher(self, spec: Any) -> Participant:
+        """A teacher passed as an ``nn.Module``: frozen, identified by a hash of its weights."""
+        model = self.teacher_modules[spec.name]
+        c = self.data.channels
+        size = spec.input_size or self.data.source.native_size or 224
+        mean, std = resolve_norm(spec.norm or "half", False, c)
+        pre = Preprocess(c, c, size, tuple(mean), tuple(std))
+        model.eval()
+        with torch.no_grad():
+            out = model(pre(torch.zeros(1, c, size, size)))
+        if out.ndim != 2 or out.shape[1] != self.data.num_classes:
+            raise ModelError(f"teacher {spec.name!r} (in-memory {type(model).__name__}) returns shape {tuple(out.shape)}; "
+                             f"expected [B, {self.data.num_classes}] logits for {self.data.source.description}")
+        for prm in model.parameters():
+            prm.requires_grad_(False)
+        h = hashlib.sha256()
+        for k, v in sorted(model.state_dict().items()):
+            h.update(k.encode())
+            h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        rec = ModelSpecRecord(arch=type(model).__name__, num_classes=self.data.num_classes, in_chans=c, data_chans=c,
+                              input_size=size, small_input="off", mean=mean, std=std, class_names=self.data.class_names)
+        return Participant(spec.name, model, pre, rec, trainable=False, checkpoint="<memory>", sha256=h.hexdigest())
 
     def _check_teacher_data(self, spec: Any, path: Path, recs: list[ModelSpecRecord]) -> None:
         """A teacher records the dataset it was trained on; another dataset with the same class
