@@ -197,8 +197,15 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
         node[last] = value
 
 
-def parse_override(item: str) -> tuple[str, Any]:
-    """``a.b=3`` → ("a.b", 3). The value is parsed as YAML *data* (numbers, lists, bools)."""
+Override = str | tuple[str, Any]
+
+
+def parse_override(item: Override) -> tuple[str, Any]:
+    """``a.b=3`` → ("a.b", 3). The value is parsed as YAML *data* (numbers, lists, bools).
+    A ``(key, value)`` pair is taken as it is: command-line flags pass typed values, so
+    ``--data 2024`` stays the string "2024" instead of becoming the number 2024."""
+    if isinstance(item, tuple):
+        return item
     if "=" not in item:
         raise ConfigError(f"override {item!r} must look like key.sub=value")
     key, raw = item.split("=", 1)
@@ -209,7 +216,11 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def apply_overrides(tree: dict[str, Any], items: list[str]) -> None:
+def override_key(item: Override) -> str:
+    return item[0] if isinstance(item, tuple) else item.split("=", 1)[0].strip()
+
+
+def apply_overrides(tree: dict[str, Any], items: list[Override]) -> None:
     """Apply ``key.sub=value`` overrides to a config tree in place (values parsed as YAML data)."""
     for item in items:
         key, value = parse_override(item)
@@ -227,7 +238,7 @@ def _format_validation_error(e: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+def load_config(path: str | Path | None = None, overrides: list[Override] | None = None,
                 base: dict[str, Any] | None = None) -> RunConfig:
     """Load YAML (safe loader only), apply dotted overrides, validate.
 

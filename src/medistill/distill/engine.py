@@ -7,64 +7,63 @@ per student, a dict of named losses per student, one backward, one optimizer ste
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import random
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from medistill import dist
 from medistill.config import RunConfig, TermSpec, dump_config
 from medistill.data import DataBundle, build_data
-from medistill.data.transforms import apply_view, views_for
-from medistill.distill.cache import TeacherCache, default_cache_dir
+from medistill.distill import checkpoint as ckpt
+from medistill.distill.cache import make_teacher_caches
 from medistill.distill.context import StepContext
+from medistill.distill.optim import build_optimizer, build_scheduler
+from medistill.distill.participants import (
+    Participant,
+    load_teacher,
+    make_student,
+    memory_teacher,
+)
 from medistill.distill.terms import TERMS, LossTerm, TermSetup
-from medistill.errors import ConfigError, ModelError, NonFiniteLossError
+from medistill.errors import ConfigError, NonFiniteLossError
 from medistill.eval.metrics import classification_metrics, selection_score
 from medistill.eval.predict import evaluate_splits, predict
-from medistill.io import (append_jsonl, check_writable, environment_info, sha256_file, torch_load, torch_save,
-                          write_json, write_text)
-from medistill.models.cost import count_flops, count_params, latency_ms
-from medistill.models.factory import (ModelSpecRecord, Preprocess, create_model, load_model_dir, resolve_norm,
-                                      save_model_dir)
-from medistill.models.dualhead import DualHead
-from medistill.models.ensemble import EnsembleModel, is_ensemble_dir, load_ensemble
+from medistill.eval.tables import summary_table
+from medistill.io import (
+    append_jsonl,
+    check_writable,
+    environment_info,
+    write_json,
+    write_text,
+)
+from medistill.models.cost import count_flops, count_params, model_cost
+from medistill.models.ensemble import EnsembleModel
+from medistill.models.factory import (
+    load_model_dir,
+    save_model_dir,
+)
 from medistill.models.taps import FeatureTaps
 from medistill.rundir import resolve_teacher
 
 Tensor = torch.Tensor
-
-
-@dataclass
-class Participant:
-    """A model in a run: its network, its own preprocessing, and whether it is trained."""
-
-    name: str
-    model: nn.Module
-    pre: Preprocess
-    spec: ModelSpecRecord
-    trainable: bool
-    checkpoint: str | None = None
-    sha256: str | None = None
-    taps: set[str] = field(default_factory=set)
-
-    def logits(self, x: Tensor, channels_last: bool = False) -> Tensor:
-        x = self.pre(x)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return self.model(x)
 
 
 def supervised_terms(cfg: RunConfig) -> list[TermSpec]:
@@ -93,8 +92,7 @@ class Engine:
         self.download = download
         self.console = console or Console(stderr=True)
         self.out = Path(cfg.out)
-        self.ckpt_path = self.out / "checkpoint_last.pt"
-        self.prev_ckpt_path = self.out / "checkpoint_prev.pt"
+        self.ckpt_path = self.out / ckpt.LAST
 
     # ----------------------------------------------------------------------------- set-up
     def setup(self) -> None:
@@ -104,7 +102,7 @@ class Engine:
         self.main = dist.rank() == 0
         if not self.main:
             self.console = Console(quiet=True)
-        if self.resume and not self.ckpt_path.exists() and not self.prev_ckpt_path.exists():
+        if self.resume and not ckpt.has_checkpoint(self.out):
             raise ConfigError(f"--resume: no checkpoint_last.pt in {self.out}"
                               + ("" if self.out.is_dir() else " (the folder does not exist)"))
         self._created_out = not self.out.exists()
@@ -115,7 +113,7 @@ class Engine:
             raise ConfigError(f"{self.out} already holds a run (checkpoint_last.pt); pass --resume to continue it "
                               "or choose another --out")
         if self.resume:
-            _check_resume_config(self.out / "config.yaml", cfg)
+            ckpt.check_resume_config(self.out / "config.yaml", cfg)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         self._seed(cfg.train.seed)
@@ -127,9 +125,10 @@ class Engine:
         role = cfg.data.role if cfg.data.role != "auto" else ("student" if cfg.teachers else "teacher")
         self.data: DataBundle = build_data(cfg.data, None, role=role, download=self.download, fixed_splits=fixed)
         native = self.data.source.native_size or 224
-        self.teachers = [self._memory_teacher(t) if t.name in self.teacher_modules else self._load_teacher(t, teacher_dirs[t.name])
+        self.teachers = [memory_teacher(t, self.teacher_modules[t.name], self.data) if t.name in self.teacher_modules
+                         else load_teacher(t, teacher_dirs[t.name], self.data)
                          for t in cfg.teachers]
-        self.students = [self._make_student(s, native) for s in cfg.students]
+        self.students = [make_student(s, native, self.data, cfg.train.channels_last) for s in cfg.students]
         # Images stay at their native size; each model resizes the shared batch for itself.
         self.data.image_size = self.data.source.native_size or max(p.spec.input_size for p in self.teachers + self.students)
         self.parts = {p.name: p for p in self.teachers + self.students}
@@ -148,115 +147,12 @@ class Engine:
         self.class_prior = counts / counts.sum()
         self.terms = self._make_terms()
         self._make_optim()
-        self.cache = self._make_cache()
+        self.cache = make_teacher_caches(self.teachers, self.data, cfg, self.tap_shapes, self.console, self.main, self.world)
 
     def _seed(self, seed: int) -> None:
         random.seed(seed)
         np.random.seed(seed % (2 ** 32))
         torch.manual_seed(seed)
-
-    def _load_ensemble_teacher(self, spec: Any, path: Path) -> Participant:
-        """An ensemble directory as one teacher: members keep their own preprocessing inside
-        :class:`EnsembleModel`, so the participant's preprocessing only passes the batch on."""
-        model, specs, digest, rec = load_ensemble(path)
-        if rec["num_classes"] != self.data.num_classes:
-            raise ModelError(f"teacher {spec.name!r} (ensemble {path}) predicts {rec['num_classes']} classes but the data "
-                             f"has {self.data.num_classes} ({self.data.source.description})")
-        self._check_teacher_data(spec, path, specs)
-        size = self.data.source.native_size or max(s.data_size or s.input_size for s in specs)
-        c = self.data.channels
-        archs = sorted({s.arch for s in specs})
-        rec0 = ModelSpecRecord(**{**specs[0].__dict__, "arch": f"ensemble({len(specs)}× {'+'.join(archs)})",
-                                  "in_chans": c, "data_chans": c, "input_size": size,
-                                  "mean": [0.0] * c, "std": [1.0] * c})
-        for prm in model.parameters():
-            prm.requires_grad_(False)
-        return Participant(spec.name, model, Preprocess(c, c, size, (0.0,) * c, (1.0,) * c), rec0, trainable=False,
-                           checkpoint=str(path), sha256=digest)
-
-    def _memory_teacher(self, spec: Any) -> Participant:
-        """A teacher passed as an ``nn.Module``: frozen, identified by a hash of its weights."""
-        model = self.teacher_modules[spec.name]
-        c = self.data.channels
-        size = spec.input_size or self.data.source.native_size or 224
-        mean, std = resolve_norm(spec.norm or "half", False, c)
-        pre = Preprocess(c, c, size, tuple(mean), tuple(std))
-        model.eval()
-        with torch.no_grad():
-            out = model(pre(torch.zeros(1, c, size, size)))
-        if out.ndim != 2 or out.shape[1] != self.data.num_classes:
-            raise ModelError(f"teacher {spec.name!r} (in-memory {type(model).__name__}) returns shape {tuple(out.shape)}; "
-                             f"expected [B, {self.data.num_classes}] logits for {self.data.source.description}")
-        for prm in model.parameters():
-            prm.requires_grad_(False)
-        h = hashlib.sha256()
-        for k, v in sorted(model.state_dict().items()):
-            h.update(k.encode())
-            h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        rec = ModelSpecRecord(arch=type(model).__name__, num_classes=self.data.num_classes, in_chans=c, data_chans=c,
-                              input_size=size, small_input="off", mean=mean, std=std, class_names=self.data.class_names)
-        return Participant(spec.name, model, pre, rec, trainable=False, checkpoint="<memory>", sha256=h.hexdigest())
-
-    def _check_teacher_data(self, spec: Any, path: Path, recs: list[ModelSpecRecord]) -> None:
-        """A teacher records the dataset it was trained on; another dataset with the same class
-        count (blood-cell types distilled into retinal grades) is refused unless allowed."""
-        if spec.allow_other_data:
-            return
-        for rec in recs:
-            if rec.class_names and rec.class_names != self.data.class_names:
-                raise ModelError(f"teacher {spec.name!r} ({path}) was trained on classes {rec.class_names} but the data "
-                                 f"has {self.data.class_names}; set teachers.N.allow_other_data=true if that is intended")
-            fp = self.data.source.fingerprint
-            if rec.data_fingerprint and fp and rec.data_fingerprint != fp:
-                raise ModelError(f"teacher {spec.name!r} ({path}) was trained on another dataset than "
-                                 f"{self.data.source.description} (fingerprints {rec.data_fingerprint[:12]}… vs {fp[:12]}…); "
-                                 "set teachers.N.allow_other_data=true if that is intended")
-
-    def _load_teacher(self, spec: Any, path: Path) -> Participant:
-        if is_ensemble_dir(path):
-            return self._load_ensemble_teacher(spec, path)
-        if spec.model is not None and not (path.is_dir() or (path.parent / "model.json").is_file()):
-            rec = ModelSpecRecord(arch=spec.model, num_classes=self.data.num_classes, in_chans=self.data.channels,
-                                  data_chans=self.data.channels, input_size=spec.input_size or self.data.source.native_size or 224,
-                                  small_input="auto", mean=[], std=[], class_names=self.data.class_names)
-            rec.mean, rec.std = resolve_norm(spec.norm or "auto", False, rec.in_chans)
-            model, pre = rec.build()
-            from medistill.models.factory import load_weights
-
-            load_weights(model, path, strict=True)
-            wfile = path
-        else:
-            model, pre, rec = load_model_dir(path)
-            wfile = path if path.is_file() else path / "model.safetensors"
-        if rec.num_classes != self.data.num_classes:
-            raise ModelError(f"teacher {spec.name!r} ({path}) predicts {rec.num_classes} classes but the data has "
-                             f"{self.data.num_classes} ({self.data.source.description})")
-        self._check_teacher_data(spec, path, [rec])
-        if rec.data_chans != self.data.channels:
-            pre = Preprocess(self.data.channels, rec.in_chans, rec.input_size, tuple(rec.mean), tuple(rec.std))
-        if spec.input_size and spec.input_size != rec.input_size:
-            pre = Preprocess(self.data.channels, rec.in_chans, spec.input_size, tuple(rec.mean), tuple(rec.std))
-        if spec.norm not in (None, "auto"):
-            mean, std = resolve_norm(spec.norm, False, rec.in_chans)
-            pre = Preprocess(self.data.channels, rec.in_chans, pre.input_size, tuple(mean), tuple(std))
-        model.eval()
-        for prm in model.parameters():
-            prm.requires_grad_(False)
-        return Participant(spec.name, model, pre, rec, trainable=False, checkpoint=str(wfile), sha256=sha256_file(wfile))
-
-    def _make_student(self, s: Any, native: int) -> Participant:
-        in_chans = s.in_chans or self.data.channels
-        size = s.input_size or native
-        mean, std = resolve_norm(s.norm, s.pretrained, in_chans)
-        model = create_model(s.model, self.data.num_classes, in_chans, size, pretrained=s.pretrained,
-                             small_input=s.small_input, **s.kwargs)
-        rec = ModelSpecRecord(arch=s.model, num_classes=self.data.num_classes, in_chans=in_chans,
-                              data_chans=self.data.channels, input_size=size, small_input=s.small_input, mean=mean,
-                              std=std, class_names=self.data.class_names, kwargs=dict(s.kwargs),
-                              adaptation=getattr(model, "medistill_adaptation", None))
-        if self.cfg.train.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        return Participant(s.name, model, Preprocess(self.data.channels, in_chans, size, tuple(mean), tuple(std)), rec, trainable=True)
 
     def _make_terms(self) -> nn.ModuleDict:
         cfg = self.cfg
@@ -356,41 +252,13 @@ class Engine:
 
     def _make_optim(self) -> None:
         o, sc = self.cfg.optim, self.cfg.sched
-        self.optims: dict[str, torch.optim.Optimizer] = {}
-        for s in self.students:
-            head = s.model.get_classifier() if hasattr(s.model, "get_classifier") else None
-            head_ids = {id(p) for p in head.parameters()} if isinstance(head, nn.Module) else set()
-            body = [p for p in s.model.parameters() if id(p) not in head_ids]
-            groups = [{"params": body, "lr": o.lr}]
-            if head_ids:
-                groups.append({"params": [p for p in s.model.parameters() if id(p) in head_ids], "lr": o.head_lr or o.lr})
-            mod_params = [p for k, t in self.terms.items() if t.student == s.name for p in t.parameters()]
-            if mod_params:
-                groups.append({"params": mod_params, "lr": o.module_lr or o.lr})
-            if o.name == "sgd":
-                opt: torch.optim.Optimizer = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
-                                                             weight_decay=o.weight_decay)
-            elif o.name == "adam":
-                opt = torch.optim.Adam(groups, lr=o.lr, weight_decay=o.weight_decay)
-            else:
-                opt = torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay)
-            self.optims[s.name] = opt
         self.steps_per_epoch = max(1, self._train_batches())
-        total = self.cfg.train.epochs * self.steps_per_epoch
-        warm = int(round(sc.warmup_epochs * self.steps_per_epoch))
-        self.scheds = {}
-        for name, opt in self.optims.items():
-            def factor(step: int, _w: int = warm, _t: int = total) -> float:
-                if _w and step < _w:
-                    return (step + 1) / _w
-                if sc.name == "cosine":
-                    prog = (step - _w) / max(1, _t - _w)
-                    return sc.min_lr / max(o.lr, 1e-12) + (1 - sc.min_lr / max(o.lr, 1e-12)) * 0.5 * (1 + math.cos(math.pi * min(prog, 1.0)))
-                if sc.name == "step":
-                    return sc.gamma ** (step // (sc.step_size * self.steps_per_epoch))
-                return 1.0
-            # LambdaLR is PyTorch's own per-step scheduler; the lambda holds warm-up + decay.
-            self.scheds[name] = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        self.optims: dict[str, torch.optim.Optimizer] = {}
+        self.scheds: dict[str, torch.optim.lr_scheduler.LambdaLR] = {}
+        for s in self.students:
+            modules = [p for t in self.terms.values() if t.student == s.name for p in t.parameters()]
+            self.optims[s.name] = build_optimizer(s.model, modules, o)
+            self.scheds[s.name] = build_scheduler(self.optims[s.name], sc, o.lr, self.cfg.train.epochs, self.steps_per_epoch)
         # Only trainable students are wrapped; frozen teachers run plain. Term-owned modules
         # (regressors, CFL blocks) are small: their gradients are averaged by all-reduce.
         self.ddp: dict[str, nn.Module] = {}
@@ -414,75 +282,6 @@ class Engine:
     def _drop_last(self) -> bool:
         # A trailing batch of one sample breaks BatchNorm in training mode.
         return math.ceil(len(self.data.splits["train"]) / max(1, self.world)) % self.cfg.train.batch_size == 1
-
-    # ----------------------------------------------------------------------------- cache
-    def _make_cache(self) -> dict[str, TeacherCache]:
-        mode = self.cfg.train.teacher_cache
-        if not self.teachers or mode == "off":
-            return {}
-        reasons = []
-        if self.cfg.data.augment == "standard":
-            reasons.append("training augmentation is random (data.augment=standard); teachers must see each random view "
-                           "— use augment none/flip/dihedral to cache")
-        # The cache lives in memory during training (float32, every view of every training image).
-        values = sum(1 + sum(math.prod(self.tap_shapes[t.name][tap][1:]) for tap in t.taps) for t in self.teachers)
-        size_mb = values * 4 * len(views_for(self.cfg.data.augment)) * len(self.data.splits["train"]) / 2**20
-        if size_mb > self.cfg.train.teacher_cache_max_mb:
-            reasons.append(f"the teacher outputs would take {size_mb:.0f} MB "
-                           f"(> train.teacher_cache_max_mb = {self.cfg.train.teacher_cache_max_mb:.0f})")
-        if reasons:
-            if mode == "on":
-                raise ConfigError("teacher cache requested but invalid: " + "; ".join(reasons))
-            self.console.print("[yellow]teacher cache off:[/] " + "; ".join(reasons))
-            return {}
-        directory = Path(self.cfg.train.cache_dir) if self.cfg.train.cache_dir else default_cache_dir()
-        views = views_for(self.cfg.data.augment)
-        train_idx = self.data.splits["train"]
-        caches = {}
-        for t in self.teachers:
-            manifest = {
-                "format": 1, "teacher_name": t.name, "teacher_sha256": t.sha256,
-                "data_fingerprint": self.data.source.fingerprint,
-                "train_indices_sha256": hashlib.sha256(np.asarray(train_idx, dtype=np.int64).tobytes()).hexdigest(),
-                "image_size": self.data.image_size, "views": views,
-                "preprocess": {"input_size": t.pre.input_size, "in_chans": t.pre.in_chans,
-                               "mean": t.pre.mean.flatten().tolist(), "std": t.pre.std.flatten().tolist()},
-                "outputs": sorted(["logits", *t.taps]),
-            }
-            data_path, _ = TeacherCache.paths(directory, manifest)
-            if not self.main:
-                dist.barrier()   # rank 0 builds or checks the cache first
-                caches[t.name] = TeacherCache.load(data_path, manifest)
-                continue
-            if data_path.is_file():
-                caches[t.name] = TeacherCache.load(data_path, manifest)
-                self.console.print(f"teacher cache hit: {data_path}")
-            else:
-                caches[t.name] = self._build_cache(t, manifest, views, train_idx)
-                caches[t.name].save(directory)
-                self.console.print(f"teacher cache built: {data_path}")
-            if self.world > 1:
-                dist.barrier()
-        return caches
-
-    @torch.no_grad()
-    def _build_cache(self, t: Participant, manifest: dict[str, Any], views: list[int], train_idx: np.ndarray) -> TeacherCache:
-        n = len(train_idx)
-        positions = torch.full((len(self.data.source),), -1, dtype=torch.long)
-        positions[torch.as_tensor(train_idx)] = torch.arange(n)
-        outs: dict[str, Tensor] = {}
-        loader = self._full_loader("train")
-        with FeatureTaps(t.model, sorted(t.taps), detach=True) as taps:
-            for vi, v in enumerate(views):
-                for x, _y, idx, _ in loader:
-                    rows = positions[torch.as_tensor(idx)]
-                    logits = t.logits(apply_view(x, v)).float()
-                    got = {"logits": logits, **{k: taps[k].float() for k in t.taps}}
-                    for k, val in got.items():
-                        if k not in outs:
-                            outs[k] = torch.zeros(len(views), n, *val.shape[1:])
-                        outs[k][vi, rows] = val
-        return TeacherCache(manifest, outs, positions)
 
     # ----------------------------------------------------------------------------- training
     def _teacher_outputs(self, x: Tensor, idx: Tensor, view: Tensor) -> tuple[dict[str, Tensor], dict[str, dict[str, Tensor]]]:
@@ -584,13 +383,14 @@ class Engine:
                     self.emas[n].update_parameters(self.parts[n].model)
         return logs
 
-    def _tune_heads(self, s: Participant) -> None:
-        """DHO students: choose the head combination (a, b) on the validation split."""
+    def _tune_on_validation(self, s: Participant) -> None:
+        """Extension point: a model with ``tune_on_validation(batches, score)`` (e.g. DHO's dual
+        head) chooses its own settings on the validation split after every epoch."""
         m = self._eval_model(s.name)
-        if isinstance(m, DualHead):
+        if hasattr(m, "tune_on_validation"):
             batches = [(s.pre(x), torch.as_tensor(y)) for x, y, _i, _v in self._full_loader("val")]
             metric = self.cfg.train.select_metric
-            m.tune(batches, lambda p, y: selection_score(classification_metrics(p, y), metric))
+            m.tune_on_validation(batches, lambda p, y: selection_score(classification_metrics(p, y), metric))
 
     def _eval_model(self, name: str) -> nn.Module:
         return self.emas[name].module if name in self.emas else self.parts[name].model
@@ -607,54 +407,15 @@ class Engine:
         write_json(self.out / "run_info.json", info)
         write_json(self.out / "split.json", self.data.split_record())
 
-    def _state(self, epoch: int, best: dict[str, float], bad: int) -> dict[str, Any]:
-        return {
-            "epoch": epoch, "best": best, "bad_epochs": bad,
-            "students": {s.name: s.model.state_dict() for s in self.students},
-            "ema": {k: v.state_dict() for k, v in self.emas.items()},
-            "swa": {k: v.state_dict() for k, v in self.swas.items()},
-            "terms": self.terms.state_dict(),
-            "optim": {k: v.state_dict() for k, v in self.optims.items()},
-            "sched": {k: v.state_dict() for k, v in self.scheds.items()},
-            "rng_torch": torch.get_rng_state(),
-        }
-
-    def _restore(self) -> tuple[int, dict[str, float], int]:
-        try:
-            st = torch_load(self.ckpt_path)
-        except Exception as e:  # noqa: BLE001 - a truncated or foreign file: fall back or say so
-            why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            try:
-                st = torch_load(self.prev_ckpt_path)
-            except Exception:  # noqa: BLE001 - no usable fallback either
-                raise ConfigError(f"--resume: {self.ckpt_path} is unreadable ({why}); it was probably cut short, and "
-                                  f"there is no readable {self.prev_ckpt_path.name}. Start a new --out, or delete it "
-                                  "to train from scratch") from e
-            self.console.print(f"[yellow]warning:[/] {self.ckpt_path.name} is unreadable ({why}); resuming from "
-                               f"{self.prev_ckpt_path.name} (epoch {st['epoch'] + 1})")
-        for s in self.students:
-            s.model.load_state_dict(st["students"][s.name])
-        for k, v in self.emas.items():
-            v.load_state_dict(st["ema"][k])
-        for k, v in self.swas.items():
-            v.load_state_dict(st["swa"][k])
-        self.terms.load_state_dict(st["terms"])
-        for k, v in self.optims.items():
-            v.load_state_dict(st["optim"][k])
-        for k, v in self.scheds.items():
-            v.load_state_dict(st["sched"][k])
-        torch.set_rng_state(st["rng_torch"])
-        # Keep only the log lines of completed, checkpointed epochs.
-        log = self.out / "metrics.jsonl"
-        if log.is_file() and self.main:
-            keep = [ln for ln in log.read_text().splitlines() if ln.strip() and json.loads(ln)["epoch"] <= st["epoch"]]
-            write_text(log, "".join(ln + "\n" for ln in keep))
-        return st["epoch"] + 1, {k: float(v) for k, v in st["best"].items()}, int(st["bad_epochs"])
+    def _stateful(self) -> dict[str, dict[str, Any]]:
+        """Everything a checkpoint holds besides the term modules, by group and name."""
+        return {"students": {s.name: s.model for s in self.students}, "ema": self.emas, "swa": self.swas,
+                "optim": self.optims, "sched": self.scheds}
 
     def fit(self) -> None:
         cfg = self.cfg
         if self.resume:
-            start, best, bad = self._restore()
+            start, best, bad = ckpt.load_checkpoint(self.out, self._stateful(), self.terms, self.console, self.main)
             self.console.print(f"resuming {self.out} at epoch {start}")
         else:
             if self.main:
@@ -695,7 +456,7 @@ class Engine:
                 val = {}
                 improved = False
                 for s in self.students:
-                    self._tune_heads(s)
+                    self._tune_on_validation(s)
                     probs, labels, _ = predict(self._eval_model(s.name), s.pre, self._eval_loader("val"), cfg.train.channels_last)
                     m = classification_metrics(probs, labels, ordinal=self.data.ordinal)
                     val[s.name] = {k: m[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "qwk", "auroc", "ece", "nll")}
@@ -722,9 +483,7 @@ class Engine:
                             if v is not None:
                                 tb.add_scalar(f"val/{s}/{k}", v, epoch)
                     tb.flush()
-                    # The previous epoch's checkpoint is kept as checkpoint_prev.pt: if the newest
-                    # one is ever unreadable (a disk that lied about a write), --resume falls back.
-                    torch_save(self.ckpt_path, self._state(epoch, best, bad), keep_previous=self.prev_ckpt_path)
+                    ckpt.save_checkpoint(self.out, epoch, best, bad, self._stateful(), self.terms)
                 dist.barrier()
                 self.console.print(f"epoch {epoch + 1}/{cfg.train.epochs} " + " | ".join(
                     f"{s}: loss {train_logs[s]['loss']:.4f} val {cfg.train.select_metric} {selection_score(val[s] | {'nll': val[s]['nll']}, cfg.train.select_metric):.4f}"
@@ -778,8 +537,8 @@ class Engine:
             info = model_cost(model, spec, latency=self.cfg.train.latency and self.main)
             res = evaluate_splits(model, pre, loaders, d, info.pop("model"), spec.class_names, ordinal=self.data.ordinal)
             res.update(info)
-            if isinstance(model, DualHead):  # DHO: the head combination chosen on validation
-                res["dho_heads"] = {"a": float(model.a), "b": float(model.b)}
+            if hasattr(model, "validation_choice"):  # e.g. DHO's head combination, chosen on validation
+                res.update(model.validation_choice())
             if self.main:
                 write_json(d / "metrics.json", res)
             results[s.name] = res
@@ -827,54 +586,3 @@ class Engine:
             return results
         finally:
             dist.destroy()
-
-
-def model_cost(model: nn.Module, spec: ModelSpecRecord, latency: bool = True) -> dict[str, Any]:
-    shape = (1, spec.in_chans, spec.input_size, spec.input_size)
-    out: dict[str, Any] = {"model": {"params": count_params(model), "flops": count_flops(model, shape), "arch": spec.arch,
-                                     "input_size": spec.input_size}}
-    if latency:
-        out["latency"] = {"cpu_batch1": latency_ms(model, shape)}
-    return out
-
-
-def summary_table(rows: dict[str, Any]) -> str:
-    """Markdown table of every model's test metrics; QWK only for ordinal data."""
-    keys = ["accuracy", "balanced_accuracy", "macro_f1", "qwk", "auroc", "ece"]
-    if all(r["test"].get("qwk") is None for r in rows.values()):
-        keys.remove("qwk")
-    names = {"accuracy": "ACC", "balanced_accuracy": "bal. ACC", "macro_f1": "macro-F1", "qwk": "QWK", "auroc": "AUROC", "ece": "ECE"}
-    head = "| model | role | params (M) | MFLOPs | " + " | ".join(names[k] for k in keys) + " |\n|" + "---|" * (4 + len(keys)) + "\n"
-    lines = []
-    for name, r in rows.items():
-        t = r["test"]
-        lines.append(f"| {name} | {r['role']} | {r['model']['params'] / 1e6:.2f} | {r['model']['flops'] / 1e6:.1f} | "
-                     + " | ".join("–" if t.get(k) is None else f"{t[k]:.3f}" for k in keys) + " |")
-    return head + "\n".join(lines) + "\n"
-
-
-# Settings that may change between an interrupted run and its resumption: they do not alter what is trained.
-_RESUME_FREE = {"train.progress", "train.latency", "train.threads", "train.cache_dir", "data.num_workers"}
-
-
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(d, dict):
-        return {k: v for key, val in d.items() for k, v in _flat(val, f"{prefix}{key}.").items()}
-    return {prefix[:-1]: d}
-
-
-def _check_resume_config(saved_path: Path, cfg: RunConfig) -> None:
-    """A resumed run must continue the same experiment: any other difference from the saved
-    ``config.yaml`` (epochs, schedule, bf16, terms, ...) would silently mix two runs."""
-    import yaml
-
-    if not saved_path.is_file():
-        raise ConfigError(f"--resume: {saved_path} is missing; cannot check that the run continues the same config")
-    old = _flat(yaml.safe_load(saved_path.read_text()))
-    new = _flat(yaml.safe_load(dump_config(cfg)))
-    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in _RESUME_FREE)
-    if diff:
-        shown = ", ".join(f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in diff[:4])
-        raise ConfigError(f"--resume: the config differs from the interrupted run's {saved_path} ({shown}"
-                          + (f", and {len(diff) - 4} more" if len(diff) > 4 else "") + "); resume with the same config "
-                          "or start a new --out")
