@@ -413,6 +413,7 @@ class Engine:
                 "optim": self.optims, "sched": self.scheds}
 
     def fit(self) -> None:
+        """Epochs: train → validate (select the checkpoint) → log → checkpoint; then SWA's average."""
         cfg = self.cfg
         if self.resume:
             start, best, bad = ckpt.load_checkpoint(self.out, self._stateful(), self.terms, self.console, self.main)
@@ -426,68 +427,20 @@ class Engine:
         tb = SummaryWriter(str(self.out / "tb")) if self.main else None
         try:
             for epoch in range(start, cfg.train.epochs):
-                # Per-epoch seeding makes an epoch's shuffling and augmentation independent of
-                # how the run got there, so a resumed run repeats the uninterrupted one exactly.
-                torch.manual_seed(cfg.train.seed * 100003 + epoch)
-                loader = self.data.loader("train", cfg.train.batch_size, train=True,
-                                          seed=cfg.train.seed * 100003 + epoch, drop_last=self._drop_last())
-                for s in self.students:
-                    s.model.train()
-                sums: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
-                t0 = time.perf_counter()
-                n_steps = 0
-                with self._progress() as bar:
-                    task = bar.add_task(f"epoch {epoch + 1}/{cfg.train.epochs}", total=len(loader), info="")
-                    for step, batch in enumerate(loader):
-                        logs = self._step(batch, epoch, step)
-                        n_steps += 1
-                        for s, lg in logs.items():
-                            for k, v in lg.items():
-                                sums[s][k] += v
-                        bar.update(task, advance=1, info=" ".join(f"{s}:{lg['loss']:.3f}" for s, lg in logs.items()))
-                train_time = time.perf_counter() - t0
-                train_logs = {s: {k: float(dist.all_reduce_mean(torch.tensor(v / n_steps, dtype=torch.float64)))
-                                  for k, v in d.items()} for s, d in sums.items()}
-                diag = {}
-                for key, term in self.terms.items():
-                    st = term.pop_stats(self.data.num_classes)
-                    if st:
-                        diag[key.replace("__", ".")] = st
-                val = {}
-                improved = False
-                for s in self.students:
-                    self._tune_on_validation(s)
-                    probs, labels, _ = predict(self._eval_model(s.name), s.pre, self._eval_loader("val"), cfg.train.channels_last)
-                    m = classification_metrics(probs, labels, ordinal=self.data.ordinal)
-                    val[s.name] = {k: m[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "qwk", "auroc", "ece", "nll")}
-                    score = selection_score(m, cfg.train.select_metric)
-                    if score > best[s.name]:
-                        best[s.name] = score
-                        improved = True
-                        if self.main:
-                            save_model_dir(self._student_dir(s.name), self._eval_model(s.name), s.spec)
+                train_logs, train_time = self._train_epoch(epoch)
+                val, improved = self._validate(best)
                 if self.swas and epoch >= cfg.train.swa.start_epoch:
                     for s in self.students:
                         self.swas[s.name].update_parameters(s.model)
                 bad = 0 if improved else bad + 1
-                lr = {n: o.param_groups[0]["lr"] for n, o in self.optims.items()}
-                record = {"epoch": epoch, "lr": lr, "train": train_logs, "val": val, "diagnostics": diag,
-                          "train_time_s": round(train_time, 3), "images_per_s": round(len(self.data.splits["train"]) / max(train_time, 1e-9), 2)}
+                diag = self._pop_diagnostics()   # every rank, so no rank accumulates them
                 if self.main:
-                    append_jsonl(self.out / "metrics.jsonl", record)
-                    for s, d in train_logs.items():
-                        for k, v in d.items():
-                            tb.add_scalar(f"train/{s}/{k}", v, epoch)
-                    for s, d in val.items():
-                        for k, v in d.items():
-                            if v is not None:
-                                tb.add_scalar(f"val/{s}/{k}", v, epoch)
-                    tb.flush()
+                    self._log_epoch(tb, epoch, train_logs, val, diag, train_time)
                     ckpt.save_checkpoint(self.out, epoch, best, bad, self._stateful(), self.terms)
                 dist.barrier()
                 self.console.print(f"epoch {epoch + 1}/{cfg.train.epochs} " + " | ".join(
-                    f"{s}: loss {train_logs[s]['loss']:.4f} val {cfg.train.select_metric} {selection_score(val[s] | {'nll': val[s]['nll']}, cfg.train.select_metric):.4f}"
-                    for s in train_logs) + f" | {train_time:.1f}s")
+                    f"{s}: loss {train_logs[s]['loss']:.4f} val {cfg.train.select_metric} "
+                    f"{selection_score(val[s], cfg.train.select_metric):.4f}" for s in train_logs) + f" | {train_time:.1f}s")
                 if cfg.train.early_stopping_patience and bad >= cfg.train.early_stopping_patience:
                     self.console.print(f"early stopping: no validation improvement for {bad} epochs")
                     break
@@ -496,6 +449,76 @@ class Engine:
                 tb.close()
         if self.swas:
             self._finish_swa()
+
+    def _train_epoch(self, epoch: int) -> tuple[dict[str, dict[str, float]], float]:
+        """One pass over the training split; returns each student's mean loss terms (averaged
+        over ranks) and the wall time."""
+        cfg = self.cfg
+        # Per-epoch seeding makes an epoch's shuffling and augmentation independent of how the
+        # run got there, so a resumed run repeats the uninterrupted one exactly.
+        torch.manual_seed(cfg.train.seed * 100003 + epoch)
+        loader = self.data.loader("train", cfg.train.batch_size, train=True, seed=cfg.train.seed * 100003 + epoch,
+                                  drop_last=self._drop_last())
+        for s in self.students:
+            s.model.train()
+        sums: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+        t0 = time.perf_counter()
+        n_steps = 0
+        with self._progress() as bar:
+            task = bar.add_task(f"epoch {epoch + 1}/{cfg.train.epochs}", total=len(loader), info="")
+            for step, batch in enumerate(loader):
+                logs = self._step(batch, epoch, step)
+                n_steps += 1
+                for s, lg in logs.items():
+                    for k, v in lg.items():
+                        sums[s][k] += v
+                bar.update(task, advance=1, info=" ".join(f"{s}:{lg['loss']:.3f}" for s, lg in logs.items()))
+        train_time = time.perf_counter() - t0
+        return {s: {k: float(dist.all_reduce_mean(torch.tensor(v / n_steps, dtype=torch.float64))) for k, v in d.items()}
+                for s, d in sums.items()}, train_time
+
+    def _validate(self, best: dict[str, float]) -> tuple[dict[str, dict[str, Any]], bool]:
+        """Validation metrics of every student; a student that beats its best score (updated in
+        place) is saved — checkpoints are selected on validation, never on test."""
+        val, improved = {}, False
+        for s in self.students:
+            self._tune_on_validation(s)
+            probs, labels, _ = predict(self._eval_model(s.name), s.pre, self._eval_loader("val"), self.cfg.train.channels_last)
+            m = classification_metrics(probs, labels, ordinal=self.data.ordinal)
+            val[s.name] = {k: m[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "qwk", "auroc", "ece", "nll")}
+            score = selection_score(m, self.cfg.train.select_metric)
+            if score > best[s.name]:
+                best[s.name] = score
+                improved = True
+                if self.main:
+                    save_model_dir(self._student_dir(s.name), self._eval_model(s.name), s.spec)
+        return val, improved
+
+    def _pop_diagnostics(self) -> dict[str, dict[str, Any]]:
+        """Per-class means of the diagnostics the terms gathered this epoch (e.g. UDD weights)."""
+        diag = {}
+        for key, term in self.terms.items():
+            st = term.pop_stats(self.data.num_classes)
+            if st:
+                diag[key.replace("__", ".")] = st
+        return diag
+
+    def _log_epoch(self, tb: Any, epoch: int, train_logs: dict[str, dict[str, float]], val: dict[str, dict[str, Any]],
+                   diag: dict[str, dict[str, Any]], train_time: float) -> None:
+        """One ``metrics.jsonl`` line (every loss term, diagnostic, lr, timing) and TensorBoard scalars."""
+        lr = {n: o.param_groups[0]["lr"] for n, o in self.optims.items()}
+        record = {"epoch": epoch, "lr": lr, "train": train_logs, "val": val, "diagnostics": diag,
+                  "train_time_s": round(train_time, 3),
+                  "images_per_s": round(len(self.data.splits["train"]) / max(train_time, 1e-9), 2)}
+        append_jsonl(self.out / "metrics.jsonl", record)
+        for s, d in train_logs.items():
+            for k, v in d.items():
+                tb.add_scalar(f"train/{s}/{k}", v, epoch)
+        for s, d in val.items():
+            for k, v in d.items():
+                if v is not None:
+                    tb.add_scalar(f"val/{s}/{k}", v, epoch)
+        tb.flush()
 
     @torch.no_grad()
     def _finish_swa(self) -> None:
