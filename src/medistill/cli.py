@@ -20,6 +20,8 @@ models_app = typer.Typer(help="Inspect the model zoo and feature taps.", no_args
 app.add_typer(models_app, name="models")
 console = Console(stderr=True)
 
+_DEVICE = typer.Option(None, "--device", help="auto (default: CUDA, then MPS, else CPU), cpu, cuda, cuda:N or mps")
+_AMP = typer.Option(None, "--amp", help="mixed precision: off (default), bf16 or fp16")
 _SET = typer.Option(None, "--set", help="dotted override, e.g. --set optim.lr=0.01 (repeatable)")
 _PRETRAINED = typer.Option(False, "--pretrained", help="start the students from timm's published weights (needs "
                            "network access; offline, pass a local file with --set students.0.pretrained=PATH)")
@@ -27,10 +29,10 @@ _PRETRAINED = typer.Option(False, "--pretrained", help="start the students from 
 
 def _overrides(data: Optional[str], model: Optional[list[str]], epochs: Optional[int], batch_size: Optional[int],
                seed: Optional[int], out: Optional[str], lr: Optional[float], input_size: Optional[int],
-               sets: Optional[list[str]]) -> list[Override]:
+               sets: Optional[list[str]], device: Optional[str] = None, amp: Optional[str] = None) -> list[Override]:
     """Flags as typed (key, value) pairs, then the ``--set`` strings (parsed as YAML data)."""
     flags = {"data.name": data, "train.epochs": epochs, "train.batch_size": batch_size, "train.seed": seed,
-             "out": out, "optim.lr": lr}
+             "out": out, "optim.lr": lr, "train.device": device, "train.amp": amp}
     return [(k, v) for k, v in flags.items() if v is not None and v != ""] + list(sets or [])
 
 
@@ -122,9 +124,11 @@ def train(
     seeds: Optional[str] = typer.Option(None, "--seeds", help="comma list, e.g. 0,1,2: a seed ensemble, one run per seed "
                                         "under --out/seed-N plus ensemble.json and the ensemble's evaluation"),
     pretrained: bool = _PRETRAINED,
+    device: Optional[str] = _DEVICE,
+    amp: Optional[str] = _AMP,
 ) -> None:
     """Train a teacher or a student-only baseline with a supervised loss (or a seed ensemble)."""
-    overrides = _overrides(data, model, epochs, batch_size, seed, out, lr, input_size, sets)
+    overrides = _overrides(data, model, epochs, batch_size, seed, out, lr, input_size, sets, device, amp)
     if seeds is None:
         _run("train", config, overrides, model, input_size, None, None, resume, download, pretrained)
         return
@@ -199,9 +203,11 @@ def distill(
     resume: bool = typer.Option(False, "--resume"),
     download: bool = typer.Option(False, "--download"),
     pretrained: bool = _PRETRAINED,
+    device: Optional[str] = _DEVICE,
+    amp: Optional[str] = _AMP,
 ) -> None:
     """Distil N teachers into M students with a list of loss terms."""
-    _run("distill", config, _overrides(data, model, epochs, batch_size, seed, out, lr, input_size, sets), model,
+    _run("distill", config, _overrides(data, model, epochs, batch_size, seed, out, lr, input_size, sets, device, amp), model,
          input_size, teacher, method, resume, download, pretrained)
 
 

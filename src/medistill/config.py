@@ -138,7 +138,24 @@ class TrainConfig(_Strict):
     ema: EMAConfig = EMAConfig()
     swa: SWAConfig = SWAConfig()
     channels_last: bool = False
-    bf16: bool = False
+    bf16: bool = Field(False, description="alias of amp: bf16 (kept for old configs)")
+    amp: Literal["off", "bf16", "fp16"] = Field("off", description="mixed precision of forward passes; fp16 adds a "
+                                                "checkpointed gradient scaler; losses stay float32")
+    device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$",
+                        description="auto (CUDA, then MPS, else CPU), cpu, cuda, cuda:N or mps")
+    deterministic: bool = Field(False, description="deterministic kernels (cuDNN autotuning off); slower on GPUs")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bf16_alias(cls, data: Any) -> Any:
+        """``bf16: true`` (older configs) means ``amp: bf16``; set against ``amp: fp16`` it is an error."""
+        if isinstance(data, dict) and data.get("bf16") is True:
+            amp = data.get("amp", "off")
+            if amp == "off":
+                data = {**data, "amp": "bf16"}
+            elif amp != "bf16":
+                raise ValueError(f"train.bf16=true conflicts with train.amp={amp}; set only train.amp")
+        return data
     select_metric: Literal["balanced_accuracy", "accuracy", "macro_f1", "qwk", "auroc", "neg_nll"] = "balanced_accuracy"
     early_stopping_patience: int | None = Field(None, ge=1)
     update: Literal["simultaneous", "sequential"] = "simultaneous"

@@ -158,12 +158,15 @@ def build_cache(t: Any, manifest: dict[str, Any], views: list[int], train_idx: n
     positions[torch.as_tensor(train_idx)] = torch.arange(n)
     outs: dict[str, torch.Tensor] = {}
     loader = DataLoader(data.dataset("train", train=False), batch_size=batch_size)
+    p0 = next(t.model.parameters(), None)
+    device = p0.device if p0 is not None else torch.device("cpu")
     with FeatureTaps(t.model, sorted(t.taps), detach=True) as taps:
         for vi, v in enumerate(views):
             for x, _y, idx, _ in loader:
                 rows = positions[torch.as_tensor(idx)]
-                logits = t.logits(apply_view(x, v)).float()
-                got = {"logits": logits, **{k: taps[k].float() for k in t.taps}}
+                logits = t.logits(apply_view(x.to(device, non_blocking=True), v)).float()
+                # stored on the CPU; each batch's rows are moved to the device when looked up
+                got = {"logits": logits.cpu(), **{k: taps[k].float().cpu() for k in t.taps}}
                 for k, val in got.items():
                     if k not in outs:
                         outs[k] = torch.zeros(len(views), n, *val.shape[1:])

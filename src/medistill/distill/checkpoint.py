@@ -65,7 +65,11 @@ def load_checkpoint(out: Path, groups: dict[str, dict[str, Any]], terms: nn.Modu
 
 
 # Settings that may change between an interrupted run and its resumption: they do not alter what is trained.
-_RESUME_FREE = {"train.progress", "train.latency", "train.threads", "train.cache_dir", "data.num_workers"}
+_RESUME_FREE = {"train.progress", "train.latency", "train.threads", "train.cache_dir", "data.num_workers",
+                "train.device"}
+# Keys added to the config after some runs were saved: absent from an old config.yaml, they are
+# not a difference (their defaults reproduce the old behaviour; bf16 maps onto amp).
+_ADDED_KEYS = {"train.amp", "train.device", "train.deterministic", "data.ordinal"}
 
 
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -83,7 +87,8 @@ def check_resume_config(saved_path: Path, cfg: RunConfig) -> None:
         raise ConfigError(f"--resume: {saved_path} is missing; cannot check that the run continues the same config")
     old = _flat(yaml.safe_load(saved_path.read_text()))
     new = _flat(yaml.safe_load(dump_config(cfg)))
-    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in _RESUME_FREE)
+    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in _RESUME_FREE
+                  and not (k in _ADDED_KEYS and k not in old))
     if diff:
         shown = ", ".join(f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in diff[:4])
         raise ConfigError(f"--resume: the config differs from the interrupted run's {saved_path} ({shown}"

@@ -32,6 +32,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from medistill import dist
 from medistill.config import RunConfig, TermSpec, dump_config
 from medistill.data import DataBundle, build_data
+from medistill.device import autocast, device_info, grad_scaler, peak_memory_mb, reset_peak_memory, resolve_device
 from medistill.distill import checkpoint as ckpt
 from medistill.distill.cache import make_teacher_caches
 from medistill.distill.context import StepContext
@@ -97,8 +98,15 @@ class Engine:
     # ----------------------------------------------------------------------------- set-up
     def setup(self) -> None:
         cfg = self.cfg
+        self.device = resolve_device(cfg.train.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+            # cuDNN's autotuner picks the fastest kernels for fixed shapes; not when asked for determinism.
+            torch.backends.cudnn.benchmark = not cfg.train.deterministic
+        if cfg.train.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
         # torchrun: one process per rank; rank 0 alone writes files and prints.
-        self.world = dist.init_from_env()
+        self.world = dist.init_from_env(self.device.type)
         self.main = dist.rank() == 0
         if not self.main:
             self.console = Console(quiet=True)
@@ -124,6 +132,7 @@ class Engine:
             fixed = json.loads((self.out / "split.json").read_text())
         role = cfg.data.role if cfg.data.role != "auto" else ("student" if cfg.teachers else "teacher")
         self.data: DataBundle = build_data(cfg.data, None, role=role, download=self.download, fixed_splits=fixed)
+        self.data.pin_memory = self.device.type == "cuda"
         native = self.data.source.native_size or 224
         self.teachers = [memory_teacher(t, self.teacher_modules[t.name], self.data) if t.name in self.teacher_modules
                          else load_teacher(t, teacher_dirs[t.name], self.data)
@@ -135,6 +144,9 @@ class Engine:
         for s in self.students:
             s.spec.data_size = self.data.image_size
             s.spec.data_fingerprint = self.data.source.fingerprint or None
+        for p in self.parts.values():   # before optimizers, EMA/SWA copies and term modules exist
+            p.model.to(self.device)
+            p.pre.to(self.device)
 
         counts = torch.as_tensor(self.data.counts("train"), dtype=torch.float32)
         if (counts == 0).any():
@@ -143,9 +155,11 @@ class Engine:
         if cfg.train.select_metric == "qwk" and not self.data.ordinal:
             raise ConfigError("train.select_metric=qwk needs ordinal labels; this data is nominal "
                               "(set data.ordinal=true if its class ids are ordered grades)")
-        self.class_counts = counts
-        self.class_prior = counts / counts.sum()
-        self.terms = self._make_terms()
+        self.class_counts = counts.to(self.device)
+        self.class_prior = self.class_counts / self.class_counts.sum()
+        self.terms = self._make_terms().to(self.device)
+        self.scaler = grad_scaler(self.device, cfg.train.amp)
+        reset_peak_memory(self.device)
         self._make_optim()
         self.cache = make_teacher_caches(self.teachers, self.data, cfg, self.tap_shapes, self.console, self.main, self.world)
 
@@ -197,7 +211,7 @@ class Engine:
 
     def _tap_shapes(self) -> dict[str, dict[str, tuple[int, ...]]]:
         shapes: dict[str, dict[str, tuple[int, ...]]] = {}
-        x = torch.rand(2, self.data.channels, self.data.image_size, self.data.image_size)
+        x = torch.rand(2, self.data.channels, self.data.image_size, self.data.image_size, device=self.device)
         for p in self.parts.values():
             if not p.taps:
                 continue
@@ -238,8 +252,8 @@ class Engine:
         sums, n = None, torch.zeros(c)
         with FeatureTaps(t.model, [tap], detach=True) as taps, torch.no_grad():
             for x, y, _i, _v in self._full_loader("train"):
-                t.logits(x)
-                e = taps[tap].flatten(1).double()
+                t.logits(x.to(self.device))
+                e = taps[tap].flatten(1).double().cpu()
                 sums = torch.zeros(c, e.shape[1], dtype=torch.float64) if sums is None else sums
                 sums.index_add_(0, torch.as_tensor(y), e)
                 n += torch.bincount(torch.as_tensor(y), minlength=c)
@@ -265,7 +279,8 @@ class Engine:
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
-            self.ddp = {s.name: DDP(s.model) for s in self.students}
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = {s.name: DDP(s.model, device_ids=ids) for s in self.students}
         self.swas: dict[str, AveragedModel] = {}
         if self.cfg.train.swa.enabled:
             self.swas = {s.name: AveragedModel(s.model) for s in self.students}
@@ -288,11 +303,12 @@ class Engine:
         logits, feats = {}, {}
         for t in self.teachers:
             if t.name in self.cache:
-                out = self.cache[t.name].lookup(idx, view)
+                out = {k: v.to(self.device, non_blocking=True) for k, v in self.cache[t.name].lookup(idx, view).items()}
                 logits[t.name] = out.pop("logits")
                 feats[t.name] = out
                 continue
-            with FeatureTaps(t.model, sorted(t.taps), detach=True) as taps, torch.no_grad():
+            with FeatureTaps(t.model, sorted(t.taps), detach=True) as taps, torch.no_grad(), \
+                    autocast(self.device, self.cfg.train.amp):
                 logits[t.name] = t.logits(x, self.cfg.train.channels_last).float()
             feats[t.name] = dict(taps.outputs)
         return logits, feats
@@ -302,7 +318,7 @@ class Engine:
         for s in self.students:
             net = self.ddp.get(s.name, s.model)
             with FeatureTaps(s.model, sorted(s.taps)) as taps, torch.set_grad_enabled(s.name in grad_for), \
-                    torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.train.bf16):
+                    autocast(self.device, self.cfg.train.amp):
                 xs = s.pre(x)
                 if self.cfg.train.channels_last:
                     xs = xs.contiguous(memory_format=torch.channels_last)
@@ -311,16 +327,16 @@ class Engine:
         return logits, feats
 
     def _objective(self, ctx: StepContext, student: str) -> tuple[Tensor, dict[str, float]]:
-        total = torch.zeros(())
+        total = torch.zeros((), device=self.device)
         logs: dict[str, float] = {}
         for key, term in self.terms.items():
             if term.student != student:
                 continue
             spec = self.term_specs[key.replace("__", ".")]
             ramp = min(ctx.epoch / spec.warmup_epochs, 1.0) if spec.warmup_epochs > 0 else 1.0
-            # bf16 also covers method-owned modules (UMKD's CFL blocks dominate its step); the loss
-            # functions themselves compute in float32.
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.train.bf16):
+            # Mixed precision also covers method-owned modules (UMKD's CFL blocks dominate its
+            # step); the loss functions themselves compute in float32.
+            with autocast(self.device, self.cfg.train.amp):
                 out = term(ctx)
             value, diag = (out if isinstance(out, tuple) else (out, {}))
             value = value.float()
@@ -339,7 +355,8 @@ class Engine:
 
     def _step(self, batch: tuple, epoch: int, step: int) -> dict[str, dict[str, float]]:
         x, y, idx, view = batch
-        y = torch.as_tensor(y)
+        x = x.to(self.device, non_blocking=True)   # once per batch, from pinned memory on CUDA
+        y = torch.as_tensor(y).to(self.device, non_blocking=True)
         if x.shape[0] == 0:
             return {}
         if not torch.isfinite(x).all():
@@ -355,14 +372,14 @@ class Engine:
             ctx = StepContext(logits={**t_logits, **s_logits}, feats={**t_feats, **s_feats}, target=y, epoch=frac,
                               class_counts=self.class_counts, class_prior=self.class_prior,
                               teachers=[t.name for t in self.teachers], students=names)
-            total = torch.zeros(())
+            total = torch.zeros((), device=self.device)
             for n in group:
                 loss, lg = self._objective(ctx, n)
                 total = total + loss
                 logs[n] = lg
             for n in group:
                 self.optims[n].zero_grad(set_to_none=True)
-            total.backward()
+            (self.scaler.scale(total) if self.scaler else total).backward()
             if self.world > 1:
                 for term in self.terms.values():
                     if term.student in group:
@@ -371,10 +388,23 @@ class Engine:
                                 dist.all_reduce_mean(p.grad)
             for n in group:
                 if self.cfg.train.grad_clip:
+                    if self.scaler:   # clip the true gradients, not the scaled ones
+                        self.scaler.unscale_(self.optims[n])
                     params = [p for g in self.optims[n].param_groups for p in g["params"]]
                     torch.nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip)
-                self.optims[n].step()
-                self.scheds[n].step()
+                if self.scaler:
+                    self.scaler.step(self.optims[n])
+                else:
+                    self.optims[n].step()
+            stepped = True
+            if self.scaler:
+                scale = self.scaler.get_scale()
+                self.scaler.update()
+                # fp16 overflow: the scaler skipped the optimizer steps, so the schedule waits too.
+                stepped = self.scaler.get_scale() >= scale
+            for n in group:
+                if stepped:
+                    self.scheds[n].step()
                 swa = self.cfg.train.swa
                 if swa.enabled and swa.lr and epoch >= swa.start_epoch:
                     for g in self.optims[n].param_groups:
@@ -388,7 +418,7 @@ class Engine:
         head) chooses its own settings on the validation split after every epoch."""
         m = self._eval_model(s.name)
         if hasattr(m, "tune_on_validation"):
-            batches = [(s.pre(x), torch.as_tensor(y)) for x, y, _i, _v in self._full_loader("val")]
+            batches = [(s.pre(x.to(self.device)), torch.as_tensor(y).to(self.device)) for x, y, _i, _v in self._full_loader("val")]
             metric = self.cfg.train.select_metric
             m.tune_on_validation(batches, lambda p, y: selection_score(classification_metrics(p, y), metric))
 
@@ -404,13 +434,17 @@ class Engine:
         info["seed"] = self.cfg.train.seed
         info["teachers"] = {t.name: {"checkpoint": t.checkpoint, "sha256": t.sha256} for t in self.teachers}
         info["adaptations"] = {s.name: s.spec.adaptation for s in self.students}
+        info.update(device_info(self.device), amp=self.cfg.train.amp)
         write_json(self.out / "run_info.json", info)
         write_json(self.out / "split.json", self.data.split_record())
 
     def _stateful(self) -> dict[str, dict[str, Any]]:
         """Everything a checkpoint holds besides the term modules, by group and name."""
-        return {"students": {s.name: s.model for s in self.students}, "ema": self.emas, "swa": self.swas,
-                "optim": self.optims, "sched": self.scheds}
+        groups = {"students": {s.name: s.model for s in self.students}, "ema": self.emas, "swa": self.swas,
+                  "optim": self.optims, "sched": self.scheds}
+        if self.scaler is not None:   # fp16 loss scale: resuming without it would restart at 2**16
+            groups["scaler"] = {"scaler": self.scaler}
+        return groups
 
     def fit(self) -> None:
         """Epochs: train → validate (select the checkpoint) → log → checkpoint; then SWA's average."""
@@ -536,7 +570,7 @@ class Engine:
                 b.momentum = None   # cumulative average over the whole pass
             m.train()
             for x, _y, _i, _v in self._full_loader("train"):
-                m(s.pre(x))
+                m(s.pre(x.to(self.device)))
             m.eval()
             for b in bns:
                 b.momentum = 0.1
@@ -557,7 +591,9 @@ class Engine:
         for s in self.students:
             d = self._student_dir(s.name)
             model, pre, spec = load_model_dir(d)
-            info = model_cost(model, spec, latency=self.cfg.train.latency and self.main)
+            info = model_cost(model, spec, latency=self.cfg.train.latency and self.main)   # CPU cost, CPU copy
+            model.to(self.device)
+            pre.to(self.device)
             res = evaluate_splits(model, pre, loaders, d, info.pop("model"), spec.class_names, ordinal=self.data.ordinal)
             res.update(info)
             if hasattr(model, "validation_choice"):  # e.g. DHO's head combination, chosen on validation
@@ -597,11 +633,14 @@ class Engine:
                 self.setup()
             except BaseException:
                 # A run that failed before writing anything leaves no empty folder behind.
-                if self.main and getattr(self, "_created_out", False) and self.out.is_dir() and not any(self.out.iterdir()):
+                if getattr(self, "main", True) and getattr(self, "_created_out", False) and self.out.is_dir() and not any(self.out.iterdir()):
                     self.out.rmdir()
                 raise
             self.fit()
             results = self.finalize()
+            if self.main and (peak := peak_memory_mb(self.device)) is not None:
+                info = json.loads((self.out / "run_info.json").read_text())
+                write_json(self.out / "run_info.json", {**info, "peak_device_memory_mb": peak})
             # Rank 0 is still writing when the others return from finalize; tearing gloo down
             # while a peer is mid-flight aborted a rank at exit ("terminate called without an
             # active exception"), so every rank waits here and the group is destroyed in step.

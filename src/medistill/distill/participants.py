@@ -74,7 +74,9 @@ def memory_teacher(spec: Any, model: nn.Module, data: DataBundle) -> Participant
     pre = Preprocess(c, c, size, tuple(mean), tuple(std))
     model.eval()
     with torch.no_grad():
-        out = model(pre(torch.zeros(1, c, size, size)))
+        p0 = next(model.parameters(), None)
+        dev = p0.device if p0 is not None else torch.device("cpu")
+        out = model(pre.to(dev)(torch.zeros(1, c, size, size, device=dev)))
     if out.ndim != 2 or out.shape[1] != data.num_classes:
         raise ModelError(f"teacher {spec.name!r} (in-memory {type(model).__name__}) returns shape {tuple(out.shape)}; "
                          f"expected [B, {data.num_classes}] logits for {data.source.description}")

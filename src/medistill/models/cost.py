@@ -22,9 +22,14 @@ def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     model.eval()
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
-        model(torch.zeros(*input_shape))
+        model(torch.zeros(*input_shape, device=_device_of(model)))
     model.train(was)
     return int(counter.get_total_flops())
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
 
 
 def latency_ms(model: nn.Module, input_shape: tuple[int, ...], repeats: int = 20, warmup: int = 3) -> dict[str, float]:
