@@ -59,3 +59,19 @@ def test_resume_accepts_configs_saved_before_amp_existed(tmp_path: Path) -> None
     check_resume_config(tmp_path / "config.yaml", cfg)          # same experiment: no error
     with pytest.raises(ConfigError, match="train.epochs"):
         check_resume_config(tmp_path / "config.yaml", load_config(None, ["train.bf16=true", "train.epochs=3"]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (benchmarks/gpu_check.sh runs it)")
+@pytest.mark.parametrize("amp", ["off", "bf16", "fp16"])
+def test_cuda_run_matches_cpu_evaluation(tmp_path: Path, amp: str) -> None:
+    """On a GPU: a run trains on CUDA, records the device and its peak memory, and the saved
+    model evaluated on the CPU gives the metrics the run wrote."""
+    from medistill.evaluate import evaluate_target
+
+    npz = write_npz(tmp_path / "d.npz")
+    run = run_engine(tiny_cfg(npz, tmp_path / "r", epochs=2, device="cuda", amp=amp)).out
+    info = json.loads((run / "run_info.json").read_text())
+    assert info["device"].startswith("cuda") and info["peak_device_memory_mb"] > 0
+    gpu = json.loads((run / "metrics.json").read_text())["test"]
+    cpu = evaluate_target(run, out=tmp_path / "cpu", latency=False)["student"]["test"]
+    assert cpu["balanced_accuracy"] == pytest.approx(gpu["balanced_accuracy"], abs=0.02)
