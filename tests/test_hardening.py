@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image
 
-from conftest import TINY_CNN, run_engine, tiny_cfg, write_npz
+from conftest import run_engine, tiny_cfg, write_npz
 from medistill.config import load_config
 from medistill.data import build_data
 from medistill.data.sources import from_csv, from_folder, from_medmnist
@@ -264,3 +264,12 @@ def test_generated_overrides_validate_or_raise_config_error(key: str, value: obj
         load_config(None, [f"{key}={json.dumps(value)}"])
     except MedistillError:
         pass
+
+
+def test_flags_reach_the_config_typed(tmp_path: Path) -> None:
+    """`--data 2024` is the dataset named "2024", not the number 2024 (it used to fail with
+    "data.name: Input should be a valid string")."""
+    p = cli("train", "--data", "2024", "--out", str(tmp_path / "x"))
+    assert p.returncode == 2 and "dataset '2024' not found" in p.stderr and "valid string" not in p.stderr
+    p = cli("train", "--data", "yes", "--out", str(tmp_path / "y"))
+    assert p.returncode == 2 and "dataset 'yes' not found" in p.stderr

@@ -76,7 +76,7 @@ def test_qwk_only_for_ordinal_data(tmp_path) -> None:
     from conftest import write_npz
     from medistill.config import load_config
     from medistill.data import build_data
-    from medistill.distill.engine import summary_table
+    from medistill.eval.tables import summary_table
     from medistill.eval.metrics import classification_metrics
 
     p = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6], [0.6, 0.3, 0.1]])

@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from medistill.config import Override, override_key
 from medistill.errors import MedistillError
 
 app = typer.Typer(help="Distil large medical image classifiers into small, fast, explainable students.",
@@ -19,6 +20,8 @@ models_app = typer.Typer(help="Inspect the model zoo and feature taps.", no_args
 app.add_typer(models_app, name="models")
 console = Console(stderr=True)
 
+_DEVICE = typer.Option(None, "--device", help="auto (default: CUDA, then MPS, else CPU), cpu, cuda, cuda:N or mps")
+_AMP = typer.Option(None, "--amp", help="mixed precision: off (default), bf16 or fp16")
 _SET = typer.Option(None, "--set", help="dotted override, e.g. --set optim.lr=0.01 (repeatable)")
 _PRETRAINED = typer.Option(False, "--pretrained", help="start the students from timm's published weights (needs "
                            "network access; offline, pass a local file with --set students.0.pretrained=PATH)")
@@ -26,21 +29,11 @@ _PRETRAINED = typer.Option(False, "--pretrained", help="start the students from 
 
 def _overrides(data: Optional[str], model: Optional[list[str]], epochs: Optional[int], batch_size: Optional[int],
                seed: Optional[int], out: Optional[str], lr: Optional[float], input_size: Optional[int],
-               sets: Optional[list[str]]) -> list[str]:
-    o = []
-    if data:
-        o.append(f"data.name={data}")
-    if epochs is not None:
-        o.append(f"train.epochs={epochs}")
-    if batch_size is not None:
-        o.append(f"train.batch_size={batch_size}")
-    if seed is not None:
-        o.append(f"train.seed={seed}")
-    if out:
-        o.append(f"out={out}")
-    if lr is not None:
-        o.append(f"optim.lr={lr}")
-    return o + list(sets or [])
+               sets: Optional[list[str]], device: Optional[str] = None, amp: Optional[str] = None) -> list[Override]:
+    """Flags as typed (key, value) pairs, then the ``--set`` strings (parsed as YAML data)."""
+    flags = {"data.name": data, "train.epochs": epochs, "train.batch_size": batch_size, "train.seed": seed,
+             "out": out, "optim.lr": lr, "train.device": device, "train.amp": amp}
+    return [(k, v) for k, v in flags.items() if v is not None and v != ""] + list(sets or [])
 
 
 def _students(model: Optional[list[str]], input_size: Optional[int], base: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
@@ -52,20 +45,20 @@ def _students(model: Optional[list[str]], input_size: Optional[int], base: list[
     return [{"name": n, "model": m, **({"input_size": input_size} if input_size else {})} for n, m in zip(names, model)]
 
 
-def _run(kind: str, config: Optional[Path], overrides: list[str], model: Optional[list[str]], input_size: Optional[int],
+def _run(kind: str, config: Optional[Path], overrides: list[Override], model: Optional[list[str]], input_size: Optional[int],
          teachers: Optional[list[str]], method: Optional[str], resume: bool, download: bool,
          pretrained: bool = False) -> None:
-    from medistill.config import apply_overrides, load_config
+    from medistill.config import apply_overrides, load_config, parse_override
     from medistill.distill.engine import Engine
     from medistill.distill.methods import method_terms
 
-    out_dir = next((o.split("=", 1)[1] for o in overrides if o.startswith("out=")), None)
+    out_dir = next((str(parse_override(o)[1]) for o in overrides if override_key(o) == "out"), None)
     if resume:
         if not out_dir and config is None:
             raise MedistillError("--resume needs --out RUN_DIR")
         saved = Path(out_dir or "") / "config.yaml"
         if out_dir and saved.is_file():
-            config, overrides = saved, [o for o in overrides if o.startswith("out=")]
+            config, overrides = saved, [o for o in overrides if override_key(o) == "out"]
     cfg0 = load_config(config, overrides)
     tree = cfg0.model_dump(mode="json")
     st = _students(model, input_size, tree.get("students"))
@@ -73,7 +66,7 @@ def _run(kind: str, config: Optional[Path], overrides: list[str], model: Optiona
         tree["students"] = st
         # --model rebuilt the student list: re-apply the --set items that address students,
         # which would otherwise be silently dropped (e.g. --set students.0.pretrained=PATH).
-        apply_overrides(tree, [o for o in overrides if o.startswith("students.")])
+        apply_overrides(tree, [o for o in overrides if override_key(o).startswith("students.")])
     if pretrained:
         for s in tree["students"]:
             s["pretrained"] = True
@@ -131,9 +124,11 @@ def train(
     seeds: Optional[str] = typer.Option(None, "--seeds", help="comma list, e.g. 0,1,2: a seed ensemble, one run per seed "
                                         "under --out/seed-N plus ensemble.json and the ensemble's evaluation"),
     pretrained: bool = _PRETRAINED,
+    device: Optional[str] = _DEVICE,
+    amp: Optional[str] = _AMP,
 ) -> None:
     """Train a teacher or a student-only baseline with a supervised loss (or a seed ensemble)."""
-    overrides = _overrides(data, model, epochs, batch_size, seed, out, lr, input_size, sets)
+    overrides = _overrides(data, model, epochs, batch_size, seed, out, lr, input_size, sets, device, amp)
     if seeds is None:
         _run("train", config, overrides, model, input_size, None, None, resume, download, pretrained)
         return
@@ -152,7 +147,7 @@ def train(
         if not resume and d.exists() and any(d.iterdir()):
             raise MedistillError(f"ensemble member {d} already exists; pass --resume to continue the ensemble "
                                  "or choose another --out")
-        member_overrides = [o for o in overrides if not o.startswith("out=")] + [f"out={d}", f"train.seed={s}"]
+        member_overrides = [o for o in overrides if override_key(o) != "out"] + [("out", str(d)), ("train.seed", s)]
         _run("train", config, member_overrides, model, input_size, None, None,
              resume and (d / "checkpoint_last.pt").is_file(), download, pretrained)
     _ensemble(members, Path(out), "prob_mean")
@@ -208,9 +203,11 @@ def distill(
     resume: bool = typer.Option(False, "--resume"),
     download: bool = typer.Option(False, "--download"),
     pretrained: bool = _PRETRAINED,
+    device: Optional[str] = _DEVICE,
+    amp: Optional[str] = _AMP,
 ) -> None:
     """Distil N teachers into M students with a list of loss terms."""
-    _run("distill", config, _overrides(data, model, epochs, batch_size, seed, out, lr, input_size, sets), model,
+    _run("distill", config, _overrides(data, model, epochs, batch_size, seed, out, lr, input_size, sets, device, amp), model,
          input_size, teacher, method, resume, download, pretrained)
 
 

@@ -138,7 +138,24 @@ class TrainConfig(_Strict):
     ema: EMAConfig = EMAConfig()
     swa: SWAConfig = SWAConfig()
     channels_last: bool = False
-    bf16: bool = False
+    bf16: bool = Field(False, description="alias of amp: bf16 (kept for old configs)")
+    amp: Literal["off", "bf16", "fp16"] = Field("off", description="mixed precision of forward passes; fp16 adds a "
+                                                "checkpointed gradient scaler; losses stay float32")
+    device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$",
+                        description="auto (CUDA, then MPS, else CPU), cpu, cuda, cuda:N or mps")
+    deterministic: bool = Field(False, description="deterministic kernels (cuDNN autotuning off); slower on GPUs")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bf16_alias(cls, data: Any) -> Any:
+        """``bf16: true`` (older configs) means ``amp: bf16``; set against ``amp: fp16`` it is an error."""
+        if isinstance(data, dict) and data.get("bf16") is True:
+            amp = data.get("amp", "off")
+            if amp == "off":
+                data = {**data, "amp": "bf16"}
+            elif amp != "bf16":
+                raise ValueError(f"train.bf16=true conflicts with train.amp={amp}; set only train.amp")
+        return data
     select_metric: Literal["balanced_accuracy", "accuracy", "macro_f1", "qwk", "auroc", "neg_nll"] = "balanced_accuracy"
     early_stopping_patience: int | None = Field(None, ge=1)
     update: Literal["simultaneous", "sequential"] = "simultaneous"
@@ -197,8 +214,15 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
         node[last] = value
 
 
-def parse_override(item: str) -> tuple[str, Any]:
-    """``a.b=3`` → ("a.b", 3). The value is parsed as YAML *data* (numbers, lists, bools)."""
+Override = str | tuple[str, Any]
+
+
+def parse_override(item: Override) -> tuple[str, Any]:
+    """``a.b=3`` → ("a.b", 3). The value is parsed as YAML *data* (numbers, lists, bools).
+    A ``(key, value)`` pair is taken as it is: command-line flags pass typed values, so
+    ``--data 2024`` stays the string "2024" instead of becoming the number 2024."""
+    if isinstance(item, tuple):
+        return item
     if "=" not in item:
         raise ConfigError(f"override {item!r} must look like key.sub=value")
     key, raw = item.split("=", 1)
@@ -209,7 +233,11 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def apply_overrides(tree: dict[str, Any], items: list[str]) -> None:
+def override_key(item: Override) -> str:
+    return item[0] if isinstance(item, tuple) else item.split("=", 1)[0].strip()
+
+
+def apply_overrides(tree: dict[str, Any], items: list[Override]) -> None:
     """Apply ``key.sub=value`` overrides to a config tree in place (values parsed as YAML data)."""
     for item in items:
         key, value = parse_override(item)
@@ -227,7 +255,7 @@ def _format_validation_error(e: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+def load_config(path: str | Path | None = None, overrides: list[Override] | None = None,
                 base: dict[str, Any] | None = None) -> RunConfig:
     """Load YAML (safe loader only), apply dotted overrides, validate.
 

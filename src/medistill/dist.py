@@ -20,11 +20,13 @@ def world() -> int:
     return dist.get_world_size() if initialized() else 1
 
 
-def init_from_env() -> int:
-    """Join the process group torchrun describes (``WORLD_SIZE`` > 1); returns the world size."""
+def init_from_env(device_type: str = "cpu") -> int:
+    """Join the process group torchrun describes (``WORLD_SIZE`` > 1); returns the world size.
+    NCCL when the run computes on CUDA, gloo otherwise (NCCL cannot move CPU tensors, so
+    picking it just because CUDA exists broke CPU runs on GPU hosts)."""
     n = int(os.environ.get("WORLD_SIZE", "1"))
     if n > 1 and not initialized():
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
     return world()
 
 

@@ -8,10 +8,10 @@ from typing import Any
 
 from medistill.config import load_config
 from medistill.data import build_data
-from medistill.distill.engine import model_cost
 from medistill.errors import ModelError
 from medistill.eval.predict import evaluate_splits
 from medistill.io import write_json
+from medistill.models.cost import model_cost
 from medistill.models.factory import load_model_dir
 
 

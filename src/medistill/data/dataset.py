@@ -47,6 +47,7 @@ class DataBundle:
     splits: dict[str, np.ndarray]
     split_origin: str
     image_size: int
+    pin_memory: bool = False      # page-locked batches for asynchronous copies to a CUDA device
 
     @property
     def num_classes(self) -> int:
@@ -93,13 +94,15 @@ class DataBundle:
             if not train:
                 # Evaluation shards without padding; predictions are gathered and ordered by index.
                 shard = Subset(ds, list(range(dist.rank(), len(ds), dist.world())))
-                loader = DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=self.cfg.num_workers)
+                loader = DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=self.cfg.num_workers,
+                                    pin_memory=self.pin_memory)
                 loader.medistill_sharded = True  # type: ignore[attr-defined]
                 return loader
             if balanced:
                 raise DataError("data.balanced_sampler is not supported with distributed training yet")
             sampler = DistributedSampler(ds, shuffle=True, seed=seed, drop_last=drop_last)
-            return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=self.cfg.num_workers, drop_last=drop_last)
+            return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=self.cfg.num_workers, drop_last=drop_last,
+                              pin_memory=self.pin_memory)
         if train and balanced:
             counts = self.counts(split)
             w = 1.0 / counts[self.labels(split)]
@@ -107,7 +110,7 @@ class DataBundle:
                                             replacement=True, generator=gen)
         return DataLoader(ds, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
                           generator=gen, num_workers=self.cfg.num_workers, drop_last=drop_last,
-                          persistent_workers=self.cfg.num_workers > 0)
+                          persistent_workers=self.cfg.num_workers > 0, pin_memory=self.pin_memory)
 
     def split_record(self) -> dict[str, Any]:
         return {

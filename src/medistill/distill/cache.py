@@ -11,16 +11,25 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from platformdirs import user_cache_dir
+from rich.console import Console
 from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
 
-from medistill.errors import CacheMismatchError
+from medistill import dist
+from medistill.config import RunConfig
+from medistill.data.transforms import apply_view, views_for
+from medistill.errors import CacheMismatchError, ConfigError
 from medistill.io import atomic_write, write_json
+from medistill.models.taps import FeatureTaps
+
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("MEDISTILL_CACHE_DIR") or Path(user_cache_dir("medistill")) / "teacher_cache")
@@ -84,3 +93,82 @@ class TeacherCache:
 def _short(v: Any) -> str:
     s = json.dumps(v)
     return s if len(s) < 70 else s[:67] + "..."
+
+
+def make_teacher_caches(teachers: list[Any], data: Any, cfg: RunConfig, tap_shapes: dict[str, dict[str, tuple[int, ...]]],
+                        console: Console, main: bool = True, world: int = 1) -> dict[str, TeacherCache]:
+    """Load or build the cache of every teacher (``train.teacher_cache``: auto/on/off); return
+    those that are valid. Under ``auto`` a cache that would be wrong (random augmentation) or
+    too large is skipped with the reason printed; under ``on`` that is an error."""
+    mode = cfg.train.teacher_cache
+    if not teachers or mode == "off":
+        return {}
+    reasons = []
+    if cfg.data.augment == "standard":
+        reasons.append("training augmentation is random (data.augment=standard); teachers must see each random view "
+                       "— use augment none/flip/dihedral to cache")
+    # The cache lives in memory during training (float32, every view of every training image).
+    values = sum(1 + sum(math.prod(tap_shapes[t.name][tap][1:]) for tap in t.taps) for t in teachers)
+    size_mb = values * 4 * len(views_for(cfg.data.augment)) * len(data.splits["train"]) / 2**20
+    if size_mb > cfg.train.teacher_cache_max_mb:
+        reasons.append(f"the teacher outputs would take {size_mb:.0f} MB "
+                       f"(> train.teacher_cache_max_mb = {cfg.train.teacher_cache_max_mb:.0f})")
+    if reasons:
+        if mode == "on":
+            raise ConfigError("teacher cache requested but invalid: " + "; ".join(reasons))
+        console.print("[yellow]teacher cache off:[/] " + "; ".join(reasons))
+        return {}
+    directory = Path(cfg.train.cache_dir) if cfg.train.cache_dir else default_cache_dir()
+    views = views_for(cfg.data.augment)
+    train_idx = data.splits["train"]
+    caches = {}
+    for t in teachers:
+        manifest = {
+            "format": 1, "teacher_name": t.name, "teacher_sha256": t.sha256,
+            "data_fingerprint": data.source.fingerprint,
+            "train_indices_sha256": hashlib.sha256(np.asarray(train_idx, dtype=np.int64).tobytes()).hexdigest(),
+            "image_size": data.image_size, "views": views,
+            "preprocess": {"input_size": t.pre.input_size, "in_chans": t.pre.in_chans,
+                           "mean": t.pre.mean.flatten().tolist(), "std": t.pre.std.flatten().tolist()},
+            "outputs": sorted(["logits", *t.taps]),
+        }
+        data_path, _ = TeacherCache.paths(directory, manifest)
+        if not main:
+            dist.barrier()   # rank 0 builds or checks the cache first
+            caches[t.name] = TeacherCache.load(data_path, manifest)
+            continue
+        if data_path.is_file():
+            caches[t.name] = TeacherCache.load(data_path, manifest)
+            console.print(f"teacher cache hit: {data_path}")
+        else:
+            caches[t.name] = build_cache(t, manifest, views, train_idx, data, cfg.train.eval_batch_size)
+            caches[t.name].save(directory)
+            console.print(f"teacher cache built: {data_path}")
+        if world > 1:
+            dist.barrier()
+    return caches
+
+
+@torch.no_grad()
+def build_cache(t: Any, manifest: dict[str, Any], views: list[int], train_idx: np.ndarray, data: Any,
+                batch_size: int) -> TeacherCache:
+    """Run teacher ``t`` over every view of every training image (no augmentation beyond the views)."""
+    n = len(train_idx)
+    positions = torch.full((len(data.source),), -1, dtype=torch.long)
+    positions[torch.as_tensor(train_idx)] = torch.arange(n)
+    outs: dict[str, torch.Tensor] = {}
+    loader = DataLoader(data.dataset("train", train=False), batch_size=batch_size)
+    p0 = next(t.model.parameters(), None)
+    device = p0.device if p0 is not None else torch.device("cpu")
+    with FeatureTaps(t.model, sorted(t.taps), detach=True) as taps:
+        for vi, v in enumerate(views):
+            for x, _y, idx, _ in loader:
+                rows = positions[torch.as_tensor(idx)]
+                logits = t.logits(apply_view(x.to(device, non_blocking=True), v)).float()
+                # stored on the CPU; each batch's rows are moved to the device when looked up
+                got = {"logits": logits.cpu(), **{k: taps[k].float().cpu() for k in t.taps}}
+                for k, val in got.items():
+                    if k not in outs:
+                        outs[k] = torch.zeros(len(views), n, *val.shape[1:])
+                    outs[k][vi, rows] = val
+    return TeacherCache(manifest, outs, positions)

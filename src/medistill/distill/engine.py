@@ -7,64 +7,64 @@ per student, a dict of named losses per student, one backward, one optimizer ste
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import random
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from medistill import dist
 from medistill.config import RunConfig, TermSpec, dump_config
 from medistill.data import DataBundle, build_data
-from medistill.data.transforms import apply_view, views_for
-from medistill.distill.cache import TeacherCache, default_cache_dir
+from medistill.device import autocast, device_info, grad_scaler, peak_memory_mb, reset_peak_memory, resolve_device
+from medistill.distill import checkpoint as ckpt
+from medistill.distill.cache import make_teacher_caches
 from medistill.distill.context import StepContext
+from medistill.distill.optim import build_optimizer, build_scheduler
+from medistill.distill.participants import (
+    Participant,
+    load_teacher,
+    make_student,
+    memory_teacher,
+)
 from medistill.distill.terms import TERMS, LossTerm, TermSetup
-from medistill.errors import ConfigError, ModelError, NonFiniteLossError
+from medistill.errors import ConfigError, NonFiniteLossError
 from medistill.eval.metrics import classification_metrics, selection_score
 from medistill.eval.predict import evaluate_splits, predict
-from medistill.io import (append_jsonl, check_writable, environment_info, sha256_file, torch_load, torch_save,
-                          write_json, write_text)
-from medistill.models.cost import count_flops, count_params, latency_ms
-from medistill.models.factory import (ModelSpecRecord, Preprocess, create_model, load_model_dir, resolve_norm,
-                                      save_model_dir)
-from medistill.models.dualhead import DualHead
-from medistill.models.ensemble import EnsembleModel, is_ensemble_dir, load_ensemble
+from medistill.eval.tables import summary_table
+from medistill.io import (
+    append_jsonl,
+    check_writable,
+    environment_info,
+    write_json,
+    write_text,
+)
+from medistill.models.cost import count_flops, count_params, model_cost
+from medistill.models.ensemble import EnsembleModel
+from medistill.models.factory import (
+    load_model_dir,
+    save_model_dir,
+)
 from medistill.models.taps import FeatureTaps
 from medistill.rundir import resolve_teacher
 
 Tensor = torch.Tensor
-
-
-@dataclass
-class Participant:
-    """A model in a run: its network, its own preprocessing, and whether it is trained."""
-
-    name: str
-    model: nn.Module
-    pre: Preprocess
-    spec: ModelSpecRecord
-    trainable: bool
-    checkpoint: str | None = None
-    sha256: str | None = None
-    taps: set[str] = field(default_factory=set)
-
-    def logits(self, x: Tensor, channels_last: bool = False) -> Tensor:
-        x = self.pre(x)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return self.model(x)
 
 
 def supervised_terms(cfg: RunConfig) -> list[TermSpec]:
@@ -93,18 +93,24 @@ class Engine:
         self.download = download
         self.console = console or Console(stderr=True)
         self.out = Path(cfg.out)
-        self.ckpt_path = self.out / "checkpoint_last.pt"
-        self.prev_ckpt_path = self.out / "checkpoint_prev.pt"
+        self.ckpt_path = self.out / ckpt.LAST
 
     # ----------------------------------------------------------------------------- set-up
     def setup(self) -> None:
         cfg = self.cfg
+        self.device = resolve_device(cfg.train.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+            # cuDNN's autotuner picks the fastest kernels for fixed shapes; not when asked for determinism.
+            torch.backends.cudnn.benchmark = not cfg.train.deterministic
+        if cfg.train.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
         # torchrun: one process per rank; rank 0 alone writes files and prints.
-        self.world = dist.init_from_env()
+        self.world = dist.init_from_env(self.device.type)
         self.main = dist.rank() == 0
         if not self.main:
             self.console = Console(quiet=True)
-        if self.resume and not self.ckpt_path.exists() and not self.prev_ckpt_path.exists():
+        if self.resume and not ckpt.has_checkpoint(self.out):
             raise ConfigError(f"--resume: no checkpoint_last.pt in {self.out}"
                               + ("" if self.out.is_dir() else " (the folder does not exist)"))
         self._created_out = not self.out.exists()
@@ -115,7 +121,7 @@ class Engine:
             raise ConfigError(f"{self.out} already holds a run (checkpoint_last.pt); pass --resume to continue it "
                               "or choose another --out")
         if self.resume:
-            _check_resume_config(self.out / "config.yaml", cfg)
+            ckpt.check_resume_config(self.out / "config.yaml", cfg)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         self._seed(cfg.train.seed)
@@ -126,16 +132,21 @@ class Engine:
             fixed = json.loads((self.out / "split.json").read_text())
         role = cfg.data.role if cfg.data.role != "auto" else ("student" if cfg.teachers else "teacher")
         self.data: DataBundle = build_data(cfg.data, None, role=role, download=self.download, fixed_splits=fixed)
+        self.data.pin_memory = self.device.type == "cuda"
         native = self.data.source.native_size or 224
-        self.teachers = [self._memory_teacher(t) if t.name in self.teacher_modules else self._load_teacher(t, teacher_dirs[t.name])
+        self.teachers = [memory_teacher(t, self.teacher_modules[t.name], self.data) if t.name in self.teacher_modules
+                         else load_teacher(t, teacher_dirs[t.name], self.data)
                          for t in cfg.teachers]
-        self.students = [self._make_student(s, native) for s in cfg.students]
+        self.students = [make_student(s, native, self.data, cfg.train.channels_last) for s in cfg.students]
         # Images stay at their native size; each model resizes the shared batch for itself.
         self.data.image_size = self.data.source.native_size or max(p.spec.input_size for p in self.teachers + self.students)
         self.parts = {p.name: p for p in self.teachers + self.students}
         for s in self.students:
             s.spec.data_size = self.data.image_size
             s.spec.data_fingerprint = self.data.source.fingerprint or None
+        for p in self.parts.values():   # before optimizers, EMA/SWA copies and term modules exist
+            p.model.to(self.device)
+            p.pre.to(self.device)
 
         counts = torch.as_tensor(self.data.counts("train"), dtype=torch.float32)
         if (counts == 0).any():
@@ -144,119 +155,18 @@ class Engine:
         if cfg.train.select_metric == "qwk" and not self.data.ordinal:
             raise ConfigError("train.select_metric=qwk needs ordinal labels; this data is nominal "
                               "(set data.ordinal=true if its class ids are ordered grades)")
-        self.class_counts = counts
-        self.class_prior = counts / counts.sum()
-        self.terms = self._make_terms()
+        self.class_counts = counts.to(self.device)
+        self.class_prior = self.class_counts / self.class_counts.sum()
+        self.terms = self._make_terms().to(self.device)
+        self.scaler = grad_scaler(self.device, cfg.train.amp)
+        reset_peak_memory(self.device)
         self._make_optim()
-        self.cache = self._make_cache()
+        self.cache = make_teacher_caches(self.teachers, self.data, cfg, self.tap_shapes, self.console, self.main, self.world)
 
     def _seed(self, seed: int) -> None:
         random.seed(seed)
         np.random.seed(seed % (2 ** 32))
         torch.manual_seed(seed)
-
-    def _load_ensemble_teacher(self, spec: Any, path: Path) -> Participant:
-        """An ensemble directory as one teacher: members keep their own preprocessing inside
-        :class:`EnsembleModel`, so the participant's preprocessing only passes the batch on."""
-        model, specs, digest, rec = load_ensemble(path)
-        if rec["num_classes"] != self.data.num_classes:
-            raise ModelError(f"teacher {spec.name!r} (ensemble {path}) predicts {rec['num_classes']} classes but the data "
-                             f"has {self.data.num_classes} ({self.data.source.description})")
-        self._check_teacher_data(spec, path, specs)
-        size = self.data.source.native_size or max(s.data_size or s.input_size for s in specs)
-        c = self.data.channels
-        archs = sorted({s.arch for s in specs})
-        rec0 = ModelSpecRecord(**{**specs[0].__dict__, "arch": f"ensemble({len(specs)}× {'+'.join(archs)})",
-                                  "in_chans": c, "data_chans": c, "input_size": size,
-                                  "mean": [0.0] * c, "std": [1.0] * c})
-        for prm in model.parameters():
-            prm.requires_grad_(False)
-        return Participant(spec.name, model, Preprocess(c, c, size, (0.0,) * c, (1.0,) * c), rec0, trainable=False,
-                           checkpoint=str(path), sha256=digest)
-
-    def _memory_teacher(self, spec: Any) -> Participant:
-        """A teacher passed as an ``nn.Module``: frozen, identified by a hash of its weights."""
-        model = self.teacher_modules[spec.name]
-        c = self.data.channels
-        size = spec.input_size or self.data.source.native_size or 224
-        mean, std = resolve_norm(spec.norm or "half", False, c)
-        pre = Preprocess(c, c, size, tuple(mean), tuple(std))
-        model.eval()
-        with torch.no_grad():
-            out = model(pre(torch.zeros(1, c, size, size)))
-        if out.ndim != 2 or out.shape[1] != self.data.num_classes:
-            raise ModelError(f"teacher {spec.name!r} (in-memory {type(model).__name__}) returns shape {tuple(out.shape)}; "
-                             f"expected [B, {self.data.num_classes}] logits for {self.data.source.description}")
-        for prm in model.parameters():
-            prm.requires_grad_(False)
-        h = hashlib.sha256()
-        for k, v in sorted(model.state_dict().items()):
-            h.update(k.encode())
-            h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        rec = ModelSpecRecord(arch=type(model).__name__, num_classes=self.data.num_classes, in_chans=c, data_chans=c,
-                              input_size=size, small_input="off", mean=mean, std=std, class_names=self.data.class_names)
-        return Participant(spec.name, model, pre, rec, trainable=False, checkpoint="<memory>", sha256=h.hexdigest())
-
-    def _check_teacher_data(self, spec: Any, path: Path, recs: list[ModelSpecRecord]) -> None:
-        """A teacher records the dataset it was trained on; another dataset with the same class
-        count (blood-cell types distilled into retinal grades) is refused unless allowed."""
-        if spec.allow_other_data:
-            return
-        for rec in recs:
-            if rec.class_names and rec.class_names != self.data.class_names:
-                raise ModelError(f"teacher {spec.name!r} ({path}) was trained on classes {rec.class_names} but the data "
-                                 f"has {self.data.class_names}; set teachers.N.allow_other_data=true if that is intended")
-            fp = self.data.source.fingerprint
-            if rec.data_fingerprint and fp and rec.data_fingerprint != fp:
-                raise ModelError(f"teacher {spec.name!r} ({path}) was trained on another dataset than "
-                                 f"{self.data.source.description} (fingerprints {rec.data_fingerprint[:12]}… vs {fp[:12]}…); "
-                                 "set teachers.N.allow_other_data=true if that is intended")
-
-    def _load_teacher(self, spec: Any, path: Path) -> Participant:
-        if is_ensemble_dir(path):
-            return self._load_ensemble_teacher(spec, path)
-        if spec.model is not None and not (path.is_dir() or (path.parent / "model.json").is_file()):
-            rec = ModelSpecRecord(arch=spec.model, num_classes=self.data.num_classes, in_chans=self.data.channels,
-                                  data_chans=self.data.channels, input_size=spec.input_size or self.data.source.native_size or 224,
-                                  small_input="auto", mean=[], std=[], class_names=self.data.class_names)
-            rec.mean, rec.std = resolve_norm(spec.norm or "auto", False, rec.in_chans)
-            model, pre = rec.build()
-            from medistill.models.factory import load_weights
-
-            load_weights(model, path, strict=True)
-            wfile = path
-        else:
-            model, pre, rec = load_model_dir(path)
-            wfile = path if path.is_file() else path / "model.safetensors"
-        if rec.num_classes != self.data.num_classes:
-            raise ModelError(f"teacher {spec.name!r} ({path}) predicts {rec.num_classes} classes but the data has "
-                             f"{self.data.num_classes} ({self.data.source.description})")
-        self._check_teacher_data(spec, path, [rec])
-        if rec.data_chans != self.data.channels:
-            pre = Preprocess(self.data.channels, rec.in_chans, rec.input_size, tuple(rec.mean), tuple(rec.std))
-        if spec.input_size and spec.input_size != rec.input_size:
-            pre = Preprocess(self.data.channels, rec.in_chans, spec.input_size, tuple(rec.mean), tuple(rec.std))
-        if spec.norm not in (None, "auto"):
-            mean, std = resolve_norm(spec.norm, False, rec.in_chans)
-            pre = Preprocess(self.data.channels, rec.in_chans, pre.input_size, tuple(mean), tuple(std))
-        model.eval()
-        for prm in model.parameters():
-            prm.requires_grad_(False)
-        return Participant(spec.name, model, pre, rec, trainable=False, checkpoint=str(wfile), sha256=sha256_file(wfile))
-
-    def _make_student(self, s: Any, native: int) -> Participant:
-        in_chans = s.in_chans or self.data.channels
-        size = s.input_size or native
-        mean, std = resolve_norm(s.norm, s.pretrained, in_chans)
-        model = create_model(s.model, self.data.num_classes, in_chans, size, pretrained=s.pretrained,
-                             small_input=s.small_input, **s.kwargs)
-        rec = ModelSpecRecord(arch=s.model, num_classes=self.data.num_classes, in_chans=in_chans,
-                              data_chans=self.data.channels, input_size=size, small_input=s.small_input, mean=mean,
-                              std=std, class_names=self.data.class_names, kwargs=dict(s.kwargs),
-                              adaptation=getattr(model, "medistill_adaptation", None))
-        if self.cfg.train.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        return Participant(s.name, model, Preprocess(self.data.channels, in_chans, size, tuple(mean), tuple(std)), rec, trainable=True)
 
     def _make_terms(self) -> nn.ModuleDict:
         cfg = self.cfg
@@ -301,7 +211,7 @@ class Engine:
 
     def _tap_shapes(self) -> dict[str, dict[str, tuple[int, ...]]]:
         shapes: dict[str, dict[str, tuple[int, ...]]] = {}
-        x = torch.rand(2, self.data.channels, self.data.image_size, self.data.image_size)
+        x = torch.rand(2, self.data.channels, self.data.image_size, self.data.image_size, device=self.device)
         for p in self.parts.values():
             if not p.taps:
                 continue
@@ -342,8 +252,8 @@ class Engine:
         sums, n = None, torch.zeros(c)
         with FeatureTaps(t.model, [tap], detach=True) as taps, torch.no_grad():
             for x, y, _i, _v in self._full_loader("train"):
-                t.logits(x)
-                e = taps[tap].flatten(1).double()
+                t.logits(x.to(self.device))
+                e = taps[tap].flatten(1).double().cpu()
                 sums = torch.zeros(c, e.shape[1], dtype=torch.float64) if sums is None else sums
                 sums.index_add_(0, torch.as_tensor(y), e)
                 n += torch.bincount(torch.as_tensor(y), minlength=c)
@@ -356,48 +266,21 @@ class Engine:
 
     def _make_optim(self) -> None:
         o, sc = self.cfg.optim, self.cfg.sched
-        self.optims: dict[str, torch.optim.Optimizer] = {}
-        for s in self.students:
-            head = s.model.get_classifier() if hasattr(s.model, "get_classifier") else None
-            head_ids = {id(p) for p in head.parameters()} if isinstance(head, nn.Module) else set()
-            body = [p for p in s.model.parameters() if id(p) not in head_ids]
-            groups = [{"params": body, "lr": o.lr}]
-            if head_ids:
-                groups.append({"params": [p for p in s.model.parameters() if id(p) in head_ids], "lr": o.head_lr or o.lr})
-            mod_params = [p for k, t in self.terms.items() if t.student == s.name for p in t.parameters()]
-            if mod_params:
-                groups.append({"params": mod_params, "lr": o.module_lr or o.lr})
-            if o.name == "sgd":
-                opt: torch.optim.Optimizer = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
-                                                             weight_decay=o.weight_decay)
-            elif o.name == "adam":
-                opt = torch.optim.Adam(groups, lr=o.lr, weight_decay=o.weight_decay)
-            else:
-                opt = torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay)
-            self.optims[s.name] = opt
         self.steps_per_epoch = max(1, self._train_batches())
-        total = self.cfg.train.epochs * self.steps_per_epoch
-        warm = int(round(sc.warmup_epochs * self.steps_per_epoch))
-        self.scheds = {}
-        for name, opt in self.optims.items():
-            def factor(step: int, _w: int = warm, _t: int = total) -> float:
-                if _w and step < _w:
-                    return (step + 1) / _w
-                if sc.name == "cosine":
-                    prog = (step - _w) / max(1, _t - _w)
-                    return sc.min_lr / max(o.lr, 1e-12) + (1 - sc.min_lr / max(o.lr, 1e-12)) * 0.5 * (1 + math.cos(math.pi * min(prog, 1.0)))
-                if sc.name == "step":
-                    return sc.gamma ** (step // (sc.step_size * self.steps_per_epoch))
-                return 1.0
-            # LambdaLR is PyTorch's own per-step scheduler; the lambda holds warm-up + decay.
-            self.scheds[name] = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        self.optims: dict[str, torch.optim.Optimizer] = {}
+        self.scheds: dict[str, torch.optim.lr_scheduler.LambdaLR] = {}
+        for s in self.students:
+            modules = [p for t in self.terms.values() if t.student == s.name for p in t.parameters()]
+            self.optims[s.name] = build_optimizer(s.model, modules, o)
+            self.scheds[s.name] = build_scheduler(self.optims[s.name], sc, o.lr, self.cfg.train.epochs, self.steps_per_epoch)
         # Only trainable students are wrapped; frozen teachers run plain. Term-owned modules
         # (regressors, CFL blocks) are small: their gradients are averaged by all-reduce.
         self.ddp: dict[str, nn.Module] = {}
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
-            self.ddp = {s.name: DDP(s.model) for s in self.students}
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = {s.name: DDP(s.model, device_ids=ids) for s in self.students}
         self.swas: dict[str, AveragedModel] = {}
         if self.cfg.train.swa.enabled:
             self.swas = {s.name: AveragedModel(s.model) for s in self.students}
@@ -415,85 +298,17 @@ class Engine:
         # A trailing batch of one sample breaks BatchNorm in training mode.
         return math.ceil(len(self.data.splits["train"]) / max(1, self.world)) % self.cfg.train.batch_size == 1
 
-    # ----------------------------------------------------------------------------- cache
-    def _make_cache(self) -> dict[str, TeacherCache]:
-        mode = self.cfg.train.teacher_cache
-        if not self.teachers or mode == "off":
-            return {}
-        reasons = []
-        if self.cfg.data.augment == "standard":
-            reasons.append("training augmentation is random (data.augment=standard); teachers must see each random view "
-                           "— use augment none/flip/dihedral to cache")
-        # The cache lives in memory during training (float32, every view of every training image).
-        values = sum(1 + sum(math.prod(self.tap_shapes[t.name][tap][1:]) for tap in t.taps) for t in self.teachers)
-        size_mb = values * 4 * len(views_for(self.cfg.data.augment)) * len(self.data.splits["train"]) / 2**20
-        if size_mb > self.cfg.train.teacher_cache_max_mb:
-            reasons.append(f"the teacher outputs would take {size_mb:.0f} MB "
-                           f"(> train.teacher_cache_max_mb = {self.cfg.train.teacher_cache_max_mb:.0f})")
-        if reasons:
-            if mode == "on":
-                raise ConfigError("teacher cache requested but invalid: " + "; ".join(reasons))
-            self.console.print("[yellow]teacher cache off:[/] " + "; ".join(reasons))
-            return {}
-        directory = Path(self.cfg.train.cache_dir) if self.cfg.train.cache_dir else default_cache_dir()
-        views = views_for(self.cfg.data.augment)
-        train_idx = self.data.splits["train"]
-        caches = {}
-        for t in self.teachers:
-            manifest = {
-                "format": 1, "teacher_name": t.name, "teacher_sha256": t.sha256,
-                "data_fingerprint": self.data.source.fingerprint,
-                "train_indices_sha256": hashlib.sha256(np.asarray(train_idx, dtype=np.int64).tobytes()).hexdigest(),
-                "image_size": self.data.image_size, "views": views,
-                "preprocess": {"input_size": t.pre.input_size, "in_chans": t.pre.in_chans,
-                               "mean": t.pre.mean.flatten().tolist(), "std": t.pre.std.flatten().tolist()},
-                "outputs": sorted(["logits", *t.taps]),
-            }
-            data_path, _ = TeacherCache.paths(directory, manifest)
-            if not self.main:
-                dist.barrier()   # rank 0 builds or checks the cache first
-                caches[t.name] = TeacherCache.load(data_path, manifest)
-                continue
-            if data_path.is_file():
-                caches[t.name] = TeacherCache.load(data_path, manifest)
-                self.console.print(f"teacher cache hit: {data_path}")
-            else:
-                caches[t.name] = self._build_cache(t, manifest, views, train_idx)
-                caches[t.name].save(directory)
-                self.console.print(f"teacher cache built: {data_path}")
-            if self.world > 1:
-                dist.barrier()
-        return caches
-
-    @torch.no_grad()
-    def _build_cache(self, t: Participant, manifest: dict[str, Any], views: list[int], train_idx: np.ndarray) -> TeacherCache:
-        n = len(train_idx)
-        positions = torch.full((len(self.data.source),), -1, dtype=torch.long)
-        positions[torch.as_tensor(train_idx)] = torch.arange(n)
-        outs: dict[str, Tensor] = {}
-        loader = self._full_loader("train")
-        with FeatureTaps(t.model, sorted(t.taps), detach=True) as taps:
-            for vi, v in enumerate(views):
-                for x, _y, idx, _ in loader:
-                    rows = positions[torch.as_tensor(idx)]
-                    logits = t.logits(apply_view(x, v)).float()
-                    got = {"logits": logits, **{k: taps[k].float() for k in t.taps}}
-                    for k, val in got.items():
-                        if k not in outs:
-                            outs[k] = torch.zeros(len(views), n, *val.shape[1:])
-                        outs[k][vi, rows] = val
-        return TeacherCache(manifest, outs, positions)
-
     # ----------------------------------------------------------------------------- training
     def _teacher_outputs(self, x: Tensor, idx: Tensor, view: Tensor) -> tuple[dict[str, Tensor], dict[str, dict[str, Tensor]]]:
         logits, feats = {}, {}
         for t in self.teachers:
             if t.name in self.cache:
-                out = self.cache[t.name].lookup(idx, view)
+                out = {k: v.to(self.device, non_blocking=True) for k, v in self.cache[t.name].lookup(idx, view).items()}
                 logits[t.name] = out.pop("logits")
                 feats[t.name] = out
                 continue
-            with FeatureTaps(t.model, sorted(t.taps), detach=True) as taps, torch.no_grad():
+            with FeatureTaps(t.model, sorted(t.taps), detach=True) as taps, torch.no_grad(), \
+                    autocast(self.device, self.cfg.train.amp):
                 logits[t.name] = t.logits(x, self.cfg.train.channels_last).float()
             feats[t.name] = dict(taps.outputs)
         return logits, feats
@@ -503,7 +318,7 @@ class Engine:
         for s in self.students:
             net = self.ddp.get(s.name, s.model)
             with FeatureTaps(s.model, sorted(s.taps)) as taps, torch.set_grad_enabled(s.name in grad_for), \
-                    torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.train.bf16):
+                    autocast(self.device, self.cfg.train.amp):
                 xs = s.pre(x)
                 if self.cfg.train.channels_last:
                     xs = xs.contiguous(memory_format=torch.channels_last)
@@ -512,16 +327,16 @@ class Engine:
         return logits, feats
 
     def _objective(self, ctx: StepContext, student: str) -> tuple[Tensor, dict[str, float]]:
-        total = torch.zeros(())
+        total = torch.zeros((), device=self.device)
         logs: dict[str, float] = {}
         for key, term in self.terms.items():
             if term.student != student:
                 continue
             spec = self.term_specs[key.replace("__", ".")]
             ramp = min(ctx.epoch / spec.warmup_epochs, 1.0) if spec.warmup_epochs > 0 else 1.0
-            # bf16 also covers method-owned modules (UMKD's CFL blocks dominate its step); the loss
-            # functions themselves compute in float32.
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.train.bf16):
+            # Mixed precision also covers method-owned modules (UMKD's CFL blocks dominate its
+            # step); the loss functions themselves compute in float32.
+            with autocast(self.device, self.cfg.train.amp):
                 out = term(ctx)
             value, diag = (out if isinstance(out, tuple) else (out, {}))
             value = value.float()
@@ -540,7 +355,8 @@ class Engine:
 
     def _step(self, batch: tuple, epoch: int, step: int) -> dict[str, dict[str, float]]:
         x, y, idx, view = batch
-        y = torch.as_tensor(y)
+        x = x.to(self.device, non_blocking=True)   # once per batch, from pinned memory on CUDA
+        y = torch.as_tensor(y).to(self.device, non_blocking=True)
         if x.shape[0] == 0:
             return {}
         if not torch.isfinite(x).all():
@@ -556,14 +372,14 @@ class Engine:
             ctx = StepContext(logits={**t_logits, **s_logits}, feats={**t_feats, **s_feats}, target=y, epoch=frac,
                               class_counts=self.class_counts, class_prior=self.class_prior,
                               teachers=[t.name for t in self.teachers], students=names)
-            total = torch.zeros(())
+            total = torch.zeros((), device=self.device)
             for n in group:
                 loss, lg = self._objective(ctx, n)
                 total = total + loss
                 logs[n] = lg
             for n in group:
                 self.optims[n].zero_grad(set_to_none=True)
-            total.backward()
+            (self.scaler.scale(total) if self.scaler else total).backward()
             if self.world > 1:
                 for term in self.terms.values():
                     if term.student in group:
@@ -572,10 +388,23 @@ class Engine:
                                 dist.all_reduce_mean(p.grad)
             for n in group:
                 if self.cfg.train.grad_clip:
+                    if self.scaler:   # clip the true gradients, not the scaled ones
+                        self.scaler.unscale_(self.optims[n])
                     params = [p for g in self.optims[n].param_groups for p in g["params"]]
                     torch.nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip)
-                self.optims[n].step()
-                self.scheds[n].step()
+                if self.scaler:
+                    self.scaler.step(self.optims[n])
+                else:
+                    self.optims[n].step()
+            stepped = True
+            if self.scaler:
+                scale = self.scaler.get_scale()
+                self.scaler.update()
+                # fp16 overflow: the scaler skipped the optimizer steps, so the schedule waits too.
+                stepped = self.scaler.get_scale() >= scale
+            for n in group:
+                if stepped:
+                    self.scheds[n].step()
                 swa = self.cfg.train.swa
                 if swa.enabled and swa.lr and epoch >= swa.start_epoch:
                     for g in self.optims[n].param_groups:
@@ -584,13 +413,14 @@ class Engine:
                     self.emas[n].update_parameters(self.parts[n].model)
         return logs
 
-    def _tune_heads(self, s: Participant) -> None:
-        """DHO students: choose the head combination (a, b) on the validation split."""
+    def _tune_on_validation(self, s: Participant) -> None:
+        """Extension point: a model with ``tune_on_validation(batches, score)`` (e.g. DHO's dual
+        head) chooses its own settings on the validation split after every epoch."""
         m = self._eval_model(s.name)
-        if isinstance(m, DualHead):
-            batches = [(s.pre(x), torch.as_tensor(y)) for x, y, _i, _v in self._full_loader("val")]
+        if hasattr(m, "tune_on_validation"):
+            batches = [(s.pre(x.to(self.device)), torch.as_tensor(y).to(self.device)) for x, y, _i, _v in self._full_loader("val")]
             metric = self.cfg.train.select_metric
-            m.tune(batches, lambda p, y: selection_score(classification_metrics(p, y), metric))
+            m.tune_on_validation(batches, lambda p, y: selection_score(classification_metrics(p, y), metric))
 
     def _eval_model(self, name: str) -> nn.Module:
         return self.emas[name].module if name in self.emas else self.parts[name].model
@@ -604,57 +434,23 @@ class Engine:
         info["seed"] = self.cfg.train.seed
         info["teachers"] = {t.name: {"checkpoint": t.checkpoint, "sha256": t.sha256} for t in self.teachers}
         info["adaptations"] = {s.name: s.spec.adaptation for s in self.students}
+        info.update(device_info(self.device), amp=self.cfg.train.amp)
         write_json(self.out / "run_info.json", info)
         write_json(self.out / "split.json", self.data.split_record())
 
-    def _state(self, epoch: int, best: dict[str, float], bad: int) -> dict[str, Any]:
-        return {
-            "epoch": epoch, "best": best, "bad_epochs": bad,
-            "students": {s.name: s.model.state_dict() for s in self.students},
-            "ema": {k: v.state_dict() for k, v in self.emas.items()},
-            "swa": {k: v.state_dict() for k, v in self.swas.items()},
-            "terms": self.terms.state_dict(),
-            "optim": {k: v.state_dict() for k, v in self.optims.items()},
-            "sched": {k: v.state_dict() for k, v in self.scheds.items()},
-            "rng_torch": torch.get_rng_state(),
-        }
-
-    def _restore(self) -> tuple[int, dict[str, float], int]:
-        try:
-            st = torch_load(self.ckpt_path)
-        except Exception as e:  # noqa: BLE001 - a truncated or foreign file: fall back or say so
-            why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            try:
-                st = torch_load(self.prev_ckpt_path)
-            except Exception:  # noqa: BLE001 - no usable fallback either
-                raise ConfigError(f"--resume: {self.ckpt_path} is unreadable ({why}); it was probably cut short, and "
-                                  f"there is no readable {self.prev_ckpt_path.name}. Start a new --out, or delete it "
-                                  "to train from scratch") from e
-            self.console.print(f"[yellow]warning:[/] {self.ckpt_path.name} is unreadable ({why}); resuming from "
-                               f"{self.prev_ckpt_path.name} (epoch {st['epoch'] + 1})")
-        for s in self.students:
-            s.model.load_state_dict(st["students"][s.name])
-        for k, v in self.emas.items():
-            v.load_state_dict(st["ema"][k])
-        for k, v in self.swas.items():
-            v.load_state_dict(st["swa"][k])
-        self.terms.load_state_dict(st["terms"])
-        for k, v in self.optims.items():
-            v.load_state_dict(st["optim"][k])
-        for k, v in self.scheds.items():
-            v.load_state_dict(st["sched"][k])
-        torch.set_rng_state(st["rng_torch"])
-        # Keep only the log lines of completed, checkpointed epochs.
-        log = self.out / "metrics.jsonl"
-        if log.is_file() and self.main:
-            keep = [ln for ln in log.read_text().splitlines() if ln.strip() and json.loads(ln)["epoch"] <= st["epoch"]]
-            write_text(log, "".join(ln + "\n" for ln in keep))
-        return st["epoch"] + 1, {k: float(v) for k, v in st["best"].items()}, int(st["bad_epochs"])
+    def _stateful(self) -> dict[str, dict[str, Any]]:
+        """Everything a checkpoint holds besides the term modules, by group and name."""
+        groups = {"students": {s.name: s.model for s in self.students}, "ema": self.emas, "swa": self.swas,
+                  "optim": self.optims, "sched": self.scheds}
+        if self.scaler is not None:   # fp16 loss scale: resuming without it would restart at 2**16
+            groups["scaler"] = {"scaler": self.scaler}
+        return groups
 
     def fit(self) -> None:
+        """Epochs: train → validate (select the checkpoint) → log → checkpoint; then SWA's average."""
         cfg = self.cfg
         if self.resume:
-            start, best, bad = self._restore()
+            start, best, bad = ckpt.load_checkpoint(self.out, self._stateful(), self.terms, self.console, self.main)
             self.console.print(f"resuming {self.out} at epoch {start}")
         else:
             if self.main:
@@ -665,70 +461,20 @@ class Engine:
         tb = SummaryWriter(str(self.out / "tb")) if self.main else None
         try:
             for epoch in range(start, cfg.train.epochs):
-                # Per-epoch seeding makes an epoch's shuffling and augmentation independent of
-                # how the run got there, so a resumed run repeats the uninterrupted one exactly.
-                torch.manual_seed(cfg.train.seed * 100003 + epoch)
-                loader = self.data.loader("train", cfg.train.batch_size, train=True,
-                                          seed=cfg.train.seed * 100003 + epoch, drop_last=self._drop_last())
-                for s in self.students:
-                    s.model.train()
-                sums: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
-                t0 = time.perf_counter()
-                n_steps = 0
-                with self._progress() as bar:
-                    task = bar.add_task(f"epoch {epoch + 1}/{cfg.train.epochs}", total=len(loader), info="")
-                    for step, batch in enumerate(loader):
-                        logs = self._step(batch, epoch, step)
-                        n_steps += 1
-                        for s, lg in logs.items():
-                            for k, v in lg.items():
-                                sums[s][k] += v
-                        bar.update(task, advance=1, info=" ".join(f"{s}:{lg['loss']:.3f}" for s, lg in logs.items()))
-                train_time = time.perf_counter() - t0
-                train_logs = {s: {k: float(dist.all_reduce_mean(torch.tensor(v / n_steps, dtype=torch.float64)))
-                                  for k, v in d.items()} for s, d in sums.items()}
-                diag = {}
-                for key, term in self.terms.items():
-                    st = term.pop_stats(self.data.num_classes)
-                    if st:
-                        diag[key.replace("__", ".")] = st
-                val = {}
-                improved = False
-                for s in self.students:
-                    self._tune_heads(s)
-                    probs, labels, _ = predict(self._eval_model(s.name), s.pre, self._eval_loader("val"), cfg.train.channels_last)
-                    m = classification_metrics(probs, labels, ordinal=self.data.ordinal)
-                    val[s.name] = {k: m[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "qwk", "auroc", "ece", "nll")}
-                    score = selection_score(m, cfg.train.select_metric)
-                    if score > best[s.name]:
-                        best[s.name] = score
-                        improved = True
-                        if self.main:
-                            save_model_dir(self._student_dir(s.name), self._eval_model(s.name), s.spec)
+                train_logs, train_time = self._train_epoch(epoch)
+                val, improved = self._validate(best)
                 if self.swas and epoch >= cfg.train.swa.start_epoch:
                     for s in self.students:
                         self.swas[s.name].update_parameters(s.model)
                 bad = 0 if improved else bad + 1
-                lr = {n: o.param_groups[0]["lr"] for n, o in self.optims.items()}
-                record = {"epoch": epoch, "lr": lr, "train": train_logs, "val": val, "diagnostics": diag,
-                          "train_time_s": round(train_time, 3), "images_per_s": round(len(self.data.splits["train"]) / max(train_time, 1e-9), 2)}
+                diag = self._pop_diagnostics()   # every rank, so no rank accumulates them
                 if self.main:
-                    append_jsonl(self.out / "metrics.jsonl", record)
-                    for s, d in train_logs.items():
-                        for k, v in d.items():
-                            tb.add_scalar(f"train/{s}/{k}", v, epoch)
-                    for s, d in val.items():
-                        for k, v in d.items():
-                            if v is not None:
-                                tb.add_scalar(f"val/{s}/{k}", v, epoch)
-                    tb.flush()
-                    # The previous epoch's checkpoint is kept as checkpoint_prev.pt: if the newest
-                    # one is ever unreadable (a disk that lied about a write), --resume falls back.
-                    torch_save(self.ckpt_path, self._state(epoch, best, bad), keep_previous=self.prev_ckpt_path)
+                    self._log_epoch(tb, epoch, train_logs, val, diag, train_time)
+                    ckpt.save_checkpoint(self.out, epoch, best, bad, self._stateful(), self.terms)
                 dist.barrier()
                 self.console.print(f"epoch {epoch + 1}/{cfg.train.epochs} " + " | ".join(
-                    f"{s}: loss {train_logs[s]['loss']:.4f} val {cfg.train.select_metric} {selection_score(val[s] | {'nll': val[s]['nll']}, cfg.train.select_metric):.4f}"
-                    for s in train_logs) + f" | {train_time:.1f}s")
+                    f"{s}: loss {train_logs[s]['loss']:.4f} val {cfg.train.select_metric} "
+                    f"{selection_score(val[s], cfg.train.select_metric):.4f}" for s in train_logs) + f" | {train_time:.1f}s")
                 if cfg.train.early_stopping_patience and bad >= cfg.train.early_stopping_patience:
                     self.console.print(f"early stopping: no validation improvement for {bad} epochs")
                     break
@@ -737,6 +483,76 @@ class Engine:
                 tb.close()
         if self.swas:
             self._finish_swa()
+
+    def _train_epoch(self, epoch: int) -> tuple[dict[str, dict[str, float]], float]:
+        """One pass over the training split; returns each student's mean loss terms (averaged
+        over ranks) and the wall time."""
+        cfg = self.cfg
+        # Per-epoch seeding makes an epoch's shuffling and augmentation independent of how the
+        # run got there, so a resumed run repeats the uninterrupted one exactly.
+        torch.manual_seed(cfg.train.seed * 100003 + epoch)
+        loader = self.data.loader("train", cfg.train.batch_size, train=True, seed=cfg.train.seed * 100003 + epoch,
+                                  drop_last=self._drop_last())
+        for s in self.students:
+            s.model.train()
+        sums: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+        t0 = time.perf_counter()
+        n_steps = 0
+        with self._progress() as bar:
+            task = bar.add_task(f"epoch {epoch + 1}/{cfg.train.epochs}", total=len(loader), info="")
+            for step, batch in enumerate(loader):
+                logs = self._step(batch, epoch, step)
+                n_steps += 1
+                for s, lg in logs.items():
+                    for k, v in lg.items():
+                        sums[s][k] += v
+                bar.update(task, advance=1, info=" ".join(f"{s}:{lg['loss']:.3f}" for s, lg in logs.items()))
+        train_time = time.perf_counter() - t0
+        return {s: {k: float(dist.all_reduce_mean(torch.tensor(v / n_steps, dtype=torch.float64))) for k, v in d.items()}
+                for s, d in sums.items()}, train_time
+
+    def _validate(self, best: dict[str, float]) -> tuple[dict[str, dict[str, Any]], bool]:
+        """Validation metrics of every student; a student that beats its best score (updated in
+        place) is saved — checkpoints are selected on validation, never on test."""
+        val, improved = {}, False
+        for s in self.students:
+            self._tune_on_validation(s)
+            probs, labels, _ = predict(self._eval_model(s.name), s.pre, self._eval_loader("val"), self.cfg.train.channels_last)
+            m = classification_metrics(probs, labels, ordinal=self.data.ordinal)
+            val[s.name] = {k: m[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "qwk", "auroc", "ece", "nll")}
+            score = selection_score(m, self.cfg.train.select_metric)
+            if score > best[s.name]:
+                best[s.name] = score
+                improved = True
+                if self.main:
+                    save_model_dir(self._student_dir(s.name), self._eval_model(s.name), s.spec)
+        return val, improved
+
+    def _pop_diagnostics(self) -> dict[str, dict[str, Any]]:
+        """Per-class means of the diagnostics the terms gathered this epoch (e.g. UDD weights)."""
+        diag = {}
+        for key, term in self.terms.items():
+            st = term.pop_stats(self.data.num_classes)
+            if st:
+                diag[key.replace("__", ".")] = st
+        return diag
+
+    def _log_epoch(self, tb: Any, epoch: int, train_logs: dict[str, dict[str, float]], val: dict[str, dict[str, Any]],
+                   diag: dict[str, dict[str, Any]], train_time: float) -> None:
+        """One ``metrics.jsonl`` line (every loss term, diagnostic, lr, timing) and TensorBoard scalars."""
+        lr = {n: o.param_groups[0]["lr"] for n, o in self.optims.items()}
+        record = {"epoch": epoch, "lr": lr, "train": train_logs, "val": val, "diagnostics": diag,
+                  "train_time_s": round(train_time, 3),
+                  "images_per_s": round(len(self.data.splits["train"]) / max(train_time, 1e-9), 2)}
+        append_jsonl(self.out / "metrics.jsonl", record)
+        for s, d in train_logs.items():
+            for k, v in d.items():
+                tb.add_scalar(f"train/{s}/{k}", v, epoch)
+        for s, d in val.items():
+            for k, v in d.items():
+                if v is not None:
+                    tb.add_scalar(f"val/{s}/{k}", v, epoch)
+        tb.flush()
 
     @torch.no_grad()
     def _finish_swa(self) -> None:
@@ -754,7 +570,7 @@ class Engine:
                 b.momentum = None   # cumulative average over the whole pass
             m.train()
             for x, _y, _i, _v in self._full_loader("train"):
-                m(s.pre(x))
+                m(s.pre(x.to(self.device)))
             m.eval()
             for b in bns:
                 b.momentum = 0.1
@@ -775,11 +591,13 @@ class Engine:
         for s in self.students:
             d = self._student_dir(s.name)
             model, pre, spec = load_model_dir(d)
-            info = model_cost(model, spec, latency=self.cfg.train.latency and self.main)
+            info = model_cost(model, spec, latency=self.cfg.train.latency and self.main)   # CPU cost, CPU copy
+            model.to(self.device)
+            pre.to(self.device)
             res = evaluate_splits(model, pre, loaders, d, info.pop("model"), spec.class_names, ordinal=self.data.ordinal)
             res.update(info)
-            if isinstance(model, DualHead):  # DHO: the head combination chosen on validation
-                res["dho_heads"] = {"a": float(model.a), "b": float(model.b)}
+            if hasattr(model, "validation_choice"):  # e.g. DHO's head combination, chosen on validation
+                res.update(model.validation_choice())
             if self.main:
                 write_json(d / "metrics.json", res)
             results[s.name] = res
@@ -815,11 +633,14 @@ class Engine:
                 self.setup()
             except BaseException:
                 # A run that failed before writing anything leaves no empty folder behind.
-                if self.main and getattr(self, "_created_out", False) and self.out.is_dir() and not any(self.out.iterdir()):
+                if getattr(self, "main", True) and getattr(self, "_created_out", False) and self.out.is_dir() and not any(self.out.iterdir()):
                     self.out.rmdir()
                 raise
             self.fit()
             results = self.finalize()
+            if self.main and (peak := peak_memory_mb(self.device)) is not None:
+                info = json.loads((self.out / "run_info.json").read_text())
+                write_json(self.out / "run_info.json", {**info, "peak_device_memory_mb": peak})
             # Rank 0 is still writing when the others return from finalize; tearing gloo down
             # while a peer is mid-flight aborted a rank at exit ("terminate called without an
             # active exception"), so every rank waits here and the group is destroyed in step.
@@ -827,54 +648,3 @@ class Engine:
             return results
         finally:
             dist.destroy()
-
-
-def model_cost(model: nn.Module, spec: ModelSpecRecord, latency: bool = True) -> dict[str, Any]:
-    shape = (1, spec.in_chans, spec.input_size, spec.input_size)
-    out: dict[str, Any] = {"model": {"params": count_params(model), "flops": count_flops(model, shape), "arch": spec.arch,
-                                     "input_size": spec.input_size}}
-    if latency:
-        out["latency"] = {"cpu_batch1": latency_ms(model, shape)}
-    return out
-
-
-def summary_table(rows: dict[str, Any]) -> str:
-    """Markdown table of every model's test metrics; QWK only for ordinal data."""
-    keys = ["accuracy", "balanced_accuracy", "macro_f1", "qwk", "auroc", "ece"]
-    if all(r["test"].get("qwk") is None for r in rows.values()):
-        keys.remove("qwk")
-    names = {"accuracy": "ACC", "balanced_accuracy": "bal. ACC", "macro_f1": "macro-F1", "qwk": "QWK", "auroc": "AUROC", "ece": "ECE"}
-    head = "| model | role | params (M) | MFLOPs | " + " | ".join(names[k] for k in keys) + " |\n|" + "---|" * (4 + len(keys)) + "\n"
-    lines = []
-    for name, r in rows.items():
-        t = r["test"]
-        lines.append(f"| {name} | {r['role']} | {r['model']['params'] / 1e6:.2f} | {r['model']['flops'] / 1e6:.1f} | "
-                     + " | ".join("–" if t.get(k) is None else f"{t[k]:.3f}" for k in keys) + " |")
-    return head + "\n".join(lines) + "\n"
-
-
-# Settings that may change between an interrupted run and its resumption: they do not alter what is trained.
-_RESUME_FREE = {"train.progress", "train.latency", "train.threads", "train.cache_dir", "data.num_workers"}
-
-
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(d, dict):
-        return {k: v for key, val in d.items() for k, v in _flat(val, f"{prefix}{key}.").items()}
-    return {prefix[:-1]: d}
-
-
-def _check_resume_config(saved_path: Path, cfg: RunConfig) -> None:
-    """A resumed run must continue the same experiment: any other difference from the saved
-    ``config.yaml`` (epochs, schedule, bf16, terms, ...) would silently mix two runs."""
-    import yaml
-
-    if not saved_path.is_file():
-        raise ConfigError(f"--resume: {saved_path} is missing; cannot check that the run continues the same config")
-    old = _flat(yaml.safe_load(saved_path.read_text()))
-    new = _flat(yaml.safe_load(dump_config(cfg)))
-    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in _RESUME_FREE)
-    if diff:
-        shown = ", ".join(f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in diff[:4])
-        raise ConfigError(f"--resume: the config differs from the interrupted run's {saved_path} ({shown}"
-                          + (f", and {len(diff) - 4} more" if len(diff) > 4 else "") + "); resume with the same config "
-                          "or start a new --out")

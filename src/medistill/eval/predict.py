@@ -24,14 +24,16 @@ def predict(model: nn.Module, preprocess: nn.Module, loader: DataLoader, channel
     """
     was = model.training
     model.eval()
+    p0 = next(model.parameters(), None)
+    device = p0.device if p0 is not None else torch.device("cpu")
     probs, labels, idx = [], [], []
     try:
         for x, y, i, _v in loader:
-            x = preprocess(x)
+            x = preprocess(x.to(device, non_blocking=True))
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             p = head(model, x) if head is not None else torch.softmax(model(x).float(), -1)
-            probs.append(p.float())
+            probs.append(p.float().cpu())
             labels.append(torch.as_tensor(y))
             idx.append(torch.as_tensor(i))
     finally:

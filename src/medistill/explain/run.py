@@ -14,10 +14,10 @@ from torch import nn
 
 from medistill.config import load_config
 from medistill.data import build_data
+from medistill.errors import ArgumentError
 from medistill.explain import cam as C
 from medistill.explain import metrics as M
 from medistill.io import atomic_path, write_json, write_text
-from medistill.errors import ArgumentError
 from medistill.models.ensemble import is_ensemble_dir, read_ensemble
 from medistill.models.factory import load_model_dir
 from medistill.models.taps import list_taps

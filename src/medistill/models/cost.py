@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,9 +22,14 @@ def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     model.eval()
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
-        model(torch.zeros(*input_shape))
+        model(torch.zeros(*input_shape, device=_device_of(model)))
     model.train(was)
     return int(counter.get_total_flops())
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
 
 
 def latency_ms(model: nn.Module, input_shape: tuple[int, ...], repeats: int = 20, warmup: int = 3) -> dict[str, float]:
@@ -42,3 +48,14 @@ def latency_ms(model: nn.Module, input_shape: tuple[int, ...], repeats: int = 20
     q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
     return {"median_ms": statistics.median(times), "q1_ms": q[0], "q3_ms": q[2],
             "batch": input_shape[0], "threads": torch.get_num_threads()}
+
+
+def model_cost(model: nn.Module, spec: Any, latency: bool = True) -> dict[str, Any]:
+    """Params, FLOPs at the model's input size and (optionally) CPU batch-1 latency; ``spec``
+    is a :class:`~medistill.models.factory.ModelSpecRecord`."""
+    shape = (1, spec.in_chans, spec.input_size, spec.input_size)
+    out: dict[str, Any] = {"model": {"params": count_params(model), "flops": count_flops(model, shape), "arch": spec.arch,
+                                     "input_size": spec.input_size}}
+    if latency:
+        out["latency"] = {"cpu_batch1": latency_ms(model, shape)}
+    return out

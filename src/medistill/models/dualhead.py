@@ -41,8 +41,12 @@ class DualHead(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.backbone.get_classifier()
 
+    def validation_choice(self) -> dict[str, dict[str, float]]:
+        """What :meth:`tune_on_validation` chose, as reported in ``metrics.json``."""
+        return {"dho_heads": {"a": float(self.a), "b": float(self.b)}}
+
     @torch.no_grad()
-    def tune(self, batches: list[tuple[torch.Tensor, torch.Tensor]], score) -> dict[str, float]:
+    def tune_on_validation(self, batches: list[tuple[torch.Tensor, torch.Tensor]], score) -> dict[str, float]:
         """Grid-search ``a``, ``b`` (DHO's few-shot grid) to maximise ``score(probs, labels)``
         on ``batches`` of (preprocessed images, labels) — validation data, never test."""
         was = self.training

@@ -1,0 +1,85 @@
+"""Where a run computes: device choice, mixed precision and what the run records about both.
+
+``train.device``: ``auto`` (CUDA if present, then Apple MPS, else CPU), ``cpu``, ``cuda``,
+``cuda:N`` or ``mps``. ``train.amp``: ``off``, ``bf16`` or ``fp16`` (fp16 with a gradient scaler
+whose state is checkpointed). Under torchrun each rank takes ``cuda:LOCAL_RANK``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from typing import Any, Iterator
+
+import torch
+
+from medistill.errors import ConfigError
+
+_SPEC = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    """The ``torch.device`` for ``spec``; a device this machine lacks is a :class:`ConfigError`."""
+    spec = spec.strip().lower()
+    if not _SPEC.match(spec):
+        raise ConfigError(f"train.device {spec!r}: use auto, cpu, cuda, cuda:N or mps")
+    local = os.environ.get("LOCAL_RANK")
+    if spec == "auto":
+        if torch.cuda.is_available():
+            spec = "cuda"
+        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            spec = "mps"
+        else:
+            spec = "cpu"
+    if spec.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"train.device={spec}: this machine has no usable CUDA device "
+                              "(use --device cpu or auto)")
+        index = int(spec.split(":")[1]) if ":" in spec else (int(local) if local is not None else 0)
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"train.device={spec}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+        return torch.device("cuda", index)
+    if spec == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+        raise ConfigError("train.device=mps: Apple's MPS backend is not available here")
+    return torch.device(spec)
+
+
+def amp_dtype(amp: str) -> torch.dtype | None:
+    return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+@contextlib.contextmanager
+def autocast(device: torch.device, amp: str) -> Iterator[None]:
+    """Mixed precision for forward passes (``amp`` off: full precision)."""
+    dtype = amp_dtype(amp)
+    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        yield
+
+
+def grad_scaler(device: torch.device, amp: str) -> torch.amp.GradScaler | None:
+    """fp16 needs loss scaling (its range underflows small gradients); bf16 and fp32 do not."""
+    return torch.amp.GradScaler(device.type) if amp == "fp16" else None
+
+
+def device_info(device: torch.device) -> dict[str, Any]:
+    """What ``run_info.json`` records about the device."""
+    info: dict[str, Any] = {"device": str(device)}
+    if device.type == "cuda":
+        info.update(device_name=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
+                    cudnn=torch.backends.cudnn.version())
+    elif device.type == "cpu":
+        info["device_name"] = "cpu"
+    return info
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mb(device: torch.device) -> float | None:
+    """Peak memory allocated by tensors on a CUDA device since the last reset (None elsewhere)."""
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return None

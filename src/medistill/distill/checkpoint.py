@@ -1,0 +1,96 @@
+"""Checkpoints: what a run saves after every epoch, how ``--resume`` restores it (falling back to
+the previous epoch's file when the last one is unreadable), and the config check that keeps a
+resumed run the same experiment."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from torch import nn
+
+from medistill.config import RunConfig, dump_config
+from medistill.errors import ConfigError
+from medistill.io import torch_load, torch_save, write_text
+
+LAST, PREVIOUS = "checkpoint_last.pt", "checkpoint_prev.pt"
+
+
+def save_checkpoint(out: Path, epoch: int, best: dict[str, float], bad: int, groups: dict[str, dict[str, Any]],
+                    terms: nn.Module) -> None:
+    """Write ``out/checkpoint_last.pt`` atomically; the file it replaces becomes
+    ``checkpoint_prev.pt``. ``groups``: ``students``/``ema``/``swa``/``optim``/``sched`` → name →
+    object with ``state_dict()``; ``terms``: the run's term modules (one state dict)."""
+    state = {"epoch": epoch, "best": best, "bad_epochs": bad, "terms": terms.state_dict(),
+             "rng_torch": torch.get_rng_state(),
+             **{g: {k: v.state_dict() for k, v in items.items()} for g, items in groups.items()}}
+    torch_save(out / LAST, state, keep_previous=out / PREVIOUS)
+
+
+def has_checkpoint(out: Path) -> bool:
+    return (out / LAST).exists() or (out / PREVIOUS).exists()
+
+
+def load_checkpoint(out: Path, groups: dict[str, dict[str, Any]], terms: nn.Module, console: Console,
+                    trim_log: bool) -> tuple[int, dict[str, float], int]:
+    """Restore every object of ``groups`` and ``terms`` and the RNG; return the epoch to start
+    at, the best validation scores and the early-stopping counter. ``trim_log`` drops the
+    ``metrics.jsonl`` lines of epochs after the checkpoint (rank 0 only)."""
+    last, prev = out / LAST, out / PREVIOUS
+    try:
+        st = torch_load(last)
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file: fall back or say so
+        why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        try:
+            st = torch_load(prev)
+        except Exception:  # noqa: BLE001 - no usable fallback either
+            raise ConfigError(f"--resume: {last} is unreadable ({why}); it was probably cut short, and "
+                              f"there is no readable {prev.name}. Start a new --out, or delete it "
+                              "to train from scratch") from e
+        console.print(f"[yellow]warning:[/] {last.name} is unreadable ({why}); resuming from "
+                      f"{prev.name} (epoch {st['epoch'] + 1})")
+    for g, items in groups.items():
+        for k, v in items.items():
+            v.load_state_dict(st[g][k])
+    terms.load_state_dict(st["terms"])
+    torch.set_rng_state(st["rng_torch"])
+    log = out / "metrics.jsonl"
+    if log.is_file() and trim_log:
+        keep = [ln for ln in log.read_text().splitlines() if ln.strip() and json.loads(ln)["epoch"] <= st["epoch"]]
+        write_text(log, "".join(ln + "\n" for ln in keep))
+    return st["epoch"] + 1, {k: float(v) for k, v in st["best"].items()}, int(st["bad_epochs"])
+
+
+# Settings that may change between an interrupted run and its resumption: they do not alter what is trained.
+_RESUME_FREE = {"train.progress", "train.latency", "train.threads", "train.cache_dir", "data.num_workers",
+                "train.device"}
+# Keys added to the config after some runs were saved: absent from an old config.yaml, they are
+# not a difference (their defaults reproduce the old behaviour; bf16 maps onto amp).
+_ADDED_KEYS = {"train.amp", "train.device", "train.deterministic", "data.ordinal"}
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        return {k: v for key, val in d.items() for k, v in _flat(val, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: d}
+
+
+def check_resume_config(saved_path: Path, cfg: RunConfig) -> None:
+    """A resumed run must continue the same experiment: any other difference from the saved
+    ``config.yaml`` (epochs, schedule, bf16, terms, ...) would silently mix two runs."""
+    import yaml
+
+    if not saved_path.is_file():
+        raise ConfigError(f"--resume: {saved_path} is missing; cannot check that the run continues the same config")
+    old = _flat(yaml.safe_load(saved_path.read_text()))
+    new = _flat(yaml.safe_load(dump_config(cfg)))
+    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in _RESUME_FREE
+                  and not (k in _ADDED_KEYS and k not in old))
+    if diff:
+        shown = ", ".join(f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in diff[:4])
+        raise ConfigError(f"--resume: the config differs from the interrupted run's {saved_path} ({shown}"
+                          + (f", and {len(diff) - 4} more" if len(diff) > 4 else "") + "); resume with the same config "
+                          "or start a new --out")

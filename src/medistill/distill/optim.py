@@ -1,0 +1,50 @@
+"""Optimizer and learning-rate schedule of a student: parameter groups (body, head, method
+modules), SGD / Adam / AdamW, and a per-step warm-up + cosine / step / constant schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from medistill.config import OptimConfig, SchedConfig
+
+
+def build_optimizer(model: nn.Module, module_params: list[nn.Parameter], o: OptimConfig) -> torch.optim.Optimizer:
+    """Groups: the body at ``lr``; the classifier head at ``head_lr``; the parameters of modules a
+    term owns (regressors, projectors, CFL blocks) at ``module_lr`` (both default to ``lr``)."""
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    head_ids = {id(p) for p in head.parameters()} if isinstance(head, nn.Module) else set()
+    groups = [{"params": [p for p in model.parameters() if id(p) not in head_ids], "lr": o.lr}]
+    if head_ids:
+        groups.append({"params": [p for p in model.parameters() if id(p) in head_ids], "lr": o.head_lr or o.lr})
+    if module_params:
+        groups.append({"params": module_params, "lr": o.module_lr or o.lr})
+    if o.name == "sgd":
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay)
+    if o.name == "adam":
+        return torch.optim.Adam(groups, lr=o.lr, weight_decay=o.weight_decay)
+    return torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay)
+
+
+def lr_factor(step: int, sc: SchedConfig, lr: float, epochs: int, steps_per_epoch: int) -> float:
+    """Multiplier of every group's base learning rate at optimizer step ``step`` (0-based):
+    linear warm-up over ``warmup_epochs``, then cosine to ``min_lr``, step decay, or constant."""
+    total = epochs * steps_per_epoch
+    warm = int(round(sc.warmup_epochs * steps_per_epoch))
+    if warm and step < warm:
+        return (step + 1) / warm
+    if sc.name == "cosine":
+        prog = (step - warm) / max(1, total - warm)
+        floor = sc.min_lr / max(lr, 1e-12)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(prog, 1.0)))
+    if sc.name == "step":
+        return sc.gamma ** (step // (sc.step_size * steps_per_epoch))
+    return 1.0
+
+
+def build_scheduler(opt: torch.optim.Optimizer, sc: SchedConfig, lr: float, epochs: int,
+                    steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    # LambdaLR is PyTorch's own per-step scheduler; lr_factor holds warm-up + decay.
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, sc, lr, epochs, steps_per_epoch))

@@ -1,0 +1,153 @@
+"""The participants of a run: frozen teachers (model, run or ensemble directories, weights files,
+in-memory modules) and trainable students, each with its own preprocessing."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from medistill.data import DataBundle
+from medistill.errors import ModelError
+from medistill.io import sha256_file
+from medistill.models.ensemble import is_ensemble_dir, load_ensemble
+from medistill.models.factory import (
+    ModelSpecRecord,
+    Preprocess,
+    create_model,
+    load_model_dir,
+    load_weights,
+    resolve_norm,
+)
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class Participant:
+    """A model in a run: its network, its own preprocessing, and whether it is trained."""
+
+    name: str
+    model: nn.Module
+    pre: Preprocess
+    spec: ModelSpecRecord
+    trainable: bool
+    checkpoint: str | None = None
+    sha256: str | None = None
+    taps: set[str] = field(default_factory=set)
+
+    def logits(self, x: Tensor, channels_last: bool = False) -> Tensor:
+        x = self.pre(x)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.model(x)
+
+
+def load_ensemble_teacher(spec: Any, path: Path, data: DataBundle) -> Participant:
+    """An ensemble directory as one teacher: members keep their own preprocessing inside
+    :class:`EnsembleModel`, so the participant's preprocessing only passes the batch on."""
+    model, specs, digest, rec = load_ensemble(path)
+    if rec["num_classes"] != data.num_classes:
+        raise ModelError(f"teacher {spec.name!r} (ensemble {path}) predicts {rec['num_classes']} classes but the data "
+                         f"has {data.num_classes} ({data.source.description})")
+    check_teacher_data(spec, path, specs, data)
+    size = data.source.native_size or max(s.data_size or s.input_size for s in specs)
+    c = data.channels
+    archs = sorted({s.arch for s in specs})
+    rec0 = ModelSpecRecord(**{**specs[0].__dict__, "arch": f"ensemble({len(specs)}× {'+'.join(archs)})",
+                              "in_chans": c, "data_chans": c, "input_size": size,
+                              "mean": [0.0] * c, "std": [1.0] * c})
+    for prm in model.parameters():
+        prm.requires_grad_(False)
+    return Participant(spec.name, model, Preprocess(c, c, size, (0.0,) * c, (1.0,) * c), rec0, trainable=False,
+                       checkpoint=str(path), sha256=digest)
+
+def memory_teacher(spec: Any, model: nn.Module, data: DataBundle) -> Participant:
+    """A teacher passed as an ``nn.Module``: frozen, identified by a hash of its weights."""
+    c = data.channels
+    size = spec.input_size or data.source.native_size or 224
+    mean, std = resolve_norm(spec.norm or "half", False, c)
+    pre = Preprocess(c, c, size, tuple(mean), tuple(std))
+    model.eval()
+    with torch.no_grad():
+        p0 = next(model.parameters(), None)
+        dev = p0.device if p0 is not None else torch.device("cpu")
+        out = model(pre.to(dev)(torch.zeros(1, c, size, size, device=dev)))
+    if out.ndim != 2 or out.shape[1] != data.num_classes:
+        raise ModelError(f"teacher {spec.name!r} (in-memory {type(model).__name__}) returns shape {tuple(out.shape)}; "
+                         f"expected [B, {data.num_classes}] logits for {data.source.description}")
+    for prm in model.parameters():
+        prm.requires_grad_(False)
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    rec = ModelSpecRecord(arch=type(model).__name__, num_classes=data.num_classes, in_chans=c, data_chans=c,
+                          input_size=size, small_input="off", mean=mean, std=std, class_names=data.class_names)
+    return Participant(spec.name, model, pre, rec, trainable=False, checkpoint="<memory>", sha256=h.hexdigest())
+
+def check_teacher_data(spec: Any, path: Path, recs: list[ModelSpecRecord], data: DataBundle) -> None:
+    """A teacher records the dataset it was trained on; another dataset with the same class
+    count (blood-cell types distilled into retinal grades) is refused unless allowed."""
+    if spec.allow_other_data:
+        return
+    for rec in recs:
+        if rec.class_names and rec.class_names != data.class_names:
+            raise ModelError(f"teacher {spec.name!r} ({path}) was trained on classes {rec.class_names} but the data "
+                             f"has {data.class_names}; set teachers.N.allow_other_data=true if that is intended")
+        fp = data.source.fingerprint
+        if rec.data_fingerprint and fp and rec.data_fingerprint != fp:
+            raise ModelError(f"teacher {spec.name!r} ({path}) was trained on another dataset than "
+                             f"{data.source.description} (fingerprints {rec.data_fingerprint[:12]}… vs {fp[:12]}…); "
+                             "set teachers.N.allow_other_data=true if that is intended")
+
+def load_teacher(spec: Any, path: Path, data: DataBundle) -> Participant:
+    """A frozen teacher from a model, run or ensemble directory, or a named architecture plus a
+    weights file; its preprocessing adapted to the data's channels and the spec's size/norm."""
+    if is_ensemble_dir(path):
+        return load_ensemble_teacher(spec, path, data)
+    if spec.model is not None and not (path.is_dir() or (path.parent / "model.json").is_file()):
+        rec = ModelSpecRecord(arch=spec.model, num_classes=data.num_classes, in_chans=data.channels,
+                              data_chans=data.channels, input_size=spec.input_size or data.source.native_size or 224,
+                              small_input="auto", mean=[], std=[], class_names=data.class_names)
+        rec.mean, rec.std = resolve_norm(spec.norm or "auto", False, rec.in_chans)
+        model, pre = rec.build()
+        load_weights(model, path, strict=True)
+        wfile = path
+    else:
+        model, pre, rec = load_model_dir(path)
+        wfile = path if path.is_file() else path / "model.safetensors"
+    if rec.num_classes != data.num_classes:
+        raise ModelError(f"teacher {spec.name!r} ({path}) predicts {rec.num_classes} classes but the data has "
+                         f"{data.num_classes} ({data.source.description})")
+    check_teacher_data(spec, path, [rec], data)
+    if rec.data_chans != data.channels:
+        pre = Preprocess(data.channels, rec.in_chans, rec.input_size, tuple(rec.mean), tuple(rec.std))
+    if spec.input_size and spec.input_size != rec.input_size:
+        pre = Preprocess(data.channels, rec.in_chans, spec.input_size, tuple(rec.mean), tuple(rec.std))
+    if spec.norm not in (None, "auto"):
+        mean, std = resolve_norm(spec.norm, False, rec.in_chans)
+        pre = Preprocess(data.channels, rec.in_chans, pre.input_size, tuple(mean), tuple(std))
+    model.eval()
+    for prm in model.parameters():
+        prm.requires_grad_(False)
+    return Participant(spec.name, model, pre, rec, trainable=False, checkpoint=str(wfile), sha256=sha256_file(wfile))
+
+def make_student(s: Any, native: int, data: DataBundle, channels_last: bool = False) -> Participant:
+    """A trainable student built from its spec at ``input_size`` (default: the data's ``native`` size)."""
+    in_chans = s.in_chans or data.channels
+    size = s.input_size or native
+    mean, std = resolve_norm(s.norm, s.pretrained, in_chans)
+    model = create_model(s.model, data.num_classes, in_chans, size, pretrained=s.pretrained,
+                         small_input=s.small_input, **s.kwargs)
+    rec = ModelSpecRecord(arch=s.model, num_classes=data.num_classes, in_chans=in_chans,
+                          data_chans=data.channels, input_size=size, small_input=s.small_input, mean=mean,
+                          std=std, class_names=data.class_names, kwargs=dict(s.kwargs),
+                          adaptation=getattr(model, "medistill_adaptation", None))
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return Participant(s.name, model, Preprocess(data.channels, in_chans, size, tuple(mean), tuple(std)), rec, trainable=True)
