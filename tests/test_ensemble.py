@@ -254,3 +254,9 @@ def test_python_api_with_an_in_memory_teacher(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="expected \\[B, 3\\] logits"):
         api.distill([nn.Sequential(nn.Flatten(), nn.LazyLinear(4))], data=str(npz), model="cnn5", epochs=1,
                           out=tmp_path / "bad", config=cfg, quiet=True)
+
+
+def test_pretrained_without_network_names_the_local_form() -> None:
+    """HF_HUB_OFFLINE=1 (set for every test) stands in for a machine without network."""
+    with pytest.raises(ModelError, match="Pass a local weights file as pretrained=PATH"):
+        create_model("resnet18", 3, 3, 32, pretrained=True)
