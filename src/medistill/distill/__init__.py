@@ -1,8 +1,8 @@
 """Distillation engine: participants, loss terms, teacher cache, the training loop."""
 
-from medistill.distill import umkd  # noqa: F401  (registers sfa, cfa, udd)
 from medistill.distill.context import StepContext
 from medistill.distill.engine import Engine, Participant
+from medistill.distill import umkd  # noqa: F401  (registers sfa, cfa, udd)
 from medistill.distill.terms import TERMS, LossTerm, TermSetup, make_term, register
 
 __all__ = ["Engine", "LossTerm", "Participant", "StepContext", "TERMS", "TermSetup", "make_term", "register"]

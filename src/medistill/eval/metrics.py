@@ -13,13 +13,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torchmetrics.functional.classification import (
-    multiclass_auroc,
-    multiclass_calibration_error,
-    multiclass_cohen_kappa,
-    multiclass_confusion_matrix,
-    multiclass_f1_score,
-)
+from torchmetrics.functional.classification import (multiclass_auroc, multiclass_calibration_error,
+                                                    multiclass_cohen_kappa, multiclass_confusion_matrix,
+                                                    multiclass_f1_score)
 
 
 def classification_metrics(probs: torch.Tensor, labels: torch.Tensor, ece_bins: int = 15,
