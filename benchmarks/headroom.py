@@ -97,10 +97,21 @@ def teachers(out: Path, cfg: dict[str, Any], seeds: list[int]) -> Path:
     return ens
 
 
+def _member_run(out: Path, student: str, variant: str, seed: int) -> Path | None:
+    """A ResNet-18 alone with CE is exactly a teacher-ensemble member (same config, same seed,
+    deterministic on the CPU): the member's run is that cell, not trained twice."""
+    member = out / "teachers" / f"seed-{seed}"
+    if student == "resnet18" and variant == "ce" and (member / "summary.json").is_file():
+        return member
+    return None
+
+
 def cell(out: Path, cfg: dict[str, Any], ens: Path, student: str, variant: str, seed: int) -> Path:
     run = out / f"{student}-{variant}" / f"seed-{seed}"
     if (run / "summary.json").is_file():
         return run
+    if (member := _member_run(out, student, variant, seed)) is not None:
+        return member
     c = json.loads(json.dumps(cfg))
     c["students"] = [{"name": "student", **STUDENTS[student]}]
     c["train"]["seed"] = seed
@@ -149,6 +160,8 @@ def collect(out: Path) -> dict[str, Any]:
         for variant in VARIANTS:
             d = out / f"{student}-{variant}"
             runs = sorted(p for p in d.glob("seed-*") if (p / "summary.json").is_file())
+            done = {p.name for p in runs}
+            runs += [m for s in range(10) if f"seed-{s}" not in done and (m := _member_run(out, student, variant, s))]
             if not runs:
                 continue
             per_seed, times = {}, []
