@@ -56,17 +56,6 @@ def is_ensemble_dir(path: str | os.PathLike) -> bool:
     return (Path(path) / ENSEMBLE_FILE).is_file()
 
 
-def member_model_dir(path: Path) -> Path:
-    """A member given as a run directory with one student, or as a model directory."""
-    if (path / "model.json").is_file():
-        return path
-    students = sorted((path / "students").glob("*/model.json")) if (path / "students").is_dir() else []
-    if len(students) != 1:
-        raise ModelError(f"ensemble member {path}: expected a model directory or a run with one student, "
-                         f"found {len(students)} students")
-    return students[0].parent
-
-
 def write_ensemble(directory: str | os.PathLike, members: list[str | os.PathLike],
                    aggregation: str = "prob_mean") -> dict[str, Any]:
     """Write ``ensemble.json`` for ``members`` (paths inside ``directory`` are stored relative
@@ -78,8 +67,12 @@ def write_ensemble(directory: str | os.PathLike, members: list[str | os.PathLike
     if aggregation not in AGGREGATIONS:
         raise ModelError(f"unknown ensemble aggregation {aggregation!r}; use one of {', '.join(AGGREGATIONS)}")
     rows, first = [], None
+    from medistill.rundir import resolve_teacher   # run dir → its single model (rundir imports this module)
+
     for m in members:
-        md = member_model_dir(Path(m))
+        md = resolve_teacher(str(m))
+        if not (md / "model.json").is_file():
+            raise ModelError(f"ensemble member {m}: expected a model directory or a run with one student")
         spec = json.loads((md / "model.json").read_text())
         if first is None:
             first = (md, spec)
