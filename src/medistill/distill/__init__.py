@@ -2,7 +2,7 @@
 
 from medistill.distill.context import StepContext
 from medistill.distill.engine import Engine, Participant
-from medistill.distill import umkd  # noqa: F401  (registers sfa, cfa, udd)
+from medistill.distill import scalekd, umkd  # noqa: F401  (register scalekd; sfa, cfa, udd)
 from medistill.distill.terms import TERMS, LossTerm, TermSetup, make_term, register
 
 __all__ = ["Engine", "LossTerm", "Participant", "StepContext", "TERMS", "TermSetup", "make_term", "register"]

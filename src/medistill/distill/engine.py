@@ -178,6 +178,7 @@ class Engine:
             num_classes=self.data.num_classes, class_counts=self.class_counts, tap_shapes={},
             models={n: p.model for n, p in self.parts.items()},
             teacher_val_recall=self._teacher_val_recall, teacher_class_means=self._teacher_class_means,
+            probe=self._probe,
         )
         self.term_specs: dict[str, TermSpec] = {}
         terms: dict[str, LossTerm] = {}
@@ -210,18 +211,18 @@ class Engine:
         return nn.ModuleDict({k.replace(".", "__"): v for k, v in terms.items()})
 
     def _tap_shapes(self) -> dict[str, dict[str, tuple[int, ...]]]:
-        shapes: dict[str, dict[str, tuple[int, ...]]] = {}
+        return {p.name: self._probe(p.name, sorted(p.taps)) for p in self.parts.values() if p.taps}
+
+    def _probe(self, name: str, taps: list[str]) -> dict[str, tuple[int, ...]]:
+        """Shapes (batch 1) of ``taps`` of participant ``name`` for one batch of data-sized images."""
+        p = self.parts[name]
         x = torch.rand(2, self.data.channels, self.data.image_size, self.data.image_size, device=self.device)
-        for p in self.parts.values():
-            if not p.taps:
-                continue
-            was = p.model.training
-            p.model.eval()
-            with FeatureTaps(p.model, sorted(p.taps), detach=True) as taps, torch.no_grad():
-                p.logits(x)
-            p.model.train(was)
-            shapes[p.name] = {k: (1, *v.shape[1:]) for k, v in taps.outputs.items()}
-        return shapes
+        was = p.model.training
+        p.model.eval()
+        with FeatureTaps(p.model, taps, detach=True) as rec, torch.no_grad():
+            p.logits(x)
+        p.model.train(was)
+        return {k: (1, *v.shape[1:]) for k, v in rec.outputs.items()}
 
     def _eval_loader(self, split: str):
         """Evaluation loader (sharded across ranks under torchrun; predictions are gathered)."""
@@ -434,6 +435,9 @@ class Engine:
         info["seed"] = self.cfg.train.seed
         info["teachers"] = {t.name: {"checkpoint": t.checkpoint, "sha256": t.sha256} for t in self.teachers}
         info["adaptations"] = {s.name: s.spec.adaptation for s in self.students}
+        # Training-only modules of the terms (projectors, regressors): dropped after training.
+        info["term_parameters"] = {k.replace("__", "."): n for k, t in self.terms.items()
+                                   if (n := sum(p.numel() for p in t.parameters()))}
         info.update(device_info(self.device), amp=self.cfg.train.amp)
         write_json(self.out / "run_info.json", info)
         write_json(self.out / "split.json", self.data.split_record())

@@ -84,10 +84,18 @@ def _dkdpp(epochs: int) -> Terms:
     return _dkd(epochs) + [{"type": "nd", "weight": 2.0}]
 
 
+def _scalekd(epochs: int) -> Terms:
+    """ScaleKD as the official configs compute it (scalekd.md §2.4–2.5, §3): the task loss halved,
+    soft-target CE at τ = 1 with weight 0.5, and the feature terms with α3 = α4 = (0.08, 0.06)."""
+    return [{"type": "ce", "weight": 0.5}, {"type": "soft_ce", "weight": 0.5, "temperature": 1.0},
+            {"type": "scalekd", "alpha3": [0.08, 0.06], "alpha4": [0.08, 0.06]}]
+
+
 METHODS: dict[str, Callable[[int], Terms]] = {
     "kd": _kd, "dkd": _dkd, "fitnet": _fitnet, "at": _at, "dml": _dml, "kd++": _kdpp,
     "dual_student": _dual, "multi_teacher": _mt,
     "ce_only": _ce_only, "kd_ce03": _kd_ce03, "uncertainty_kd": _uncertainty_kd, "dkd++": _dkdpp, "dho": _dho,
+    "scalekd": _scalekd,
     "umkd": _umkd(), "umkd_no_sfa": _umkd(sfa=False), "umkd_no_cfa": _umkd(cfa=False), "umkd_no_udd": _umkd(udd=False),
     "umkd_udd_no_uncertainty": _umkd(uncertainty=False),
 }

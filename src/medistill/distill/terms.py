@@ -49,6 +49,8 @@ class TermSetup:
     models: dict[str, nn.Module]
     teacher_val_recall: Callable[[], Tensor]            # [M, C], computed on demand
     teacher_class_means: Callable[[str, str], Tensor]   # (teacher, tap) → [C, D], computed on demand
+    # (participant, taps) → shapes with batch 1 of taps no term reads every step (e.g. to size a module)
+    probe: Callable[[str, list[str]], dict[str, tuple[int, ...]]] | None = None
 
 
 class LossTerm(nn.Module):
@@ -238,6 +240,23 @@ class KDTerm(_TeacherTerm):
             w = w * (q.argmax(-1) == ctx.target).to(w.dtype)
         loss = (w * per).sum() / (w.sum().clamp_min(1e-12) if self.p.normalize_weights else per.numel())
         return loss, diag
+
+
+@register("soft_ce")
+class SoftCETerm(_TeacherTerm):
+    """Soft-target cross-entropy ``−τ²·mean_b Σ_c p_T log p_S`` against the logit mean of the chosen
+    teachers: ScaleKD's logit term (scalekd.md §2.4; τ = 1). Its value is τ²·KL plus the teacher's
+    entropy, so its gradient is KD's while the logged value is larger."""
+
+    class P(_TeacherParams):
+        temperature: float = Field(1.0, gt=0)
+
+    def build(self, setup: TermSetup) -> None:
+        self.names = self._teachers(self.p.teachers)
+
+    def forward(self, ctx: StepContext) -> Tensor:
+        t = torch.stack([ctx.logits[n].detach() for n in self.names]).mean(0)
+        return L.soft_target_ce(self.student_logits(ctx), t, self.p.temperature)
 
 
 @register("hybrid")

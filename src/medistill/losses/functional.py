@@ -282,3 +282,62 @@ def udd_loss(student_region_logits: Tensor, teacher_region_logits: Tensor, targe
             u_rows = u.reshape(-1) if official_uc_order else u.T.reshape(-1)
             w_tc, w_nc = 2.0 + u_rows, 1.0 - u_rows
     return (idx_rows * ((alpha * tckd / r + eps) * w_tc + (beta * nckd / r + eps) * w_nc)).sum()
+
+
+# --- ScaleKD (scalekd.md §2) --------------------------------------------------------------------
+
+def dct_matrix(n: int, dtype: torch.dtype = torch.float64, device: torch.device | None = None) -> Tensor:
+    """The unnormalised DCT-II matrix of the official code, ``D[k, i] = 2·cos(πk(2i+1)/(2n))``, ``[n, n]``."""
+    k = torch.arange(n, dtype=dtype, device=device)[:, None]
+    i = torch.arange(n, dtype=dtype, device=device)[None, :]
+    return 2 * torch.cos(torch.pi * k * (2 * i + 1) / (2 * n))
+
+
+def dct2(x: Tensor) -> Tensor:
+    """2-D DCT-II over the last two axes, ``X = D_H x D_Wᵀ`` (non-square maps allowed), ``[..., H, W]``.
+    A cross-check of :func:`dct_remove_dc`; the loss itself does not need the transform."""
+    dh = dct_matrix(x.shape[-2], x.dtype, x.device)
+    dw = dct_matrix(x.shape[-1], x.dtype, x.device)
+    return dh @ x @ dw.T
+
+
+def idct2(coeffs: Tensor) -> Tensor:
+    """The exact inverse of :func:`dct2`: ``x = D_H⁻¹ X D_W⁻ᵀ``."""
+    dh = torch.linalg.inv(dct_matrix(coeffs.shape[-2], coeffs.dtype, coeffs.device))
+    dw = torch.linalg.inv(dct_matrix(coeffs.shape[-1], coeffs.dtype, coeffs.device))
+    return dh @ coeffs @ dw.T
+
+
+def dct_remove_dc(x: Tensor) -> Tensor:
+    """ScaleKD's frequency view, ``[B, C, H, W] → [B, C, H, W]``: the map with its 2-D DCT-II DC
+    coefficient zeroed. That equals subtracting each channel's spatial mean (scalekd.md §2.2),
+    which is what is computed: exact, for any H and W (the official DCT assumes H = W)."""
+    if x.ndim != 4:
+        raise ValueError(f"dct_remove_dc expects a [B, C, H, W] map, got shape {tuple(x.shape)}")
+    return x - x.mean(dim=(-2, -1), keepdim=True)
+
+
+def dfm_loss(student_map: Tensor, teacher_map: Tensor, view: str = "spatial") -> Tensor:
+    """Dual-view feature mimicking (ScaleKD §2.2), no weight inside:
+    ``(1/B)·Σ_{b,c,h,w} (n(S) − n(T))²`` with ``n`` the L2 normalisation over channels at each
+    position; ``view="frequency"`` removes the DC component (:func:`dct_remove_dc`) from both maps
+    first. Maps ``[B, C, H, W]`` of equal shape; the teacher map is not differentiated."""
+    if student_map.shape != teacher_map.shape:
+        raise ValueError(f"dfm_loss: student map {tuple(student_map.shape)} and teacher map "
+                         f"{tuple(teacher_map.shape)} differ")
+    if view not in ("spatial", "frequency"):
+        raise ValueError(f"dfm_loss: view must be 'spatial' or 'frequency', got {view!r}")
+    s, t = student_map, teacher_map.detach()
+    if view == "frequency":
+        s, t = dct_remove_dc(s), dct_remove_dc(t)
+    diff = F.normalize(s, dim=1) - F.normalize(t, dim=1)
+    return diff.pow(2).sum() / s.shape[0]
+
+
+def soft_target_ce(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """ScaleKD's logit term before its weight (§2.4): ``−τ²·mean_b Σ_c p_T log p_S``, the soft-target
+    cross-entropy (KL plus the teacher's entropy, so the same gradient as τ²·KL). ``log_softmax``
+    instead of the official ``log(softmax)``: a probability that underflows gives no 0·(−∞) NaN."""
+    p_t = F.softmax(teacher_logits.detach() / temperature, dim=-1)
+    log_p_s = F.log_softmax(student_logits / temperature, dim=-1)
+    return -temperature ** 2 * (p_t * log_p_s).sum(-1).mean()
