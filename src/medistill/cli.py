@@ -23,16 +23,18 @@ console = Console(stderr=True)
 _DEVICE = typer.Option(None, "--device", help="auto (default: CUDA, then MPS, else CPU), cpu, cuda, cuda:N or mps")
 _AMP = typer.Option(None, "--amp", help="mixed precision: off (default), bf16 or fp16")
 _SET = typer.Option(None, "--set", help="dotted override, e.g. --set optim.lr=0.01 (repeatable)")
+_FOLD = typer.Option(None, "--fold", help="cross-validation fold i of data.folds=K (set K with --set data.folds=K)")
 _PRETRAINED = typer.Option(False, "--pretrained", help="start the students from timm's published weights (needs "
                            "network access; offline, pass a local file with --set students.0.pretrained=PATH)")
 
 
 def _overrides(data: Optional[str], model: Optional[list[str]], epochs: Optional[int], batch_size: Optional[int],
                seed: Optional[int], out: Optional[str], lr: Optional[float], input_size: Optional[int],
-               sets: Optional[list[str]], device: Optional[str] = None, amp: Optional[str] = None) -> list[Override]:
+               sets: Optional[list[str]], device: Optional[str] = None, amp: Optional[str] = None,
+               fold: Optional[int] = None) -> list[Override]:
     """Flags as typed (key, value) pairs, then the ``--set`` strings (parsed as YAML data)."""
     flags = {"data.name": data, "train.epochs": epochs, "train.batch_size": batch_size, "train.seed": seed,
-             "out": out, "optim.lr": lr, "train.device": device, "train.amp": amp}
+             "out": out, "optim.lr": lr, "train.device": device, "train.amp": amp, "data.fold": fold}
     return [(k, v) for k, v in flags.items() if v is not None and v != ""] + list(sets or [])
 
 
@@ -126,9 +128,10 @@ def train(
     pretrained: bool = _PRETRAINED,
     device: Optional[str] = _DEVICE,
     amp: Optional[str] = _AMP,
+    fold: Optional[int] = _FOLD,
 ) -> None:
     """Train a teacher or a student-only baseline with a supervised loss (or a seed ensemble)."""
-    overrides = _overrides(data, model, epochs, batch_size, seed, out, lr, input_size, sets, device, amp)
+    overrides = _overrides(data, model, epochs, batch_size, seed, out, lr, input_size, sets, device, amp, fold)
     if seeds is None:
         _run("train", config, overrides, model, input_size, None, None, resume, download, pretrained)
         return
@@ -205,26 +208,31 @@ def distill(
     pretrained: bool = _PRETRAINED,
     device: Optional[str] = _DEVICE,
     amp: Optional[str] = _AMP,
+    fold: Optional[int] = _FOLD,
 ) -> None:
     """Distil N teachers into M students with a list of loss terms."""
-    _run("distill", config, _overrides(data, model, epochs, batch_size, seed, out, lr, input_size, sets, device, amp), model,
+    _run("distill", config, _overrides(data, model, epochs, batch_size, seed, out, lr, input_size, sets, device, amp, fold), model,
          input_size, teacher, method, resume, download, pretrained)
 
 
 @app.command()
 def evaluate(
     target: Path = typer.Argument(..., help="run directory, student/model directory or weights file"),
-    data: Optional[str] = typer.Option(None, "--data", help="dataset (default: the run's own)"),
+    data: Optional[str] = typer.Option(None, "--data", help="another dataset (external validation); default: the run's own"),
+    split: str = typer.Option("test", "--split", help="test (a split of --data) or all (every image of --data)"),
+    class_map: Optional[list[str]] = typer.Option(None, "--class-map", help="DATA_CLASS=MODEL_CLASS for classes named "
+                                                  "differently in --data (repeatable)"),
     out: Optional[Path] = typer.Option(None, "--out", help="write metrics here instead of beside the model"),
     latency: bool = typer.Option(True, "--latency/--no-latency"),
 ) -> None:
-    """Evaluate saved students on the run's validation and test splits."""
+    """Evaluate saved students on the run's validation and test splits, or on another dataset
+    (written under MODEL/external/NAME, never over the run's own results)."""
     from medistill.evaluate import evaluate_target
 
-    res = evaluate_target(target, data=data, out=out, latency=latency)
+    res = evaluate_target(target, data=data, out=out, latency=latency, split=split, class_map=class_map)
     t = Table("model", "ACC", "bal. ACC", "macro-F1", "QWK", "AUROC", "ECE")
     for name, r in res.items():
-        m = r["test"]
+        m = r["all" if split == "all" else "test"]
         t.add_row(name, *(f"{m[k]:.4f}" if m[k] is not None else "–" for k in ("accuracy", "balanced_accuracy", "macro_f1", "qwk", "auroc", "ece")))
     Console().print(t)
 

@@ -48,6 +48,16 @@ class DataConfig(_Strict):
     num_workers: int = Field(0, ge=0)
     ordinal: Literal["auto"] | bool = Field("auto", description="labels are ordered grades (QWK reported); auto: "
                                            "true for RetinaMNIST, false otherwise")
+    group_pattern: str | None = Field(None, description="regular expression on image file names whose first group "
+                                      "(or match) is the patient/study id; a CSV `group` column does the same")
+    folds: int | None = Field(None, ge=2, description="cross-validation: K folds over train ∪ val; test untouched")
+    fold: int = Field(0, ge=0, description="which fold is the validation part (with data.folds)")
+
+    @model_validator(mode="after")
+    def _fold_range(self) -> "DataConfig":
+        if self.fold and (self.folds is None or self.fold >= self.folds):
+            raise ValueError(f"data.fold={self.fold} needs data.folds > {self.fold} (folds are 0…K−1)")
+        return self
 
     @model_validator(mode="after")
     def _fractions(self) -> "DataConfig":
@@ -167,6 +177,15 @@ class TrainConfig(_Strict):
     threads: int | None = Field(None, ge=1)
 
 
+class EvalConfig(_Strict):
+    """How results are reported: bootstrap intervals and a binary task's operating threshold."""
+
+    bootstrap: int = Field(1000, ge=0, description="stratified bootstrap resamples for 95 % intervals (0: none)")
+    bootstrap_seed: int = 0
+    target_sensitivity: float | None = Field(None, gt=0, le=1, description="binary tasks: the threshold is the "
+                                             "highest reaching this validation sensitivity (default: Youden's J)")
+
+
 class RunConfig(_Strict):
     """Everything a ``train`` or ``distill`` run needs."""
 
@@ -177,6 +196,7 @@ class RunConfig(_Strict):
     optim: OptimConfig = OptimConfig()
     sched: SchedConfig = SchedConfig()
     train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
     out: str = "runs/run"
 
     @model_validator(mode="after")

@@ -123,10 +123,14 @@ def predict_files(model_path: str | Path, images: list[str | Path], cam: bool = 
     with torch.no_grad():
         probs = torch.softmax(forward(x).float(), 1)
     results = []
+    # A binary model's operating threshold (chosen on validation, saved in model.json and the
+    # ONNX metadata) replaces the argmax.
+    thr = spec.threshold if spec.num_classes == 2 else None
     for path, pr in zip(images, probs):
-        k = int(pr.argmax())
+        k = int(pr[1] >= thr) if thr is not None else int(pr.argmax())
         results.append({"image": str(path), "class": k, "class_name": spec.class_names[k] if spec.class_names else str(k),
-                        "probabilities": [round(float(v), 6) for v in pr]})
+                        "probabilities": [round(float(v), 6) for v in pr],
+                        **({"threshold": thr} if thr is not None else {})})
     if cam and model is not None:
         from medistill.explain.cam import default_target_layer, grad_cam
         from medistill.explain.run import _overlay_grid

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import Any
 
-from medistill.config import load_config
+import numpy as np
+
+from medistill.config import EvalConfig, load_config
 from medistill.data import build_data
-from medistill.errors import ModelError
+from medistill.data.dataset import DataBundle
+from medistill.data.sources import open_source
+from medistill.errors import ConfigError, DataError, ModelError
 from medistill.eval.predict import evaluate_splits
 from medistill.io import write_json
 from medistill.models.cost import model_cost
@@ -22,12 +28,49 @@ def _run_dir_of(model_dir: Path) -> Path | None:
     return None
 
 
+def external_bundle(data: str, class_names: list[str], class_map: list[str] | None = None) -> DataBundle:
+    """Every image of another dataset as one split ``all``, its labels mapped onto the model's
+    classes by name (``class_map``: ``DATA_CLASS=MODEL_CLASS`` for names that differ). A class
+    the model does not know is an error naming it: its images could not be scored."""
+    source = open_source(data)
+    mapping = {}
+    for item in class_map or []:
+        if "=" not in item:
+            raise ConfigError(f"--class-map {item!r} must look like DATA_CLASS=MODEL_CLASS")
+        a, b = item.split("=", 1)
+        mapping[a] = b
+    bad = [m for m in mapping.values() if m not in class_names]
+    if bad:
+        raise ConfigError(f"--class-map names {bad}, which the model does not predict; its classes are {class_names}")
+    index = {c: i for i, c in enumerate(class_names)}
+    lut, unknown = [], []
+    for c in source.class_names:
+        name = mapping.get(c, c)
+        if name not in index:
+            unknown.append(c)
+        lut.append(index.get(name, -1))
+    if unknown:
+        raise DataError(f"{data} has classes {unknown} that the model does not know (its classes: {class_names}); "
+                        "map them with --class-map DATA_CLASS=MODEL_CLASS")
+    labels = np.asarray(lut, dtype=np.int64)[source.labels]
+    source = dataclasses.replace(source, labels=labels, class_names=list(class_names), split_tags=None)
+    cfg = load_config(None, [("data.name", data)]).data
+    return DataBundle(cfg, source, {"all": np.arange(len(labels))}, f"every image of {data}", source.native_size or 224)
+
+
 def evaluate_target(target: str | Path, data: str | None = None, out: str | Path | None = None,
-                    latency: bool = True) -> dict[str, Any]:
+                    latency: bool = True, split: str = "test", class_map: list[str] | None = None) -> dict[str, Any]:
     """Evaluate every student of a run dir, or one model dir / weights file.
 
     The data and split come from the run (``config.yaml`` + ``split.json``) unless ``data`` names
-    another dataset, which is then split with the default settings."""
+    another dataset: external validation. With ``split="all"`` every image of it is scored once
+    (classes matched by name, see :func:`external_bundle`); otherwise it is split with the
+    default settings and its test part scored. External results go to
+    ``MODEL/external/NAME/`` (or ``out``), never over the run's own metrics."""
+    if split not in ("test", "all"):
+        raise ConfigError(f"--split must be test or all, got {split!r}")
+    if split == "all" and data is None:
+        raise ConfigError("--split all scores every image of another dataset: pass it with --data")
     target = Path(target)
     if not target.exists():
         raise ModelError(f"nothing to evaluate at {target}")
@@ -43,28 +86,44 @@ def evaluate_target(target: str | Path, data: str | None = None, out: str | Path
         run_dir = _run_dir_of(target if target.is_dir() else target.parent)
     if not model_dirs:
         raise ModelError(f"{target}: no students to evaluate")
+    ev = load_config(run_dir / "config.yaml").eval if run_dir is not None else EvalConfig()
+    bundle = None
     if data is None and run_dir is not None:
         cfg = load_config(run_dir / "config.yaml")
-        split = json.loads((run_dir / "split.json").read_text())
-        bundle = build_data(cfg.data, fixed_splits=split)
-    else:
-        if data is None:
-            raise ModelError(f"{target} is not inside a run directory; pass --data")
-        bundle = build_data(load_config(None, [f"data.name={data}"]).data)
+        saved = json.loads((run_dir / "split.json").read_text())
+        bundle = build_data(cfg.data, fixed_splits=saved)
+    elif data is None:
+        raise ModelError(f"{target} is not inside a run directory; pass --data")
+    elif split == "test":
+        bundle = build_data(load_config(None, [("data.name", data)]).data)
     results = {}
     for d in model_dirs:
         model, pre, spec = load_model_dir(d)
+        if split == "all":
+            bundle = external_bundle(str(data), spec.class_names, class_map)
+        assert bundle is not None
         if spec.num_classes != bundle.num_classes:
             raise ModelError(f"{d} predicts {spec.num_classes} classes; the data has {bundle.num_classes}")
         bundle.image_size = bundle.source.native_size or spec.input_size
-        loaders = {k: bundle.loader(k, 256, train=False) for k in ("val", "test")}
-        dest = Path(out) / d.name if out is not None and len(model_dirs) > 1 else (Path(out) if out is not None else d if d.is_dir() else d.parent)
+        parts = ("all",) if split == "all" else ("val", "test")
+        loaders = {k: bundle.loader(k, 256, train=False) for k in parts}
+        home = d if d.is_dir() else d.parent
+        if out is not None:
+            dest = Path(out) / d.name if len(model_dirs) > 1 else Path(out)
+        elif data is not None:
+            dest = home / "external" / (_slug(data) + ("" if split == "all" else "-test"))
+        else:
+            dest = home
         info = model_cost(model, spec, latency=latency)
-        res = evaluate_splits(model, pre, loaders, dest, info.pop("model"), spec.class_names, ordinal=bundle.ordinal)
+        res = evaluate_splits(model, pre, loaders, dest, info.pop("model"), spec.class_names, ordinal=bundle.ordinal,
+                              bootstrap=ev.bootstrap, bootstrap_seed=ev.bootstrap_seed, threshold=spec.threshold,
+                              predictions_split=parts[-1])
         res.update(info)
+        if data is not None:
+            res["data"] = {"name": str(data), "split": split, "images": int(sum(len(bundle.splits[k]) for k in parts))}
         write_json(dest / "metrics.json", res)
         results[d.name] = res
-    if run_dir is not None and out is None and (target / "students").is_dir():
+    if run_dir is not None and out is None and data is None and (target / "students").is_dir():
         first = model_dirs[0].name
         write_json(run_dir / "metrics.json", {**results[first], "student": first})
     return results
@@ -128,6 +187,13 @@ def evaluate_ensemble(directory: str | Path, latency: bool = False) -> dict[str,
     lines.append(f"| **ensemble ({rec['aggregation']})** | " + " | ".join(_fmt(res["test"][k]) for k in keys) + " |")
     write_text(d / "summary.md", "Test split, members and their ensemble:\n\n" + "\n".join(lines) + "\n")
     return res
+
+
+def _slug(data: str) -> str:
+    name = Path(data).name
+    for suffix in (".npz", ".csv"):
+        name = name.removesuffix(suffix)
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "data"
 
 
 def _fmt(v: Any) -> str:

@@ -113,4 +113,4 @@ def aggregate_markdown(rows: list[dict[str, Any]], keys: list[str]) -> str:
             vals = [r[m] for r in rs if r[m] is not None]
             cells.append("–" if not vals else f"{statistics.mean(vals):.3f}" + (f" ± {statistics.stdev(vals):.3f}" if len(vals) > 1 else ""))
         lines.append("| " + " | ".join([str(x) for x in g[:-1]] + [str(g[-1]), str(len(rs))] + cells) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n\nTest metrics: mean ± std over seeds (the spread of training runs, not a confidence interval).\n"

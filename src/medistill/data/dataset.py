@@ -48,6 +48,7 @@ class DataBundle:
     split_origin: str
     image_size: int
     pin_memory: bool = False      # page-locked batches for asynchronous copies to a CUDA device
+    split_notes: list[str] | None = None   # fractions the patient groups did not allow, etc.
 
     @property
     def num_classes(self) -> int:
@@ -114,7 +115,7 @@ class DataBundle:
 
     def split_record(self) -> dict[str, Any]:
         return {
-            "origin": self.split_origin, "source": self.source.description,
+            "origin": self.split_origin, "source": self.source.description, "notes": self.split_notes or [],
             "fingerprint": self.source.fingerprint, "class_names": self.class_names,
             "counts": {k: self.counts(k).tolist() for k in self.splits},
             **{k: v.tolist() for k, v in self.splits.items()},
@@ -174,13 +175,30 @@ def build_data(cfg: DataConfig, image_size: int | None = None, role: str = "stud
     evaluation and resumption see exactly the same images.
     """
     source = open_source(cfg.name, cfg.format, download=download)
+    if cfg.group_pattern:
+        source.groups = source.groups_from_pattern(cfg.group_pattern)
+    notes: list[str] = []
     if fixed_splits is not None:
         splits = check_fixed_splits(fixed_splits, source)
         origin = "saved split"
     else:
-        splits, origin = sp.make_splits(source.labels, source.split_tags, cfg.val_fraction,
-                                        cfg.test_fraction, cfg.split_seed, cfg.tiny_class_policy,
-                                        source.class_names)
+        if source.groups is not None and source.split_tags is None:
+            splits, notes = sp.grouped_split(source.labels, source.groups, cfg.val_fraction, cfg.test_fraction,
+                                             cfg.split_seed, source.class_names)
+            origin = f"grouped by patient/study, stratified (seed {cfg.split_seed})"
+            for n in notes:
+                warnings.warn(n, stacklevel=2)
+        else:
+            splits, origin = sp.make_splits(source.labels, source.split_tags, cfg.val_fraction,
+                                            cfg.test_fraction, cfg.split_seed, cfg.tiny_class_policy,
+                                            source.class_names)
+        if cfg.folds:
+            pool = np.concatenate([splits["train"], splits["val"]])
+            splits["train"], splits["val"] = sp.fold_split(source.labels, pool, cfg.folds, cfg.fold, cfg.split_seed,
+                                                           source.groups)
+            origin += f"; cross-validation fold {cfg.fold} of {cfg.folds} (test untouched)"
+        if source.groups is not None:
+            check_group_leak(splits, source.groups)
         if cfg.skip_corrupt and not source.in_memory:
             splits = {k: _scan_corrupt(source, v) for k, v in splits.items()}
         tr, y, s = splits["train"], source.labels, cfg.subset
@@ -201,4 +219,13 @@ def build_data(cfg: DataConfig, image_size: int | None = None, role: str = "stud
         if len(splits[k]) == 0:
             raise DataError(f"the {k} split of {source.description} is empty (check val/test fractions)")
     size = image_size or source.native_size or 224
-    return DataBundle(cfg, source, splits, origin, size)
+    return DataBundle(cfg, source, splits, origin, size, split_notes=notes)
+
+
+def check_group_leak(splits: dict[str, np.ndarray], groups: np.ndarray) -> None:
+    """No patient/study may appear in two splits (e.g. a dataset's own split that ignores them)."""
+    for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+        common = np.intersect1d(groups[splits[a]], groups[splits[b]])
+        if len(common):
+            raise DataError(f"group {common[0]!r} (and {len(common) - 1} more) has images in both {a} and {b}: the "
+                            "split leaks patients/studies; remove the predefined split column/folders to split by group")

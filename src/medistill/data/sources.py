@@ -53,6 +53,7 @@ class ImageSource:
     native_size: int | None                 # square side when all images share it
     split_tags: np.ndarray | None = None    # [N] of "train" / "val" / "test", when the dataset has its own
     fingerprint: str = ""
+    groups: np.ndarray | None = None        # [N] patient/study ids (str) when the data names them
     _arrays: np.ndarray | None = None       # MedMNIST: [N, H, W, C] uint8
     _paths: list[Path] = field(default_factory=list)
 
@@ -84,6 +85,25 @@ class ImageSource:
 
     def path(self, i: int) -> str:
         return str(self._paths[i]) if self._paths else f"{self.description}[{i}]"
+
+    def groups_from_pattern(self, pattern: str) -> np.ndarray:
+        """Group ids from the image file names: the first capture group of ``pattern`` (a regular
+        expression searched in the name), or the whole match when it has none."""
+        import re
+
+        if not self._paths:
+            raise DataError(f"data.group_pattern needs image files; {self.description} holds arrays")
+        try:
+            rx = re.compile(pattern)
+        except re.error as e:
+            raise DataError(f"data.group_pattern {pattern!r} is not a valid regular expression: {e}") from None
+        out = []
+        for p in self._paths:
+            m = rx.search(p.name)
+            if m is None:
+                raise DataError(f"data.group_pattern {pattern!r} does not match the file name {p.name!r} ({p})")
+            out.append(m.group(1) if rx.groups else m.group(0))
+        return np.array(out)
 
 
 def from_medmnist(name: str, download: bool = False) -> ImageSource:
@@ -240,7 +260,8 @@ def from_folder(root: str | Path) -> ImageSource:
 
 
 def from_csv(manifest: str | Path) -> ImageSource:
-    """CSV with header ``path,label[,split]``; paths are relative to the manifest's folder.
+    """CSV with header ``path,label[,split][,group]``; paths are relative to the manifest's
+    folder; ``group`` (patient or study id) keeps each group inside one split.
 
     Paths that escape that folder (``..``, absolute paths elsewhere, symlinks out) are refused.
     """
@@ -290,10 +311,17 @@ def from_csv(manifest: str | Path) -> ImageSource:
     has_split = any(t is not None for t in tags)
     if has_split and any(t is None for t in tags):
         raise DataError(f"{manifest}: the split column is filled for some rows only")
+    groups = None
+    if "group" in cols:
+        empty = [line for line, r in enumerate(rows, start=2) if not r.get("group")]
+        if empty:
+            raise DataError(f"{manifest}:{empty[0]}: empty group cell ({len(empty)} row(s) without a group); every "
+                            "image needs its patient/study id, or drop the group column")
+        groups = np.array([r["group"] for r in rows])
     return ImageSource(
         description=str(manifest), labels=y, class_names=class_names, channels=_probe_channels(paths),
         native_size=_probe_size(paths), split_tags=np.array(tags) if has_split else None,
-        fingerprint=_fingerprint([str(p.relative_to(root)) for p in paths], y, root), _paths=paths,
+        fingerprint=_fingerprint([str(p.relative_to(root)) for p in paths], y, root), groups=groups, _paths=paths,
     )
 
 

@@ -146,3 +146,76 @@ def protocol_indices(train: np.ndarray, labels: np.ndarray, protocol: str, role:
     if role != balanced_side:
         return train
     return cap_per_class(train, labels, cap if cap else balanced_cap_default(train, labels), seed)
+
+
+def _check_groups(labels: np.ndarray, groups: np.ndarray, class_names: list[str] | None) -> None:
+    """A class whose images all belong to one group can never be both trained on and tested."""
+    for c in np.unique(labels):
+        g = np.unique(groups[labels == c])
+        if len(g) == 1:
+            name = class_names[c] if class_names else str(c)
+            raise DataError(f"every image of class {name!r} belongs to group {g[0]!r}: a grouped split cannot put "
+                            "that class in train and in val/test; add images of other patients or drop the class")
+
+
+def _group_fold(labels: np.ndarray, groups: np.ndarray, base: np.ndarray, n_splits: int, seed: int,
+                fold: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(rest, held-out) of ``base``: fold ``fold`` of scikit-learn's StratifiedGroupKFold, which
+    keeps groups whole and class proportions as close as the groups allow."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    n_groups = len(np.unique(groups[base]))
+    if n_groups < n_splits:
+        raise DataError(f"{n_groups} groups cannot make {n_splits} group-disjoint parts; lower the number of folds "
+                        "or the held-out fractions, or add patients")
+    cv = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    rest, held = list(cv.split(np.zeros(len(base)), labels[base], groups[base]))[fold]
+    return np.sort(base[rest]), np.sort(base[held])
+
+
+def grouped_split(labels: np.ndarray, groups: np.ndarray, val_fraction: float, test_fraction: float, seed: int,
+                  class_names: list[str] | None = None) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Train/val/test with every group (patient, study) inside one part, stratified as far as
+    the groups allow. Test is one fold of ``round(1/test_fraction)``, val one fold of what is
+    left. Returns the parts and notes on fractions the groups did not allow (reported, and
+    saved in ``split.json``)."""
+    _check_groups(labels, groups, class_names)
+    n = len(labels)
+    notes: list[str] = []
+    base = np.arange(n)
+    parts: dict[str, np.ndarray] = {}
+    if test_fraction > 0:
+        base, parts["test"] = _group_fold(labels, groups, base, max(2, round(1 / test_fraction)), seed)
+    if val_fraction > 0:
+        k = max(2, round((len(base) / n) / val_fraction))
+        base, parts["val"] = _group_fold(labels, groups, base, k, seed + 1)
+    parts["train"] = base
+    for k, f in (("val", val_fraction), ("test", test_fraction)):
+        if k in parts and f > 0:
+            got = len(parts[k]) / n
+            if abs(got - f) > 0.5 * f:
+                ids, counts = np.unique(groups, return_counts=True)
+                big = ids[np.argmax(counts)]
+                notes.append(f"{k} holds {got:.1%} of the images instead of {f:.0%}: groups are too large for the "
+                             f"requested fraction (largest group {big!r}: {counts.max()} images)")
+    return parts, notes
+
+
+def fold_split(labels: np.ndarray, pool: np.ndarray, folds: int, fold: int, seed: int,
+               groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) of cross-validation fold ``fold`` of ``folds`` over the training ``pool``
+    (train ∪ val; test is never touched): stratified, and group-disjoint when ``groups`` is given."""
+    if not 0 <= fold < folds:
+        raise DataError(f"fold {fold} does not exist: data.folds={folds} gives folds 0…{folds - 1}")
+    if groups is not None:
+        return _group_fold(labels, groups, np.sort(pool), folds, seed, fold)
+    from sklearn.model_selection import StratifiedKFold
+
+    pool = np.sort(pool)
+    small = np.bincount(labels[pool]).astype(float)
+    if (small[small > 0] < folds).any():
+        c = int(np.flatnonzero((small > 0) & (small < folds))[0])
+        raise DataError(f"class {c} has {int(small[c])} training image(s), fewer than the {folds} folds")
+    cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    tr, va = list(cv.split(np.zeros(len(pool)), labels[pool]))[fold]
+    return pool[tr], pool[va]

@@ -12,6 +12,7 @@ import math
 import random
 import time
 from collections import defaultdict
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -598,8 +599,14 @@ class Engine:
             info = model_cost(model, spec, latency=self.cfg.train.latency and self.main)   # CPU cost, CPU copy
             model.to(self.device)
             pre.to(self.device)
-            res = evaluate_splits(model, pre, loaders, d, info.pop("model"), spec.class_names, ordinal=self.data.ordinal)
+            ev = self.cfg.eval
+            res = evaluate_splits(model, pre, loaders, d, info.pop("model"), spec.class_names, ordinal=self.data.ordinal,
+                                  bootstrap=ev.bootstrap, bootstrap_seed=ev.bootstrap_seed,
+                                  target_sensitivity=ev.target_sensitivity)
             res.update(info)
+            if "threshold" in res and self.main:   # the operating point travels with the model
+                spec.threshold, spec.threshold_rule = res["threshold"]["value"], res["threshold"]["rule"]
+                write_json(d / "model.json", asdict(spec))
             if hasattr(model, "validation_choice"):  # e.g. DHO's head combination, chosen on validation
                 res.update(model.validation_choice())
             if self.main:

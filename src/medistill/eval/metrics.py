@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torchmetrics.functional.classification import (multiclass_auroc, multiclass_calibration_error,
@@ -84,3 +85,145 @@ def selection_score(metrics: dict[str, Any], key: str) -> float:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return -math.inf
     return -v if key == "neg_nll" else float(v)
+
+
+# --- clinical reporting: bootstrap intervals and operating points ----------------------------------
+
+CI_METRICS = ("balanced_accuracy", "macro_f1", "auroc", "accuracy")
+
+
+def _resample_weights(labels: np.ndarray, n_resamples: int, seed: int, stratified: bool) -> np.ndarray:
+    """``[R, N]`` multiplicities of each sample in R bootstrap resamples; stratified resampling
+    draws within each class, so every resample keeps the evaluation set's class counts."""
+    rng = np.random.default_rng(seed)
+    n = len(labels)
+    w = np.zeros((n_resamples, n))
+    groups = [np.flatnonzero(labels == c) for c in np.unique(labels)] if stratified else [np.arange(n)]
+    for idx in groups:
+        w[:, idx] = rng.multinomial(len(idx), np.full(len(idx), 1.0 / len(idx)), size=n_resamples)
+    return w
+
+
+def _weighted_auc(scores: np.ndarray, positive: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Mann–Whitney AUROC of ``scores [N]`` for every weight row of ``w [R, N]`` at once (ties
+    count one half); NaN where a resample has no positive or no negative."""
+    order = np.argsort(scores, kind="mergesort")
+    s, pos, w = scores[order], positive[order], w[:, order]
+    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])                     # blocks of tied scores
+    wp = np.add.reduceat(w * pos, starts, axis=1)                             # [R, U]
+    wn = np.add.reduceat(w * ~pos, starts, axis=1)
+    below = np.cumsum(wn, axis=1) - wn                                         # negatives strictly below
+    num = (wp * (below + 0.5 * wn)).sum(1)
+    den = wp.sum(1) * wn.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, num / den, np.nan)
+
+
+def bootstrap_ci(probs: torch.Tensor, labels: torch.Tensor, n_resamples: int = 1000, seed: int = 0,
+                 stratified: bool = True, level: float = 0.95) -> dict[str, list[float] | None]:
+    """Percentile bootstrap intervals of balanced accuracy, macro-F1, AUROC and accuracy.
+
+    Vectorised over resamples (one weight row per resample) rather than calling the metric
+    functions 1,000 times: every statistic is a weighted confusion matrix or a weighted
+    Mann–Whitney sum, the same definitions :func:`classification_metrics` uses (classes absent
+    from the evaluation set are left out of the macro means; AUROC is one-vs-rest macro).
+    Seeded: the same seed gives the same interval."""
+    p = probs.double().numpy()
+    y = labels.long().numpy()
+    n, c = p.shape
+    w = _resample_weights(y, n_resamples, seed, stratified)                    # [R, N]
+    pred = p.argmax(1)
+    onehot_y = np.eye(c)[y]                                                    # [N, C]
+    onehot_p = np.eye(c)[pred]
+    support = w @ onehot_y                                                     # [R, C]
+    predicted = w @ onehot_p
+    tp = w @ (onehot_y * onehot_p)
+    present = support > 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        recall = np.where(present, tp / support, np.nan)
+        f1 = np.where(present, 2 * tp / (support + predicted), np.nan)
+    stats = {"accuracy": tp.sum(1) / w.sum(1), "balanced_accuracy": np.nanmean(recall, 1), "macro_f1": np.nanmean(f1, 1)}
+    classes = [k for k in range(c) if (y == k).any() and (y != k).any()]
+    if len(classes) >= 2:
+        aucs = np.stack([_weighted_auc(p[:, k], y == k, w) for k in classes], 1)
+        stats["auroc"] = np.nanmean(aucs, 1)
+    alpha = (1 - level) / 2
+    out: dict[str, list[float] | None] = {}
+    for k in CI_METRICS:
+        v = stats.get(k)
+        out[k] = None if v is None else [float(np.nanquantile(v, alpha)), float(np.nanquantile(v, 1 - alpha))]
+    return out
+
+
+def choose_threshold(probs: torch.Tensor, labels: torch.Tensor, target_sensitivity: float | None = None) -> dict[str, Any]:
+    """A decision threshold on ``P(class 1)`` of a binary task, chosen on the split given (validation):
+    Youden's J (max sensitivity + specificity − 1), or the highest threshold whose sensitivity
+    reaches ``target_sensitivity``."""
+    from sklearn.metrics import roc_curve
+
+    y = labels.long().numpy()
+    if probs.shape[1] != 2:
+        raise ValueError("operating thresholds are defined for binary tasks")
+    if len(np.unique(y)) < 2:
+        return {"value": 0.5, "rule": "default (validation holds one class)"}
+    fpr, tpr, thr = roc_curve(y, probs[:, 1].double().numpy())
+    thr = np.minimum(thr, 1.0)       # scikit-learn's first threshold is +inf
+    if target_sensitivity is not None:
+        ok = np.flatnonzero(tpr >= target_sensitivity)
+        i = int(ok[0])
+        return {"value": float(thr[i]), "rule": f"sensitivity ≥ {target_sensitivity:g} on validation"}
+    i = int(np.argmax(tpr - fpr))
+    return {"value": float(thr[i]), "rule": "Youden's J on validation"}
+
+
+def binary_operating_point(probs: torch.Tensor, labels: torch.Tensor, threshold: float | None = None) -> dict[str, Any]:
+    """Sensitivity, specificity, PPV, NPV and F1 of a binary task, predicting class 1 where
+    ``P(class 1) ≥ threshold`` (``None``: the argmax); undefined ratios are ``None``."""
+    y = labels.long().numpy()
+    p1 = probs[:, 1].double().numpy()
+    pred = (p1 >= threshold) if threshold is not None else probs.argmax(1).numpy() == 1
+    tp = int((pred & (y == 1)).sum())
+    fp = int((pred & (y == 0)).sum())
+    fn = int((~pred & (y == 1)).sum())
+    tn = int((~pred & (y == 0)).sum())
+
+    def ratio(a: int, b: int) -> float | None:
+        return a / b if b else None
+
+    return {"threshold": threshold, "sensitivity": ratio(tp, tp + fn), "specificity": ratio(tn, tn + fp),
+            "ppv": ratio(tp, tp + fp), "npv": ratio(tn, tn + fn), "f1": ratio(2 * tp, 2 * tp + fp + fn),
+            "tp": tp, "fp": fp, "fn": fn, "tn": tn}
+
+
+def per_class_reliability(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> dict[str, list[float | None]]:
+    """One-vs-rest sensitivity and specificity of the argmax prediction, and per-class ECE
+    (equal-width bins of ``P(class k)`` against the indicator ``y = k``), each ``[C]``."""
+    p = probs.double()
+    y = labels.long()
+    c = p.shape[1]
+    pred = p.argmax(1)
+    sens, spec, ece = [], [], []
+    edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64)
+    for k in range(c):
+        pos, hit = y == k, pred == k
+        sens.append(float((hit & pos).sum() / pos.sum()) if pos.any() else None)
+        spec.append(float((~hit & ~pos).sum() / (~pos).sum()) if (~pos).any() else None)
+        pk = p[:, k]
+        b = torch.bucketize(pk, edges[1:-1], right=True)
+        err = 0.0
+        for j in range(n_bins):
+            m = b == j
+            if m.any():
+                err += float(m.sum()) / len(pk) * abs(float(pk[m].mean()) - float(pos[m].double().mean()))
+        ece.append(err)
+    return {"per_class_sensitivity": sens, "per_class_specificity": spec, "per_class_ece": ece}
+
+
+def auprc(probs: torch.Tensor, labels: torch.Tensor) -> float | None:
+    """Average precision of class 1 (binary tasks; scikit-learn's step-wise definition)."""
+    from sklearn.metrics import average_precision_score
+
+    y = labels.long().numpy()
+    if not (y == 1).any():
+        return None
+    return float(average_precision_score(y, probs[:, 1].double().numpy()))

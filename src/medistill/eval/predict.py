@@ -10,7 +10,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from medistill.eval.metrics import classification_metrics
+from medistill.eval.metrics import (auprc, binary_operating_point, bootstrap_ci, choose_threshold,
+                                    classification_metrics, per_class_reliability)
 from medistill.io import write_json, write_text
 
 
@@ -59,16 +60,39 @@ def predictions_csv(probs: torch.Tensor, labels: torch.Tensor, indices: torch.Te
 def evaluate_splits(model: nn.Module, preprocess: nn.Module, loaders: dict[str, DataLoader],
                     out_dir: str | Path | None = None, model_info: dict[str, Any] | None = None,
                     class_names: list[str] | None = None, channels_last: bool = False, head: Any = None,
-                    ordinal: bool = True) -> dict[str, Any]:
-    """Evaluate on each split; write ``metrics.json``, ``predictions_test.csv`` and the confusion
-    matrix PNG into ``out_dir`` (atomically) when given."""
+                    ordinal: bool = True, bootstrap: int = 1000, bootstrap_seed: int = 0,
+                    target_sensitivity: float | None = None, threshold: float | None = None,
+                    predictions_split: str = "test") -> dict[str, Any]:
+    """Evaluate on each split; write ``metrics.json``, ``predictions_<split>.csv`` and the
+    confusion matrix PNG into ``out_dir`` (atomically) when given.
+
+    Every split gets its metrics, per-class sensitivity/specificity/ECE and (``bootstrap`` > 0)
+    stratified bootstrap 95 % intervals under ``ci95``. Binary tasks also get AUPRC and their
+    operating points: at the argmax and at a threshold on P(class 1), chosen on the ``val``
+    split (Youden's J, or ``target_sensitivity``) unless ``threshold`` is given; the chosen one
+    is returned under ``threshold``."""
     result: dict[str, Any] = {}
     test_pred = None
+    chosen: dict[str, Any] | None = {"value": threshold, "rule": "given"} if threshold is not None else None
     for split, loader in loaders.items():
         probs, labels, idx = predict(model, preprocess, loader, channels_last, head)
-        result[split] = classification_metrics(probs, labels, ordinal=ordinal)
-        if split == "test":
+        m = classification_metrics(probs, labels, ordinal=ordinal)
+        m.update(per_class_reliability(probs, labels))
+        if bootstrap:
+            m["ci95"] = bootstrap_ci(probs, labels, bootstrap, bootstrap_seed)
+            m["ci95"]["resamples"] = bootstrap
+        if probs.shape[1] == 2:
+            if chosen is None and split == "val":
+                chosen = choose_threshold(probs, labels, target_sensitivity)
+            m["auprc"] = auprc(probs, labels)
+            m["operating_points"] = {"argmax": binary_operating_point(probs, labels)}
+            if chosen is not None:
+                m["operating_points"]["threshold"] = binary_operating_point(probs, labels, chosen["value"])
+        result[split] = m
+        if split == predictions_split:
             test_pred = (probs, labels, idx)
+    if chosen is not None:
+        result["threshold"] = chosen
     if model_info:
         result["model"] = model_info
     if class_names:
@@ -79,8 +103,9 @@ def evaluate_splits(model: nn.Module, preprocess: nn.Module, loaders: dict[str, 
         out = Path(out_dir)
         write_json(out / "metrics.json", result)
         if test_pred is not None:
-            write_text(out / "predictions_test.csv", predictions_csv(*test_pred))
+            write_text(out / f"predictions_{predictions_split}.csv", predictions_csv(*test_pred))
             from medistill.eval.plots import save_confusion_png
 
-            save_confusion_png(result["test"]["confusion_matrix"], class_names, out / "confusion_test.png")
+            save_confusion_png(result[predictions_split]["confusion_matrix"], class_names,
+                               out / f"confusion_{predictions_split}.png")
     return result

@@ -5,8 +5,21 @@ from __future__ import annotations
 from typing import Any
 
 
+def with_ci(metrics: dict[str, Any], key: str, digits: int = 3) -> str:
+    """``0.512 (0.480–0.545)``: the value and, when ``metrics`` has one, its bootstrap 95 % interval."""
+    v = metrics.get(key)
+    if v is None:
+        return "–"
+    ci = (metrics.get("ci95") or {}).get(key)
+    return f"{v:.{digits}f}" + (f" ({ci[0]:.{digits}f}–{ci[1]:.{digits}f})" if ci else "")
+
+
+CI_NOTE = "Brackets: stratified bootstrap 95 % interval over the test images ({n} resamples)."
+
+
 def summary_table(rows: dict[str, Any]) -> str:
-    """Markdown table of every model's test metrics; QWK only for ordinal data."""
+    """Markdown table of every model's test metrics, with bootstrap intervals where computed;
+    QWK only for ordinal data."""
     keys = ["accuracy", "balanced_accuracy", "macro_f1", "qwk", "auroc", "ece"]
     if all(r["test"].get("qwk") is None for r in rows.values()):
         keys.remove("qwk")
@@ -16,5 +29,6 @@ def summary_table(rows: dict[str, Any]) -> str:
     for name, r in rows.items():
         t = r["test"]
         lines.append(f"| {name} | {r['role']} | {r['model']['params'] / 1e6:.2f} | {r['model']['flops'] / 1e6:.1f} | "
-                     + " | ".join("–" if t.get(k) is None else f"{t[k]:.3f}" for k in keys) + " |")
-    return head + "\n".join(lines) + "\n"
+                     + " | ".join(with_ci(t, k) for k in keys) + " |")
+    n = next((r["test"]["ci95"].get("resamples") for r in rows.values() if r["test"].get("ci95")), None)
+    return head + "\n".join(lines) + "\n" + (f"\n{CI_NOTE.format(n=n)}\n" if n else "")

@@ -253,6 +253,8 @@ class ModelSpecRecord:
     adaptation: str | None = None
     data_size: int | None = None    # side the data pipeline resized images to before Preprocess
     data_fingerprint: str | None = None   # the dataset the model was trained on (teacher checks)
+    threshold: float | None = None   # binary tasks: P(class 1) ≥ threshold predicts class 1 (chosen on validation)
+    threshold_rule: str | None = None
 
     def build(self) -> tuple[nn.Module, Preprocess]:
         model = create_model(self.arch, self.num_classes, self.in_chans, self.input_size,

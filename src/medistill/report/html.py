@@ -21,6 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from medistill.errors import NotARunError  # noqa: E402
+from medistill.eval.tables import CI_NOTE, with_ci  # noqa: E402
 from medistill.io import write_text  # noqa: E402
 
 CSS = """
@@ -142,9 +143,10 @@ def _model_table(rows: dict[str, dict[str, Any]]) -> str:
         lat = r.get("latency", {}).get("cpu_batch1", {}).get("median_ms")
         body.append(f"<tr><td>{html.escape(n)}</td><td>{r.get('role', 'student')}</td><td>{mdl.get('params', 0) / 1e6:.2f}</td>"
                     f"<td>{mdl.get('flops', 0) / 1e6:.1f}</td><td>{_fmt(lat, 2)}</td>"
-                    + "".join(f"<td>{_fmt(t.get(k))}</td>" for k in keys)
+                    + "".join(f"<td>{html.escape(with_ci(t, k))}</td>" for k in keys)
                     + "</tr>")
-    return head + "".join(body) + "</table>"
+    n = next((r["test"]["ci95"].get("resamples") for r in rows.values() if r.get("test", {}).get("ci95")), None)
+    return head + "".join(body) + "</table>" + (f"<p class='note'>{html.escape(CI_NOTE.format(n=n))}</p>" if n else "")
 
 
 def _run_section(run: Path) -> tuple[str, dict[str, dict[str, Any]]]:
