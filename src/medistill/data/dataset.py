@@ -227,5 +227,5 @@ def check_group_leak(splits: dict[str, np.ndarray], groups: np.ndarray) -> None:
     for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
         common = np.intersect1d(groups[splits[a]], groups[splits[b]])
         if len(common):
-            raise DataError(f"group {common[0]!r} (and {len(common) - 1} more) has images in both {a} and {b}: the "
+            raise DataError(f"group {str(common[0])!r} (and {len(common) - 1} more) has images in both {a} and {b}: the "
                             "split leaks patients/studies; remove the predefined split column/folders to split by group")

@@ -154,7 +154,7 @@ def _check_groups(labels: np.ndarray, groups: np.ndarray, class_names: list[str]
         g = np.unique(groups[labels == c])
         if len(g) == 1:
             name = class_names[c] if class_names else str(c)
-            raise DataError(f"every image of class {name!r} belongs to group {g[0]!r}: a grouped split cannot put "
+            raise DataError(f"every image of class {name!r} belongs to group {str(g[0])!r}: a grouped split cannot put "
                             "that class in train and in val/test; add images of other patients or drop the class")
 
 
@@ -197,7 +197,7 @@ def grouped_split(labels: np.ndarray, groups: np.ndarray, val_fraction: float, t
                 ids, counts = np.unique(groups, return_counts=True)
                 big = ids[np.argmax(counts)]
                 notes.append(f"{k} holds {got:.1%} of the images instead of {f:.0%}: groups are too large for the "
-                             f"requested fraction (largest group {big!r}: {counts.max()} images)")
+                             f"requested fraction (largest group {str(big)!r}: {counts.max()} images)")
     return parts, notes
 
 

@@ -119,19 +119,9 @@ def _weighted_auc(scores: np.ndarray, positive: np.ndarray, w: np.ndarray) -> np
         return np.where(den > 0, num / den, np.nan)
 
 
-def bootstrap_ci(probs: torch.Tensor, labels: torch.Tensor, n_resamples: int = 1000, seed: int = 0,
-                 stratified: bool = True, level: float = 0.95) -> dict[str, list[float] | None]:
-    """Percentile bootstrap intervals of balanced accuracy, macro-F1, AUROC and accuracy.
-
-    Vectorised over resamples (one weight row per resample) rather than calling the metric
-    functions 1,000 times: every statistic is a weighted confusion matrix or a weighted
-    Mann–Whitney sum, the same definitions :func:`classification_metrics` uses (classes absent
-    from the evaluation set are left out of the macro means; AUROC is one-vs-rest macro).
-    Seeded: the same seed gives the same interval."""
-    p = probs.double().numpy()
-    y = labels.long().numpy()
-    n, c = p.shape
-    w = _resample_weights(y, n_resamples, seed, stratified)                    # [R, N]
+def bootstrap_stats(p: np.ndarray, y: np.ndarray, w: np.ndarray) -> dict[str, np.ndarray]:
+    """The statistics of :data:`CI_METRICS` for every weight row ``w [R, N]`` of ``p [N, C]``, ``y [N]``."""
+    c = p.shape[1]
     pred = p.argmax(1)
     onehot_y = np.eye(c)[y]                                                    # [N, C]
     onehot_p = np.eye(c)[pred]
@@ -147,6 +137,21 @@ def bootstrap_ci(probs: torch.Tensor, labels: torch.Tensor, n_resamples: int = 1
     if len(classes) >= 2:
         aucs = np.stack([_weighted_auc(p[:, k], y == k, w) for k in classes], 1)
         stats["auroc"] = np.nanmean(aucs, 1)
+    return stats
+
+
+def bootstrap_ci(probs: torch.Tensor, labels: torch.Tensor, n_resamples: int = 1000, seed: int = 0,
+                 stratified: bool = True, level: float = 0.95) -> dict[str, list[float] | None]:
+    """Percentile bootstrap intervals of balanced accuracy, macro-F1, AUROC and accuracy.
+
+    Vectorised over resamples (one weight row per resample) rather than calling the metric
+    functions 1,000 times: every statistic is a weighted confusion matrix or a weighted
+    Mann–Whitney sum, the same definitions :func:`classification_metrics` uses (classes absent
+    from the evaluation set are left out of the macro means; AUROC is one-vs-rest macro).
+    Seeded: the same seed gives the same interval."""
+    p = probs.double().numpy()
+    y = labels.long().numpy()
+    stats = bootstrap_stats(p, y, _resample_weights(y, n_resamples, seed, stratified))
     alpha = (1 - level) / 2
     out: dict[str, list[float] | None] = {}
     for k in CI_METRICS:
@@ -208,7 +213,7 @@ def per_class_reliability(probs: torch.Tensor, labels: torch.Tensor, n_bins: int
         pos, hit = y == k, pred == k
         sens.append(float((hit & pos).sum() / pos.sum()) if pos.any() else None)
         spec.append(float((~hit & ~pos).sum() / (~pos).sum()) if (~pos).any() else None)
-        pk = p[:, k]
+        pk = p[:, k].contiguous()
         b = torch.bucketize(pk, edges[1:-1], right=True)
         err = 0.0
         for j in range(n_bins):
