@@ -50,6 +50,11 @@ class DataConfig(_Strict):
                                            "true for RetinaMNIST, false otherwise")
     group_pattern: str | None = Field(None, description="regular expression on image file names whose first group "
                                       "(or match) is the patient/study id; a CSV `group` column does the same")
+    group_by: Literal["auto", "dicom_patient_id"] = Field("auto", description="auto: a CSV `group` column or "
+                                                           "group_pattern; dicom_patient_id: the DICOM PatientID tag")
+    window: tuple[float, float] | None = Field(None, description="(center, width) for DICOM and 16-bit images; "
+                                               "default: the DICOM file's window, else the image's range")
+    dicom_frame: int | None = Field(None, ge=0, description="the frame read from multi-frame DICOM files")
     folds: int | None = Field(None, ge=2, description="cross-validation: K folds over train ∪ val; test untouched")
     fold: int = Field(0, ge=0, description="which fold is the validation part (with data.folds)")
 

@@ -9,12 +9,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 
-from medistill.data.sources import pil_to_array
+from medistill.data.imageio import read_image
 from medistill.data.transforms import resize
-from medistill.errors import DataError, ModelError
+from medistill.errors import ModelError
 from medistill.io import atomic_path, write_json
 from medistill.models.factory import ModelSpecRecord, Preprocess, load_model_dir
 
@@ -90,13 +89,8 @@ def _onnx_runner(path: Path):
 
 def load_image(path: str | Path, spec: ModelSpecRecord) -> torch.Tensor:
     """One image file → ``[C_data, S, S]`` in [0, 1], as the data pipeline made it in training."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-            arr = pil_to_array(img, spec.data_chans)
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise DataError(f"cannot read image {path}: {e}") from e
-    x = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float().div_(255.0)
+    arr = read_image(path, spec.data_chans)   # DICOM: the file's own window
+    x = torch.from_numpy(np.array(arr)).permute(2, 0, 1).float().div_(255.0)
     return resize(x, spec.data_size or spec.input_size)
 
 

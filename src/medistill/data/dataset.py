@@ -175,8 +175,12 @@ def build_data(cfg: DataConfig, image_size: int | None = None, role: str = "stud
     evaluation and resumption see exactly the same images.
     """
     source = open_source(cfg.name, cfg.format, download=download)
+    source.window = tuple(cfg.window) if cfg.window else None
+    source.dicom_frame = cfg.dicom_frame
     if cfg.group_pattern:
         source.groups = source.groups_from_pattern(cfg.group_pattern)
+    elif cfg.group_by == "dicom_patient_id":
+        source.groups = source.dicom_patient_ids()
     notes: list[str] = []
     if fixed_splits is not None:
         splits = check_fixed_splits(fixed_splits, source)

@@ -17,29 +17,15 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from medistill.data import medmnist
+from medistill.data.imageio import DICOM_SUFFIXES, dicom_header, pil_to_array, read_image
 from medistill.errors import DataError
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+__all__ = ["ImageSource", "open_source", "pil_to_array"]
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", *DICOM_SUFFIXES}
 SPLIT_NAMES = ("train", "val", "test")
 _SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
                   "validation": "val", "test": "test", "testing": "test"}
-
-
-def pil_to_array(img: Image.Image, channels: int) -> np.ndarray:
-    """Any PIL mode (L, RGB, RGBA, P, I;16, I, F) → uint8 ``[H, W, channels]``."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        if not np.isfinite(arr).all():
-            raise ValueError("image holds NaN/Inf values")
-        if img.mode == "F" and arr.size and arr.min() >= 0.0 and arr.max() <= 1.0:
-            hi = 1.0    # a float image in [0, 1] (a 255 scale would make it black)
-        else:
-            hi = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        arr = np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        img = Image.fromarray(arr, mode="L")
-    img = img.convert("L" if channels == 1 else "RGB")
-    arr = np.asarray(img, dtype=np.uint8)
-    return arr[:, :, None] if arr.ndim == 2 else arr
 
 
 @dataclass
@@ -54,6 +40,8 @@ class ImageSource:
     split_tags: np.ndarray | None = None    # [N] of "train" / "val" / "test", when the dataset has its own
     fingerprint: str = ""
     groups: np.ndarray | None = None        # [N] patient/study ids (str) when the data names them
+    window: tuple[float, float] | None = None   # (center, width) for high-bit-depth pixels; None: per file
+    dicom_frame: int | None = None          # the frame read from multi-frame DICOM files
     _arrays: np.ndarray | None = None       # MedMNIST: [N, H, W, C] uint8
     _paths: list[Path] = field(default_factory=list)
 
@@ -73,15 +61,7 @@ class ImageSource:
         """Image ``i`` as uint8 ``[H, W, C]``; a corrupt file raises :class:`DataError` naming it."""
         if self._arrays is not None:
             return self._arrays[i]
-        path = self._paths[i]
-        try:
-            with Image.open(path) as img:
-                img.load()
-                return pil_to_array(img, self.channels)
-        except Image.DecompressionBombError as e:
-            raise DataError(f"image {path} declares a size beyond PIL's safety limit (decompression bomb?): {e}") from e
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-            raise DataError(f"corrupt or unreadable image {path}: {e}") from e
+        return read_image(self._paths[i], self.channels, self.window, self.dicom_frame)
 
     def path(self, i: int) -> str:
         return str(self._paths[i]) if self._paths else f"{self.description}[{i}]"
@@ -103,6 +83,18 @@ class ImageSource:
             if m is None:
                 raise DataError(f"data.group_pattern {pattern!r} does not match the file name {p.name!r} ({p})")
             out.append(m.group(1) if rx.groups else m.group(0))
+        return np.array(out)
+
+    def dicom_patient_ids(self) -> np.ndarray:
+        """Group ids from the DICOM PatientID tag of every image (all must be DICOM and carry one)."""
+        out = []
+        for p in self._paths:
+            if p.suffix.lower() not in DICOM_SUFFIXES:
+                raise DataError(f"data.group_by=dicom_patient_id needs DICOM files; {p} is not one")
+            pid = dicom_header(p)["patient_id"]
+            if not pid:
+                raise DataError(f"DICOM file {p} has no PatientID; it cannot be grouped by patient")
+            out.append(pid)
         return np.array(out)
 
 
@@ -186,6 +178,9 @@ def _probe_channels(paths: list[Path]) -> int:
     """1 if the first readable images are all single-channel, else 3."""
     modes = set()
     for p in paths[:16]:
+        if p.suffix.lower() in DICOM_SUFFIXES:
+            modes.add("L" if dicom_header(p)["channels"] == 1 else "RGB")
+            continue
         try:
             with Image.open(p) as img:
                 modes.add(img.mode)
@@ -198,6 +193,10 @@ def _probe_channels(paths: list[Path]) -> int:
 def _probe_size(paths: list[Path]) -> int | None:
     sizes = set()
     for p in paths[:16]:
+        if p.suffix.lower() in DICOM_SUFFIXES:
+            h = dicom_header(p)
+            sizes.add((h["columns"], h["rows"]))
+            continue
         try:
             with Image.open(p) as img:
                 sizes.add(img.size)
