@@ -278,3 +278,25 @@ def test_external_validation_scores_every_image_once(binary_run, tmp_path):
     assert res["all"]["n"] == sum(len(np.load(three)[f"{s}_labels"]) for s in ("train", "val", "test"))
     with pytest.raises(ConfigError, match="--split all"):
         evaluate_target(run, split="all")
+
+
+def test_cross_validation_sweep_pools_folds(tmp_path):
+    import yaml
+    from conftest import tiny_cfg, write_npz
+
+    from medistill.sweep import run_sweep
+
+    npz = write_npz(tmp_path / "d.npz")
+    cfg = tiny_cfg(npz, tmp_path / "unused", epochs=1)
+    cfg["data"]["folds"] = 3
+    cfg["eval"] = {"bootstrap": 0}
+    path = tmp_path / "base.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    rows = run_sweep(path, tmp_path / "cv", grid=["data.fold=0,1,2"])
+    assert [r["data.fold"] for r in rows] == ["0", "1", "2"]
+    tests = {json.dumps(json.loads((tmp_path / "cv" / r["run"] / "split.json").read_text())["test"]) for r in rows}
+    vals = [set(json.loads((tmp_path / "cv" / r["run"] / "split.json").read_text())["val"]) for r in rows]
+    assert len(tests) == 1 and not (vals[0] & vals[1] or vals[0] & vals[2] or vals[1] & vals[2])
+    md = (tmp_path / "cv" / "results.md").read_text()
+    assert "n runs" in md and "mean ± std over folds × seeds" in md
+    assert len([ln for ln in md.splitlines() if ln.startswith("| ce")]) == 1

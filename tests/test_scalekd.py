@@ -317,9 +317,20 @@ def test_student_stage_taps():
 
 # --- end to end ------------------------------------------------------------------------------------
 
-def test_scalekd_end_to_end(tmp_path, tiny_npz):
-    """A toy Swin teacher at 32 px and a cnn5 student at 16 px: every term logged, projector
-    parameters reported, the teacher's weights untouched, only the student saved."""
+TEACHERS = {
+    "swin": {"model": "swin_tiny_patch4_window7_224", "input_size": 32,
+             "kwargs": {"embed_dim": 16, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 1, 2], "window_size": 2, "patch_size": 2}},
+    "deit": {"model": "deit_tiny_patch16_224", "input_size": 32,
+             "kwargs": {"patch_size": 8, "depth": 3, "embed_dim": 32, "num_heads": 2}},
+    "resnet": {"model": "resnet18", "input_size": 32, "small_input": "stride16"},
+}
+
+
+@pytest.mark.parametrize("kind", sorted(TEACHERS))
+def test_scalekd_end_to_end(tmp_path, tiny_npz, kind):
+    """A toy Swin, ViT or ResNet teacher at 32 px (the data is 16 px: the teacher sees it
+    upsampled) and a cnn5 student at 16 px: every term logged, projector parameters reported,
+    the teacher's weights untouched, only the student saved."""
     from medistill.config import load_config
     from medistill.distill.engine import Engine
     from medistill.distill.methods import method_terms
@@ -327,9 +338,7 @@ def test_scalekd_end_to_end(tmp_path, tiny_npz):
     teacher_dir = tmp_path / "teacher"
     base = {"data": {"name": str(tiny_npz)}, "train": {"epochs": 1, "batch_size": 8, "threads": 1, "progress": False,
                                                      "latency": False}}
-    t_cfg = load_config(None, [], base={**base, "out": str(teacher_dir), "students": [
-        {"name": "t", "model": "swin_tiny_patch4_window7_224", "input_size": 32,
-         "kwargs": {"embed_dim": 16, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 1, 2], "window_size": 2, "patch_size": 2}}]})
+    t_cfg = load_config(None, [], base={**base, "out": str(teacher_dir), "students": [{"name": "t", **TEACHERS[kind]}]})
     Engine(t_cfg).run()
     out = tmp_path / "skd"
     cfg = load_config(None, [], base={**base, "out": str(out),

@@ -78,7 +78,10 @@ def run_sweep(config: str | Path | None, out: str | Path, methods: list[str] | N
                          f"val_{cfg.train.select_metric}": val.get(cfg.train.select_metric),
                          "params": r["model"]["params"]})
     write_text(out / "results.csv", _csv(rows))
-    write_text(out / "results.md", aggregate_markdown(rows, [g.split("=", 1)[0] for g in grid or []]))
+    keys = [g.split("=", 1)[0] for g in grid or []]
+    # Cross-validation folds are pooled like seeds: one row per setting, mean ± std over folds.
+    write_text(out / "results.md", aggregate_markdown(rows, [k for k in keys if k != "data.fold"],
+                                                      over="folds × seeds" if "data.fold" in keys else "seeds"))
     return rows
 
 
@@ -93,12 +96,14 @@ def _csv(rows: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def aggregate_markdown(rows: list[dict[str, Any]], keys: list[str]) -> str:
+def aggregate_markdown(rows: list[dict[str, Any]], keys: list[str], over: str = "seeds") -> str:
+    """One row per (method, grid point without the pooled axes, student): the selection metric
+    and test metrics as mean ± std over the pooled runs (``over``: seeds, or folds × seeds)."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault((r["method"], *(r.get(k) for k in keys), r["student"]), []).append(r)
     val_key = next((k for k in (rows[0] if rows else {}) if k.startswith("val_")), None)
-    head = ["method", *keys, "student", "n seeds", *([val_key + " (selection)"] if val_key else []), *[f"test {m}" for m in METRICS]]
+    head = ["method", *keys, "student", "n runs" if over != "seeds" else "n seeds", *([val_key + " (selection)"] if val_key else []), *[f"test {m}" for m in METRICS]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     best = None
     if val_key:
@@ -113,4 +118,4 @@ def aggregate_markdown(rows: list[dict[str, Any]], keys: list[str]) -> str:
             vals = [r[m] for r in rs if r[m] is not None]
             cells.append("–" if not vals else f"{statistics.mean(vals):.3f}" + (f" ± {statistics.stdev(vals):.3f}" if len(vals) > 1 else ""))
         lines.append("| " + " | ".join([str(x) for x in g[:-1]] + [str(g[-1]), str(len(rs))] + cells) + " |")
-    return "\n".join(lines) + "\n\nTest metrics: mean ± std over seeds (the spread of training runs, not a confidence interval).\n"
+    return "\n".join(lines) + f"\n\nTest metrics: mean ± std over {over} (the spread of training runs, not a confidence interval).\n"
