@@ -269,7 +269,8 @@ def test_sweep_collects_one_table(data_dir: Path, teachers: list[Path], tmp_path
     rows = run_sweep(tmp_path / "base.yaml", tmp_path / "sw", methods=["kd", "dkd"], grid=["optim.lr=0.001,0.003"], seeds=[0, 1])
     assert len(rows) == 8
     md = (tmp_path / "sw" / "results.md").read_text()
-    assert md.count("\n") == 2 + 4 and "± " in md
+    assert len([ln for ln in md.splitlines() if ln.startswith("|")]) == 2 + 4 and "± " in md
+    assert "mean ± std over seeds" in md
     again = run_sweep(tmp_path / "base.yaml", tmp_path / "sw", methods=["kd", "dkd"], grid=["optim.lr=0.001,0.003"], seeds=[0, 1])
     assert again == rows  # finished runs are reused, not retrained
 

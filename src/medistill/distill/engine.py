@@ -328,9 +328,12 @@ class Engine:
             feats[s.name] = {k: v.float() for k, v in taps.outputs.items()}
         return logits, feats
 
-    def _objective(self, ctx: StepContext, student: str) -> tuple[Tensor, dict[str, float]]:
+    def _objective(self, ctx: StepContext, student: str) -> tuple[Tensor, dict[str, Tensor]]:
+        """The weighted sum of ``student``'s terms and every term and diagnostic, detached. Logged
+        values stay device tensors (summed over the epoch, read once at its end): a ``float()`` per
+        term per step would stall a GPU on every step. One finiteness check per step remains."""
         total = torch.zeros((), device=self.device)
-        logs: dict[str, float] = {}
+        logs: dict[str, Tensor] = {}
         for key, term in self.terms.items():
             if term.student != student:
                 continue
@@ -343,19 +346,20 @@ class Engine:
             value, diag = (out if isinstance(out, tuple) else (out, {}))
             value = value.float()
             name = key.split("__", 1)[1]
-            if not torch.isfinite(value):
-                raise NonFiniteLossError(
-                    f"loss term {name!r} of student {student!r} is {float(value)} at epoch {ctx.epoch:.2f}; training "
-                    f"stopped. The last good checkpoint ({self.ckpt_path}) is intact. Check the inputs for NaN/Inf, "
-                    "lower the learning rate, or enable train.grad_clip.")
             total = total + spec.weight * ramp * value
-            logs[name] = float(value.detach())
+            logs[name] = value.detach()
             for k, v in diag.items():
-                logs[f"{name}.{k}"] = v
-        logs["loss"] = float(total.detach())
+                logs[f"{name}.{k}"] = v.detach().float() if isinstance(v, Tensor) else torch.tensor(float(v), device=self.device)
+        if not torch.isfinite(total):
+            bad = next((n for n, v in logs.items() if "." not in n and not torch.isfinite(v)), "loss")
+            raise NonFiniteLossError(
+                f"loss term {bad!r} of student {student!r} is {float(logs.get(bad, total))} at epoch {ctx.epoch:.2f}; "
+                f"training stopped. The last good checkpoint ({self.ckpt_path}) is intact. Check the inputs for NaN/Inf, "
+                "lower the learning rate, or enable train.grad_clip.")
+        logs["loss"] = total.detach()
         return total, logs
 
-    def _step(self, batch: tuple, epoch: int, step: int) -> dict[str, dict[str, float]]:
+    def _step(self, batch: tuple, epoch: int, step: int) -> dict[str, dict[str, Tensor]]:
         x, y, idx, view = batch
         x = x.to(self.device, non_blocking=True)   # once per batch, from pinned memory on CUDA
         y = torch.as_tensor(y).to(self.device, non_blocking=True)
@@ -366,7 +370,7 @@ class Engine:
         t_logits, t_feats = self._teacher_outputs(x, torch.as_tensor(idx), torch.as_tensor(view))
         frac = epoch + (step + 1) / self.steps_per_epoch
         names = [s.name for s in self.students]
-        logs: dict[str, dict[str, float]] = {}
+        logs: dict[str, dict[str, Tensor]] = {}
         sequential = self.cfg.train.update == "sequential" and len(self.students) > 1
         groups = [[n] for n in names] if sequential else [names]
         for group in groups:
@@ -500,7 +504,7 @@ class Engine:
                                   drop_last=self._drop_last())
         for s in self.students:
             s.model.train()
-        sums: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+        sums: dict[str, dict[str, Tensor]] = defaultdict(dict)
         t0 = time.perf_counter()
         n_steps = 0
         with self._progress() as bar:
@@ -510,10 +514,13 @@ class Engine:
                 n_steps += 1
                 for s, lg in logs.items():
                     for k, v in lg.items():
-                        sums[s][k] += v
-                bar.update(task, advance=1, info=" ".join(f"{s}:{lg['loss']:.3f}" for s, lg in logs.items()))
+                        sums[s][k] = sums[s][k] + v if k in sums[s] else v.clone()
+                # reading the loss syncs with the device: only for a visible bar, every 10 steps
+                if cfg.train.progress and step % 10 == 0:
+                    bar.update(task, info=" ".join(f"{s}:{float(lg['loss']):.3f}" for s, lg in logs.items()))
+                bar.update(task, advance=1)
         train_time = time.perf_counter() - t0
-        return {s: {k: float(dist.all_reduce_mean(torch.tensor(v / n_steps, dtype=torch.float64))) for k, v in d.items()}
+        return {s: {k: float(dist.all_reduce_mean((v / n_steps).double())) for k, v in d.items()}
                 for s, d in sums.items()}, train_time
 
     def _validate(self, best: dict[str, float]) -> tuple[dict[str, dict[str, Any]], bool]:

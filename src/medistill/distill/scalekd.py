@@ -307,7 +307,7 @@ class ScaleKDTerm(LossTerm):
         self.p4 = nn.ModuleDict({v: proj(cs4, c4, hw4, self.grid4, h4n, sc[i], False) for i, v in enumerate(("sp", "fr"))})
         self.scale = 49.0 / (h4 * w4) if self.p.rescale_49 else 1.0
 
-    def forward(self, ctx: StepContext) -> tuple[Tensor, dict[str, float]]:
+    def forward(self, ctx: StepContext) -> tuple[Tensor, dict[str, Tensor]]:
         s3, s4 = (ctx.feats[self.student][t] for t in self.s_taps)
         t4 = self.stage.to_map(ctx.feats[self.teacher][self.stage.spec.modules[-1]].detach().float(), self.grid4,
                                prefixed=True)
@@ -319,7 +319,7 @@ class ScaleKDTerm(LossTerm):
         finally:
             if self.p.teacher_train_mode:
                 self.stage.set_train(False)
-        return sum(losses.values()), {k: float(v.detach()) for k, v in losses.items()}
+        return sum(losses.values()), {k: v.detach() for k, v in losses.items()}
 
 
 def scalekd_losses(s3: Tensor, s4: Tensor, t4: Tensor, p3: nn.ModuleDict, p4: nn.ModuleDict, stage: TeacherLastStage,

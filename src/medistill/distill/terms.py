@@ -71,7 +71,9 @@ class LossTerm(nn.Module):
     def build(self, setup: TermSetup) -> None:
         """Create trainable modules once tap shapes are known (default: none)."""
 
-    def forward(self, ctx: StepContext) -> Tensor | tuple[Tensor, dict[str, float]]:
+    def forward(self, ctx: StepContext) -> Tensor | tuple[Tensor, dict[str, Tensor | float]]:
+        """The term's value and, optionally, diagnostics (detached tensors are cheapest on a GPU:
+        the engine reads them once per epoch)."""
         raise NotImplementedError
 
     def _teachers(self, names: list[str] | None) -> list[str]:
@@ -85,13 +87,14 @@ class LossTerm(nn.Module):
 
     def record(self, name: str, values: Tensor, target: Tensor) -> None:
         """Accumulate a per-sample diagnostic for per-class epoch summaries."""
-        self.stats[name].append((values.detach().float().cpu(), target.detach().cpu()))
+        # kept on the device until the epoch ends: a .cpu() per step would sync every step
+        self.stats[name].append((values.detach().float(), target.detach()))
 
     def pop_stats(self, num_classes: int) -> dict[str, dict[str, Any]]:
         out = {}
         for name, chunks in self.stats.items():
-            v = torch.cat([c[0] for c in chunks])
-            y = torch.cat([c[1] for c in chunks])
+            v = torch.cat([c[0] for c in chunks]).cpu()
+            y = torch.cat([c[1] for c in chunks]).cpu()
             per = [float(v[y == k].mean()) if (y == k).any() else None for k in range(num_classes)]
             out[name] = {"mean": float(v.mean()), "per_class": per}
         self.stats.clear()
@@ -223,19 +226,19 @@ class KDTerm(_TeacherTerm):
         w = self.recall[:, ctx.target].clamp_min(1e-3)                       # [M, B]
         return L.aggregate_teachers(z, "prob_mean", temperature, w)
 
-    def forward(self, ctx: StepContext) -> tuple[Tensor, dict[str, float]]:
+    def forward(self, ctx: StepContext) -> tuple[Tensor, dict[str, Tensor]]:
         tau = self.p.temperature
         q = self.target_probs(ctx, tau)
         per = L.kd_per_sample(self.student_logits(ctx), q, tau)
         if not self.p.t2_scale:
             per = per / tau ** 2
         w = torch.ones_like(per)
-        diag: dict[str, float] = {}
+        diag: dict[str, Tensor] = {}
         if self.p.sample_weight == "entropy":
             q1 = q if self.p.entropy_temperature == tau else self.target_probs(ctx, self.p.entropy_temperature)
             w = L.entropy_confidence(q1.clamp_min(1e-30).log())
             self.record("confidence_weight", w, ctx.target)
-            diag["confidence_weight"] = float(w.mean())
+            diag["confidence_weight"] = w.detach().mean()
         if self.p.gate_correct:
             w = w * (q.argmax(-1) == ctx.target).to(w.dtype)
         loss = (w * per).sum() / (w.sum().clamp_min(1e-12) if self.p.normalize_weights else per.numel())
@@ -276,13 +279,13 @@ class HybridTerm(LossTerm):
         w = _class_weights(_Weighted(class_weights=self.p.class_weights, cb_beta=self.p.cb_beta), setup.class_counts)
         self.register_buffer("cw", w if w is not None else torch.empty(0), persistent=False)
 
-    def forward(self, ctx: StepContext) -> tuple[Tensor, dict[str, float]]:
+    def forward(self, ctx: StepContext) -> tuple[Tensor, dict[str, Tensor]]:
         z = ctx.logits[self.student]
         ce = F.cross_entropy(z, ctx.target, weight=self.cw if self.cw.numel() else None)
         tau = self.p.temperature
         q = L.aggregate_teachers([ctx.logits[n] for n in self.names], "prob_mean", tau)
         kd = L.kd_per_sample(z, q, tau).mean() / (1.0 if self.p.t2_scale else tau ** 2)
-        return self.p.alpha * ce + (1 - self.p.alpha) * kd, {"ce": float(ce.detach()), "kd": float(kd.detach())}
+        return self.p.alpha * ce + (1 - self.p.alpha) * kd, {"ce": ce.detach(), "kd": kd.detach()}
 
 
 @register("dkd")
@@ -297,10 +300,10 @@ class DKDTerm(_TeacherTerm):
     def build(self, setup: TermSetup) -> None:
         self.names = self._teachers(self.p.teachers)
 
-    def forward(self, ctx: StepContext) -> tuple[Tensor, dict[str, float]]:
+    def forward(self, ctx: StepContext) -> tuple[Tensor, dict[str, Tensor]]:
         t = torch.stack([ctx.logits[n].detach() for n in self.names]).mean(0)
         tckd, nckd = L.dkd_parts(self.student_logits(ctx), t, ctx.target, self.p.temperature)
-        return self.p.alpha * tckd.mean() + self.p.beta * nckd.mean(), {"tckd": float(tckd.detach().mean()), "nckd": float(nckd.detach().mean())}
+        return self.p.alpha * tckd.mean() + self.p.beta * nckd.mean(), {"tckd": tckd.detach().mean(), "nckd": nckd.detach().mean()}
 
 
 @register("peer")

@@ -135,14 +135,14 @@ class _AlignTerm(_ExpertTerm):
     def student_input(self, f: Tensor) -> Tensor:
         return f
 
-    def forward(self, ctx: StepContext) -> tuple[Tensor, dict[str, float]]:
+    def forward(self, ctx: StepContext) -> tuple[Tensor, dict[str, Tensor]]:
         fs = self.student_input(ctx.feats[self.student][self.s_tap])
         size = tuple(fs.shape[-2:])
         fts = [self.expert_target(_spatial(ctx.feats[e][self.e_taps[e]].detach(), size)) for e in self.experts]
         hs, hts, recs = self.cfl(fs, fts)
         mmd = sum(L.mmd2(hs, ht, self.p.sigmas) for ht in hts)
         rec = sum(F.mse_loss(r, f) for r, f in zip(recs, fts))
-        return mmd + self.p.recon_weight * rec, {"mmd": float(mmd.detach()), "recon": float(rec.detach())}
+        return mmd + self.p.recon_weight * rec, {"mmd": mmd.detach(), "recon": rec.detach()}
 
 
 @register("sfa")
@@ -208,7 +208,7 @@ class UDDTerm(_ExpertTerm):
     def _regions(self, who: str, f: Tensor) -> Tensor:
         return L.region_logits(f, self.models[who].get_classifier(), self.p.scales, self.p.spp_cascade)
 
-    def forward(self, ctx: StepContext) -> tuple[Tensor, dict[str, float]]:
+    def forward(self, ctx: StepContext) -> tuple[Tensor, dict[str, Tensor]]:
         zs = self._regions(self.student, ctx.feats[self.student][self.s_tap])
         with torch.no_grad():
             zes = [self._regions(e, ctx.feats[e][self.e_taps[e]]) for e in self.experts]   # each [B, C, N]
@@ -218,7 +218,7 @@ class UDDTerm(_ExpertTerm):
                 u = torch.stack([L.evidential_confidence(z.transpose(1, 2), self.p.lambda1, self.p.lambda2) for z in zes]).mean(0)
         loss = L.udd_loss(zs, zt, ctx.target, self.p.temperature, self.p.alpha, self.p.beta, u,
                           self.p.complementary_weight, official_uc_order=self.p.official_uc_order)
-        diag = {"confidence": float(u.mean())} if u is not None else {}
+        diag = {"confidence": u.mean()} if u is not None else {}
         if u is not None:
             self.record("confidence", u[:, 0], ctx.target)
         return loss, diag

@@ -14,6 +14,13 @@ def with_ci(metrics: dict[str, Any], key: str, digits: int = 3) -> str:
     return f"{v:.{digits}f}" + (f" ({ci[0]:.{digits}f}–{ci[1]:.{digits}f})" if ci else "")
 
 
+def role_label(role: str, rows: dict[str, Any]) -> str:
+    """A run without teachers trained its model alone: "student" would mislabel a teacher run."""
+    if role == "student" and not any(r.get("role") == "teacher" for r in rows.values()):
+        return "trained alone"
+    return role
+
+
 CI_NOTE = "Brackets: stratified bootstrap 95 % interval over the test images ({n} resamples)."
 
 
@@ -28,7 +35,7 @@ def summary_table(rows: dict[str, Any]) -> str:
     lines = []
     for name, r in rows.items():
         t = r["test"]
-        lines.append(f"| {name} | {r['role']} | {r['model']['params'] / 1e6:.2f} | {r['model']['flops'] / 1e6:.1f} | "
+        lines.append(f"| {name} | {role_label(r['role'], rows)} | {r['model']['params'] / 1e6:.2f} | {r['model']['flops'] / 1e6:.1f} | "
                      + " | ".join(with_ci(t, k) for k in keys) + " |")
     n = next((r["test"]["ci95"].get("resamples") for r in rows.values() if r["test"].get("ci95")), None)
     return head + "\n".join(lines) + "\n" + (f"\n{CI_NOTE.format(n=n)}\n" if n else "")

@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from medistill.errors import NotARunError  # noqa: E402
-from medistill.eval.tables import CI_NOTE, with_ci  # noqa: E402
+from medistill.eval.tables import CI_NOTE, role_label, with_ci  # noqa: E402
 from medistill.io import write_text  # noqa: E402
 
 CSS = """
@@ -141,7 +141,7 @@ def _model_table(rows: dict[str, dict[str, Any]]) -> str:
     for n, r in rows.items():
         t, mdl = r["test"], r.get("model", {})
         lat = r.get("latency", {}).get("cpu_batch1", {}).get("median_ms")
-        body.append(f"<tr><td>{html.escape(n)}</td><td>{r.get('role', 'student')}</td><td>{mdl.get('params', 0) / 1e6:.2f}</td>"
+        body.append(f"<tr><td>{html.escape(n)}</td><td>{role_label(r.get('role', 'student'), rows)}</td><td>{mdl.get('params', 0) / 1e6:.2f}</td>"
                     f"<td>{mdl.get('flops', 0) / 1e6:.1f}</td><td>{_fmt(lat, 2)}</td>"
                     + "".join(f"<td>{html.escape(with_ci(t, k))}</td>" for k in keys)
                     + "</tr>")
