@@ -38,6 +38,15 @@ ms distill configs/bench/headroom_isic9.yaml --teacher "$RUNS/ens" --method kd -
 # 3. fp16 with its gradient scaler.
 ms train configs/bench/headroom_isic9.yaml --device cuda --amp fp16 --epochs 2 --out "$RUNS/r18_fp16" \
    --set data.name="$D" --set train.latency=false --set train.grad_clip=1.0
+# 4. The device-resident loader against the per-image DataLoader (ResNet-18 at 64 px), and a
+#    ScaleKD step on the GPU (a 1-epoch toy Swin teacher, then ScaleKD into ResNet-18).
+python3 benchmarks/resident_loader.py --device cuda --model resnet18 --input-size 64 --threads 8 >> "$S" 2>&1
+ms train --data "$D" --model swin_tiny_patch4_window7_224 --input-size 64 --epochs 1 --device cuda --out "$RUNS/swin" \
+   --set 'students.0.kwargs={embed_dim: 48, depths: [2, 2, 2, 2], num_heads: [2, 4, 8, 16], window_size: 4}' \
+   --set train.latency=false
+ms distill --teacher "$RUNS/swin" --method scalekd --data "$D" --model resnet18 --input-size 32 --epochs 1 --device cuda \
+   --amp bf16 --out "$RUNS/scalekd" --set students.0.small_input=stride16 --set data.resident=true \
+   --set data.augment=dihedral --set train.latency=false
 python3 - "$RUNS" >> "$S" 2>&1 <<'PY'
 import json, sys
 from pathlib import Path
@@ -53,7 +62,7 @@ for run in sorted(Path(sys.argv[1]).glob("*")):
               "epoch s", [round(e["train_time_s"], 2) for e in log],
               "test bal.acc", round(m.get("test", {}).get("balanced_accuracy", float("nan")), 4))
 PY
-# 4. The device tests (their CUDA parts run only here).
+# 5. The device tests (their CUDA parts run only here).
 python3 -m pytest -q -p no:cacheprovider tests/test_device.py > "$OUT/pytest.txt" 2>&1
 echo "pytest rc=$?" >> "$S"
 cat "$S"

@@ -38,6 +38,11 @@ def _overrides(data: Optional[str], model: Optional[list[str]], epochs: Optional
     return [(k, v) for k, v in flags.items() if v is not None and v != ""] + list(sets or [])
 
 
+def _device_sets(sets: Optional[list[str]], device: Optional[str], amp: Optional[str]) -> list[str]:
+    """``--device``/``--amp`` of sweep and recipe as overrides of every run they make."""
+    return list(sets or []) + ([f"train.device={device}"] if device else []) + ([f"train.amp={amp}"] if amp else [])
+
+
 def _students(model: Optional[list[str]], input_size: Optional[int], base: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
     if not model:
         if input_size and base:
@@ -224,12 +229,14 @@ def evaluate(
                                                   "differently in --data (repeatable)"),
     out: Optional[Path] = typer.Option(None, "--out", help="write metrics here instead of beside the model"),
     latency: bool = typer.Option(True, "--latency/--no-latency"),
+    device: Optional[str] = _DEVICE,
 ) -> None:
     """Evaluate saved students on the run's validation and test splits, or on another dataset
     (written under MODEL/external/NAME, never over the run's own results)."""
     from medistill.evaluate import evaluate_target
 
-    res = evaluate_target(target, data=data, out=out, latency=latency, split=split, class_map=class_map)
+    res = evaluate_target(target, data=data, out=out, latency=latency, split=split, class_map=class_map,
+                          device=device or "auto")
     t = Table("model", "ACC", "bal. ACC", "macro-F1", "QWK", "AUROC", "ECE")
     for name, r in res.items():
         m = r["all" if split == "all" else "test"]
@@ -271,12 +278,14 @@ def sweep(
     grid: Optional[list[str]] = typer.Option(None, "--grid", help="key=v1,v2 (repeatable; cartesian product)"),
     seeds: Optional[str] = typer.Option(None, "--seeds", help="comma list, e.g. 0,1,2"),
     sets: Optional[list[str]] = _SET,
+    device: Optional[str] = _DEVICE,
+    amp: Optional[str] = _AMP,
 ) -> None:
     """Run a resumable grid of runs and collect one results table (CSV + markdown)."""
     from medistill.sweep import run_sweep
 
     run_sweep(config, out, [m for m in (methods or "").split(",") if m] or None, grid,
-              [int(s) for s in seeds.split(",")] if seeds else None, sets, console)
+              [int(s) for s in seeds.split(",")] if seeds else None, _device_sets(sets, device, amp), console)
     print((out / "results.md").read_text())
 
 
@@ -286,11 +295,13 @@ def recipe(
     only: Optional[str] = typer.Option(None, "--only", help="comma list of stage names"),
     sets: Optional[list[str]] = _SET,
     seeds: Optional[str] = typer.Option(None, "--seeds", help="comma list replacing the seeds of seeded stages, e.g. 0 for a first pass"),
+    device: Optional[str] = _DEVICE,
+    amp: Optional[str] = _AMP,
 ) -> None:
     """Run a paper's protocol (teachers, students, sweeps) stage by stage; resumable."""
     from medistill.recipe import run_recipe
 
-    run_recipe(file, [s for s in (only or "").split(",") if s] or None, sets, console,
+    run_recipe(file, [s for s in (only or "").split(",") if s] or None, _device_sets(sets, device, amp), console,
                [int(v) for v in seeds.split(",") if v.strip()] if seeds else None)
 
 
@@ -318,11 +329,12 @@ def export(target: Path = typer.Argument(..., help="run directory (first student
 def predict(model: Path = typer.Argument(..., help="run dir, model dir, weights file or exported .onnx"),
             images: list[Path] = typer.Argument(..., help="image files (any size or mode)"),
             cam: bool = typer.Option(False, "--cam", help="also write a Grad-CAM overlay PNG per image"),
-            out: Optional[Path] = typer.Option(None, "--out", help="folder for CAM overlays")) -> None:
+            out: Optional[Path] = typer.Option(None, "--out", help="folder for CAM overlays"),
+            device: Optional[str] = _DEVICE) -> None:
     """Predict classes and probabilities for image files."""
     from medistill.deploy import predict_files
 
-    for r in predict_files(model, images, cam, out):
+    for r in predict_files(model, images, cam, out, device=device or "cpu"):
         print(json.dumps(r))
 
 

@@ -94,9 +94,11 @@ def load_image(path: str | Path, spec: ModelSpecRecord) -> torch.Tensor:
     return resize(x, spec.data_size or spec.input_size)
 
 
-def predict_files(model_path: str | Path, images: list[str | Path], cam: bool = False, out_dir: str | Path | None = None) -> list[dict[str, Any]]:
+def predict_files(model_path: str | Path, images: list[str | Path], cam: bool = False, out_dir: str | Path | None = None,
+                  device: str = "cpu") -> list[dict[str, Any]]:
     """Class and probabilities per image; with ``cam``, a Grad-CAM overlay PNG per image
-    (PyTorch models only). ``model_path``: run dir, model dir, weights file or ``.onnx``."""
+    (PyTorch models only). ``model_path``: run dir, model dir, weights file or ``.onnx``;
+    ``device`` runs a PyTorch model there (ONNX files run on onnxruntime's CPU provider)."""
     p = Path(model_path)
     if p.suffix == ".onnx":
         import onnx
@@ -111,8 +113,12 @@ def predict_files(model_path: str | Path, images: list[str | Path], cam: bool = 
         if cam:
             raise ModelError("--cam needs the PyTorch model (a run or model directory), not an ONNX file")
     else:
+        from medistill.device import resolve_device
+
+        dev = resolve_device(device)
         model, pre, spec = load_model_dir(resolve_model_dir(p))
-        forward = lambda x: model(pre(x))  # noqa: E731
+        model, pre = model.to(dev), pre.to(dev)
+        forward = lambda x: model(pre(x.to(dev))).cpu()  # noqa: E731
     x = torch.stack([load_image(i, spec) for i in images])
     with torch.no_grad():
         probs = torch.softmax(forward(x).float(), 1)
@@ -129,6 +135,7 @@ def predict_files(model_path: str | Path, images: list[str | Path], cam: bool = 
         from medistill.explain.cam import default_target_layer, grad_cam
         from medistill.explain.run import _overlay_grid
 
+        model, pre = model.cpu(), pre.cpu()   # CAMs are computed on the CPU
         layer = default_target_layer(model, spec.input_size, spec.in_chans)
         maps = torch.nn.functional.interpolate(grad_cam(model, pre(x), layer)[:, None], size=x.shape[-2:], mode="bilinear")[:, 0]
         dest = Path(out_dir or ".")

@@ -14,6 +14,7 @@ from medistill.config import EvalConfig, load_config
 from medistill.data import build_data
 from medistill.data.dataset import DataBundle
 from medistill.data.sources import open_source
+from medistill.device import resolve_device
 from medistill.errors import ConfigError, DataError, ModelError
 from medistill.eval.predict import evaluate_splits
 from medistill.io import write_json
@@ -59,7 +60,8 @@ def external_bundle(data: str, class_names: list[str], class_map: list[str] | No
 
 
 def evaluate_target(target: str | Path, data: str | None = None, out: str | Path | None = None,
-                    latency: bool = True, split: str = "test", class_map: list[str] | None = None) -> dict[str, Any]:
+                    latency: bool = True, split: str = "test", class_map: list[str] | None = None,
+                    device: str = "auto") -> dict[str, Any]:
     """Evaluate every student of a run dir, or one model dir / weights file.
 
     The data and split come from the run (``config.yaml`` + ``split.json``) unless ``data`` names
@@ -87,6 +89,7 @@ def evaluate_target(target: str | Path, data: str | None = None, out: str | Path
     if not model_dirs:
         raise ModelError(f"{target}: no students to evaluate")
     ev = load_config(run_dir / "config.yaml").eval if run_dir is not None else EvalConfig()
+    dev = resolve_device(device)
     bundle = None
     if data is None and run_dir is not None:
         cfg = load_config(run_dir / "config.yaml")
@@ -114,7 +117,9 @@ def evaluate_target(target: str | Path, data: str | None = None, out: str | Path
             dest = home / "external" / (_slug(data) + ("" if split == "all" else "-test"))
         else:
             dest = home
-        info = model_cost(model, spec, latency=latency)
+        info = model_cost(model, spec, latency=latency)   # CPU cost, before the move
+        model.to(dev)
+        pre.to(dev)
         res = evaluate_splits(model, pre, loaders, dest, info.pop("model"), spec.class_names, ordinal=bundle.ordinal,
                               bootstrap=ev.bootstrap, bootstrap_seed=ev.bootstrap_seed, threshold=spec.threshold,
                               predictions_split=parts[-1])

@@ -49,6 +49,8 @@ class DataBundle:
     image_size: int
     pin_memory: bool = False      # page-locked batches for asynchronous copies to a CUDA device
     split_notes: list[str] | None = None   # fractions the patient groups did not allow, etc.
+    device: torch.device | None = None     # where data.resident keeps the images (the training device)
+    _resident: torch.Tensor | None = None
 
     @property
     def num_classes(self) -> int:
@@ -81,10 +83,33 @@ class DataBundle:
         aug = Augment(self.cfg.augment, self.image_size) if train and self.cfg.augment != "none" else None
         return ImageDataset(self.source, self.splits[split], self.image_size, aug)
 
+    def resident_loader(self, split: str, batch_size: int, seed: int, balanced: bool, drop_last: bool):
+        """The training loader of ``data.resident``: images copied to the device once."""
+        from medistill import dist
+        from medistill.data.resident import ResidentLoader
+
+        if not self.source.in_memory:
+            raise DataError(f"data.resident needs an in-memory dataset (a MedMNIST .npz); {self.source.description} "
+                            "is read from files")
+        dev = self.device or torch.device("cpu")
+        if self._resident is None:
+            self._resident = torch.from_numpy(self.source._arrays).permute(0, 3, 1, 2).contiguous().to(dev)
+        labels = torch.as_tensor(self.source.labels).to(dev)
+        weights = None
+        if balanced:
+            weights = torch.as_tensor(1.0 / self.counts(split)[self.labels(split)], dtype=torch.double)
+        aug = None if self.cfg.augment == "none" else self.cfg.augment
+        return ResidentLoader(self._resident, labels, self.splits[split], self.image_size, batch_size, aug, seed,
+                              shuffle=True, drop_last=drop_last, sample_weights=weights, rank=dist.rank(),
+                              world=dist.world())
+
     def loader(self, split: str, batch_size: int, train: bool, seed: int = 0,
                balanced: bool | None = None, drop_last: bool = False) -> DataLoader:
         from medistill import dist
 
+        if train and self.cfg.resident:
+            bal = self.cfg.balanced_sampler if balanced is None else balanced
+            return self.resident_loader(split, batch_size, seed, bal, drop_last)  # type: ignore[return-value]
         ds = self.dataset(split, train)
         if len(ds) == 0:
             raise DataError(f"the {split} split is empty")

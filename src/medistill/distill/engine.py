@@ -134,6 +134,7 @@ class Engine:
         role = cfg.data.role if cfg.data.role != "auto" else ("student" if cfg.teachers else "teacher")
         self.data: DataBundle = build_data(cfg.data, None, role=role, download=self.download, fixed_splits=fixed)
         self.data.pin_memory = self.device.type == "cuda"
+        self.data.device = self.device
         native = self.data.source.native_size or 224
         self.teachers = [memory_teacher(t, self.teacher_modules[t.name], self.data) if t.name in self.teacher_modules
                          else load_teacher(t, teacher_dirs[t.name], self.data)
