@@ -140,7 +140,8 @@ def train(
     if seeds is None:
         _run("train", config, overrides, model, input_size, None, None, resume, download, pretrained)
         return
-    seed_list = _parse_seeds(seeds)
+    seed_list = _parse_seeds(seeds, ensemble=True)
+    assert seed_list is not None
     if seed is not None:
         raise MedistillError("give either --seed or --seeds, not both")
     if not out:
@@ -161,7 +162,10 @@ def train(
     _ensemble(members, Path(out), "prob_mean")
 
 
-def _parse_seeds(text: str) -> list[int]:
+def _parse_seeds(text: str | None, ensemble: bool = False) -> list[int] | None:
+    """``--seeds 0,1,2`` of train (an ensemble: ≥ 2 distinct seeds), sweep and recipe."""
+    if text is None:
+        return None
     try:
         seeds = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
@@ -169,9 +173,9 @@ def _parse_seeds(text: str) -> list[int]:
     dup = sorted({s for s in seeds if seeds.count(s) > 1})
     if dup:
         raise MedistillError(f"--seeds {text!r} repeats seed(s) {dup}: members would be identical")
-    if len(seeds) < 2:
+    if ensemble and len(seeds) < 2:
         raise MedistillError(f"--seeds {text!r}: an ensemble needs at least 2 seeds")
-    return seeds
+    return seeds or None
 
 
 def _ensemble(members: list[Path], out: Path, aggregation: str) -> None:
@@ -285,7 +289,7 @@ def sweep(
     from medistill.sweep import run_sweep
 
     run_sweep(config, out, [m for m in (methods or "").split(",") if m] or None, grid,
-              [int(s) for s in seeds.split(",")] if seeds else None, _device_sets(sets, device, amp), console)
+              _parse_seeds(seeds), _device_sets(sets, device, amp), console)
     print((out / "results.md").read_text())
 
 
@@ -302,7 +306,7 @@ def recipe(
     from medistill.recipe import run_recipe
 
     run_recipe(file, [s for s in (only or "").split(",") if s] or None, _device_sets(sets, device, amp), console,
-               [int(v) for v in seeds.split(",") if v.strip()] if seeds else None)
+               _parse_seeds(seeds))
 
 
 @app.command()

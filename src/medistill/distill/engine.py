@@ -28,7 +28,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, update_bn
 
 from medistill import dist
 from medistill.config import RunConfig, TermSpec, dump_config
@@ -577,16 +577,9 @@ class Engine:
                 raise ConfigError(f"SWA never started (start_epoch {self.cfg.train.swa.start_epoch} ≥ epochs "
                                   f"{self.cfg.train.epochs} or early stopping came first)")
             m = avg.module
-            bns = [b for b in m.modules() if isinstance(b, nn.modules.batchnorm._BatchNorm)]
-            for b in bns:
-                b.reset_running_stats()
-                b.momentum = None   # cumulative average over the whole pass
-            m.train()
-            for x, _y, _i, _v in self._full_loader("train"):
-                m(s.pre(x.to(self.device)))
+            # torch's update_bn: a cumulative average over one pass, each model's preprocessing applied
+            update_bn((s.pre(x.to(self.device)) for x, *_ in self._full_loader("train")), m)
             m.eval()
-            for b in bns:
-                b.momentum = 0.1
             if self.main:
                 save_model_dir(self._student_dir(s.name), m, s.spec)
             self.console.print(f"SWA: {s.name} saved as the average of {int(avg.n_averaged)} epochs")
