@@ -16,6 +16,7 @@ from medistill.data.transforms import resize
 from medistill.errors import ModelError
 from medistill.io import atomic_path, write_json
 from medistill.models.factory import ModelSpecRecord, Preprocess, load_model_dir
+from medistill.rundir import resolve_model_dir
 
 
 class Deployable(nn.Module):
@@ -27,18 +28,6 @@ class Deployable(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(self.pre(x))
-
-
-def resolve_model_dir(target: str | Path) -> Path:
-    t = Path(target)
-    if (t / "model.json").is_file():
-        return t
-    if t.is_file() and (t.parent / "model.json").is_file():
-        return t.parent
-    students = sorted((t / "students").glob("*/model.json")) if (t / "students").is_dir() else []
-    if students:
-        return students[0].parent
-    raise ModelError(f"{t}: not a run directory, model directory or weights file beside model.json")
 
 
 def export_model(target: str | Path, fmt: str = "onnx", out: str | Path | None = None, check_batch: int = 4) -> dict[str, Any]:

@@ -20,13 +20,7 @@ from medistill.eval.predict import evaluate_splits
 from medistill.io import write_json
 from medistill.models.cost import model_cost
 from medistill.models.factory import load_model_dir
-
-
-def _run_dir_of(model_dir: Path) -> Path | None:
-    for cand in (model_dir, model_dir.parent.parent):
-        if (cand / "config.yaml").is_file() and (cand / "split.json").is_file():
-            return cand
-    return None
+from medistill.rundir import STUDENTS, run_dir_of, student_dirs
 
 
 def external_bundle(data: str, class_names: list[str], class_map: list[str] | None = None) -> DataBundle:
@@ -80,12 +74,12 @@ def evaluate_target(target: str | Path, data: str | None = None, out: str | Path
 
     if is_ensemble_dir(target) and data is None and out is None:
         return {"ensemble": evaluate_ensemble(target, latency=latency)}
-    if (target / "students").is_dir():
-        model_dirs = sorted(p.parent for p in (target / "students").glob("*/model.json"))
+    if (target / STUDENTS).is_dir():
+        model_dirs = student_dirs(target)
         run_dir: Path | None = target
     else:
         model_dirs = [target]
-        run_dir = _run_dir_of(target if target.is_dir() else target.parent)
+        run_dir = run_dir_of(target if target.is_dir() else target.parent)
     if not model_dirs:
         raise ModelError(f"{target}: no students to evaluate")
     ev = load_config(run_dir / "config.yaml").eval if run_dir is not None else EvalConfig()
@@ -128,7 +122,7 @@ def evaluate_target(target: str | Path, data: str | None = None, out: str | Path
             res["data"] = {"name": str(data), "split": split, "images": int(sum(len(bundle.splits[k]) for k in parts))}
         write_json(dest / "metrics.json", res)
         results[d.name] = res
-    if run_dir is not None and out is None and data is None and (target / "students").is_dir():
+    if run_dir is not None and out is None and data is None and (target / STUDENTS).is_dir():
         first = model_dirs[0].name
         write_json(run_dir / "metrics.json", {**results[first], "student": first})
     return results
@@ -151,7 +145,7 @@ def evaluate_ensemble(directory: str | Path, latency: bool = False) -> dict[str,
     runs = []
     for row in rec["members"]:
         md = d / row["model_dir"]
-        run = _run_dir_of(md)
+        run = run_dir_of(md)
         if run is None:
             raise ModelError(f"ensemble member {md} is not inside a run directory (no config.yaml/split.json): "
                              "its split is unknown, so it cannot be evaluated without a leak check")

@@ -16,6 +16,7 @@ from rich.console import Console
 from medistill.config import load_config
 from medistill.distill.engine import Engine, supervised_terms
 from medistill.distill.methods import method_terms
+from medistill.rundir import student_dir
 from medistill.errors import ConfigError
 from medistill.io import write_text
 
@@ -70,7 +71,7 @@ def run_sweep(config: str | Path | None, out: str | Path, methods: list[str] | N
         for model, r in summary.items():
             if r["role"] != "student":
                 continue
-            val = json.loads((run_dir / "students" / model / "metrics.json").read_text())["val"]
+            val = json.loads((student_dir(run_dir, model) / "metrics.json").read_text())["val"]
             # without a named method, the terms say what the cell trained (e.g. "hybrid" vs "ce")
             label = method or "+".join(t.type for t in cfg.terms or supervised_terms(cfg) if t.student in (None, model))
             rows.append({"run": name, "method": label, **{k: v for k, v in point}, "seed": seed,

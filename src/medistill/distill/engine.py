@@ -63,7 +63,7 @@ from medistill.models.factory import (
     save_model_dir,
 )
 from medistill.models.taps import FeatureTaps
-from medistill.rundir import resolve_teacher
+from medistill.rundir import resolve_teacher, student_dir
 
 Tensor = torch.Tensor
 
@@ -433,7 +433,7 @@ class Engine:
         return self.emas[name].module if name in self.emas else self.parts[name].model
 
     def _student_dir(self, name: str) -> Path:
-        return self.out / "students" / name
+        return student_dir(self.out, name)
 
     def _write_run_files(self) -> None:
         write_text(self.out / "config.yaml", dump_config(self.cfg))

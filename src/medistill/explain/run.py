@@ -21,7 +21,7 @@ from medistill.io import atomic_path, write_json, write_text
 from medistill.models.ensemble import is_ensemble_dir, read_ensemble
 from medistill.models.factory import load_model_dir
 from medistill.models.taps import list_taps
-from medistill.rundir import resolve_teacher
+from medistill.rundir import resolve_teacher, student_dirs
 
 METHODS = ("gradcam", "gradcampp", "layercam", "scorecam", "avgmap", "shap")
 
@@ -109,9 +109,9 @@ def explain_run(run_dir: str | Path, n_images: int = 8, per_class: int | None = 
             continue
         m, pre, spec = load_model_dir(tdir)
         models[t.name] = ("teacher", m, pre, spec)
-    for d in sorted((run_dir / "students").glob("*/model.json")):
-        m, pre, spec = load_model_dir(d.parent)
-        models[d.parent.name] = ("student", m, pre, spec)
+    for d in student_dirs(run_dir):
+        m, pre, spec = load_model_dir(d)
+        models[d.name] = ("student", m, pre, spec)
     for name, path in compare.items():
         if name in models:
             raise ArgumentError(f"--compare name {name!r} is already a model of this run; pick another")

@@ -23,6 +23,7 @@ import numpy as np  # noqa: E402
 from medistill.errors import NotARunError  # noqa: E402
 from medistill.eval.tables import CI_NOTE, role_label, with_ci  # noqa: E402
 from medistill.io import write_text  # noqa: E402
+from medistill.rundir import student_dir  # noqa: E402
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1150px;color:#1d2433;padding:0 1rem}
@@ -171,8 +172,8 @@ def _run_section(run: Path) -> tuple[str, dict[str, dict[str, Any]]]:
         figs = [f"<figure><img alt='confusion {html.escape(n)}' src='{_confusion(r['test']['confusion_matrix'], names, n)}'></figure>"
                 for n, r in summary.items()]
         parts.append("<h3 id='confusion'>Confusion matrices (test)</h3><div class='grid'>" + "".join(figs) + "</div>")
-        rel = [f"<figure><img alt='reliability {html.escape(n)}' src='{_reliability(run / 'students' / n / 'predictions_test.csv', n)}'></figure>"
-               for n in students if (run / "students" / n / "predictions_test.csv").is_file()]
+        rel = [f"<figure><img alt='reliability {html.escape(n)}' src='{_reliability(student_dir(run, n) / 'predictions_test.csv', n)}'></figure>"
+               for n in students if (student_dir(run, n) / "predictions_test.csv").is_file()]
         if rel:
             parts.append("<h3 id='calibration'>Reliability diagrams (test, 15 bins)</h3><div class='grid'>" + "".join(rel) + "</div>")
     exp = run / "explain"
