@@ -104,8 +104,8 @@ def evaluate_splits(model: nn.Module, preprocess: nn.Module, loaders: dict[str, 
         write_json(out / "metrics.json", result)
         if test_pred is not None:
             write_text(out / f"predictions_{predictions_split}.csv", predictions_csv(*test_pred))
-            from medistill.eval.plots import save_confusion_png
+            from medistill.plots import confusion_figure, save_png
 
-            save_confusion_png(result[predictions_split]["confusion_matrix"], class_names,
-                               out / f"confusion_{predictions_split}.png")
+            save_png(confusion_figure(result[predictions_split]["confusion_matrix"], class_names),
+                     out / f"confusion_{predictions_split}.png")
     return result

@@ -17,10 +17,11 @@ from medistill.data import build_data
 from medistill.errors import ArgumentError
 from medistill.explain import cam as C
 from medistill.explain import metrics as M
-from medistill.io import atomic_path, write_json, write_text
+from medistill.io import write_json, write_text
 from medistill.models.ensemble import is_ensemble_dir, read_ensemble
 from medistill.models.factory import load_model_dir
 from medistill.models.taps import list_taps
+from medistill.plots import overlay_figure, save_png
 from medistill.rundir import resolve_teacher, student_dirs
 
 METHODS = ("gradcam", "gradcampp", "layercam", "scorecam", "avgmap", "shap")
@@ -56,29 +57,7 @@ def _pick(labels: np.ndarray, idx: np.ndarray, n: int, per_class: int | None, se
 
 
 def _overlay_grid(images: np.ndarray, columns: dict[str, np.ndarray], labels: list[str], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n, k = len(images), len(columns) + 1
-    fig, axes = plt.subplots(n, k, figsize=(1.6 * k, 1.6 * n), squeeze=False)
-    for i in range(n):
-        img = images[i]
-        axes[i, 0].imshow(img.squeeze(), cmap="gray" if img.shape[-1] == 1 else None)
-        axes[i, 0].set_ylabel(labels[i], fontsize=7)
-        for j, (name, maps) in enumerate(columns.items(), start=1):
-            axes[i, j].imshow(img.squeeze(), cmap="gray" if img.shape[-1] == 1 else None)
-            axes[i, j].imshow(maps[i], cmap="jet", alpha=0.45, vmin=0, vmax=1)
-            if i == 0:
-                axes[i, j].set_title(name, fontsize=7)
-    for ax in axes.ravel():
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    save_png(overlay_figure(images, columns, labels), path, dpi=100)
 
 
 def explain_run(run_dir: str | Path, n_images: int = 8, per_class: int | None = None, methods: list[str] | None = None,

@@ -7,23 +7,17 @@ network and needs no JavaScript.
 from __future__ import annotations
 
 import base64
-import csv
 import html
-import io
 import json
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from medistill.errors import NotARunError  # noqa: E402
-from medistill.eval.tables import CI_NOTE, role_label, with_ci  # noqa: E402
-from medistill.io import write_text  # noqa: E402
-from medistill.rundir import student_dir  # noqa: E402
+from medistill import plots as P
+from medistill.errors import NotARunError
+from medistill.eval.tables import CI_NOTE, role_label, with_ci
+from medistill.io import write_text
+from medistill.plots import png_data_uri
+from medistill.rundir import student_dir
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1150px;color:#1d2433;padding:0 1rem}
@@ -33,13 +27,6 @@ td,th{border:1px solid #d5dae3;padding:.3rem .55rem;text-align:right}th{backgrou
 td:first-child,th:first-child{text-align:left}.grid{display:flex;flex-wrap:wrap;gap:1rem}
 .grid figure{margin:0}.note{color:#5a6478;font-size:.85rem}img{max-width:100%}
 """
-
-
-def _png(fig: plt.Figure) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def _img_file(path: Path) -> str:
@@ -52,83 +39,6 @@ def _fmt(v: Any, nd: int = 3) -> str:
     if isinstance(v, float):
         return f"{v:.{nd}f}"
     return html.escape(str(v))
-
-
-def _curves(log: list[dict[str, Any]]) -> str:
-    students = sorted({s for r in log for s in r["train"]})
-    terms = sorted({k for r in log for s in r["train"].values() for k in s})
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
-    ep = [r["epoch"] + 1 for r in log]
-    for s in students:
-        for k in terms:
-            ys = [r["train"].get(s, {}).get(k) for r in log]
-            if any(y is not None for y in ys):
-                axes[0].plot(ep, ys, marker=".", label=f"{s}: {k}")
-        axes[1].plot(ep, [r["val"][s]["balanced_accuracy"] for r in log], marker="o", label=f"{s} bal. acc")
-        if all(r["val"][s].get("qwk") is not None for r in log):   # ordinal data only
-            axes[1].plot(ep, [r["val"][s]["qwk"] for r in log], marker="x", ls="--", label=f"{s} QWK")
-    axes[0].set_title("training loss terms (epoch means)")
-    axes[0].set_yscale("symlog", linthresh=1e-2)
-    axes[1].set_title("validation")
-    for ax in axes:
-        ax.set_xlabel("epoch")
-        ax.legend(fontsize=7)
-    return _png(fig)
-
-
-def _confusion(cm: list[list[int]], names: list[str], title: str) -> str:
-    m = np.asarray(cm, dtype=float)
-    row = m / np.clip(m.sum(1, keepdims=True), 1, None)
-    c = len(m)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.55 * c, 1.0 + 0.55 * c))
-    ax.imshow(row, cmap="Blues", vmin=0, vmax=1)
-    for i in range(c):
-        for j in range(c):
-            ax.text(j, i, int(m[i, j]), ha="center", va="center", fontsize=7, color="white" if row[i, j] > 0.5 else "black")
-    ax.set_xticks(range(c), names, rotation=45, ha="right", fontsize=7)
-    ax.set_yticks(range(c), names, fontsize=7)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title, fontsize=9)
-    return _png(fig)
-
-
-def _recall_bars(models: dict[str, dict[str, Any]], names: list[str]) -> str:
-    fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(names) * max(1, len(models)) / 2), 3.2))
-    width = 0.8 / max(1, len(models))
-    for k, (n, m) in enumerate(models.items()):
-        rec = [np.nan if v is None else v for v in m["test"]["per_class_recall"]]
-        ax.bar(np.arange(len(rec)) + k * width, rec, width, label=n)
-    ax.set_xticks(np.arange(len(names)) + 0.4 - width / 2, names, fontsize=8)
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("test recall")
-    ax.legend(fontsize=7)
-    ax.set_title("per-class recall (test)")
-    return _png(fig)
-
-
-def _reliability(pred_csv: Path, title: str, bins: int = 15) -> str:
-    with open(pred_csv) as fh:
-        rows = list(csv.DictReader(fh))
-    probs = np.array([[float(v) for k, v in r.items() if k.startswith("prob_")] for r in rows])
-    y = np.array([int(r["label"]) for r in rows])
-    conf, pred = probs.max(1), probs.argmax(1)
-    edges = np.linspace(0, 1, bins + 1)
-    acc, mid, cnt = [], [], []
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        m = (conf > lo) & (conf <= hi)
-        if m.any():
-            acc.append((pred[m] == y[m]).mean())
-            mid.append(conf[m].mean())
-            cnt.append(m.sum())
-    fig, ax = plt.subplots(figsize=(3.6, 3.4))
-    ax.plot([0, 1], [0, 1], "k--", lw=1)
-    ax.scatter(mid, acc, s=[10 + 200 * c / max(cnt) for c in cnt])
-    ax.plot(mid, acc)
-    ax.set_xlabel("confidence")
-    ax.set_ylabel("accuracy")
-    ax.set_title(title, fontsize=9)
-    return _png(fig)
 
 
 def _model_table(rows: dict[str, dict[str, Any]]) -> str:
@@ -158,7 +68,7 @@ def _run_section(run: Path) -> tuple[str, dict[str, dict[str, Any]]]:
     if log_path.is_file():
         log = [json.loads(ln) for ln in log_path.read_text().splitlines() if ln.strip()]
         if log:
-            parts.append(f"<h3 id='curves'>Training curves</h3><img alt='training curves' src='{_curves(log)}'>")
+            parts.append(f"<h3 id='curves'>Training curves</h3><img alt='training curves' src='{png_data_uri(P.curves_figure(log))}'>")
             diag = log[-1].get("diagnostics") or {}
             if diag:
                 parts.append("<h3>Diagnostics (last epoch, mean per true class)</h3><table><tr><th>term.diagnostic</th><th>mean</th><th>per class</th></tr>"
@@ -168,11 +78,11 @@ def _run_section(run: Path) -> tuple[str, dict[str, dict[str, Any]]]:
     names = json.loads((run / "split.json").read_text()).get("class_names") if (run / "split.json").is_file() else None
     if summary:
         names = names or [str(i) for i in range(len(next(iter(summary.values()))["test"]["confusion_matrix"]))]
-        parts.append(f"<h3 id='recall'>Per-class recall</h3><img alt='per-class recall' src='{_recall_bars(summary, names)}'>")
-        figs = [f"<figure><img alt='confusion {html.escape(n)}' src='{_confusion(r['test']['confusion_matrix'], names, n)}'></figure>"
+        parts.append(f"<h3 id='recall'>Per-class recall</h3><img alt='per-class recall' src='{png_data_uri(P.recall_figure(summary, names))}'>")
+        figs = [f"<figure><img alt='confusion {html.escape(n)}' src='{png_data_uri(P.confusion_figure(r['test']['confusion_matrix'], names, n))}'></figure>"
                 for n, r in summary.items()]
         parts.append("<h3 id='confusion'>Confusion matrices (test)</h3><div class='grid'>" + "".join(figs) + "</div>")
-        rel = [f"<figure><img alt='reliability {html.escape(n)}' src='{_reliability(student_dir(run, n) / 'predictions_test.csv', n)}'></figure>"
+        rel = [f"<figure><img alt='reliability {html.escape(n)}' src='{png_data_uri(P.reliability_figure(student_dir(run, n) / 'predictions_test.csv', n))}'></figure>"
                for n in students if (student_dir(run, n) / "predictions_test.csv").is_file()]
         if rel:
             parts.append("<h3 id='calibration'>Reliability diagrams (test, 15 bins)</h3><div class='grid'>" + "".join(rel) + "</div>")
