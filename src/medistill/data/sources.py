@@ -12,6 +12,7 @@ import hashlib
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -332,29 +333,42 @@ def _is_int(v: str) -> bool:
         return False
 
 
+@dataclass(frozen=True)
+class DataFormat:
+    """A data format: how to recognise a dataset name and how to open it."""
+
+    name: str
+    matches: Callable[[str, Path], bool]
+    open: Callable[[str, Path, bool], ImageSource]      # (name, path, download) → source
+
+
+# The registry `data.format` chooses from; "auto" takes the first format whose `matches` holds.
+# A new format is one reader above and one entry here.
+FORMATS: dict[str, DataFormat] = {f.name: f for f in (
+    DataFormat("medmnist", lambda n, p: p.suffix == ".npz" or medmnist.is_medmnist_name(n),
+               lambda n, p, dl: from_medmnist(n, download=dl)),
+    DataFormat("csv", lambda n, p: p.suffix.lower() == ".csv", lambda n, p, dl: from_csv(p)),
+    DataFormat("folder", lambda n, p: p.is_dir(), lambda n, p, dl: from_folder(p)),
+)}
+
+
 def open_source(name: str, fmt: str = "auto", download: bool = False) -> ImageSource:
-    """Dispatch on ``fmt`` (or guess it from ``name``)."""
+    """Open ``name`` with format ``fmt`` (a key of :data:`FORMATS`), or the first format that
+    recognises it; a bare name is also looked up as a folder or CSV in the data directories."""
     p = Path(name).expanduser()
-    if fmt == "auto":
-        if p.suffix == ".npz" or medmnist.is_medmnist_name(name):
-            fmt = "medmnist"
-        elif p.suffix.lower() == ".csv":
-            fmt = "csv"
-        elif p.is_dir():
-            fmt = "folder"
-        else:
-            # A bare folder name may live in the data directories.
-            for d in medmnist.search_dirs():
-                if (d / name).is_dir():
-                    return from_folder(d / name)
-                if (d / name).with_suffix(".csv").is_file():
-                    return from_csv((d / name).with_suffix(".csv"))
-            raise DataError(
-                f"dataset {name!r} not found: not a MedMNIST name ({', '.join(medmnist.FLAVOURS)}), "
-                f"not a .npz/.csv file and not a folder; also looked in {[str(d) for d in medmnist.search_dirs()]}"
-            )
-    if fmt == "medmnist":
-        return from_medmnist(name, download=download)
-    if fmt == "csv":
-        return from_csv(p)
-    return from_folder(p)
+    if fmt != "auto":
+        if fmt not in FORMATS:
+            raise DataError(f"unknown data format {fmt!r}; formats: {', '.join(FORMATS)}")
+        return FORMATS[fmt].open(name, p, download)
+    for f in FORMATS.values():
+        if f.matches(name, p):
+            return f.open(name, p, download)
+    for d in medmnist.search_dirs():
+        if (d / name).is_dir():
+            return from_folder(d / name)
+        if (d / name).with_suffix(".csv").is_file():
+            return from_csv((d / name).with_suffix(".csv"))
+    raise DataError(
+        f"dataset {name!r} not found: not a MedMNIST name ({', '.join(medmnist.FLAVOURS)}), "
+        f"not a .npz/.csv file and not a folder; also looked in {[str(d) for d in medmnist.search_dirs()]}"
+    )
