@@ -51,6 +51,14 @@ def test_distill_method_preset_and_errors(tmp_path: Path) -> None:
     p = cli("distill", "--teacher", str(tmp_path / "t"), "--method", "dkd", "--data", str(npz), "--model", "cnn5",
             "--epochs", "1", "--out", str(tmp_path / "s"), *small)
     assert "method dkd" in p.stderr and (tmp_path / "s" / "students" / "student" / "metrics.json").is_file()
+    # --set items that address the lists --teacher and --method build are applied to them
+    cli("distill", "--teacher", str(tmp_path / "t"), "--method", "kd", "--data", str(npz), "--model", "cnn5",
+        "--epochs", "1", "--out", str(tmp_path / "s2"), "--set", "teachers.0.input_size=24",
+        "--set", "terms.1.temperature=2", *small)
+    import yaml
+
+    saved = yaml.safe_load((tmp_path / "s2" / "config.yaml").read_text())
+    assert saved["teachers"][0]["input_size"] == 24 and saved["terms"][1]["temperature"] == 2
     bad = cli("train", "--data", "nosuchmnist", "--out", str(tmp_path / "n"), ok=False)
     assert bad.returncode == 2 and "not found" in bad.stderr and "Traceback" not in bad.stderr
     bad = cli("train", "--data", str(npz), "--model", "resnet-18", "--out", str(tmp_path / "m"), ok=False)

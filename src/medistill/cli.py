@@ -66,7 +66,11 @@ def _run(kind: str, config: Optional[Path], overrides: list[Override], model: Op
         saved = Path(out_dir or "") / "config.yaml"
         if out_dir and saved.is_file():
             config, overrides = saved, [o for o in overrides if override_key(o) == "out"]
-    cfg0 = load_config(config, overrides)
+    # --teacher and --method build the teacher and term lists after the config is read: the --set
+    # items addressing them (e.g. teachers.0.input_size=224, terms.1.temperature=2) wait until then.
+    later = tuple(p for p, flag in (("teachers.", teachers), ("terms.", method)) if flag)
+    deferred = [o for o in overrides if later and override_key(o).startswith(later)]
+    cfg0 = load_config(config, [o for o in overrides if o not in deferred])
     tree = cfg0.model_dump(mode="json")
     st = _students(model, input_size, tree.get("students"))
     if st:
@@ -81,6 +85,9 @@ def _run(kind: str, config: Optional[Path], overrides: list[Override], model: Op
         tree["teachers"] = [_teacher_entry(t, f"teacher{i}" if len(teachers) > 1 else "teacher") for i, t in enumerate(teachers)]
     if method:
         tree["terms"] = method_terms(method, tree["train"]["epochs"])
+    if deferred:
+        apply_overrides(tree, deferred)
+    if method:
         console.print(f"method {method}: terms = {json.dumps(tree['terms'])}")
     if kind == "train" and tree.get("teachers"):
         raise MedistillError("`train` takes no teachers; use `medistill distill`")
