@@ -359,3 +359,42 @@ def test_scalekd_end_to_end(tmp_path, tiny_npz, kind):
     assert all(torch.equal(before[k], after[k]) for k in before)
     saved = load_file(str(out / "students" / "s" / "model.safetensors"))
     assert not any("proj" in k or "query" in k for k in saved)
+
+
+def _setup(teacher: nn.Module, student: nn.Module, size: int):
+    from medistill.distill.terms import TermSetup
+    from medistill.models.taps import FeatureTaps
+
+    models = {"t": teacher.eval(), "s": student}
+
+    def probe(name, taps):
+        with FeatureTaps(models[name], taps, detach=True) as rec, torch.no_grad():
+            models[name].eval()(torch.zeros(2, 3, size, size))
+        return {k: (1, *v.shape[1:]) for k, v in rec.outputs.items()}
+
+    return TermSetup(students=["s"], teachers=["t"], num_classes=3, class_counts=torch.ones(3), tap_shapes={},
+                     models=models, teacher_val_recall=lambda: torch.ones(1, 3),
+                     teacher_class_means=lambda t, k: torch.zeros(3, 1), probe=probe)
+
+
+def test_scalekd_refusals():
+    import timm
+
+    from medistill.distill.terms import make_term_unbuilt
+    from medistill.errors import ConfigError
+    from medistill.models.factory import create_model
+
+    teacher = timm.create_model("resnet18", num_classes=3)           # no small-input stem: 1×1 at 32 px
+    student = create_model("cnn5", 3, 3, 32)
+    setup = _setup(teacher, student, 32)
+    term = make_term_unbuilt("scalekd", "s", {}, setup)
+    setup.tap_shapes = {p: setup.probe(p, sorted(t)) for p, t in term.taps().items()}
+    with pytest.raises(ModelError, match="1×1 map here, where the frequency view is identically zero"):
+        term.build(setup)
+    ok = make_term_unbuilt("scalekd", "s", {"alpha3": [0.08, 0.0], "alpha4": [0.08, 0.0]}, setup)
+    ok.build(setup)                                                   # spatial view only: allowed
+    assert sum(p.numel() for p in ok.parameters()) > 0
+    with pytest.raises(ConfigError, match="BatchNorm"):
+        make_term_unbuilt("scalekd", "s", {"teacher_train_mode": True}, setup)
+    with pytest.raises(ConfigError, match="go together"):
+        make_term_unbuilt("scalekd", "s", {"teacher_s3_tap": "layer3"}, setup)
