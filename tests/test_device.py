@@ -75,3 +75,27 @@ def test_cuda_run_matches_cpu_evaluation(tmp_path: Path, amp: str) -> None:
     gpu = json.loads((run / "metrics.json").read_text())["test"]
     cpu = evaluate_target(run, out=tmp_path / "cpu", latency=False)["student"]["test"]
     assert cpu["balanced_accuracy"] == pytest.approx(gpu["balanced_accuracy"], abs=0.02)
+
+
+def test_compile_captures_students_with_taps(tmp_path: Path) -> None:
+    """train.compile: the student's training forward goes through torch.compile (the eager
+    backend here: graph capture without code generation, fast on CPU) with persistent feature
+    taps, and trains exactly as without it."""
+    import json
+
+    from conftest import run_engine, tiny_cfg, write_npz
+
+    npz = write_npz(tmp_path / "d.npz")
+    run_engine(tiny_cfg(npz, tmp_path / "t", epochs=1))
+    logs = {}
+    for mode in ("off", "eager"):
+        cfg = tiny_cfg(npz, tmp_path / mode, epochs=2, compile=mode)
+        cfg["teachers"] = [{"name": "t", "checkpoint": str(tmp_path / "t")}]
+        cfg["terms"] = [{"type": "ce"}, {"type": "at", "weight": 10.0, "pairs": [["conv3", "conv3"]]}]
+        eng = run_engine(cfg)
+        if mode == "eager":
+            assert type(eng.nets["student"]).__name__ == "OptimizedModule"
+            assert not eng.fixed_taps["student"]._handles       # hooks removed after training
+        logs[mode] = [json.loads(x)["train"]["student"] for x in (tmp_path / mode / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(logs["off"], logs["eager"]):
+        assert a["at"] == pytest.approx(b["at"], rel=1e-4) and a["ce"] == pytest.approx(b["ce"], rel=1e-4)

@@ -161,6 +161,9 @@ class TrainConfig(_Strict):
     device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$",
                         description="auto (CUDA, then MPS, else CPU), cpu, cuda, cuda:N or mps")
     deterministic: bool = Field(False, description="deterministic kernels (cuDNN autotuning off); slower on GPUs")
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune", "eager"] = Field(
+        "off", description="torch.compile the students' training forward with this mode (eager: capture only, "
+        "no code generation; a check that a model compiles)")
 
     @model_validator(mode="before")
     @classmethod

@@ -12,6 +12,7 @@ import math
 import random
 import time
 from collections import defaultdict
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -284,6 +285,17 @@ class Engine:
 
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp = {s.name: DDP(s.model, device_ids=ids) for s in self.students}
+        # torch.compile of the training forward (train.compile). Taps stay registered for the whole
+        # run: adding and removing hooks every step would make dynamo recompile every step.
+        self.nets: dict[str, nn.Module] = {s.name: self.ddp.get(s.name, s.model) for s in self.students}
+        self.fixed_taps: dict[str, FeatureTaps] = {}
+        if self.cfg.train.compile != "off":
+            for s in self.students:
+                if s.taps:
+                    self.fixed_taps[s.name] = FeatureTaps(s.model, sorted(s.taps)).__enter__()
+                mode = self.cfg.train.compile
+                self.nets[s.name] = (torch.compile(self.nets[s.name], backend="eager") if mode == "eager"
+                                     else torch.compile(self.nets[s.name], mode=mode))
         self.swas: dict[str, AveragedModel] = {}
         if self.cfg.train.swa.enabled:
             self.swas = {s.name: AveragedModel(s.model) for s in self.students}
@@ -319,13 +331,13 @@ class Engine:
     def _student_outputs(self, x: Tensor, grad_for: set[str]) -> tuple[dict[str, Tensor], dict[str, dict[str, Tensor]]]:
         logits, feats = {}, {}
         for s in self.students:
-            net = self.ddp.get(s.name, s.model)
-            with FeatureTaps(s.model, sorted(s.taps)) as taps, torch.set_grad_enabled(s.name in grad_for), \
-                    autocast(self.device, self.cfg.train.amp):
+            fixed = self.fixed_taps.get(s.name)
+            with (nullcontext(fixed) if fixed else FeatureTaps(s.model, sorted(s.taps))) as taps, \
+                    torch.set_grad_enabled(s.name in grad_for), autocast(self.device, self.cfg.train.amp):
                 xs = s.pre(x)
                 if self.cfg.train.channels_last:
                     xs = xs.contiguous(memory_format=torch.channels_last)
-                logits[s.name] = net(xs).float()
+                logits[s.name] = self.nets[s.name](xs).float()
             feats[s.name] = {k: v.float() for k, v in taps.outputs.items()}
         return logits, feats
 
@@ -491,6 +503,8 @@ class Engine:
         finally:
             if tb is not None:
                 tb.close()
+        for taps in self.fixed_taps.values():
+            taps.remove()
         if self.swas:
             self._finish_swa()
 
