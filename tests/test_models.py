@@ -111,3 +111,15 @@ def test_cost() -> None:
     m = torch.nn.Linear(10, 4)
     assert count_params(m) == 44
     assert count_flops(m, (1, 10)) == 2 * 10 * 4
+
+
+def test_cnn5_is_a_timm_model() -> None:
+    import timm
+
+    from medistill.models.cnn5 import CNN5
+
+    m = timm.create_model("cnn5", num_classes=4, in_chans=1, widths=[4, 4, 8, 8, 8])
+    assert isinstance(m, CNN5) and m.fc.out_features == 4 and m.conv1[0].in_channels == 1
+    assert "cnn5" in timm.list_models("cnn*")
+    with pytest.raises(ValueError, match="no published weights"):
+        timm.create_model("cnn5", pretrained=True)

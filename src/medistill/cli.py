@@ -354,7 +354,7 @@ def models_list(pattern: str = typer.Argument("*", help="glob, e.g. 'resnet*'"))
     """List model names (timm + cnn5)."""
     import timm
 
-    for n in (["cnn5"] if pattern in ("*", "cnn5", "cnn*") else []) + timm.list_models(pattern):
+    for n in timm.list_models(pattern):     # cnn5 included: it is registered with timm
         print(n)
 
 

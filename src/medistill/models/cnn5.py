@@ -7,7 +7,10 @@ Widths are configurable; the paper does not state them (methods.md §D.3).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+from timm.models import register_model
 from torch import nn
 
 
@@ -44,3 +47,19 @@ class CNN5(nn.Module):
 
     def get_classifier(self) -> nn.Module:
         return self.fc
+
+
+# timm's factory passes these to every entry point; cnn5 has no pretrained configuration.
+_TIMM_OPTIONS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
+
+
+@register_model
+def cnn5(pretrained: bool = False, num_classes: int = 1000, in_chans: int = 3,
+         widths: tuple[int, ...] = (32, 64, 128, 256, 256), drop_rate: float = 0.0, **kwargs: Any) -> CNN5:
+    """timm entry point: ``timm.create_model("cnn5", num_classes=…, widths=…)``. No published weights."""
+    if pretrained:
+        raise ValueError("cnn5 has no published weights; pass a local weights file instead")
+    unknown = sorted(k for k in kwargs if k not in _TIMM_OPTIONS)
+    if unknown:
+        raise TypeError(f"cnn5 got unexpected keyword arguments {unknown}")
+    return CNN5(num_classes, in_chans, tuple(widths), drop_rate)

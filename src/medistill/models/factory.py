@@ -19,7 +19,7 @@ from torch import nn
 from medistill.data.transforms import resize
 from medistill.errors import ModelError
 from medistill.io import atomic_write, torch_load, write_json
-from medistill.models.cnn5 import CNN5
+from medistill.models import cnn5 as _cnn5  # noqa: F401  (registers cnn5 with timm)
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 SMALL_INPUT_MAX = 64
@@ -44,7 +44,7 @@ ADAPTATIONS = {
 
 
 def list_model_names() -> list[str]:
-    return ["cnn5", *timm.list_models()]
+    return timm.list_models()       # cnn5 is registered with timm (models/cnn5.py)
 
 
 def _unknown_model(name: str) -> ModelError:
@@ -98,24 +98,22 @@ def create_model(name: str, num_classes: int, in_chans: int = 3, input_size: int
     if num_classes < 2:
         raise ModelError(f"num_classes must be ≥ 2, got {num_classes}")
     dual_head = bool(kwargs.pop("dual_head", False))
-    if name == "cnn5":
-        try:
-            model: nn.Module = CNN5(num_classes, in_chans, **kwargs)
-        except TypeError as e:
-            raise ModelError(f"cnn5 does not take the keyword arguments {sorted(kwargs)} ({e})") from e
-    else:
-        if name not in timm.list_models() and not timm.is_model(name):
-            raise _unknown_model(name)
-        try:
-            model = _timm_create(name, num_classes, in_chans, input_size, pretrained is True, kwargs)
-        except TypeError as e:
-            raise ModelError(f"{name} does not accept the keyword arguments {sorted(kwargs)} ({e}); "
-                             "see timm's documentation of the model for its arguments") from e
-        except (OSError, RuntimeError) as e:
-            if pretrained is True:
-                raise ModelError(f"could not fetch hub weights for {name!r} (offline?): {e}. "
-                                 "Pass a local weights file as pretrained=PATH instead.") from e
-            raise
+    if not timm.is_model(name):
+        raise _unknown_model(name)
+    try:
+        model = _timm_create(name, num_classes, in_chans, input_size, pretrained is True, kwargs)
+    except TypeError as e:
+        raise ModelError(f"{name} does not accept the keyword arguments {sorted(kwargs)} ({e}); "
+                         "see timm's documentation of the model for its arguments") from e
+    except ValueError as e:
+        if "no published weights" in str(e):
+            raise ModelError(f"{name}: {e}") from e
+        raise
+    except (OSError, RuntimeError) as e:
+        if pretrained is True:
+            raise ModelError(f"could not fetch hub weights for {name!r} (offline?): {e}. "
+                             "Pass a local weights file as pretrained=PATH instead.") from e
+        raise
     adaptation = None
     if small_input in ("stride8", "stride16"):
         adaptation = _adapt_small_input(model, in_chans, keep_pool=small_input == "stride16")
