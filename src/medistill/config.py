@@ -7,11 +7,12 @@ that name the key and the file.
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from medistill.errors import ConfigError
 
@@ -111,13 +112,26 @@ class TermSpec(BaseModel):
 
 
 class OptimConfig(_Strict):
-    name: Literal["sgd", "adamw", "adam"] = "adamw"
+    name: str = Field("adamw", description="sgd, adam, adamw, or any optimizer of timm's factory (lamb, lars, adan, …)")
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(5e-4, ge=0)
     momentum: float = 0.9
     nesterov: bool = True
     head_lr: float | None = Field(None, description="learning rate of the classifier head (default: lr)")
     module_lr: float | None = Field(None, description="learning rate of method modules (projectors, CFL blocks)")
+
+
+    @field_validator("name")
+    @classmethod
+    def _known_optimizer(cls, v: str) -> str:
+        from timm.optim import list_optimizers
+
+        names = list_optimizers()
+        if v not in names:
+            close = difflib.get_close_matches(v, names, n=4)
+            raise ValueError(f"unknown optimizer {v!r}" + (f"; did you mean {', '.join(close)}?" if close else
+                                                           "; see timm.optim.list_optimizers()"))
+        return v
 
 
 class SchedConfig(_Strict):

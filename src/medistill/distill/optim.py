@@ -1,5 +1,6 @@
 """Optimizer and learning-rate schedule of a student: parameter groups (body, head, method
-modules), SGD / Adam / AdamW, and a per-step warm-up + cosine / step / constant schedule."""
+modules), any optimizer of timm's factory (SGD, Adam, AdamW — PyTorch's own classes — and LAMB,
+LARS, Adan, …), and a per-step warm-up + cosine / step / constant schedule."""
 
 from __future__ import annotations
 
@@ -21,11 +22,12 @@ def build_optimizer(model: nn.Module, module_params: list[nn.Parameter], o: Opti
         groups.append({"params": [p for p in model.parameters() if id(p) in head_ids], "lr": o.head_lr or o.lr})
     if module_params:
         groups.append({"params": module_params, "lr": o.module_lr or o.lr})
-    if o.name == "sgd":
-        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay)
-    if o.name == "adam":
-        return torch.optim.Adam(groups, lr=o.lr, weight_decay=o.weight_decay)
-    return torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay)
+    from timm.optim import create_optimizer_v2
+
+    # timm names SGD with Nesterov momentum "sgd" and without it "momentum".
+    name = "momentum" if o.name == "sgd" and not o.nesterov else o.name
+    extra = {"momentum": o.momentum} if name in ("sgd", "momentum", "lars", "larc", "nlars", "nlarc", "rmsprop", "rmsproptf") else {}
+    return create_optimizer_v2(groups, name, lr=o.lr, weight_decay=o.weight_decay, **extra)
 
 
 def lr_factor(step: int, sc: SchedConfig, lr: float, epochs: int, steps_per_epoch: int) -> float:
