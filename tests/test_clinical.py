@@ -253,6 +253,10 @@ def test_binary_run_reports_intervals_and_saves_its_threshold(binary_run, tmp_pa
     assert r["threshold"] == spec["threshold"] and r["class"] == int(r["probabilities"][1] >= spec["threshold"])
     onnx_path = export_model(run)["path"]
     assert predict_files(onnx_path, [img])[0]["threshold"] == spec["threshold"]
+    from medistill.report import build_report
+
+    page = Path(build_report([run])).read_text()
+    assert "Operating points" in page and f"P(class 1) ≥ {spec['threshold']:.3f}" in page and "bootstrap" in page
 
 
 def test_external_validation_scores_every_image_once(binary_run, tmp_path):

@@ -86,6 +86,7 @@ def _run_section(run: Path) -> tuple[str, dict[str, dict[str, Any]]]:
                for n in students if (student_dir(run, n) / "predictions_test.csv").is_file()]
         if rel:
             parts.append("<h3 id='calibration'>Reliability diagrams (test, 15 bins)</h3><div class='grid'>" + "".join(rel) + "</div>")
+        parts.append(_operating_points(summary))
     exp = run / "explain"
     if (exp / "explain.md").is_file():
         parts.append("<h3 id='explanations'>Explanations</h3>" + _md_table_html((exp / "explain.md").read_text()))
@@ -93,6 +94,32 @@ def _run_section(run: Path) -> tuple[str, dict[str, dict[str, Any]]]:
             parts.append(f"<figure><figcaption>{html.escape(png.stem)}</figcaption><img alt='{html.escape(png.stem)}' src='{_img_file(png)}'></figure>")
     parts.append("</section>")
     return "".join(parts), summary
+
+
+def _operating_points(summary: dict[str, dict[str, Any]]) -> str:
+    """Binary tasks: sensitivity, specificity, PPV, NPV and F1 at the argmax and at the threshold
+    chosen on validation, with AUPRC; per-class sensitivity/specificity otherwise."""
+    rows = []
+    for n, r in summary.items():
+        t = r.get("test", {})
+        for point, op in (t.get("operating_points") or {}).items():
+            label = "argmax" if op["threshold"] is None else f"P(class 1) ≥ {op['threshold']:.3f}"
+            rows.append(f"<tr><td>{html.escape(n)}</td><td>{html.escape(label)}</td>"
+                        + "".join(f"<td>{_fmt(op[k])}</td>" for k in ("sensitivity", "specificity", "ppv", "npv", "f1"))
+                        + f"<td>{_fmt(t.get('auprc'))}</td></tr>")
+    if rows:
+        return ("<h3 id='operating'>Operating points (test; the threshold was chosen on validation)</h3><table><tr><th>model"
+                "</th><th>decision</th><th>sensitivity</th><th>specificity</th><th>PPV</th><th>NPV</th><th>F1</th>"
+                "<th>AUPRC</th></tr>" + "".join(rows) + "</table>")
+    per = [(n, r["test"]) for n, r in summary.items() if r.get("test", {}).get("per_class_sensitivity")]
+    if not per:
+        return ""
+    return ("<h3 id='operating'>Per-class sensitivity / specificity / ECE (test)</h3><table><tr><th>model</th><th>per class"
+            "</th></tr>" + "".join(
+                f"<tr><td>{html.escape(n)}</td><td>" + ", ".join(
+                    f"{_fmt(se, 2)}/{_fmt(sp, 2)}/{_fmt(e, 3)}" for se, sp, e in
+                    zip(t["per_class_sensitivity"], t["per_class_specificity"], t["per_class_ece"])) + "</td></tr>"
+                for n, t in per) + "</table>")
 
 
 def _md_table_html(md: str) -> str:
