@@ -398,3 +398,34 @@ def test_scalekd_refusals():
         make_term_unbuilt("scalekd", "s", {"teacher_train_mode": True}, setup)
     with pytest.raises(ConfigError, match="go together"):
         make_term_unbuilt("scalekd", "s", {"teacher_s3_tap": "layer3"}, setup)
+
+
+def test_rescale_49_multiplies_every_feature_loss():
+    import timm
+
+    from medistill.distill.context import StepContext
+    from medistill.distill.terms import make_term_unbuilt
+    from medistill.models.factory import create_model
+    from medistill.models.taps import FeatureTaps
+
+    teacher = timm.create_model("resnet18", num_classes=3).eval()     # layer4: 2×2 at 64 px
+    student = create_model("cnn5", 3, 3, 64)
+    setup = _setup(teacher, student, 64)
+    x = torch.rand(4, 3, 64, 64)
+    out = {}
+    for rescale in (False, True):
+        torch.manual_seed(0)
+        term = make_term_unbuilt("scalekd", "s", {"rescale_49": rescale}, setup)
+        setup.tap_shapes = {p: setup.probe(p, sorted(t)) for p, t in term.taps().items()}
+        term.build(setup)
+        feats = {}
+        for name, model in (("t", teacher), ("s", student.train())):
+            with FeatureTaps(model, sorted(term.taps()[name])) as rec:
+                model(x)
+            feats[name] = dict(rec.outputs)
+        ctx = StepContext({}, feats, torch.zeros(4, dtype=torch.long), 1.0, torch.ones(3), torch.ones(3) / 3, ["t"], ["s"])
+        torch.manual_seed(1)
+        out[rescale] = term(ctx)[1]
+    assert term.grid4 == (2, 2)
+    for k in ("s3", "s3_alt", "s4", "s4_alt"):
+        assert float(out[True][k]) == pytest.approx(float(out[False][k]) * 49 / 4, rel=1e-5)
