@@ -28,7 +28,7 @@ def one_epoch(resident: bool, a: argparse.Namespace, out: Path) -> float:
     from medistill.distill.engine import Engine
 
     cfg = load_config(None, [], base={
-        "data": {"name": a.data, "augment": "dihedral", "resident": resident, "num_workers": a.workers if not resident else 0},
+        "data": {"name": a.data, "augment": "dihedral", "resident": "on" if resident else "off", "num_workers": a.workers if not resident else 0},
         "students": [{"name": "s", "model": a.model, "input_size": a.input_size}],
         "train": {"epochs": 1, "batch_size": a.batch_size, "threads": a.threads, "progress": False, "latency": False,
                   "device": a.device},

@@ -17,7 +17,7 @@ from medistill.errors import DataError
 
 def _bundle(tmp_path, augment: str = "dihedral", size: int | None = None):
     npz = write_npz(tmp_path / "d.npz", counts=(30, 20, 10))
-    b = build_data(load_config(None, [("data.name", str(npz)), ("data.augment", augment), ("data.resident", True)]).data,
+    b = build_data(load_config(None, [("data.name", str(npz)), ("data.augment", augment), ("data.resident", "on")]).data,
                    image_size=size)
     return b
 
@@ -60,7 +60,7 @@ def test_resident_options_and_refusals(tmp_path):
         (folder / c).mkdir(parents=True)
         for i in range(12):
             Image.fromarray(np.full((8, 8, 3), 20 * i, np.uint8)).save(folder / c / f"{i}.png")
-    fb = build_data(load_config(None, [("data.name", str(folder)), ("data.resident", True)]).data)
+    fb = build_data(load_config(None, [("data.name", str(folder)), ("data.resident", "on")]).data)
     with pytest.raises(DataError, match="in-memory dataset"):
         fb.loader("train", 8, train=True)
 
@@ -70,10 +70,21 @@ def test_resident_training_run_with_cached_teacher(tmp_path):
     teacher = tiny_cfg(npz, tmp_path / "t", epochs=1)
     run_engine(teacher)
     cfg = tiny_cfg(npz, tmp_path / "s", epochs=2)
-    cfg["data"].update(augment="dihedral", resident=True)
+    cfg["data"].update(augment="dihedral", resident="on")
     cfg["teachers"] = [{"name": "t", "checkpoint": str(tmp_path / "t")}]
     cfg["terms"] = [{"type": "ce", "weight": 0.1}, {"type": "kd", "weight": 0.9}]
     eng = run_engine(cfg)
     assert "t" in eng.cache                         # views stay enumerable: the teacher is cached
     log = [json.loads(line) for line in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()]
     assert len(log) == 2 and log[-1]["train"]["student"]["kd"] > 0
+
+
+def test_resident_auto_is_off_on_cpu_and_bools_are_accepted(tmp_path):
+    from torch.utils.data import DataLoader
+
+    npz = write_npz(tmp_path / "d.npz")
+    b = build_data(load_config(None, [("data.name", str(npz))]).data)
+    assert b.cfg.resident == "auto" and not b.use_resident()
+    assert isinstance(b.loader("train", 8, train=True), DataLoader)
+    assert load_config(None, [("data.resident", True)]).data.resident == "on"
+    assert load_config(None, ["data.resident=false"]).data.resident == "off"

@@ -47,8 +47,15 @@ class DataConfig(_Strict):
     protocol_cap: dict[int, int] | None = Field(None, description="per-class caps of the balanced subset; default: the median class count of the training split")
     role: Literal["auto", "teacher", "student"] = Field("auto", description="protocol side; auto: teacher when the run has no teachers")
     num_workers: int = Field(0, ge=0)
-    resident: bool = Field(False, description="keep a MedMNIST .npz on the training device and gather, resize and "
-                           "augment (none/flip/dihedral) whole batches there: no workers, no copy per step")
+    resident: Literal["auto", "on", "off"] = Field(
+        "auto", description="keep a MedMNIST .npz on the training device and gather, resize and augment "
+        "(none/flip/dihedral) whole batches there; auto: on for CUDA when the array takes under a quarter of the "
+        "free device memory and the views are finite")
+
+    @field_validator("resident", mode="before")
+    @classmethod
+    def _resident_bool(cls, v: Any) -> Any:
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
     ordinal: Literal["auto"] | bool = Field("auto", description="labels are ordered grades (QWK reported); auto: "
                                            "true for RetinaMNIST, false otherwise")
     group_pattern: str | None = Field(None, description="regular expression on image file names whose first group "
