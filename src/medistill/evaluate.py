@@ -94,10 +94,14 @@ def evaluate_target(target: str | Path, data: str | None = None, out: str | Path
     elif split == "test":
         bundle = build_data(load_config(None, [("data.name", data)]).data)
     results = {}
+    external: dict[tuple[str, ...], DataBundle] = {}   # one opened dataset per class list, not per student
     for d in model_dirs:
         model, pre, spec = load_model_dir(d)
         if split == "all":
-            bundle = external_bundle(str(data), spec.class_names, class_map)
+            key = tuple(spec.class_names)
+            if key not in external:
+                external[key] = external_bundle(str(data), spec.class_names, class_map)
+            bundle = external[key]
         assert bundle is not None
         if spec.num_classes != bundle.num_classes:
             raise ModelError(f"{d} predicts {spec.num_classes} classes; the data has {bundle.num_classes}")

@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchmetrics.functional.classification import (multiclass_auroc, multiclass_calibration_error,
+from torchmetrics.functional.classification import (binary_calibration_error, multiclass_auroc,
+                                                    multiclass_calibration_error,
                                                     multiclass_cohen_kappa, multiclass_confusion_matrix,
                                                     multiclass_f1_score)
 
@@ -208,19 +209,12 @@ def per_class_reliability(probs: torch.Tensor, labels: torch.Tensor, n_bins: int
     c = p.shape[1]
     pred = p.argmax(1)
     sens, spec, ece = [], [], []
-    edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64)
     for k in range(c):
         pos, hit = y == k, pred == k
         sens.append(float((hit & pos).sum() / pos.sum()) if pos.any() else None)
         spec.append(float((~hit & ~pos).sum() / (~pos).sum()) if (~pos).any() else None)
-        pk = p[:, k].contiguous()
-        b = torch.bucketize(pk, edges[1:-1], right=True)
-        err = 0.0
-        for j in range(n_bins):
-            m = b == j
-            if m.any():
-                err += float(m.sum()) / len(pk) * abs(float(pk[m].mean()) - float(pos[m].double().mean()))
-        ece.append(err)
+        # one-vs-rest: torchmetrics' binary ECE of P(class k) against the indicator y = k
+        ece.append(float(binary_calibration_error(p[:, k].float(), pos.long(), n_bins=n_bins, norm="l1")))
     return {"per_class_sensitivity": sens, "per_class_specificity": spec, "per_class_ece": ece}
 
 
