@@ -17,6 +17,16 @@ import torch  # noqa: E402
 torch.set_num_threads(2)
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``@pytest.mark.gpu`` tests need CUDA: skipped, with the reason, on machines without it."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (none here); benchmarks/gpu_check.sh runs `pytest -m gpu`")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 def make_images(n_per_class: list[int], size: int = 16, channels: int = 3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Learnable toy images: class c has a bright square in cell c of a 3×3 grid, plus noise."""
     rng = np.random.default_rng(seed)

@@ -61,7 +61,7 @@ def test_resume_accepts_configs_saved_before_amp_existed(tmp_path: Path) -> None
         check_resume_config(tmp_path / "config.yaml", load_config(None, ["train.bf16=true", "train.epochs=3"]))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (benchmarks/gpu_check.sh runs it)")
+@pytest.mark.gpu
 @pytest.mark.parametrize("amp", ["off", "bf16", "fp16"])
 def test_cuda_run_matches_cpu_evaluation(tmp_path: Path, amp: str) -> None:
     """On a GPU: a run trains on CUDA, records the device and its peak memory, and the saved

@@ -76,18 +76,63 @@ def test_score_cam_single_channel() -> None:
     assert torch.allclose(cam, ref, atol=1e-6)
 
 
-def test_top_k_agrees_with_full() -> None:
+def _score_cam_naive(model: nn.Module, x: torch.Tensor, layer: nn.Module, channels: list[list[int]]) -> torch.Tensor:
+    """Score-CAM ("original") one image and one channel at a time, over the given channels only."""
+    acts = []
+    h = layer.register_forward_hook(lambda m, i, o: acts.append(o.detach()))
+    with torch.no_grad():
+        cls = model(x).argmax(1)
+    h.remove()
+    a = acts[0]
+    out = []
+    for b in range(x.shape[0]):
+        cam = torch.zeros(x.shape[-2:])
+        for k in channels[b]:
+            up = torch.nn.functional.interpolate(a[b:b + 1, k:k + 1], size=x.shape[-2:], mode="bilinear",
+                                                 align_corners=False)[0, 0]
+            if up.max() == up.min():
+                continue
+            mask = (up - up.min()) / (up.max() - up.min())
+            with torch.no_grad():
+                p = torch.softmax(model(x[b:b + 1] * mask), 1)[0, cls[b]]
+            cam += p * up
+        cam = cam.relu()
+        out.append((cam - cam.min()) / (cam.max() - cam.min()))
+    return torch.stack(out)
+
+
+def test_top_k_against_naive_reference() -> None:
+    """k < K: only the k channels of largest activation variance contribute, per image."""
     m = _cnn().eval()
-    x = torch.randn(2, 3, 12, 12)
+    x = torch.randn(3, 3, 12, 12)
+    acts = []
+    h = m[4].register_forward_hook(lambda mod, i, o: acts.append(o.detach()))
+    with torch.no_grad():
+        m(x)
+    h.remove()
+    k = 3
+    assert acts[0].shape[1] == 6 > k
+    top = acts[0].flatten(2).var(2).topk(k, 1).indices.tolist()
+    got = score_cam(m, x, "4", top_k_channels=k, batch_size=5)
+    assert torch.allclose(got, _score_cam_naive(m, x, m[4], top), atol=1e-5)
+    # and the top-k map differs from the full one: the branch changed something
     full = score_cam(m, x, "4")
-    top = score_cam(m, x, "4", top_k_channels=6)
-    assert torch.allclose(full, top)
+    assert torch.allclose(full, _score_cam_naive(m, x, m[4], [list(range(6))] * 3), atol=1e-5)
+    assert not torch.allclose(full, got, atol=1e-3)
 
 
-def test_fidelity_all_ones() -> None:
-    m = _cnn().eval()
-    x = torch.randn(5, 3, 12, 12)
-    assert prediction_fidelity(m, x, torch.ones(5, 12, 12)) == 1.0
+def test_fidelity_counts_changed_predictions() -> None:
+    """A mask that flips the prediction of exactly the images chosen counts those as unfaithful."""
+    lin = nn.Linear(4, 2, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0]]))
+    m = nn.Sequential(nn.Flatten(), lin)
+    x = torch.tensor([[2.0, 1.0, 0.0, 0.0]] * 4).view(4, 1, 2, 2)   # every image predicts class 0
+    keep = torch.ones(4, 2, 2)
+    flip = torch.tensor([[0.1, 1.0], [1.0, 1.0]])                   # class 0 evidence × 0.1 → class 1 wins
+    s = torch.stack([keep[0], flip, keep[0], flip])
+    assert prediction_fidelity(m, x, s) == 0.5
+    assert prediction_fidelity(m, x, torch.stack([flip] * 4)) == 0.0
 
 
 def test_average_maps_invariances() -> None:

@@ -232,7 +232,20 @@ def test_mmd2() -> None:
     assert approx(L.mmd2(x, y), 11.706640, 1e-5)
     z = torch.randn(5, 3, 2, 2)
     assert float(L.mmd2(z, z)) == 0.0
-    assert float(L.mmd2(torch.randn(4, 8), torch.randn(6, 8))) >= 0.0
+    # against a naive double loop over pairs (float64), including unequal set sizes
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(4, 8, generator=g, dtype=torch.float64), torch.randn(6, 8, generator=g, dtype=torch.float64)
+    an, bn = a / a.norm(dim=1, keepdim=True), b / b.norm(dim=1, keepdim=True)
+    sig = (0.001, 0.01, 0.05, 0.1, 0.2, 1.0, 2.0)
+
+    def k(u: torch.Tensor, v: torch.Tensor) -> float:
+        d = max(float(((u - v) ** 2).sum()), 1e-12)
+        return sum(math.exp(-d / (2 * s * s)) for s in sig)
+
+    ref = (sum(k(u, v) for u in an for v in an) / 16 + sum(k(u, v) for u in bn for v in bn) / 36
+           - 2 * sum(k(u, v) for u in an for v in bn) / 24)
+    got = L.mmd2(a, b)
+    assert got.dtype == torch.float64 and abs(float(got) - max(ref, 0.0)) < 1e-10
     # under bf16 autocast (train.bf16) the kernel still computes in float32
     a, b = torch.randn(6, 32), torch.randn(6, 32)
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -51,8 +51,6 @@ def test_resident_options_and_refusals(tmp_path):
     bal = b.loader("train", 16, train=True, balanced=True)
     labels = torch.cat([batch[1] for batch in bal])
     assert len(labels) == n and torch.bincount(labels).min() > 0
-    with pytest.raises(DataError, match="finite view sets"):
-        _bundle(tmp_path, augment="standard").loader("train", 8, train=True)
     folder = tmp_path / "imgs"
     from PIL import Image
 
@@ -75,6 +73,17 @@ def test_resident_training_run_with_cached_teacher(tmp_path):
     cfg["terms"] = [{"type": "ce", "weight": 0.1}, {"type": "kd", "weight": 0.9}]
     eng = run_engine(cfg)
     assert "t" in eng.cache                         # views stay enumerable: the teacher is cached
+    cache = eng.cache["t"]
+    assert cache.positions.device == eng.device and cache.outputs["logits"].device == eng.device
+    train = torch.as_tensor(eng.data.splits["train"][:4])
+    got = cache.lookup(train, torch.tensor([0, 3, 7, 5]))["logits"]
+    assert torch.equal(got[1], cache.outputs["logits"][3, cache.positions[train[1]]])
+    from medistill.errors import CacheMismatchError
+
+    with pytest.raises(CacheMismatchError, match="no entry"):
+        cache.lookup(train, torch.tensor([0, 3, 9, 5]))       # a view id beyond the cached set
+    with pytest.raises(CacheMismatchError, match="no entry"):
+        cache.lookup(torch.as_tensor(eng.data.splits["test"][:2]), torch.tensor([0, 0]))
     log = [json.loads(line) for line in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()]
     assert len(log) == 2 and log[-1]["train"]["student"]["kd"] > 0
 
@@ -88,3 +97,66 @@ def test_resident_auto_is_off_on_cpu_and_bools_are_accepted(tmp_path):
     assert isinstance(b.loader("train", 8, train=True), DataLoader)
     assert load_config(None, [("data.resident", True)]).data.resident == "on"
     assert load_config(None, ["data.resident=false"]).data.resident == "off"
+
+
+def test_crop_flip_batch_identity_flip_and_torchvision_crop():
+    from torchvision.transforms.v2 import functional as TF
+
+    from medistill.data.transforms import crop_flip_batch
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 2, 16, 16, generator=g)
+    full = torch.tensor([[0.0, 0.0, 1.0, 1.0]] * 3)
+    assert torch.allclose(crop_flip_batch(x, full, torch.zeros(3, dtype=torch.bool)), x, atol=1e-5)
+    flips = torch.tensor([True, False, True])
+    got = crop_flip_batch(x, full, flips)
+    assert torch.allclose(got[0], x[0].flip(-1), atol=1e-5) and torch.allclose(got[1], x[1], atol=1e-5)
+    # an integer box (left 2, top 3, 8 × 10 px) against torchvision's crop-then-resize; the
+    # border row/column differs by design (it reads the pixel beyond the crop edge)
+    box = torch.tensor([[2 / 16, 3 / 16, 8 / 16, 10 / 16]] * 3)
+    ours = crop_flip_batch(x, box, torch.zeros(3, dtype=torch.bool))
+    ref = TF.resized_crop(x, top=3, left=2, height=10, width=8, size=[16, 16], antialias=False)
+    assert torch.allclose(ours[..., 1:-1, 1:-1], ref[..., 1:-1, 1:-1], atol=1e-5)
+
+
+def test_resident_standard_augmentation_matches_the_per_image_statistics(tmp_path):
+    """``standard`` on the device: seeded, one random crop and flip per sample (view id −1),
+    with the same per-pixel mean and spread as torchvision's RandomResizedCrop + flip."""
+    from medistill.data.resident import ResidentLoader
+    from medistill.data.transforms import Augment
+
+    yy, xx = torch.meshgrid(torch.arange(16.0), torch.arange(16.0), indexing="ij")
+    img = torch.stack([xx * 16, yy * 16, (xx + yy) * 8]).clamp(max=255).to(torch.uint8)   # ramps: crops show
+    n = 3000
+    images = img[None].expand(n, -1, -1, -1).contiguous()
+    labels = torch.zeros(n, dtype=torch.long)
+
+    def epoch(seed: int) -> torch.Tensor:
+        dl = ResidentLoader(images, labels, np.arange(n), 16, 500, "standard", seed, shuffle=True)
+        batches = list(dl)
+        assert all((b[3] == -1).all() for b in batches)
+        return torch.cat([b[0] for b in batches])
+
+    ours = epoch(1)
+    assert torch.equal(ours, epoch(1)) and not torch.equal(ours, epoch(2))
+    torch.manual_seed(0)
+    aug = Augment("standard", 16)
+    base = img.float() / 255
+    ref = torch.stack([aug(base)[0] for _ in range(n)])
+    assert (ours.mean(0) - ref.mean(0)).abs().max() < 0.03
+    assert (ours.std(0) - ref.std(0)).abs().max() < 0.03
+    flipped = lambda t: (t[:, 0, :, 0] > t[:, 0, :, -1]).float().mean()   # noqa: E731 — ramp reversed
+    assert abs(float(flipped(ours)) - float(flipped(ref))) < 0.04
+
+
+def test_resident_standard_run_teacher_live(tmp_path):
+    """A distillation run with random crops on the device: the teacher cannot be cached, so it
+    runs on each random view."""
+    npz = write_npz(tmp_path / "d.npz")
+    run_engine(tiny_cfg(npz, tmp_path / "t", epochs=1))
+    cfg = tiny_cfg(npz, tmp_path / "s", epochs=1)
+    cfg["data"].update(augment="standard", resident="on")
+    cfg["teachers"] = [{"name": "t", "checkpoint": str(tmp_path / "t")}]
+    cfg["terms"] = [{"type": "ce", "weight": 0.1}, {"type": "kd", "weight": 0.9}]
+    eng = run_engine(cfg)
+    assert eng.cache == {} and type(eng.data.loader("train", 8, train=True)).__name__ == "ResidentLoader"

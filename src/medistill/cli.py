@@ -266,6 +266,7 @@ def explain(
     out: Optional[Path] = typer.Option(None, "--out"),
     layer: Optional[list[str]] = typer.Option(None, "--layer", help="MODEL=MODULE: the CAM layer of one model, e.g. mobilenetv3=blocks.4 (repeatable)"),
     compare: Optional[list[str]] = typer.Option(None, "--compare", help="NAME=DIR: also explain a model from elsewhere, e.g. a student trained without a teacher (repeatable)"),
+    device: str = typer.Option("cpu", "--device", help="where the maps are computed: cpu (default), auto, cuda, cuda:N or mps"),
 ) -> None:
     """Explain every model of a run: overlays, faithfulness, agreement, explanation time."""
     from medistill.explain.run import explain_run
@@ -275,7 +276,7 @@ def explain(
         raise typer.BadParameter(f"{bad[0]!r} must look like NAME=VALUE (--layer MODEL=MODULE, --compare NAME=DIR)")
     report = explain_run(run_dir, images, per_class, [m.strip() for m in methods.split(",") if m.strip()], split, top_k,
                          out=out, layers=dict(v.split("=", 1) for v in layer or []),
-                         compare=dict(v.split("=", 1) for v in compare or []))
+                         compare=dict(v.split("=", 1) for v in compare or []), device=device)
     from medistill.explain.run import explain_markdown
 
     print(explain_markdown(report))

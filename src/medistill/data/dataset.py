@@ -84,16 +84,16 @@ class DataBundle:
         return ImageDataset(self.source, self.splits[split], self.image_size, aug)
 
     def use_resident(self) -> bool:
-        """``data.resident``: on, off, or auto — on for a CUDA device when the array is in memory,
-        the views are finite and it takes under a quarter of the free device memory."""
+        """``data.resident``: on, off, or auto — on for a CUDA device when the array is in memory
+        and takes under a quarter of the free device memory."""
         mode = self.cfg.resident
         if mode != "auto":
             return mode == "on"
         dev = self.device
-        if dev is None or dev.type != "cuda" or not self.source.in_memory or self.cfg.augment == "standard":
+        if dev is None or dev.type != "cuda" or not self.source.in_memory:
             return False
         free, _total = torch.cuda.mem_get_info(dev)
-        return self.source._arrays.nbytes < 0.25 * free
+        return self.source.array.nbytes < 0.25 * free
 
     def resident_loader(self, split: str, batch_size: int, seed: int, balanced: bool, drop_last: bool):
         """The training loader of ``data.resident``: images copied to the device once."""
@@ -104,14 +104,14 @@ class DataBundle:
             raise DataError(f"data.resident needs an in-memory dataset (a MedMNIST .npz); {self.source.description} "
                             "is read from files")
         dev = self.device or torch.device("cpu")
-        need = self.source._arrays.nbytes
+        need = self.source.array.nbytes
         if dev.type == "cuda" and self._resident is None:
             free, _total = torch.cuda.mem_get_info(dev)
             if need > 0.9 * free:
                 raise DataError(f"data.resident: the images take {need / 2**20:.0f} MiB but {dev} has "
                                 f"{free / 2**20:.0f} MiB free; set data.resident=off")
         if self._resident is None:
-            self._resident = torch.from_numpy(self.source._arrays).permute(0, 3, 1, 2).contiguous().to(dev)
+            self._resident = torch.from_numpy(self.source.array).permute(0, 3, 1, 2).contiguous().to(dev)
         labels = torch.as_tensor(self.source.labels).to(dev)
         weights = None
         if balanced:

@@ -2,9 +2,10 @@
 training device as uint8 and each batch is gathered, resized and augmented there in one batched
 operation — no worker processes, no per-image Python, no host-to-device copy per step.
 
-For in-memory sources (MedMNIST ``.npz``) and finite view sets (``none``, ``flip``,
-``dihedral``): the view of each sample is drawn per step and returned, so teacher caches stay
-valid. Batches have the :class:`~medistill.data.dataset.ImageDataset` item layout
+For in-memory sources (MedMNIST ``.npz``). With a finite view set (``none``, ``flip``,
+``dihedral``) the view of each sample is drawn per step and returned, so teacher caches stay
+valid; ``standard`` draws a random resized crop and flip per sample (view id −1), applied to the
+whole batch in one ``grid_sample``. All draws come from one CPU generator seeded per epoch. Batches have the :class:`~medistill.data.dataset.ImageDataset` item layout
 ``(x [B, C, S, S] float in [0, 1], labels [B], source indices [B], view ids [B])``.
 """
 
@@ -16,8 +17,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from medistill.data.transforms import apply_view, resize, views_for
-from medistill.errors import DataError
+from medistill.data.transforms import apply_view, crop_flip_batch, random_crop_boxes, resize, views_for
 
 Tensor = torch.Tensor
 
@@ -41,10 +41,8 @@ class ResidentLoader:
         self.images, self.labels = images, labels            # [N, C, H, W] uint8 and [N] on the device
         self.indices = torch.as_tensor(np.asarray(indices), dtype=torch.long)
         self.size, self.batch_size = size, batch_size
-        self.views = views_for(augment) if augment else [0]
-        if augment and not self.views:
-            raise DataError("data.resident supports the finite view sets none, flip and dihedral; "
-                            f"augment={augment!r} draws random crops per image (use the standard loader)")
+        self.random_crops = augment == "standard"
+        self.views = [0] if self.random_crops or not augment else views_for(augment)
         self.gen = torch.Generator().manual_seed(seed)
         self.shuffle, self.drop_last = shuffle, drop_last
         self.sample_weights = sample_weights
@@ -75,8 +73,11 @@ class ResidentLoader:
             if len(self.views) > 1:
                 v = views[torch.randint(len(self.views), (len(idx),), generator=self.gen)]
             else:
-                v = torch.zeros(len(idx), dtype=torch.long)
+                v = torch.full((len(idx),), -1 if self.random_crops else 0, dtype=torch.long)
             idx_d = idx.to(dev, non_blocking=True)
             x = resize(self.images[idx_d].float().div_(255.0), self.size)
-            x = apply_views(x, v.to(dev)) if len(self.views) > 1 else x
+            if self.random_crops:
+                x = crop_flip_batch(x, *random_crop_boxes(len(idx), self.gen))
+            elif len(self.views) > 1:
+                x = apply_views(x, v.to(dev))
             yield x, self.labels[idx_d], idx, v

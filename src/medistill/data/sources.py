@@ -55,6 +55,13 @@ class ImageSource:
         return self._arrays is not None
 
     @property
+    def array(self) -> np.ndarray:
+        """The whole image array ``[N, H, W, C]`` uint8 of an in-memory source."""
+        if self._arrays is None:
+            raise DataError(f"{self.description} is read from files, not held as one array")
+        return self._arrays
+
+    @property
     def num_classes(self) -> int:
         return len(self.class_names)
 

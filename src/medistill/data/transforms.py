@@ -10,6 +10,8 @@ and flips (not cacheable: the teacher must see each random view).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
@@ -45,6 +47,47 @@ def resize(x: torch.Tensor, size: int) -> torch.Tensor:
     return y[0] if squeeze else y
 
 
+# RandomResizedCrop's ranges for ``standard``: area fraction and aspect ratio of the crop.
+CROP_SCALE, CROP_RATIO = (0.8, 1.0), (0.9, 1.1)
+
+
+def crop_flip_batch(x: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """Crop box ``k`` of image ``k`` and resize it back to the input size, flipped horizontally
+    where ``flip[k]``: one ``affine_grid``/``grid_sample`` for the whole batch.
+
+    ``x [B, C, H, W]``; ``boxes [B, 4]`` as (left, top, width, height) fractions of the image
+    (continuous, so no rounding to whole pixels); ``flip [B]`` bool. Output pixel ``o`` samples the
+    input at ``left·W + (o + ½)·width·W / W_out − ½`` — torchvision's crop-then-bilinear-resize
+    (``align_corners=False``), except that at the crop's edge it reads the neighbouring pixel
+    instead of repeating the edge one.
+    """
+    left, top, w, h = boxes.to(x.dtype).unbind(1)
+    sign = 1.0 - 2.0 * flip.to(x.dtype)
+    theta = torch.zeros(x.shape[0], 2, 3, dtype=x.dtype, device=x.device)
+    theta[:, 0, 0] = (w * sign).to(x.device)
+    theta[:, 0, 2] = (2 * left + w - 1).to(x.device)
+    theta[:, 1, 1] = h.to(x.device)
+    theta[:, 1, 2] = (2 * top + h - 1).to(x.device)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def random_crop_boxes(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``standard``'s random crops for ``n`` images, drawn on the CPU from ``gen`` (reproducible
+    per seed): area fraction uniform in ``CROP_SCALE``, log aspect ratio uniform in
+    ``log(CROP_RATIO)``, position uniform; and a coin flip each. torchvision redraws a crop that
+    does not fit (up to 10 times); here the side is clipped to the image instead, which changes
+    only crops of area near 1 and aspect ≠ 1 (they become slightly smaller)."""
+    area = torch.empty(n).uniform_(*CROP_SCALE, generator=gen)
+    logr = torch.empty(n).uniform_(math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1]), generator=gen)
+    w = (area * logr.exp()).sqrt().clamp(max=1.0)
+    h = (area / logr.exp()).sqrt().clamp(max=1.0)
+    left = torch.rand(n, generator=gen) * (1 - w)
+    top = torch.rand(n, generator=gen) * (1 - h)
+    flip = torch.rand(n, generator=gen) < 0.5
+    return torch.stack([left, top, w, h], 1), flip
+
+
 class Augment:
     """Training augmentation on a float ``[C, H, W]`` tensor in [0, 1]; returns ``(x, view)``
     where ``view`` is the view id (−1 for random augmentation)."""
@@ -53,7 +96,7 @@ class Augment:
         self.kind = kind
         self.views = views_for(kind)
         self.random = v2.Compose([
-            v2.RandomResizedCrop(size, scale=(0.8, 1.0), ratio=(0.9, 1.1), antialias=True),
+            v2.RandomResizedCrop(size, scale=CROP_SCALE, ratio=CROP_RATIO, antialias=True),
             v2.RandomHorizontalFlip(),
         ]) if kind == "standard" else None
 

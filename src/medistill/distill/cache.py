@@ -46,14 +46,27 @@ class TeacherCache:
         self.manifest = manifest
         self.outputs = outputs                    # name ("logits" or tap) → [V, N, ...]
         self.views: list[int] = manifest["views"]
-        self.view_row = {v: i for i, v in enumerate(self.views)}
         self.positions = positions                # source index → row, −1 where absent
+        # view id → row of ``outputs`` (−1: not cached), a tensor so a lookup is one gather
+        self.view_rows = torch.full((max(self.views) + 1,), -1, dtype=torch.long)
+        self.view_rows[torch.as_tensor(self.views)] = torch.arange(len(self.views))
+
+    def to(self, device: torch.device) -> "TeacherCache":
+        """Hold the outputs on ``device`` (``data.resident``: batches are gathered there too)."""
+        self.outputs = {k: v.to(device) for k, v in self.outputs.items()}
+        self.positions, self.view_rows = self.positions.to(device), self.view_rows.to(device)
+        return self
 
     def lookup(self, source_idx: torch.Tensor, view: torch.Tensor) -> dict[str, torch.Tensor]:
-        rows = self.positions[source_idx]
-        if (rows < 0).any():
-            raise CacheMismatchError("teacher cache has no entry for some training images (other split?)")
-        vrows = torch.tensor([self.view_row[int(v)] for v in view.tolist()])
+        """Outputs ``{name: [B, ...]}`` for source images ``source_idx [B]`` seen in views ``view [B]``,
+        on the cache's device. One check of both indices, as one device sync per step."""
+        dev = self.positions.device
+        rows = self.positions[source_idx.to(dev)]
+        view = view.to(dev)
+        vrows = self.view_rows[view.clamp(0, len(self.view_rows) - 1)]
+        if bool(((rows < 0) | (vrows < 0) | (view >= len(self.view_rows))).any()):
+            raise CacheMismatchError("teacher cache has no entry for some training images or views (other split "
+                                     "or augmentation?)")
         return {k: t[vrows, rows] for k, t in self.outputs.items()}
 
     @staticmethod

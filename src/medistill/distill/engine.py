@@ -165,6 +165,8 @@ class Engine:
         reset_peak_memory(self.device)
         self._make_optim()
         self.cache = make_teacher_caches(self.teachers, self.data, cfg, self.tap_shapes, self.console, self.main, self.world)
+        if self.data.use_resident():   # batches are gathered on the device: so are the teacher outputs
+            self.cache = {k: c.to(self.device) for k, c in self.cache.items()}
 
     def _seed(self, seed: int) -> None:
         random.seed(seed)

@@ -68,8 +68,8 @@ def _classes(logits: Tensor, class_idx: int | Tensor | None) -> Tensor:
     if class_idx is None:
         return logits.argmax(1)
     if isinstance(class_idx, int):
-        return torch.full((logits.shape[0],), class_idx, dtype=torch.long)
-    return torch.as_tensor(class_idx, dtype=torch.long).reshape(-1)
+        return torch.full((logits.shape[0],), class_idx, dtype=torch.long, device=logits.device)
+    return torch.as_tensor(class_idx, dtype=torch.long, device=logits.device).reshape(-1)
 
 
 def score_cam(model: nn.Module, images: Tensor, target_layer: str, class_idx: int | Tensor | None = None,
@@ -101,7 +101,7 @@ def score_cam(model: nn.Module, images: Tensor, target_layer: str, class_idx: in
             keep.scatter_(1, var.topk(top_k_channels, 1).indices, True)
             valid &= keep
         pairs = valid.nonzero()                                          # [P, 2] (image, channel)
-        scores = torch.zeros(b, k)
+        scores = torch.zeros(b, k, device=a.device)
         for chunk in pairs.split(batch_size):
             bi, ki = chunk[:, 0], chunk[:, 1]
             mask = (up[bi, ki] - lo[bi, ki, None, None]) / (hi - lo)[bi, ki, None, None]

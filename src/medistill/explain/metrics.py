@@ -20,11 +20,12 @@ def _prob(model: nn.Module, x: Tensor, cls: Tensor) -> Tensor:
 def _curve(model: nn.Module, images: Tensor, saliency: Tensor, class_idx: Any, steps: int, baseline: float,
            insert: bool) -> Tensor:
     with eval_mode(model), torch.no_grad():
-        cls = model(images).argmax(1) if class_idx is None else torch.as_tensor(class_idx).reshape(-1).expand(images.shape[0])
+        cls = (model(images).argmax(1) if class_idx is None
+               else torch.as_tensor(class_idx, device=images.device).reshape(-1).expand(images.shape[0]))
         b, _, h, w = images.shape
         order = saliency.flatten(1).argsort(1, descending=True)        # most salient first
         rank = torch.empty_like(order)
-        rank.scatter_(1, order, torch.arange(h * w).expand(b, -1))
+        rank.scatter_(1, order, torch.arange(h * w, device=order.device).expand(b, -1))
         rank = rank.view(b, 1, h, w)
         base = torch.full_like(images, baseline)
         probs = []

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medistill.config import load_config
+from medistill.device import resolve_device
 from medistill.data import build_data
 from medistill.errors import ArgumentError
 from medistill.explain import cam as C
@@ -62,40 +63,25 @@ def _overlay_grid(images: np.ndarray, columns: dict[str, np.ndarray], labels: li
 
 def explain_run(run_dir: str | Path, n_images: int = 8, per_class: int | None = None, methods: list[str] | None = None,
                 split: str = "test", top_k: int | None = None, seed: int = 0, out: str | Path | None = None,
-                layers: dict[str, str] | None = None, compare: dict[str, str | Path] | None = None) -> dict[str, Any]:
+                layers: dict[str, str] | None = None, compare: dict[str, str | Path] | None = None,
+                device: str = "cpu") -> dict[str, Any]:
     """``layers`` maps a participant name to the module its CAMs use (default: the deepest top-level
     module with a map of at least 2×2 — at small inputs that map is coarse, e.g. 2×2 at 64 px).
     ``compare`` adds models from elsewhere (name → model or run directory), e.g. a student trained
     without a teacher: its agreement with the teachers is the baseline a distilled student's is
-    judged against."""
+    judged against. Every model, map and masked forward runs on ``device``."""
     run_dir = Path(run_dir)
     cam_layers = dict(layers or {})
-    compare = dict(compare or {})
     methods = list(methods or ["gradcam", "scorecam", "avgmap"])
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ArgumentError(f"unknown explanation method(s) {unknown}; available: {', '.join(METHODS)}")
+    dev = resolve_device(device)
     out = Path(out) if out else run_dir / "explain"
     cfg = load_config(run_dir / "config.yaml")
     bundle = build_data(cfg.data, fixed_splits=json.loads((run_dir / "split.json").read_text()))
-    models: dict[str, tuple[str, nn.Module, nn.Module, Any]] = {}
-    for t in cfg.teachers:
-        tdir = resolve_teacher(t.checkpoint)
-        if is_ensemble_dir(tdir):   # an ensemble is explained member by member
-            for i, row in enumerate(read_ensemble(tdir)["members"]):
-                m, pre, spec = load_model_dir(tdir / row["model_dir"])
-                models[f"{t.name}.{i}"] = ("teacher", m, pre, spec)
-            continue
-        m, pre, spec = load_model_dir(tdir)
-        models[t.name] = ("teacher", m, pre, spec)
-    for d in student_dirs(run_dir):
-        m, pre, spec = load_model_dir(d)
-        models[d.name] = ("student", m, pre, spec)
-    for name, path in compare.items():
-        if name in models:
-            raise ArgumentError(f"--compare name {name!r} is already a model of this run; pick another")
-        m, pre, spec = load_model_dir(resolve_teacher(str(path)))
-        models[name] = ("compare", m, pre, spec)
+    models = _load_models(run_dir, [t.checkpoint for t in cfg.teachers], [t.name for t in cfg.teachers],
+                          dict(compare or {}))
     counts = {n: s.num_classes for n, (*_, s) in models.items()}
     if len(set(counts.values())) > 1:
         raise ArgumentError(f"models disagree on the number of classes: {counts}")
@@ -108,77 +94,120 @@ def explain_run(run_dir: str | Path, n_images: int = 8, per_class: int | None = 
     ds = bundle.dataset(split, train=False)
     pos = {int(i): k for k, i in enumerate(bundle.splits[split])}
     items = [ds[pos[int(i)]] for i in chosen]
-    x = torch.stack([it[0] for it in items])
+    x = torch.stack([it[0] for it in items]).to(dev)
     y = torch.tensor([it[1] for it in items])
     bg_ds = bundle.dataset("train", train=False)
-    bg = torch.stack([bg_ds[i][0] for i in np.random.default_rng(seed).permutation(len(bg_ds))[:16]])
-    size = tuple(x.shape[-2:])
-    report: dict[str, Any] = {"split": split, "images": chosen.tolist(), "labels": y.tolist(), "device": "cpu",
+    bg = torch.stack([bg_ds[i][0] for i in np.random.default_rng(seed).permutation(len(bg_ds))[:16]]).to(dev)
+    report: dict[str, Any] = {"split": split, "images": chosen.tolist(), "labels": y.tolist(), "device": str(dev),
                               "threads": torch.get_num_threads(), "scorecam_variant": "original", "top_k_channels": top_k,
                               "deletion_baseline": "0 in normalised input space (the normalisation mean colour)",
                               "shap_background": "16 random training images (eval transform), GradientShap n_samples=16, stdev 0.09",
                               "fidelity": "prediction agreement of f(x ⊙ S) with f(x)", "models": {}}
     all_maps: dict[str, dict[str, torch.Tensor]] = {}
+    images = x.permute(0, 2, 3, 1).cpu().numpy()
+    titles = [f"y={int(v)}" for v in y]
     for name, (role, model, pre, spec) in models.items():
-        xin = pre(x)
-        layer = cam_layers.get(name) or C.default_target_layer(model, spec.input_size, spec.in_chans)
-        # one shape-probing forward serves the CAM layer, the error message and the per-layer maps
-        spatial = {n: sh for n, sh in list_taps(model, spec.input_size, spec.in_chans, max(2, layer.count(".") + 1))
-                   if len(sh) == 4}
-        if layer not in spatial:
-            raise ArgumentError(f"{name}: layer {layer!r} is not a module with a spatial [B, C, H, W] output; "
-                             f"candidates: {[n for n in spatial if n.count('.') < 2]}")
-        shape = spatial[layer]
-        fns = _methods(layer, top_k, pre(bg))
-        with torch.no_grad():
-            pred = model.eval()(xin).argmax(1)
-        entry: dict[str, Any] = {"role": role, "target_layer": layer, "target_map": list(shape[-2:]), "methods": {}}
-        all_maps[name] = {}
-        for meth in methods:
-            fn = fns[meth]
-            fn(model, xin[:1], pred[:1])                               # warm-up, discarded
-            t0 = time.perf_counter()
-            maps = fn(model, xin, pred)
-            met = (time.perf_counter() - t0) / len(x)
-            res = {"met_s_per_image": met,
-                   "deletion_auc": M.per_class(M.deletion_auc(model, xin, maps), y, bundle.num_classes),
-                   "insertion_auc": M.per_class(M.insertion_auc(model, xin, maps), y, bundle.num_classes),
-                   "fidelity": M.prediction_fidelity(model, xin, maps)}
-            cc = M.confidence_change(model, xin, maps)
-            res["average_drop"] = M.per_class(cc["drop"], y, bundle.num_classes)
-            res["increase_in_confidence"] = M.per_class(cc["increase"], y, bundle.num_classes)
-            entry["methods"][meth] = res
-            all_maps[name][meth] = F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
-        per_layer = C.average_feature_maps(model, xin, [n for n in spatial if "." not in n])
-        _overlay_grid(x.permute(0, 2, 3, 1).numpy(), {k: F.interpolate(v[:, None], size=size, mode="bilinear")[:, 0].numpy()
-                                                     for k, v in per_layer.items()},
-                      [f"y={int(v)}" for v in y], out / f"layers_{name}.png")
+        model.to(dev)
+        pre.to(dev)
+        entry, all_maps[name], per_layer = _explain_model(name, model, pre, spec, x, y, pre(bg), cam_layers.get(name), methods,
+                                                          top_k, bundle.num_classes)
+        entry["role"] = role
+        _overlay_grid(images, per_layer, titles, out / f"layers_{name}.png")
         report["models"][name] = entry
     teachers = [n for n, (r, *_) in models.items() if r == "teacher"]
     if teachers:
-        agree_all: dict[str, Any] = {}
-        for ref in teachers:
-            agree_all[ref] = {}
-            for name in models:
-                if name == ref:
-                    continue
-                agree_all[ref][name] = {}
-                for meth in methods:
-                    a = M.map_agreement(all_maps[ref][meth], all_maps[name][meth])
-                    agree_all[ref][name][meth] = {k: M.per_class(v, y, bundle.num_classes) for k, v in a.items()}
+        agree_all = {ref: _agreement(all_maps, ref, methods, y, bundle.num_classes) for ref in teachers}
         report["agreement_with"] = teachers[0]
         report["agreement"] = agree_all[teachers[0]]
         report["agreement_all"] = agree_all
     for meth in methods:
-        _overlay_grid(x.permute(0, 2, 3, 1).numpy(), {n: all_maps[n][meth].numpy() for n in models},
-                      [f"y={int(v)}" for v in y], out / f"grid_{meth}.png")
+        _overlay_grid(images, {n: all_maps[n][meth].numpy() for n in models}, titles, out / f"grid_{meth}.png")
     write_json(out / "explain.json", report)
     write_text(out / "explain.md", explain_markdown(report))
     return report
 
 
+Loaded = dict[str, tuple[str, nn.Module, nn.Module, Any]]
+
+
+def _load_models(run_dir: Path, checkpoints: list[str], names: list[str], compare: dict[str, str | Path]) -> Loaded:
+    """Every model to explain, name → (role, model, preprocess, spec): the run's teachers (an
+    ensemble member by member), its students and the ``compare`` models."""
+    models: Loaded = {}
+    for tname, checkpoint in zip(names, checkpoints):
+        tdir = resolve_teacher(checkpoint)
+        if is_ensemble_dir(tdir):   # an ensemble is explained member by member
+            for i, row in enumerate(read_ensemble(tdir)["members"]):
+                models[f"{tname}.{i}"] = ("teacher", *load_model_dir(tdir / row["model_dir"]))
+            continue
+        models[tname] = ("teacher", *load_model_dir(tdir))
+    for d in student_dirs(run_dir):
+        models[d.name] = ("student", *load_model_dir(d))
+    for name, path in compare.items():
+        if name in models:
+            raise ArgumentError(f"--compare name {name!r} is already a model of this run; pick another")
+        models[name] = ("compare", *load_model_dir(resolve_teacher(str(path))))
+    return models
+
+
+def _explain_model(name: str, model: nn.Module, pre: nn.Module, spec: Any, x: torch.Tensor, y: torch.Tensor, background: torch.Tensor,
+                   layer: str | None, methods: list[str], top_k: int | None, num_classes: int
+                   ) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, np.ndarray]]:
+    """One model's maps ``[B, H, W]`` (CPU, image size) per method, their faithfulness and time
+    per image, and its per-layer average maps for the layer figure."""
+    xin = pre(x)
+    size = tuple(x.shape[-2:])
+    layer = layer or C.default_target_layer(model, spec.input_size, spec.in_chans)
+    # one shape-probing forward serves the CAM layer, the error message and the per-layer maps
+    spatial = {n: sh for n, sh in list_taps(model, spec.input_size, spec.in_chans, max(2, layer.count(".") + 1))
+               if len(sh) == 4}
+    if layer not in spatial:
+        raise ArgumentError(f"{name}: layer {layer!r} is not a module with a "
+                            f"spatial [B, C, H, W] output; candidates: {[n for n in spatial if n.count('.') < 2]}")
+    fns = _methods(layer, top_k, background)
+    with torch.no_grad():
+        pred = model.eval()(xin).argmax(1)
+    entry: dict[str, Any] = {"target_layer": layer, "target_map": list(spatial[layer][-2:]), "methods": {}}
+    maps_out: dict[str, torch.Tensor] = {}
+    for meth in methods:
+        fn = fns[meth]
+        fn(model, xin[:1], pred[:1])                               # warm-up, discarded
+        _sync(x.device)
+        t0 = time.perf_counter()
+        maps = fn(model, xin, pred)
+        _sync(x.device)
+        met = (time.perf_counter() - t0) / len(x)
+        cc = M.confidence_change(model, xin, maps)
+        entry["methods"][meth] = {
+            "met_s_per_image": met,
+            "deletion_auc": M.per_class(M.deletion_auc(model, xin, maps).cpu(), y, num_classes),
+            "insertion_auc": M.per_class(M.insertion_auc(model, xin, maps).cpu(), y, num_classes),
+            "fidelity": M.prediction_fidelity(model, xin, maps),
+            "average_drop": M.per_class(cc["drop"].cpu(), y, num_classes),
+            "increase_in_confidence": M.per_class(cc["increase"].cpu(), y, num_classes)}
+        maps_out[meth] = F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0].cpu()
+    per_layer = C.average_feature_maps(model, xin, [n for n in spatial if "." not in n])
+    layer_maps = {k: F.interpolate(v[:, None], size=size, mode="bilinear")[:, 0].cpu().numpy() for k, v in per_layer.items()}
+    return entry, maps_out, layer_maps
+
+
+def _agreement(maps: dict[str, dict[str, torch.Tensor]], ref: str, methods: list[str], y: torch.Tensor,
+               num_classes: int) -> dict[str, Any]:
+    """Top-20 % IoU and Spearman of every other model's maps with teacher ``ref``'s, per class."""
+    return {name: {meth: {k: M.per_class(v, y, num_classes)
+                          for k, v in M.map_agreement(maps[ref][meth], maps[name][meth]).items()}
+                   for meth in methods}
+            for name in maps if name != ref}
+
+
+def _sync(device: torch.device) -> None:
+    # CUDA kernels run asynchronously: time the maps, not their launch.
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def explain_markdown(r: dict[str, Any]) -> str:
-    lines = ["# Explanations", "", f"{len(r['images'])} {r['split']} images; CPU, {r['threads']} threads; "
+    lines = ["# Explanations", "", f"{len(r['images'])} {r['split']} images; {_device_text(r)}; "
              f"fidelity = {r['fidelity']}; deletion/insertion baseline = {r['deletion_baseline']}.", "",
              "| model | method | layer | MET (ms/img) | fidelity | deletion AUC ↓ (macro) | insertion AUC ↑ (macro) | avg drop ↓ |",
              "|---|---|---|---|---|---|---|---|"]
@@ -194,3 +223,8 @@ def explain_markdown(r: dict[str, Any]) -> str:
             for meth, v in d.items():
                 lines.append(f"| {name} | {roles.get(name, '')} | {meth} | {v['iou']['macro']:.3f} | {v['spearman']['macro']:.3f} |")
     return "\n".join(lines) + "\n"
+
+
+def _device_text(r: dict[str, Any]) -> str:
+    dev = r.get("device", "cpu")
+    return f"CPU, {r['threads']} threads" if dev == "cpu" else dev

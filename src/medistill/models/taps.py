@@ -101,8 +101,9 @@ def list_taps(model: nn.Module, input_size: int, in_chans: int = 3, max_depth: i
     was = model.training
     model.eval()
     taps = FeatureTaps(model, names, detach=True)
+    p = next(model.parameters(), None)
     with taps, torch.no_grad():
-        model(torch.zeros(1, in_chans, input_size, input_size))
+        model(torch.zeros(1, in_chans, input_size, input_size, device=p.device if p is not None else None))
     model.train(was)
     for n in names:
         if n in taps.outputs:
