@@ -8,6 +8,7 @@ directories and the run they belong to."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from medistill.errors import ModelError
 from medistill.models.ensemble import is_ensemble_dir
@@ -70,3 +71,25 @@ def resolve_model_dir(target: str | Path) -> Path:
     if students:
         return students[0]
     raise ModelError(f"{t}: not a run directory, model directory or weights file beside model.json")
+
+
+def write_run_files(out: Path, cfg: Any, teachers: list[Any], students: list[Any], terms: Any, device: Any,
+                    data: Any) -> None:
+    """A new run's ``config.yaml`` (every default written out), ``run_info.json`` (environment,
+    seed, teachers' checkpoints and hashes, student adaptations, term parameters, device) and
+    ``split.json`` (the exact images of each split)."""
+    from medistill.config import dump_config
+    from medistill.device import device_info
+    from medistill.io import environment_info, write_json, write_text
+
+    write_text(out / "config.yaml", dump_config(cfg))
+    info = environment_info()
+    info["seed"] = cfg.train.seed
+    info["teachers"] = {t.name: {"checkpoint": t.checkpoint, "sha256": t.sha256} for t in teachers}
+    info["adaptations"] = {s.name: s.spec.adaptation for s in students}
+    # Training-only modules of the terms (projectors, regressors): dropped after training.
+    info["term_parameters"] = {k.replace("__", "."): n for k, t in terms.items()
+                               if (n := sum(p.numel() for p in t.parameters()))}
+    info.update(device_info(device), amp=cfg.train.amp)
+    write_json(out / "run_info.json", info)
+    write_json(out / "split.json", data.split_record())

@@ -14,10 +14,12 @@ from typing import Any
 from rich.console import Console
 
 from medistill.config import load_config
-from medistill.distill.engine import Engine, supervised_terms
+from medistill.distill.engine import Engine
+from medistill.distill.methods import supervised_terms
 from medistill.distill.methods import method_terms
 from medistill.rundir import student_dir
 from medistill.errors import ConfigError
+from medistill.eval.tables import STUDENT_ROLES
 from medistill.io import write_text
 
 METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "qwk", "auroc", "ece")
@@ -69,7 +71,7 @@ def run_sweep(config: str | Path | None, out: str | Path, methods: list[str] | N
             Engine(cfg, resume=(run_dir / "checkpoint_last.pt").is_file(), console=console).run()
         summary = json.loads((run_dir / "summary.json").read_text())
         for model, r in summary.items():
-            if r["role"] != "student":
+            if r["role"] not in STUDENT_ROLES:
                 continue
             val = json.loads((student_dir(run_dir, model) / "metrics.json").read_text())["val"]
             # without a named method, the terms say what the cell trained (e.g. "hybrid" vs "ce")

@@ -1,7 +1,8 @@
 """Distillation engine: participants, loss terms, teacher cache, the training loop."""
 
 from medistill.distill.context import StepContext
-from medistill.distill.engine import Engine, Participant
+from medistill.distill.engine import Engine
+from medistill.distill.participants import Participant
 from medistill.distill import scalekd, umkd  # noqa: F401  (register scalekd; sfa, cfa, udd)
 from medistill.distill.terms import TERMS, LossTerm, TermSetup, make_term, register
 

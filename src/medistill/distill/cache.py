@@ -185,3 +185,25 @@ def build_cache(t: Any, manifest: dict[str, Any], views: list[int], train_idx: n
                         outs[k] = torch.zeros(len(views), n, *val.shape[1:])
                     outs[k][vi, rows] = val
     return TeacherCache(manifest, outs, positions)
+
+
+@torch.no_grad()
+def teacher_class_means(t: Any, tap: str, loader: Any, device: torch.device, num_classes: int,
+                        path: Path, write: bool) -> torch.Tensor:
+    """Mean of teacher ``t``'s flattened tap ``tap`` per training class ``[K, D]`` (ND's class
+    centres), read from ``path`` when present, else computed over ``loader`` (float64 sums) and
+    written there when ``write``."""
+    if path.is_file():
+        return load_file(str(path))["means"]
+    sums, n = None, torch.zeros(num_classes)
+    with FeatureTaps(t.model, [tap], detach=True) as taps:
+        for x, y, _i, _v in loader:
+            t.logits(x.to(device))
+            e = taps[tap].flatten(1).double().cpu()
+            sums = torch.zeros(num_classes, e.shape[1], dtype=torch.float64) if sums is None else sums
+            sums.index_add_(0, torch.as_tensor(y), e)
+            n += torch.bincount(torch.as_tensor(y), minlength=num_classes)
+    means = (sums / n.clamp_min(1)[:, None].double()).float()
+    if write:
+        atomic_write(path, lambda p: save_file({"means": means}, str(p)))
+    return means

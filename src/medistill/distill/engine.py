@@ -13,71 +13,33 @@ import random
 import time
 from collections import defaultdict
 from contextlib import nullcontext
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, update_bn
 
 from medistill import dist
-from medistill.config import RunConfig, TermSpec, dump_config
+from medistill.config import RunConfig
 from medistill.data import DataBundle, build_data
-from medistill.device import autocast, device_info, grad_scaler, peak_memory_mb, reset_peak_memory, resolve_device
+from medistill.device import autocast, grad_scaler, peak_memory_mb, reset_peak_memory, resolve_device
 from medistill.distill import checkpoint as ckpt
-from medistill.distill.cache import make_teacher_caches
+from medistill.distill.cache import make_teacher_caches, teacher_class_means
 from medistill.distill.context import StepContext
-from medistill.distill.optim import build_optimizer, build_scheduler
-from medistill.distill.participants import (
-    Participant,
-    load_teacher,
-    make_student,
-    memory_teacher,
-)
-from medistill.distill.terms import TERMS, LossTerm, TermSetup
+from medistill.distill.evaluation import final_evaluation, teacher_val_recall, tune_on_validation, validate
+from medistill.distill.logbook import EpochLog, epoch_line, progress_bar
+from medistill.distill.methods import build_terms, supervised_terms
+from medistill.distill.optim import averaged_copies, finish_swa, build_optimizer, build_scheduler
+from medistill.distill.participants import load_teacher, make_student, memory_teacher, training_forwards
+from medistill.distill.terms import TermSetup
 from medistill.errors import ConfigError, NonFiniteLossError
-from medistill.eval.metrics import classification_metrics, selection_score
-from medistill.eval.predict import evaluate_splits, predict
-from medistill.eval.tables import summary_table
-from medistill.io import (
-    append_jsonl,
-    check_writable,
-    environment_info,
-    write_json,
-    write_text,
-)
-from medistill.models.cost import count_flops, count_params, model_cost
-from medistill.models.ensemble import EnsembleModel
-from medistill.models.factory import (
-    load_model_dir,
-    save_model_dir,
-)
+from medistill.io import check_writable, write_json
 from medistill.models.taps import FeatureTaps
-from medistill.rundir import resolve_teacher, student_dir
+from medistill.rundir import resolve_teacher, write_run_files
 
 Tensor = torch.Tensor
-
-
-def supervised_terms(cfg: RunConfig) -> list[TermSpec]:
-    """The default objective of ``train``: one supervised term from ``train.loss``."""
-    t = cfg.train
-    cw = "class_balanced" if t.loss.startswith("cb_") else t.class_weights
-    if t.loss in ("ce", "cb_ce"):
-        return [TermSpec(type="ce", label_smoothing=t.label_smoothing, class_weights=cw)]
-    if t.loss in ("focal", "cb_focal"):
-        return [TermSpec(type="focal", gamma=t.focal_gamma, class_weights=cw)]
-    return [TermSpec(type="logit_adjusted")]
 
 
 class Engine:
@@ -99,6 +61,33 @@ class Engine:
 
     # ----------------------------------------------------------------------------- set-up
     def setup(self) -> None:
+        """Device and process group → run directory checks → data and participants → terms,
+        optimizers and teacher caches."""
+        cfg = self.cfg
+        self._setup_device()
+        self._check_out()
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        self._seed(cfg.train.seed)
+        self._setup_participants()
+        counts = torch.as_tensor(self.data.counts("train"), dtype=torch.float32)
+        if (counts == 0).any():
+            missing = [self.data.class_names[i] for i in torch.nonzero(counts == 0).flatten().tolist()]
+            self.console.print(f"[yellow]warning: classes {missing} have no training images[/]")
+        if cfg.train.select_metric == "qwk" and not self.data.ordinal:
+            raise ConfigError("train.select_metric=qwk needs ordinal labels; this data is nominal "
+                              "(set data.ordinal=true if its class ids are ordered grades)")
+        self.class_counts = counts.to(self.device)
+        self.class_prior = self.class_counts / self.class_counts.sum()
+        self.terms = self._make_terms().to(self.device)
+        self.scaler = grad_scaler(self.device, cfg.train.amp)
+        reset_peak_memory(self.device)
+        self._make_optim()
+        self.cache = make_teacher_caches(self.teachers, self.data, cfg, self.tap_shapes, self.console, self.main, self.world)
+        if self.data.use_resident():   # batches are gathered on the device: so are the teacher outputs
+            self.cache = {k: c.to(self.device) for k, c in self.cache.items()}
+
+    def _setup_device(self) -> None:
         cfg = self.cfg
         self.device = resolve_device(cfg.train.device)
         if self.device.type == "cuda":
@@ -112,6 +101,9 @@ class Engine:
         self.main = dist.rank() == 0
         if not self.main:
             self.console = Console(quiet=True)
+
+    def _check_out(self) -> None:
+        """The output folder: writable, not holding another run unless resuming it with the same experiment."""
         if self.resume and not ckpt.has_checkpoint(self.out):
             raise ConfigError(f"--resume: no checkpoint_last.pt in {self.out}"
                               + ("" if self.out.is_dir() else " (the folder does not exist)"))
@@ -123,15 +115,13 @@ class Engine:
             raise ConfigError(f"{self.out} already holds a run (checkpoint_last.pt); pass --resume to continue it "
                               "or choose another --out")
         if self.resume:
-            ckpt.check_resume_config(self.out / "config.yaml", cfg)
-        if cfg.train.threads:
-            torch.set_num_threads(cfg.train.threads)
-        self._seed(cfg.train.seed)
+            ckpt.check_resume_config(self.out / "config.yaml", self.cfg)
 
+    def _setup_participants(self) -> None:
+        """Data (the saved split when resuming), frozen teachers and students, all on the device."""
+        cfg = self.cfg
         teacher_dirs = {t.name: resolve_teacher(t.checkpoint) for t in cfg.teachers if t.name not in self.teacher_modules}
-        fixed = None
-        if self.resume:
-            fixed = json.loads((self.out / "split.json").read_text())
+        fixed = json.loads((self.out / "split.json").read_text()) if self.resume else None
         role = cfg.data.role if cfg.data.role != "auto" else ("student" if cfg.teachers else "teacher")
         self.data: DataBundle = build_data(cfg.data, None, role=role, download=self.download, fixed_splits=fixed)
         self.data.pin_memory = self.device.type == "cuda"
@@ -151,23 +141,6 @@ class Engine:
             p.model.to(self.device)
             p.pre.to(self.device)
 
-        counts = torch.as_tensor(self.data.counts("train"), dtype=torch.float32)
-        if (counts == 0).any():
-            missing = [self.data.class_names[i] for i in torch.nonzero(counts == 0).flatten().tolist()]
-            self.console.print(f"[yellow]warning: classes {missing} have no training images[/]")
-        if cfg.train.select_metric == "qwk" and not self.data.ordinal:
-            raise ConfigError("train.select_metric=qwk needs ordinal labels; this data is nominal "
-                              "(set data.ordinal=true if its class ids are ordered grades)")
-        self.class_counts = counts.to(self.device)
-        self.class_prior = self.class_counts / self.class_counts.sum()
-        self.terms = self._make_terms().to(self.device)
-        self.scaler = grad_scaler(self.device, cfg.train.amp)
-        reset_peak_memory(self.device)
-        self._make_optim()
-        self.cache = make_teacher_caches(self.teachers, self.data, cfg, self.tap_shapes, self.console, self.main, self.world)
-        if self.data.use_resident():   # batches are gathered on the device: so are the teacher outputs
-            self.cache = {k: c.to(self.device) for k, c in self.cache.items()}
-
     def _seed(self, seed: int) -> None:
         random.seed(seed)
         np.random.seed(seed % (2 ** 32))
@@ -175,48 +148,18 @@ class Engine:
 
     def _make_terms(self) -> nn.ModuleDict:
         cfg = self.cfg
-        specs = cfg.terms or supervised_terms(cfg)
         if cfg.teachers and not cfg.terms:
             raise ConfigError("a distillation run needs loss terms (config `terms:` or --method)")
         setup = TermSetup(
             students=[s.name for s in self.students], teachers=[t.name for t in self.teachers],
             num_classes=self.data.num_classes, class_counts=self.class_counts, tap_shapes={},
             models={n: p.model for n, p in self.parts.items()},
-            teacher_val_recall=self._teacher_val_recall, teacher_class_means=self._teacher_class_means,
-            probe=self._probe,
+            teacher_val_recall=lambda: teacher_val_recall(self.teachers, self._eval_loader("val")),
+            teacher_class_means=self._teacher_class_means, probe=self._probe,
         )
-        self.term_specs: dict[str, TermSpec] = {}
-        terms: dict[str, LossTerm] = {}
-        for spec in specs:
-            cls = TERMS.get(spec.type)
-            if cls is None:
-                raise ConfigError(f"unknown loss term {spec.type!r}; available: {', '.join(sorted(TERMS))}")
-            targets = [spec.student] if spec.student else setup.students
-            for s in targets:
-                from medistill.distill.terms import make_term_unbuilt
-
-                term = make_term_unbuilt(spec.type, s, spec.params(), setup)
-                key = f"{s}.{spec.type}"
-                n = 2
-                while key in terms:
-                    key, n = f"{s}.{spec.type}{n}", n + 1
-                terms[key] = term
-                self.term_specs[key] = spec
-        for term in terms.values():
-            for pname, taps in term.taps().items():
-                if pname not in self.parts:
-                    raise ConfigError(f"term {term.type_name!r} names unknown participant {pname!r}")
-                if taps and isinstance(self.parts[pname].model, EnsembleModel):
-                    raise ConfigError(f"term {term.type_name!r} taps features of {pname!r}, a teacher ensemble; "
-                                      "feature terms need a single network (name one member as the teacher)")
-                self.parts[pname].taps |= taps
-        self.tap_shapes = setup.tap_shapes = self._tap_shapes()
-        for term in terms.values():
-            term.build(setup)
-        return nn.ModuleDict({k.replace(".", "__"): v for k, v in terms.items()})
-
-    def _tap_shapes(self) -> dict[str, dict[str, tuple[int, ...]]]:
-        return {p.name: self._probe(p.name, sorted(p.taps)) for p in self.parts.values() if p.taps}
+        terms, self.term_specs = build_terms(cfg.terms or supervised_terms(cfg), setup, self.parts, self._probe)
+        self.tap_shapes = setup.tap_shapes
+        return terms
 
     def _probe(self, name: str, taps: list[str]) -> dict[str, tuple[int, ...]]:
         """Shapes (batch 1) of ``taps`` of participant ``name`` for one batch of data-sized images."""
@@ -239,36 +182,9 @@ class Engine:
 
         return DataLoader(self.data.dataset(split, train=False), batch_size=self.cfg.train.eval_batch_size)
 
-    def _teacher_val_recall(self) -> Tensor:
-        rows = []
-        for t in self.teachers:
-            probs, labels, _ = predict(t.model, t.pre, self._eval_loader("val"))
-            rec = classification_metrics(probs, labels)["per_class_recall"]
-            rows.append([0.0 if r is None else r for r in rec])
-        return torch.tensor(rows)
-
     def _teacher_class_means(self, teacher: str, tap: str) -> Tensor:
-        path = self.out / f"class_means-{teacher}-{tap}.safetensors"
-        from safetensors.torch import load_file, save_file
-
-        if path.is_file():
-            return load_file(str(path))["means"]
-        t = self.parts[teacher]
-        c = self.data.num_classes
-        sums, n = None, torch.zeros(c)
-        with FeatureTaps(t.model, [tap], detach=True) as taps, torch.no_grad():
-            for x, y, _i, _v in self._full_loader("train"):
-                t.logits(x.to(self.device))
-                e = taps[tap].flatten(1).double().cpu()
-                sums = torch.zeros(c, e.shape[1], dtype=torch.float64) if sums is None else sums
-                sums.index_add_(0, torch.as_tensor(y), e)
-                n += torch.bincount(torch.as_tensor(y), minlength=c)
-        means = (sums / n.clamp_min(1)[:, None].double()).float()
-        from medistill.io import atomic_write
-
-        if self.main:
-            atomic_write(path, lambda p: save_file({"means": means}, str(p)))
-        return means
+        return teacher_class_means(self.parts[teacher], tap, self._full_loader("train"), self.device,
+                                   self.data.num_classes, self.out / f"class_means-{teacher}-{tap}.safetensors", self.main)
 
     def _make_optim(self) -> None:
         o, sc = self.cfg.optim, self.cfg.sched
@@ -279,33 +195,8 @@ class Engine:
             modules = [p for t in self.terms.values() if t.student == s.name for p in t.parameters()]
             self.optims[s.name] = build_optimizer(s.model, modules, o)
             self.scheds[s.name] = build_scheduler(self.optims[s.name], sc, o.lr, self.cfg.train.epochs, self.steps_per_epoch)
-        # Only trainable students are wrapped; frozen teachers run plain. Term-owned modules
-        # (regressors, CFL blocks) are small: their gradients are averaged by all-reduce.
-        self.ddp: dict[str, nn.Module] = {}
-        if self.world > 1:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.ddp = {s.name: DDP(s.model, device_ids=ids) for s in self.students}
-        # torch.compile of the training forward (train.compile). Taps stay registered for the whole
-        # run: adding and removing hooks every step would make dynamo recompile every step.
-        self.nets: dict[str, nn.Module] = {s.name: self.ddp.get(s.name, s.model) for s in self.students}
-        self.fixed_taps: dict[str, FeatureTaps] = {}
-        if self.cfg.train.compile != "off":
-            for s in self.students:
-                if s.taps:
-                    self.fixed_taps[s.name] = FeatureTaps(s.model, sorted(s.taps)).__enter__()
-                mode = self.cfg.train.compile
-                self.nets[s.name] = (torch.compile(self.nets[s.name], backend="eager") if mode == "eager"
-                                     else torch.compile(self.nets[s.name], mode=mode))
-        self.swas: dict[str, AveragedModel] = {}
-        if self.cfg.train.swa.enabled:
-            self.swas = {s.name: AveragedModel(s.model) for s in self.students}
-        self.emas: dict[str, AveragedModel] = {}
-        if self.cfg.train.ema.enabled:
-            for s in self.students:
-                self.emas[s.name] = AveragedModel(s.model, multi_avg_fn=get_ema_multi_avg_fn(self.cfg.train.ema.decay),
-                                                  use_buffers=True)
+        self.nets, self.fixed_taps = training_forwards(self.students, self.cfg.train.compile, self.device, self.world)
+        self.swas, self.emas = averaged_copies(self.students, self.cfg.train)
 
     def _train_batches(self) -> int:
         n, b = math.ceil(len(self.data.splits["train"]) / max(1, self.world)), self.cfg.train.batch_size
@@ -398,69 +289,47 @@ class Engine:
                 loss, lg = self._objective(ctx, n)
                 total = total + loss
                 logs[n] = lg
-            for n in group:
-                self.optims[n].zero_grad(set_to_none=True)
-            (self.scaler.scale(total) if self.scaler else total).backward()
-            if self.world > 1:
-                for term in self.terms.values():
-                    if term.student in group:
-                        for p in term.parameters():
-                            if p.grad is not None:
-                                dist.all_reduce_mean(p.grad)
-            for n in group:
-                if self.cfg.train.grad_clip:
-                    if self.scaler:   # clip the true gradients, not the scaled ones
-                        self.scaler.unscale_(self.optims[n])
-                    params = [p for g in self.optims[n].param_groups for p in g["params"]]
-                    torch.nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip)
-                if self.scaler:
-                    self.scaler.step(self.optims[n])
-                else:
-                    self.optims[n].step()
-            stepped = True
-            if self.scaler:
-                scale = self.scaler.get_scale()
-                self.scaler.update()
-                # fp16 overflow: the scaler skipped the optimizer steps, so the schedule waits too.
-                stepped = self.scaler.get_scale() >= scale
-            for n in group:
-                if stepped:
-                    self.scheds[n].step()
-                swa = self.cfg.train.swa
-                if swa.enabled and swa.lr and epoch >= swa.start_epoch:
-                    for g in self.optims[n].param_groups:
-                        g["lr"] = swa.lr
-                if n in self.emas:
-                    self.emas[n].update_parameters(self.parts[n].model)
+            self._update(group, total, epoch)
         return logs
 
-    def _tune_on_validation(self, s: Participant) -> None:
-        """Extension point: a model with ``tune_on_validation(batches, score)`` (e.g. DHO's dual
-        head) chooses its own settings on the validation split after every epoch."""
-        m = self._eval_model(s.name)
-        if hasattr(m, "tune_on_validation"):
-            batches = [(s.pre(x.to(self.device)), torch.as_tensor(y).to(self.device)) for x, y, _i, _v in self._full_loader("val")]
-            metric = self.cfg.train.select_metric
-            m.tune_on_validation(batches, lambda p, y: selection_score(classification_metrics(p, y), metric))
+    def _update(self, group: list[str], total: Tensor, epoch: int) -> None:
+        """One backward of the summed losses of ``group`` and one optimizer step per student:
+        gradient clipping (of unscaled gradients under fp16), the schedule, SWA's learning rate
+        and the EMA copy."""
+        for n in group:
+            self.optims[n].zero_grad(set_to_none=True)
+        (self.scaler.scale(total) if self.scaler else total).backward()
+        if self.world > 1:
+            for term in self.terms.values():
+                if term.student in group:
+                    for p in term.parameters():
+                        if p.grad is not None:
+                            dist.all_reduce_mean(p.grad)
+        for n in group:
+            if self.cfg.train.grad_clip:
+                if self.scaler:   # clip the true gradients, not the scaled ones
+                    self.scaler.unscale_(self.optims[n])
+                params = [p for g in self.optims[n].param_groups for p in g["params"]]
+                torch.nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip)
+            (self.scaler.step if self.scaler else lambda o: o.step())(self.optims[n])
+        stepped = True
+        if self.scaler:
+            scale = self.scaler.get_scale()
+            self.scaler.update()
+            # fp16 overflow: the scaler skipped the optimizer steps, so the schedule waits too.
+            stepped = self.scaler.get_scale() >= scale
+        swa = self.cfg.train.swa
+        for n in group:
+            if stepped:
+                self.scheds[n].step()
+            if swa.enabled and swa.lr and epoch >= swa.start_epoch:
+                for g in self.optims[n].param_groups:
+                    g["lr"] = swa.lr
+            if n in self.emas:
+                self.emas[n].update_parameters(self.parts[n].model)
 
     def _eval_model(self, name: str) -> nn.Module:
         return self.emas[name].module if name in self.emas else self.parts[name].model
-
-    def _student_dir(self, name: str) -> Path:
-        return student_dir(self.out, name)
-
-    def _write_run_files(self) -> None:
-        write_text(self.out / "config.yaml", dump_config(self.cfg))
-        info = environment_info()
-        info["seed"] = self.cfg.train.seed
-        info["teachers"] = {t.name: {"checkpoint": t.checkpoint, "sha256": t.sha256} for t in self.teachers}
-        info["adaptations"] = {s.name: s.spec.adaptation for s in self.students}
-        # Training-only modules of the terms (projectors, regressors): dropped after training.
-        info["term_parameters"] = {k.replace("__", "."): n for k, t in self.terms.items()
-                                   if (n := sum(p.numel() for p in t.parameters()))}
-        info.update(device_info(self.device), amp=self.cfg.train.amp)
-        write_json(self.out / "run_info.json", info)
-        write_json(self.out / "split.json", self.data.split_record())
 
     def _stateful(self) -> dict[str, dict[str, Any]]:
         """Everything a checkpoint holds besides the term modules, by group and name."""
@@ -478,11 +347,9 @@ class Engine:
             self.console.print(f"resuming {self.out} at epoch {start}")
         else:
             if self.main:
-                self._write_run_files()
+                write_run_files(self.out, self.cfg, self.teachers, self.students, self.terms, self.device, self.data)
             start, best, bad = 0, {s.name: -math.inf for s in self.students}, 0
-        from torch.utils.tensorboard import SummaryWriter
-
-        tb = SummaryWriter(str(self.out / "tb")) if self.main else None
+        log = EpochLog(self.out) if self.main else None
         try:
             for epoch in range(start, cfg.train.epochs):
                 train_logs, train_time = self._train_epoch(epoch)
@@ -492,23 +359,24 @@ class Engine:
                         self.swas[s.name].update_parameters(s.model)
                 bad = 0 if improved else bad + 1
                 diag = self._pop_diagnostics()   # every rank, so no rank accumulates them
-                if self.main:
-                    self._log_epoch(tb, epoch, train_logs, val, diag, train_time)
+                if log is not None:
+                    log.write(epoch, {n: o.param_groups[0]["lr"] for n, o in self.optims.items()}, train_logs, val,
+                              diag, train_time, len(self.data.splits["train"]))
                     ckpt.save_checkpoint(self.out, epoch, best, bad, self._stateful(), self.terms)
                 dist.barrier()
-                self.console.print(f"epoch {epoch + 1}/{cfg.train.epochs} " + " | ".join(
-                    f"{s}: loss {train_logs[s]['loss']:.4f} val {cfg.train.select_metric} "
-                    f"{selection_score(val[s], cfg.train.select_metric):.4f}" for s in train_logs) + f" | {train_time:.1f}s")
+                self.console.print(epoch_line(epoch, cfg.train.epochs, train_logs, val, cfg.train.select_metric, train_time))
                 if cfg.train.early_stopping_patience and bad >= cfg.train.early_stopping_patience:
                     self.console.print(f"early stopping: no validation improvement for {bad} epochs")
                     break
         finally:
-            if tb is not None:
-                tb.close()
+            if log is not None:
+                log.close()
         for taps in self.fixed_taps.values():
             taps.remove()
         if self.swas:
-            self._finish_swa()
+            finish_swa(self.students, self.swas, self._full_loader("train"), self.device,
+                       self.out if self.main else None, self.console, self.cfg.train)
+            dist.barrier()
 
     def _train_epoch(self, epoch: int) -> tuple[dict[str, dict[str, float]], float]:
         """One pass over the training split; returns each student's mean loss terms (averaged
@@ -524,7 +392,7 @@ class Engine:
         sums: dict[str, dict[str, Tensor]] = defaultdict(dict)
         t0 = time.perf_counter()
         n_steps = 0
-        with self._progress() as bar:
+        with progress_bar(self.console, cfg.train.progress) as bar:
             task = bar.add_task(f"epoch {epoch + 1}/{cfg.train.epochs}", total=len(loader), info="")
             for step, batch in enumerate(loader):
                 logs = self._step(batch, epoch, step)
@@ -541,21 +409,11 @@ class Engine:
                 for s, d in sums.items()}, train_time
 
     def _validate(self, best: dict[str, float]) -> tuple[dict[str, dict[str, Any]], bool]:
-        """Validation metrics of every student; a student that beats its best score (updated in
-        place) is saved — checkpoints are selected on validation, never on test."""
-        val, improved = {}, False
         for s in self.students:
-            self._tune_on_validation(s)
-            probs, labels, _ = predict(self._eval_model(s.name), s.pre, self._eval_loader("val"), self.cfg.train.channels_last)
-            m = classification_metrics(probs, labels, ordinal=self.data.ordinal)
-            val[s.name] = {k: m[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "qwk", "auroc", "ece", "nll")}
-            score = selection_score(m, self.cfg.train.select_metric)
-            if score > best[s.name]:
-                best[s.name] = score
-                improved = True
-                if self.main:
-                    save_model_dir(self._student_dir(s.name), self._eval_model(s.name), s.spec)
-        return val, improved
+            tune_on_validation(self._eval_model(s.name), s.pre, self._full_loader("val"), self.device,
+                               self.cfg.train.select_metric)
+        return validate(self.students, self._eval_model, self._eval_loader("val"), self.cfg, self.data.ordinal, best,
+                        self.out if self.main else None)
 
     def _pop_diagnostics(self) -> dict[str, dict[str, Any]]:
         """Per-class means of the diagnostics the terms gathered this epoch (e.g. UDD weights)."""
@@ -566,94 +424,10 @@ class Engine:
                 diag[key.replace("__", ".")] = st
         return diag
 
-    def _log_epoch(self, tb: Any, epoch: int, train_logs: dict[str, dict[str, float]], val: dict[str, dict[str, Any]],
-                   diag: dict[str, dict[str, Any]], train_time: float) -> None:
-        """One ``metrics.jsonl`` line (every loss term, diagnostic, lr, timing) and TensorBoard scalars."""
-        lr = {n: o.param_groups[0]["lr"] for n, o in self.optims.items()}
-        record = {"epoch": epoch, "lr": lr, "train": train_logs, "val": val, "diagnostics": diag,
-                  "train_time_s": round(train_time, 3),
-                  "images_per_s": round(len(self.data.splits["train"]) / max(train_time, 1e-9), 2)}
-        append_jsonl(self.out / "metrics.jsonl", record)
-        for s, d in train_logs.items():
-            for k, v in d.items():
-                tb.add_scalar(f"train/{s}/{k}", v, epoch)
-        for s, d in val.items():
-            for k, v in d.items():
-                if v is not None:
-                    tb.add_scalar(f"val/{s}/{k}", v, epoch)
-        tb.flush()
-
-    @torch.no_grad()
-    def _finish_swa(self) -> None:
-        """Re-estimate BatchNorm statistics of each averaged model on the training split and save
-        it as the student: the averaged weights are what evaluation and later distillation see."""
-        for s in self.students:
-            avg = self.swas[s.name]
-            if int(avg.n_averaged) == 0:
-                raise ConfigError(f"SWA never started (start_epoch {self.cfg.train.swa.start_epoch} ≥ epochs "
-                                  f"{self.cfg.train.epochs} or early stopping came first)")
-            m = avg.module
-            # torch's update_bn: a cumulative average over one pass, each model's preprocessing applied
-            update_bn((s.pre(x.to(self.device)) for x, *_ in self._full_loader("train")), m)
-            m.eval()
-            if self.main:
-                save_model_dir(self._student_dir(s.name), m, s.spec)
-            self.console.print(f"SWA: {s.name} saved as the average of {int(avg.n_averaged)} epochs")
-        dist.barrier()
-
-    def _progress(self) -> Progress:
-        return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=self.console,
-                        disable=not self.cfg.train.progress, transient=True)
-
-    # ----------------------------------------------------------------------------- final evaluation
     def finalize(self) -> dict[str, Any]:
-        results: dict[str, Any] = {}
         loaders = {"val": self._eval_loader("val"), "test": self._eval_loader("test")}
-        for s in self.students:
-            d = self._student_dir(s.name)
-            model, pre, spec = load_model_dir(d)
-            info = model_cost(model, spec, latency=self.cfg.train.latency and self.main)   # CPU cost, CPU copy
-            model.to(self.device)
-            pre.to(self.device)
-            ev = self.cfg.eval
-            res = evaluate_splits(model, pre, loaders, d, info.pop("model"), spec.class_names, ordinal=self.data.ordinal,
-                                  bootstrap=ev.bootstrap, bootstrap_seed=ev.bootstrap_seed,
-                                  target_sensitivity=ev.target_sensitivity)
-            res.update(info)
-            if "threshold" in res and self.main:   # the operating point travels with the model
-                spec.threshold, spec.threshold_rule = res["threshold"]["value"], res["threshold"]["rule"]
-                write_json(d / "model.json", asdict(spec))
-            if hasattr(model, "validation_choice"):  # e.g. DHO's head combination, chosen on validation
-                res.update(model.validation_choice())
-            if self.main:
-                write_json(d / "metrics.json", res)
-            results[s.name] = res
-        primary = self.students[0].name
-        # Every rank takes part in the (sharded) teacher evaluation; rank 0 writes.
-        ordinal = self.data.ordinal
-        teacher_test = {t.name: classification_metrics(*predict(t.model, t.pre, loaders["test"])[:2], ordinal=ordinal)
-                        for t in self.teachers}
-        # An ensemble teacher's members are shown beside it, on this run's test split.
-        members = {f"{t.name}.member{i}": (m, pre, classification_metrics(*predict(m, pre, loaders["test"])[:2], ordinal=ordinal))
-                   for t in self.teachers if isinstance(t.model, EnsembleModel)
-                   for i, (pre, m) in enumerate(zip(t.model.pres, t.model.members))}
-        if not self.main:
-            return results
-        write_json(self.out / "metrics.json", {**results[primary], "student": primary})
-        rows = {}
-        for t in self.teachers:
-            rows[t.name] = {"role": "teacher", "test": teacher_test[t.name],
-                            "model": {"params": count_params(t.model),
-                                      "flops": count_flops(t.model, (1, t.spec.in_chans, t.pre.input_size, t.pre.input_size))}}
-        for name, (m, pre, test) in members.items():
-            rows[name] = {"role": "ensemble member", "test": test,
-                          "model": {"params": count_params(m), "flops": count_flops(m, (1, pre.in_chans, pre.input_size, pre.input_size))}}
-        for n, r in results.items():
-            rows[n] = {"role": "student", **r}
-        write_json(self.out / "summary.json", rows)
-        write_text(self.out / "summary.md", summary_table(rows))
-        return results
+        return final_evaluation(self.out, self.students, self.teachers, loaders, self.cfg, self.device,
+                                self.data.ordinal, self.main)
 
     def run(self) -> dict[str, Any]:
         try:

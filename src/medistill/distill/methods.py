@@ -8,6 +8,13 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from torch import nn
+
+from medistill.config import RunConfig, TermSpec
+from medistill.distill.terms import TERMS, LossTerm, TermSetup, make_term_unbuilt
+from medistill.errors import ConfigError
+from medistill.models.ensemble import EnsembleModel
+
 Terms = list[dict[str, Any]]
 
 
@@ -107,3 +114,45 @@ def method_terms(name: str, epochs: int) -> Terms:
     if name not in METHODS:
         raise ConfigError(f"unknown method {name!r}; available: {', '.join(METHODS)}")
     return METHODS[name](epochs)
+
+
+def build_terms(specs: list[TermSpec], setup: TermSetup, parts: dict[str, Any],
+                probe: Callable[[str, list[str]], dict[str, tuple[int, ...]]]) -> tuple[nn.ModuleDict, dict[str, TermSpec]]:
+    """Instantiate every term for its student(s) (a term without ``student`` applies to each),
+    register the taps the terms read on the participants (``parts``: name → participant), measure
+    the tap shapes with ``probe`` and build the terms' own modules. Returns the terms keyed
+    ``student__type`` (``type2``… when repeated) and the spec behind each ``student.type`` key."""
+    term_specs: dict[str, TermSpec] = {}
+    terms: dict[str, LossTerm] = {}
+    for spec in specs:
+        if spec.type not in TERMS:
+            raise ConfigError(f"unknown loss term {spec.type!r}; available: {', '.join(sorted(TERMS))}")
+        for s in [spec.student] if spec.student else setup.students:
+            key, n = f"{s}.{spec.type}", 2
+            while key in terms:
+                key, n = f"{s}.{spec.type}{n}", n + 1
+            terms[key] = make_term_unbuilt(spec.type, s, spec.params(), setup)
+            term_specs[key] = spec
+    for term in terms.values():
+        for pname, taps in term.taps().items():
+            if pname not in parts:
+                raise ConfigError(f"term {term.type_name!r} names unknown participant {pname!r}")
+            if taps and isinstance(parts[pname].model, EnsembleModel):
+                raise ConfigError(f"term {term.type_name!r} taps features of {pname!r}, a teacher ensemble; "
+                                  "feature terms need a single network (name one member as the teacher)")
+            parts[pname].taps |= taps
+    setup.tap_shapes = {p.name: probe(p.name, sorted(p.taps)) for p in parts.values() if p.taps}
+    for term in terms.values():
+        term.build(setup)
+    return nn.ModuleDict({k.replace(".", "__"): v for k, v in terms.items()}), term_specs
+
+
+def supervised_terms(cfg: RunConfig) -> list[TermSpec]:
+    """The default objective of ``train``: one supervised term from ``train.loss``."""
+    t = cfg.train
+    cw = "class_balanced" if t.loss.startswith("cb_") else t.class_weights
+    if t.loss in ("ce", "cb_ce"):
+        return [TermSpec(type="ce", label_smoothing=t.label_smoothing, class_weights=cw)]
+    if t.loss in ("focal", "cb_focal"):
+        return [TermSpec(type="focal", gamma=t.focal_gamma, class_weights=cw)]
+    return [TermSpec(type="logit_adjusted")]

@@ -5,11 +5,16 @@ LARS, Adan, …), and a per-step warm-up + cosine / step / constant schedule."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from medistill.config import OptimConfig, SchedConfig
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, update_bn
+
+from medistill.config import OptimConfig, SchedConfig, TrainConfig
+from medistill.errors import ConfigError
 
 
 def build_optimizer(model: nn.Module, module_params: list[nn.Parameter], o: OptimConfig) -> torch.optim.Optimizer:
@@ -50,3 +55,37 @@ def build_scheduler(opt: torch.optim.Optimizer, sc: SchedConfig, lr: float, epoc
                     steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
     # LambdaLR is PyTorch's own per-step scheduler; lr_factor holds warm-up + decay.
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, sc, lr, epochs, steps_per_epoch))
+
+
+def averaged_copies(students: list, train: TrainConfig) -> tuple[dict[str, AveragedModel], dict[str, AveragedModel]]:
+    """torch's averaged copies of each student: SWA (``train.swa``, an equal-weight average of
+    epochs) and EMA (``train.ema``, per step, buffers averaged too)."""
+    swas = {s.name: AveragedModel(s.model) for s in students} if train.swa.enabled else {}
+    emas = {}
+    if train.ema.enabled:
+        emas = {s.name: AveragedModel(s.model, multi_avg_fn=get_ema_multi_avg_fn(train.ema.decay), use_buffers=True)
+                for s in students}
+    return swas, emas
+
+
+@torch.no_grad()
+def finish_swa(students: list, swas: dict[str, AveragedModel], train_loader: Any, device: torch.device,
+               save_to: Path | None, console: Any, train: TrainConfig) -> None:
+    """Re-estimate BatchNorm statistics of each averaged model on the training split and save it
+    as the student (under ``save_to``; ``None`` on ranks that do not write): the averaged weights
+    are what evaluation and later distillation see."""
+    from medistill.models.factory import save_model_dir
+    from medistill.rundir import student_dir
+
+    for s in students:
+        avg = swas[s.name]
+        if int(avg.n_averaged) == 0:
+            raise ConfigError(f"SWA never started (start_epoch {train.swa.start_epoch} ≥ epochs "
+                              f"{train.epochs} or early stopping came first)")
+        m = avg.module
+        # torch's update_bn: a cumulative average over one pass, each model's preprocessing applied
+        update_bn((s.pre(x.to(device)) for x, *_ in train_loader), m)
+        m.eval()
+        if save_to is not None:
+            save_model_dir(student_dir(save_to, s.name), m, s.spec)
+        console.print(f"SWA: {s.name} saved as the average of {int(avg.n_averaged)} epochs")

@@ -15,6 +15,7 @@ from medistill.data import DataBundle
 from medistill.errors import ModelError
 from medistill.io import sha256_file
 from medistill.models.ensemble import is_ensemble_dir, load_ensemble
+from medistill.models.taps import FeatureTaps
 from medistill.models.factory import (
     ModelSpecRecord,
     Preprocess,
@@ -151,3 +152,25 @@ def make_student(s: Any, native: int, data: DataBundle, channels_last: bool = Fa
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     return Participant(s.name, model, Preprocess(data.channels, in_chans, size, tuple(mean), tuple(std)), rec, trainable=True)
+
+
+def training_forwards(students: list[Participant], compile_mode: str, device: torch.device,
+                      world: int) -> tuple[dict[str, nn.Module], dict[str, FeatureTaps]]:
+    """The module each student's training forward goes through: DDP under torchrun (students
+    only; frozen teachers run plain), then ``torch.compile`` (``train.compile``). Compiled
+    students keep their taps registered for the whole run (returned, to remove at the end):
+    adding and removing hooks every step would make dynamo recompile every step."""
+    nets: dict[str, nn.Module] = {s.name: s.model for s in students}
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [device.index] if device.type == "cuda" else None
+        nets = {s.name: DDP(s.model, device_ids=ids) for s in students}
+    fixed: dict[str, FeatureTaps] = {}
+    if compile_mode != "off":
+        for s in students:
+            if s.taps:
+                fixed[s.name] = FeatureTaps(s.model, sorted(s.taps)).__enter__()
+            nets[s.name] = (torch.compile(nets[s.name], backend="eager") if compile_mode == "eager"
+                            else torch.compile(nets[s.name], mode=compile_mode))
+    return nets, fixed

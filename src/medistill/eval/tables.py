@@ -14,6 +14,11 @@ def with_ci(metrics: dict[str, Any], key: str, digits: int = 3) -> str:
     return f"{v:.{digits}f}" + (f" ({ci[0]:.{digits}f}–{ci[1]:.{digits}f})" if ci else "")
 
 
+# The roles of trained models in ``summary.json``: "trained alone" where the run had no teacher
+# (runs before 2026-11-27 stored "student" there too; role_label reads those).
+STUDENT_ROLES = ("student", "trained alone")
+
+
 def role_label(role: str, rows: dict[str, Any]) -> str:
     """A run without teachers trained its model alone: "student" would mislabel a teacher run."""
     if role == "student" and not any(r.get("role") == "teacher" for r in rows.values()):

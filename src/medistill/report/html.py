@@ -14,7 +14,7 @@ from typing import Any
 
 from medistill import plots as P
 from medistill.errors import NotARunError
-from medistill.eval.tables import CI_NOTE, role_label, with_ci
+from medistill.eval.tables import CI_NOTE, STUDENT_ROLES, role_label, with_ci
 from medistill.io import write_text
 from medistill.plots import png_data_uri
 from medistill.rundir import student_dir
@@ -74,7 +74,7 @@ def _run_section(run: Path) -> tuple[str, dict[str, dict[str, Any]]]:
                 parts.append("<h3>Diagnostics (last epoch, mean per true class)</h3><table><tr><th>term.diagnostic</th><th>mean</th><th>per class</th></tr>"
                              + "".join(f"<tr><td>{html.escape(t)}.{html.escape(k)}</td><td>{_fmt(v['mean'])}</td><td>{', '.join(_fmt(x) for x in v['per_class'])}</td></tr>"
                                        for t, d in diag.items() for k, v in d.items()) + "</table>")
-    students = {n: r for n, r in summary.items() if r.get("role") == "student"}
+    students = {n: r for n, r in summary.items() if r.get("role") in STUDENT_ROLES}
     names = json.loads((run / "split.json").read_text()).get("class_names") if (run / "split.json").is_file() else None
     if summary:
         names = names or [str(i) for i in range(len(next(iter(summary.values()))["test"]["confusion_matrix"]))]

@@ -1,0 +1,123 @@
+"""Evaluation inside a run: validation after every epoch (checkpoints are selected on it, never
+on test), settings a model tunes on validation (DHO's head combination), and the final test
+evaluation of every student, teacher and ensemble member with the run's summary files."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from medistill.config import RunConfig
+from medistill.distill.participants import Participant
+from medistill.eval.metrics import classification_metrics, selection_score
+from medistill.eval.predict import evaluate_splits, predict
+from medistill.eval.tables import summary_table
+from medistill.io import write_json, write_text
+from medistill.models.cost import count_flops, count_params, model_cost
+from medistill.models.ensemble import EnsembleModel
+from medistill.models.factory import load_model_dir, save_model_dir
+from medistill.rundir import student_dir
+
+Tensor = torch.Tensor
+VAL_KEYS = ("accuracy", "balanced_accuracy", "macro_f1", "qwk", "auroc", "ece", "nll")
+
+
+def teacher_val_recall(teachers: list[Participant], loader: Iterable) -> Tensor:
+    """Per-class validation recall of every teacher ``[T, K]`` (a missing class counts 0)."""
+    rows = []
+    for t in teachers:
+        probs, labels, _ = predict(t.model, t.pre, loader)
+        rec = classification_metrics(probs, labels)["per_class_recall"]
+        rows.append([0.0 if r is None else r for r in rec])
+    return torch.tensor(rows)
+
+
+def tune_on_validation(model: nn.Module, pre: nn.Module, loader: Iterable, device: torch.device, metric: str) -> None:
+    """Extension point: a model with ``tune_on_validation(batches, score)`` (e.g. DHO's dual
+    head) chooses its own settings on the validation split after every epoch."""
+    if hasattr(model, "tune_on_validation"):
+        batches = [(pre(x.to(device)), torch.as_tensor(y).to(device)) for x, y, _i, _v in loader]
+        model.tune_on_validation(batches, lambda p, y: selection_score(classification_metrics(p, y), metric))
+
+
+def validate(students: list[Participant], eval_model: Callable[[str], nn.Module], loader: Any, cfg: RunConfig,
+             ordinal: bool, best: dict[str, float], save_to: Path | None) -> tuple[dict[str, dict[str, Any]], bool]:
+    """Validation metrics of every student. A student that beats its best score (``best`` is
+    updated in place) is saved under ``save_to`` (rank 0; ``None`` on the others)."""
+    val, improved = {}, False
+    for s in students:
+        model = eval_model(s.name)
+        probs, labels, _ = predict(model, s.pre, loader, cfg.train.channels_last)
+        m = classification_metrics(probs, labels, ordinal=ordinal)
+        val[s.name] = {k: m[k] for k in VAL_KEYS}
+        score = selection_score(m, cfg.train.select_metric)
+        if score > best[s.name]:
+            best[s.name] = score
+            improved = True
+            if save_to is not None:
+                save_model_dir(student_dir(save_to, s.name), model, s.spec)
+    return val, improved
+
+
+def final_evaluation(out: Path, students: list[Participant], teachers: list[Participant], loaders: dict[str, Any],
+                     cfg: RunConfig, device: torch.device, ordinal: bool, main: bool) -> dict[str, Any]:
+    """Reload each saved student (the validation-selected checkpoint), evaluate it on val and test
+    with its cost, and write its ``metrics.json``; then the run's ``metrics.json``,
+    ``summary.json`` and ``summary.md`` with every teacher (and ensemble member) on the same test
+    split. Every rank takes part in the sharded predictions; rank 0 writes."""
+    results: dict[str, Any] = {}
+    for s in students:
+        d = student_dir(out, s.name)
+        results[s.name] = _evaluate_student(d, loaders, cfg, device, ordinal, main)
+    teacher_rows = _teacher_rows(teachers, loaders["test"], ordinal)
+    if not main:
+        return results
+    primary = students[0].name
+    write_json(out / "metrics.json", {**results[primary], "student": primary})
+    # a model trained without a teacher is the baseline every distilled student is compared with
+    role = "student" if teachers else "trained alone"
+    rows = {**teacher_rows, **{n: {"role": role, **r} for n, r in results.items()}}
+    write_json(out / "summary.json", rows)
+    write_text(out / "summary.md", summary_table(rows))
+    return results
+
+
+def _evaluate_student(d: Path, loaders: dict[str, Any], cfg: RunConfig, device: torch.device, ordinal: bool,
+                      main: bool) -> dict[str, Any]:
+    model, pre, spec = load_model_dir(d)
+    info = model_cost(model, spec, latency=cfg.train.latency and main)   # CPU cost, on a CPU copy
+    model.to(device)
+    pre.to(device)
+    ev = cfg.eval
+    res = evaluate_splits(model, pre, loaders, d, info.pop("model"), spec.class_names, ordinal=ordinal,
+                          bootstrap=ev.bootstrap, bootstrap_seed=ev.bootstrap_seed, target_sensitivity=ev.target_sensitivity)
+    res.update(info)
+    if "threshold" in res and main:   # the operating point travels with the model
+        spec.threshold, spec.threshold_rule = res["threshold"]["value"], res["threshold"]["rule"]
+        write_json(d / "model.json", asdict(spec))
+    if hasattr(model, "validation_choice"):  # e.g. DHO's head combination, chosen on validation
+        res.update(model.validation_choice())
+    if main:
+        write_json(d / "metrics.json", res)
+    return res
+
+
+def _teacher_rows(teachers: list[Participant], test_loader: Any, ordinal: bool) -> dict[str, dict[str, Any]]:
+    """Test metrics and cost of every teacher; an ensemble's members are shown beside it."""
+    rows = {}
+    for t in teachers:
+        test = classification_metrics(*predict(t.model, t.pre, test_loader)[:2], ordinal=ordinal)
+        rows[t.name] = {"role": "teacher", "test": test, "model": _cost(t.model, t.pre)}
+        if isinstance(t.model, EnsembleModel):
+            for i, (pre, m) in enumerate(zip(t.model.pres, t.model.members)):
+                test = classification_metrics(*predict(m, pre, test_loader)[:2], ordinal=ordinal)
+                rows[f"{t.name}.member{i}"] = {"role": "ensemble member", "test": test, "model": _cost(m, pre)}
+    return rows
+
+
+def _cost(model: nn.Module, pre: Any) -> dict[str, Any]:
+    return {"params": count_params(model), "flops": count_flops(model, (1, pre.in_chans, pre.input_size, pre.input_size))}

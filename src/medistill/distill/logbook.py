@@ -1,0 +1,54 @@
+"""What a run records per epoch: one ``metrics.jsonl`` line (every loss term, diagnostic, learning
+rate, timing), TensorBoard scalars, the console line, and the progress bar."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from medistill.eval.metrics import selection_score
+from medistill.io import append_jsonl
+
+
+def progress_bar(console: Console, enabled: bool) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=console,
+                    disable=not enabled, transient=True)
+
+
+class EpochLog:
+    """``metrics.jsonl`` and TensorBoard (``tb/``) of one run directory; rank 0 only."""
+
+    def __init__(self, out: Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.path = out / "metrics.jsonl"
+        self.tb = SummaryWriter(str(out / "tb"))
+
+    def write(self, epoch: int, lr: dict[str, float], train: dict[str, dict[str, float]], val: dict[str, dict[str, Any]],
+              diagnostics: dict[str, dict[str, Any]], train_time: float, n_images: int) -> None:
+        append_jsonl(self.path, {"epoch": epoch, "lr": lr, "train": train, "val": val, "diagnostics": diagnostics,
+                                 "train_time_s": round(train_time, 3),
+                                 "images_per_s": round(n_images / max(train_time, 1e-9), 2)})
+        for s, d in train.items():
+            for k, v in d.items():
+                self.tb.add_scalar(f"train/{s}/{k}", v, epoch)
+        for s, d in val.items():
+            for k, v in d.items():
+                if v is not None:
+                    self.tb.add_scalar(f"val/{s}/{k}", v, epoch)
+        self.tb.flush()
+
+    def close(self) -> None:
+        self.tb.close()
+
+
+def epoch_line(epoch: int, epochs: int, train: dict[str, dict[str, float]], val: dict[str, dict[str, Any]],
+               metric: str, train_time: float) -> str:
+    """The console summary of one epoch: each student's loss and validation score."""
+    return f"epoch {epoch + 1}/{epochs} " + " | ".join(
+        f"{s}: loss {train[s]['loss']:.4f} val {metric} {selection_score(val[s], metric):.4f}" for s in train
+    ) + f" | {train_time:.1f}s"
