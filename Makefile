@@ -24,7 +24,7 @@ test: $(BIN)/.installed
 	$(BIN)/python -m pytest tests
 
 demo: $(BIN)/.installed
-	$(BIN)/python -m medistill.demo --out demo_runs
+	$(BIN)/python -m medistill.commands.demo --out demo_runs
 
 bench: $(BIN)/.installed
 	PATH=$(abspath $(BIN)):$$PATH bash benchmarks/run_all.sh

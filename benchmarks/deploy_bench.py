@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from common import machine, save
-from medistill.deploy import Deployable
+from medistill.commands.deploy import Deployable
 from medistill.models import create_model
 from medistill.models.factory import Preprocess
 

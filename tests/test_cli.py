@@ -100,9 +100,9 @@ def test_report_export_predict_commands(tmp_path: Path) -> None:
 
 
 def test_demo_quick(tmp_path: Path) -> None:
-    """`make demo` runs medistill.demo; --quick is the same pipeline with tiny models and subsets."""
+    """`make demo` runs medistill.commands.demo; --quick is the same pipeline with tiny models and subsets."""
     p = subprocess.run(
-        [sys.executable, "-m", "medistill.demo", "--quick", "--out", str(tmp_path)], capture_output=True, text=True, env=ENV, timeout=600)
+        [sys.executable, "-m", "medistill.commands.demo", "--quick", "--out", str(tmp_path)], capture_output=True, text=True, env=ENV, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "HTML report" in p.stdout and list(tmp_path.glob("*/report.html"))
     assert "Did distillation help?" in p.stdout and "student alone (CE)" in p.stdout

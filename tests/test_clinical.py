@@ -245,7 +245,7 @@ def test_binary_run_reports_intervals_and_saves_its_threshold(binary_run, tmp_pa
     assert spec["threshold"] == m["threshold"]["value"]
     assert "(" in (run / "summary.md").read_text() and "bootstrap" in (run / "summary.md").read_text()
     # predict applies the saved threshold, also from the ONNX export's metadata
-    from medistill.deploy import export_model, predict_files
+    from medistill.commands.deploy import export_model, predict_files
 
     img = tmp_path / "x.png"
     Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(img)
@@ -262,7 +262,7 @@ def test_binary_run_reports_intervals_and_saves_its_threshold(binary_run, tmp_pa
 def test_external_validation_scores_every_image_once(binary_run, tmp_path):
     from conftest import write_npz
 
-    from medistill.evaluate import evaluate_target
+    from medistill.commands.evaluate import evaluate_target
 
     run, _ = binary_run
     before = (run / "students" / "s" / "metrics.json").read_bytes()
@@ -288,7 +288,7 @@ def test_cross_validation_sweep_pools_folds(tmp_path):
     import yaml
     from conftest import tiny_cfg, write_npz
 
-    from medistill.sweep import run_sweep
+    from medistill.commands.sweep import run_sweep
 
     npz = write_npz(tmp_path / "d.npz")
     cfg = tiny_cfg(npz, tmp_path / "unused", epochs=1)

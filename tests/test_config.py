@@ -61,7 +61,7 @@ def test_paper_recipes_validate() -> None:
     from medistill.config import _deep_merge
     from medistill.distill.methods import METHODS
     from medistill.distill.terms import TERMS
-    from medistill.recipe import load_recipe
+    from medistill.commands.recipe import load_recipe
 
     files = sorted((Path(__file__).resolve().parents[1] / "configs" / "papers").glob("*.yaml"))
     assert len(files) >= 7
@@ -77,7 +77,7 @@ def test_recipe_runs_stages_in_order(tmp_path: Path) -> None:
     import yaml
 
     from conftest import write_npz
-    from medistill.recipe import run_recipe
+    from medistill.commands.recipe import run_recipe
 
     npz = write_npz(tmp_path / "d.npz")
     tiny = {"widths": [4, 4, 8, 8, 8]}
@@ -111,7 +111,7 @@ def test_paper_recipe_models_build_at_their_sizes() -> None:
     alone let a Visformer that refused 64 px through."""
     from medistill.config import _deep_merge
     from medistill.models import create_model
-    from medistill.recipe import load_recipe
+    from medistill.commands.recipe import load_recipe
 
     seen = set()
     for f in sorted((Path(__file__).resolve().parents[1] / "configs" / "papers").glob("*.yaml")):
@@ -133,7 +133,7 @@ def test_paper_recipe_models_build_at_their_sizes() -> None:
 def test_recipe_checkpoint_that_no_stage_makes_is_refused(tmp_path: Path) -> None:
     import yaml
 
-    from medistill.recipe import load_recipe
+    from medistill.commands.recipe import load_recipe
 
     recipe = {"out": "runs/r", "stages": [
         {"name": "experts", "seeds": [0, 1], "config": {"students": [{"name": "e", "model": "cnn5"}]}},

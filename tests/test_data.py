@@ -217,3 +217,23 @@ def test_download_checks_md5_over_loopback(tmp_path: Path, monkeypatch: pytest.M
         assert got == tmp_path / "cache" / "pathmnist.npz" and got.read_bytes() == payload.read_bytes()
     finally:
         httpd.shutdown()
+
+
+def test_medmnist_class_names_from_the_table(tmp_path):
+    """MedMNIST files get their classes' names; other npz files and unexpected class counts keep
+    the label ids; a run recorded with ids (before names) still matches the named data."""
+    from conftest import write_npz
+
+    from medistill.data.medmnist import class_names, same_classes
+    from medistill.data.sources import open_source
+
+    assert class_names("pneumoniamnist", 2) == ["normal", "pneumonia"]
+    assert class_names("/x/organsmnist_64.npz", 11)[3] == "heart"
+    assert class_names("bloodmnist", 3) == ["0", "1", "2"]          # not the flavour's 8 classes
+    assert class_names("isic9_64.npz", 3) == ["0", "1", "2"]
+    blood = write_npz(tmp_path / "bloodmnist.npz", counts=(6,) * 8)
+    src = open_source(str(blood))
+    assert src.class_names[:2] == ["basophil", "eosinophil"] and len(src.class_names) == 8
+    assert same_classes(["0", "1"], ["normal", "pneumonia"]) and same_classes(["a", "b"], ["a", "b"])
+    assert not same_classes(["normal", "pneumonia"], ["pneumonia", "normal"])
+    assert not same_classes(["0", "1"], ["a", "b", "c"])

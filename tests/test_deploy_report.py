@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from conftest import TINY_CNN, run_engine, tiny_cfg
-from medistill.deploy import export_model, predict_files
+from medistill.commands.deploy import export_model, predict_files
 from medistill.report import build_report
 
 

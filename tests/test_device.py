@@ -66,7 +66,7 @@ def test_resume_accepts_configs_saved_before_amp_existed(tmp_path: Path) -> None
 def test_cuda_run_matches_cpu_evaluation(tmp_path: Path, amp: str) -> None:
     """On a GPU: a run trains on CUDA, records the device and its peak memory, and the saved
     model evaluated on the CPU gives the metrics the run wrote."""
-    from medistill.evaluate import evaluate_target
+    from medistill.commands.evaluate import evaluate_target
 
     npz = write_npz(tmp_path / "d.npz")
     run = run_engine(tiny_cfg(npz, tmp_path / "r", epochs=2, device="cuda", amp=amp)).out

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import write_npz
-from medistill.evaluate import evaluate_target
+from medistill.commands.evaluate import evaluate_target
 
 
 def _free_port() -> int:
@@ -56,3 +56,23 @@ def test_torchrun_two_processes(tmp_path: Path) -> None:
             continue
         assert abs(single["test"][k] - run_metrics["test"][k]) < 1e-6, k
     assert run_metrics["test"]["n"] == sum(sum(r) for r in single["test"]["confusion_matrix"])
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["world_size"] == 2 and info["dist_backend"] == "gloo"     # --device auto on a CPU host
+
+
+def test_torchrun_one_process_joins_a_group(tmp_path: Path) -> None:
+    """``torchrun --nproc_per_node=1`` still initialises the backend (gloo here, NCCL on a GPU),
+    so a single-GPU host can check its distributed path."""
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun not found")
+    npz = write_npz(tmp_path / "d.npz")
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MEDISTILL_CACHE_DIR": str(tmp_path / "cache")}
+    cmd = [torchrun, "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "medistill",
+           "train", "--data", str(npz), "--model", "cnn5", "--epochs", "1", "--out", str(out), "--device", "cpu",
+           "--set", "students.0.kwargs={widths: [4, 4, 8, 8, 8]}", "--set", "train.latency=false"]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["world_size"] == 1 and info["dist_backend"] == "gloo"

@@ -14,7 +14,7 @@ from medistill.config import load_config
 from medistill.distill import cache as cache_mod
 from medistill.distill.engine import Engine
 from medistill.errors import CacheMismatchError, ConfigError, ModelError, NonFiniteLossError
-from medistill.evaluate import evaluate_target
+from medistill.commands.evaluate import evaluate_target
 from medistill.io import torch_load
 
 
@@ -262,7 +262,7 @@ def test_dual_student_preset_equals_functional_api(data_dir: Path, teachers: lis
 def test_sweep_collects_one_table(data_dir: Path, teachers: list[Path], tmp_path: Path) -> None:
     import yaml
 
-    from medistill.sweep import run_sweep
+    from medistill.commands.sweep import run_sweep
 
     base = _distill_cfg(data_dir, teachers[:1], tmp_path / "unused", [], students=1, epochs=1)
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))

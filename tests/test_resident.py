@@ -160,3 +160,24 @@ def test_resident_standard_run_teacher_live(tmp_path):
     cfg["terms"] = [{"type": "ce", "weight": 0.1}, {"type": "kd", "weight": 0.9}]
     eng = run_engine(cfg)
     assert eng.cache == {} and type(eng.data.loader("train", 8, train=True)).__name__ == "ResidentLoader"
+
+
+def test_loader_worker_defaults_per_device(tmp_path):
+    """data.num_workers=auto: no workers on a CPU device, some beside a GPU (pinned, persistent,
+    prefetching); an explicit count wins; a negative one is refused."""
+    import os
+
+    from medistill.errors import ConfigError
+
+    npz = write_npz(tmp_path / "d.npz")
+    b = build_data(load_config(None, [("data.name", str(npz))]).data)
+    assert b.cfg.num_workers == "auto" and b.workers() == {"num_workers": 0, "pin_memory": False}
+    b.device, b.pin_memory = torch.device("cuda"), True          # how the engine configures a GPU run
+    w = b.workers()
+    assert w["num_workers"] == min(8, max(1, (os.cpu_count() or 2) // 2)) and w["pin_memory"]
+    assert w["persistent_workers"] and w["prefetch_factor"] == 2
+    b2 = build_data(load_config(None, [("data.name", str(npz)), ("data.num_workers", 1), ("data.prefetch_factor", 4)]).data)
+    dl = b2.loader("train", 8, train=True)
+    assert dl.num_workers == 1 and dl.prefetch_factor == 4 and len(list(dl)) == len(dl)
+    with pytest.raises(ConfigError, match="num_workers"):
+        load_config(None, ["data.num_workers=-1"])

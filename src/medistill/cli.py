@@ -186,7 +186,7 @@ def _parse_seeds(text: str | None, ensemble: bool = False) -> list[int] | None:
 
 
 def _ensemble(members: list[Path], out: Path, aggregation: str) -> None:
-    from medistill.evaluate import evaluate_ensemble
+    from medistill.commands.evaluate import evaluate_ensemble
     from medistill.models.ensemble import write_ensemble
 
     write_ensemble(out, members, aggregation)
@@ -244,7 +244,7 @@ def evaluate(
 ) -> None:
     """Evaluate saved students on the run's validation and test splits, or on another dataset
     (written under MODEL/external/NAME, never over the run's own results)."""
-    from medistill.evaluate import evaluate_target
+    from medistill.commands.evaluate import evaluate_target
 
     res = evaluate_target(target, data=data, out=out, latency=latency, split=split, class_map=class_map,
                           device=device or "auto")
@@ -294,7 +294,7 @@ def sweep(
     amp: Optional[str] = _AMP,
 ) -> None:
     """Run a resumable grid of runs and collect one results table (CSV + markdown)."""
-    from medistill.sweep import run_sweep
+    from medistill.commands.sweep import run_sweep
 
     run_sweep(config, out, [m for m in (methods or "").split(",") if m] or None, grid,
               _parse_seeds(seeds), _device_sets(sets, device, amp), console)
@@ -311,7 +311,7 @@ def recipe(
     amp: Optional[str] = _AMP,
 ) -> None:
     """Run a paper's protocol (teachers, students, sweeps) stage by stage; resumable."""
-    from medistill.recipe import run_recipe
+    from medistill.commands.recipe import run_recipe
 
     run_recipe(file, [s for s in (only or "").split(",") if s] or None, _device_sets(sets, device, amp), console,
                _parse_seeds(seeds))
@@ -331,7 +331,7 @@ def export(target: Path = typer.Argument(..., help="run directory (first student
            fmt: str = typer.Option("onnx", "--format", help="onnx or torchscript"),
            out: Optional[Path] = typer.Option(None, "--out")) -> None:
     """Export a student (preprocessing included, dynamic batch) and check it against PyTorch."""
-    from medistill.deploy import export_model
+    from medistill.commands.deploy import export_model
 
     r = export_model(target, fmt, out)
     print(f"{r['path']}  max |Δ| vs PyTorch = {r['max_abs_diff']:.2e} (batches {r['batches_checked']})")
@@ -344,7 +344,7 @@ def predict(model: Path = typer.Argument(..., help="run dir, model dir, weights 
             out: Optional[Path] = typer.Option(None, "--out", help="folder for CAM overlays"),
             device: Optional[str] = _DEVICE) -> None:
     """Predict classes and probabilities for image files."""
-    from medistill.deploy import predict_files
+    from medistill.commands.deploy import predict_files
 
     for r in predict_files(model, images, cam, out, device=device or "cpu"):
         print(json.dumps(r))

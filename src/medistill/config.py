@@ -46,11 +46,21 @@ class DataConfig(_Strict):
     protocol: Literal["none", "source-imbalanced", "target-imbalanced"] = "none"
     protocol_cap: dict[int, int] | None = Field(None, description="per-class caps of the balanced subset; default: the median class count of the training split")
     role: Literal["auto", "teacher", "student"] = Field("auto", description="protocol side; auto: teacher when the run has no teachers")
-    num_workers: int = Field(0, ge=0)
+    num_workers: int | Literal["auto"] = Field(
+        "auto", description="DataLoader worker processes; auto: 0 on a CPU device (workers compete with the "
+        "training threads for the cores; measured in docs/benchmarks.md), min(8, CPUs/2) on CUDA/MPS")
+    prefetch_factor: int = Field(2, ge=1, description="batches each worker loads ahead (with num_workers > 0)")
     resident: Literal["auto", "on", "off"] = Field(
         "auto", description="keep a MedMNIST .npz on the training device and gather, resize and augment "
-        "(none/flip/dihedral) whole batches there; auto: on for CUDA when the array takes under a quarter of the "
-        "free device memory and the views are finite")
+        "(none/flip/dihedral, or standard's random crops and flips) whole batches there; auto: on for CUDA when the "
+        "array takes under a quarter of the free device memory")
+
+    @field_validator("num_workers", mode="before")
+    @classmethod
+    def _workers(cls, v: Any) -> Any:
+        if isinstance(v, int) and not isinstance(v, bool) and v < 0:
+            raise ValueError("must be ≥ 0 or auto")
+        return v
 
     @field_validator("resident", mode="before")
     @classmethod

@@ -23,11 +23,17 @@ def world() -> int:
 def init_from_env(device_type: str = "cpu") -> int:
     """Join the process group torchrun describes (``WORLD_SIZE`` > 1); returns the world size.
     NCCL when the run computes on CUDA, gloo otherwise (NCCL cannot move CPU tensors, so
-    picking it just because CUDA exists broke CPU runs on GPU hosts)."""
+    picking it just because CUDA exists broke CPU runs on GPU hosts). Under torchrun a single
+    process joins a group too, so ``--nproc_per_node=1`` exercises the same backend."""
     n = int(os.environ.get("WORLD_SIZE", "1"))
-    if n > 1 and not initialized():
+    if (n > 1 or dist.is_torchelastic_launched()) and not initialized():
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
     return world()
+
+
+def backend() -> str | None:
+    """The process group's backend (``nccl``, ``gloo``), or None outside torchrun."""
+    return str(dist.get_backend()) if initialized() else None
 
 
 def barrier() -> None:

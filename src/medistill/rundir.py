@@ -90,6 +90,8 @@ def write_run_files(out: Path, cfg: Any, teachers: list[Any], students: list[Any
     # Training-only modules of the terms (projectors, regressors): dropped after training.
     info["term_parameters"] = {k.replace("__", "."): n for k, t in terms.items()
                                if (n := sum(p.numel() for p in t.parameters()))}
-    info.update(device_info(device), amp=cfg.train.amp)
+    from medistill import dist
+
+    info.update(device_info(device), amp=cfg.train.amp, world_size=dist.world(), dist_backend=dist.backend())
     write_json(out / "run_info.json", info)
     write_json(out / "split.json", data.split_record())

@@ -83,6 +83,19 @@ class DataBundle:
         aug = Augment(self.cfg.augment, self.image_size) if train and self.cfg.augment != "none" else None
         return ImageDataset(self.source, self.splits[split], self.image_size, aug)
 
+    def workers(self) -> dict[str, Any]:
+        """DataLoader worker settings: ``data.num_workers`` (auto: none on a CPU device, where
+        workers take cores from the training threads; min(8, CPUs/2) beside a GPU), persistent
+        workers and ``data.prefetch_factor``, page-locked memory for CUDA."""
+        import os
+
+        n = self.cfg.num_workers
+        if n == "auto":
+            dev = self.device.type if self.device is not None else "cpu"
+            n = 0 if dev == "cpu" else min(8, max(1, (os.cpu_count() or 2) // 2))
+        extra = {"persistent_workers": True, "prefetch_factor": self.cfg.prefetch_factor} if n else {}
+        return {"num_workers": n, "pin_memory": self.pin_memory, **extra}
+
     def use_resident(self) -> bool:
         """``data.resident``: on, off, or auto — on for a CUDA device when the array is in memory
         and takes under a quarter of the free device memory."""
@@ -138,23 +151,20 @@ class DataBundle:
             if not train:
                 # Evaluation shards without padding; predictions are gathered and ordered by index.
                 shard = Subset(ds, list(range(dist.rank(), len(ds), dist.world())))
-                loader = DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=self.cfg.num_workers,
-                                    pin_memory=self.pin_memory)
+                loader = DataLoader(shard, batch_size=batch_size, shuffle=False, **self.workers())
                 loader.medistill_sharded = True  # type: ignore[attr-defined]
                 return loader
             if balanced:
                 raise DataError("data.balanced_sampler is not supported with distributed training yet")
             sampler = DistributedSampler(ds, shuffle=True, seed=seed, drop_last=drop_last)
-            return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=self.cfg.num_workers, drop_last=drop_last,
-                              pin_memory=self.pin_memory)
+            return DataLoader(ds, batch_size=batch_size, sampler=sampler, drop_last=drop_last, **self.workers())
         if train and balanced:
             counts = self.counts(split)
             w = 1.0 / counts[self.labels(split)]
             sampler = WeightedRandomSampler(torch.as_tensor(w, dtype=torch.double), len(ds),
                                             replacement=True, generator=gen)
         return DataLoader(ds, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
-                          generator=gen, num_workers=self.cfg.num_workers, drop_last=drop_last,
-                          persistent_workers=self.cfg.num_workers > 0, pin_memory=self.pin_memory)
+                          generator=gen, drop_last=drop_last, **self.workers())
 
     def split_record(self) -> dict[str, Any]:
         return {

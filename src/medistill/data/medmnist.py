@@ -47,6 +47,27 @@ FLAVOURS = sorted({k.split("_")[0] for k in MD5})
 # Datasets whose class ids are ordered grades (QWK is meaningful): RetinaMNIST's DR grades 0–4.
 ORDINAL = {"retinamnist"}
 MULTI_LABEL = {"chestmnist"}
+# Class names of each flavour, by label id (the MedMNIST INFO table; RetinaMNIST's are its grades).
+_ORGANS = ["bladder", "femur-left", "femur-right", "heart", "kidney-left", "kidney-right", "liver", "lung-left",
+           "lung-right", "pancreas", "spleen"]
+CLASS_NAMES: dict[str, list[str]] = {
+    "pathmnist": ["adipose", "background", "debris", "lymphocytes", "mucus", "smooth muscle", "normal colon mucosa",
+                  "cancer-associated stroma", "colorectal adenocarcinoma epithelium"],
+    "chestmnist": ["atelectasis", "cardiomegaly", "effusion", "infiltration", "mass", "nodule", "pneumonia",
+                   "pneumothorax", "consolidation", "edema", "emphysema", "fibrosis", "pleural", "hernia"],
+    "dermamnist": ["actinic keratoses and intraepithelial carcinoma", "basal cell carcinoma",
+                   "benign keratosis-like lesions", "dermatofibroma", "melanoma", "melanocytic nevi", "vascular lesions"],
+    "octmnist": ["choroidal neovascularization", "diabetic macular edema", "drusen", "normal"],
+    "pneumoniamnist": ["normal", "pneumonia"],
+    "retinamnist": ["0", "1", "2", "3", "4"],
+    "breastmnist": ["malignant", "normal, benign"],
+    "bloodmnist": ["basophil", "eosinophil", "erythroblast", "immature granulocytes", "lymphocyte", "monocyte",
+                   "neutrophil", "platelet"],
+    "tissuemnist": ["collecting duct, connecting tubule", "distal convoluted tubule", "glomerular endothelial cells",
+                    "interstitial endothelial cells", "leukocytes", "podocytes", "proximal tubule segments",
+                    "thick ascending limb"],
+    "organamnist": _ORGANS, "organcmnist": _ORGANS, "organsmnist": _ORGANS,
+}
 _NAME_RE = re.compile(r"^([a-z]+mnist)(?:_(28|64|128|224))?$")
 
 
@@ -59,6 +80,25 @@ def is_ordinal(name: str) -> bool:
     """Whether a MedMNIST name or ``.npz`` path (by its file name) is an ordinal grading task."""
     stem = Path(name).stem if name.endswith(".npz") else name
     return stem.lower().split("_")[0] in ORDINAL
+
+
+def class_names(name: str, n_classes: int) -> list[str]:
+    """The class names of a MedMNIST name or ``.npz`` path (by its file name); label ids as
+    strings for any other file, or when the file's class count differs from the table's."""
+    stem = (Path(name).stem if name.endswith(".npz") else name).lower()
+    m = _NAME_RE.match(stem)
+    names = CLASS_NAMES.get(m.group(1)) if m else None
+    return list(names) if names and len(names) == n_classes else [str(c) for c in range(n_classes)]
+
+
+def same_classes(a: list[str], b: list[str]) -> bool:
+    """Whether two recorded class lists mean the same classes. Runs made before MedMNIST class
+    names were recorded list the label ids ("0", "1", …) instead; those match any list of the
+    same length, so older teachers stay usable."""
+    if a == b:
+        return True
+    ids = [str(i) for i in range(len(a))]
+    return len(a) == len(b) and (a == ids or b == ids)
 
 
 def default_cache_dir() -> Path:

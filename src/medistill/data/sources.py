@@ -126,7 +126,7 @@ def from_medmnist(name: str, download: bool = False) -> ImageSource:
     y = np.concatenate(labels)
     n_classes = _check_label_range(y, str(path))
     return ImageSource(
-        description=str(path), labels=y, class_names=[str(c) for c in range(n_classes)],
+        description=str(path), labels=y, class_names=medmnist.class_names(str(path), n_classes),
         channels=images.shape[-1], native_size=images.shape[1] if images.shape[1] == images.shape[2] else None,
         split_tags=np.array(tags), fingerprint=medmnist.md5_file(path), _arrays=images,
     )

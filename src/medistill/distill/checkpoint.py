@@ -66,12 +66,12 @@ def load_checkpoint(out: Path, groups: dict[str, dict[str, Any]], terms: nn.Modu
 
 # Settings that may change between an interrupted run and its resumption: they do not alter what is trained.
 _RESUME_FREE = {"train.progress", "train.latency", "train.threads", "train.cache_dir", "data.num_workers",
-                "train.device"}
+                "data.prefetch_factor", "train.device"}
 # Keys added to the config after some runs were saved: absent from an old config.yaml, they are
 # not a difference (their defaults reproduce the old behaviour; bf16 maps onto amp).
 _ADDED_KEYS = {"train.amp", "train.device", "train.deterministic", "data.ordinal", "eval.bootstrap",
                "eval.bootstrap_seed", "eval.target_sensitivity", "data.group_pattern", "data.folds", "data.fold",
-               "data.group_by", "data.window", "data.dicom_frame", "data.resident", "train.compile"}
+               "data.group_by", "data.window", "data.dicom_frame", "data.resident", "train.compile", "data.prefetch_factor"}
 
 
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:

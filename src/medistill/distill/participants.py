@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from medistill.data import DataBundle
+from medistill.data.medmnist import same_classes
 from medistill.errors import ModelError
 from medistill.io import sha256_file
 from medistill.models.ensemble import is_ensemble_dir, load_ensemble
@@ -97,7 +98,7 @@ def check_teacher_data(spec: Any, path: Path, recs: list[ModelSpecRecord], data:
     if spec.allow_other_data:
         return
     for rec in recs:
-        if rec.class_names and rec.class_names != data.class_names:
+        if rec.class_names and not same_classes(rec.class_names, data.class_names):
             raise ModelError(f"teacher {spec.name!r} ({path}) was trained on classes {rec.class_names} but the data "
                              f"has {data.class_names}; set teachers.N.allow_other_data=true if that is intended")
         fp = data.source.fingerprint

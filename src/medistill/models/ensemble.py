@@ -67,6 +67,7 @@ def write_ensemble(directory: str | os.PathLike, members: list[str | os.PathLike
     if aggregation not in AGGREGATIONS:
         raise ModelError(f"unknown ensemble aggregation {aggregation!r}; use one of {', '.join(AGGREGATIONS)}")
     rows, first = [], None
+    from medistill.data.medmnist import same_classes
     from medistill.rundir import resolve_teacher   # run dir → its single model (rundir imports this module)
 
     for m in members:
@@ -76,7 +77,7 @@ def write_ensemble(directory: str | os.PathLike, members: list[str | os.PathLike
         spec = json.loads((md / "model.json").read_text())
         if first is None:
             first = (md, spec)
-        elif spec["num_classes"] != first[1]["num_classes"] or spec["class_names"] != first[1]["class_names"]:
+        elif spec["num_classes"] != first[1]["num_classes"] or not same_classes(spec["class_names"], first[1]["class_names"]):
             raise ModelError(f"ensemble members disagree on the classes: {first[0]} has {first[1]['num_classes']} "
                              f"({', '.join(first[1]['class_names'])}), {md} has {spec['num_classes']} "
                              f"({', '.join(spec['class_names'])})")

@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
         _run({**common, "students": [{"name": "teacher", "model": a.teacher, "input_size": a.size, "kwargs": t_kw}],
               "train": {**common["train"], "seed": seed}, "out": str(d)})
         members.append(d)
-    from medistill.evaluate import evaluate_ensemble
+    from medistill.commands.evaluate import evaluate_ensemble
     from medistill.models.ensemble import write_ensemble
 
     write_ensemble(root / "teachers", members)

@@ -13,7 +13,7 @@ from rich.console import Console
 from medistill.config import _deep_merge, _set_dotted, parse_override
 from medistill.errors import ConfigError
 from medistill.io import write_text
-from medistill.sweep import run_sweep, sweep_cells
+from medistill.commands.sweep import run_sweep, sweep_cells
 
 
 class Stage(BaseModel):
