@@ -232,12 +232,13 @@ def main() -> None:
         ep = ["--epochs", "1" if a.quick else "3"]
         steps.run("train teacher (resnet18)", ms + ["train", "--data", str(small_npz), "--model", "resnet18", "--out", str(t)]
                   + ep + dev + quiet)
+        two = ["--model", "resnet18", "--model", "cnn5"]
         for name, method, extra in (("kd cached", "kd", ["--set", "train.teacher_cache=on", "--set", "data.augment=flip"]),
                                     ("kd live", "kd", ["--set", "train.teacher_cache=off", "--set", "data.augment=standard"]),
                                     ("dkd", "dkd", []), ("umkd (1 epoch)", "umkd", []),
-                                    ("dual_student (1 epoch)", "dual_student", [])):
-            steps.run(name, ms + ["distill", "--data", str(small_npz), "--teacher", str(t), "--method", method,
-                                  "--model", "resnet18", "--out", str(r / name.split(" (")[0].replace(" ", "_"))]
+                                    ("dual_student (1 epoch)", "dual_student", two)):
+            steps.run(name, ms + ["distill", "--data", str(small_npz), "--teacher", str(t), "--method", method]
+                      + ([] if extra is two else ["--model", "resnet18"]) + ["--out", str(r / name.split(" (")[0].replace(" ", "_"))]
                       + (["--epochs", "1"] if "1 epoch" in name else ep) + dev + quiet + extra)
         kd = r / "kd_cached"
         gpu.phase = "explain/export/predict"

@@ -146,3 +146,14 @@ def test_recipe_checkpoint_that_no_stage_makes_is_refused(tmp_path: Path) -> Non
     recipe["stages"][1]["config"]["teachers"][0]["checkpoint"] = "runs/r/experts/seed-1"
     f.write_text(yaml.safe_dump(recipe))
     assert len(load_recipe(f).stages) == 2
+
+
+def test_on_off_words_survive_yaml_booleans() -> None:
+    """``--set KEY=on/off`` (YAML booleans) means the word for fields that offer it."""
+    c = load_config(None, ["train.amp=off", "train.teacher_cache=on", "train.compile=off", "data.resident=yes",
+                           "students.0.small_input=off"])
+    assert (c.train.amp, c.train.teacher_cache, c.train.compile, c.data.resident, c.students[0].small_input) == \
+        ("off", "on", "off", "on", "off")
+    assert load_config(None, ["train.teacher_cache=off"]).train.teacher_cache == "off"
+    with pytest.raises(ConfigError, match="train.amp"):
+        load_config(None, ["train.amp=on"])          # amp has no "on": still an error naming the key

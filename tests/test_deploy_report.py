@@ -74,3 +74,14 @@ def test_report_in_headless_browser(distill_run: Path, tmp_path: Path) -> None:
     subprocess.run(base + [f"--screenshot={shot}", "--window-size=1200,2400", path.as_uri()], capture_output=True, timeout=120)
     assert shot.is_file() and shot.stat().st_size > 10_000
     shutil.copy(shot, distill_run / "report_screenshot.png")
+
+
+def test_predict_with_a_missing_model_names_it(tmp_path) -> None:
+    import pytest
+
+    from medistill.commands.deploy import predict_files
+    from medistill.errors import ModelError
+
+    for missing in (tmp_path / "gone.onnx", tmp_path / "no_run"):
+        with pytest.raises(ModelError, match="no model at"):
+            predict_files(missing, [tmp_path / "x.png"])

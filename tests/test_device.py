@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -99,3 +100,39 @@ def test_compile_captures_students_with_taps(tmp_path: Path) -> None:
         logs[mode] = [json.loads(x)["train"]["student"] for x in (tmp_path / mode / "metrics.jsonl").read_text().splitlines()]
     for a, b in zip(logs["off"], logs["eager"]):
         assert a["at"] == pytest.approx(b["at"], rel=1e-4) and a["ce"] == pytest.approx(b["ce"], rel=1e-4)
+
+
+def _resident_cache_explain_predict(tmp_path: Path, device: str) -> None:
+    """Resident batches with random crops, a teacher cache held on the device, and explanations
+    and predictions computed there."""
+    from medistill.commands.deploy import predict_files
+    from medistill.explain.run import explain_run
+
+    npz = write_npz(tmp_path / "d.npz")
+    run_engine(tiny_cfg(npz, tmp_path / "t", epochs=1, device=device))
+    cfg = tiny_cfg(npz, tmp_path / "s", epochs=1, device=device, amp="bf16")
+    cfg["data"].update(augment="dihedral", resident="on")
+    cfg["teachers"] = [{"name": "t", "checkpoint": str(tmp_path / "t")}]
+    cfg["terms"] = [{"type": "ce", "weight": 0.1}, {"type": "kd", "weight": 0.9}]
+    eng = run_engine(cfg)
+    assert eng.cache["t"].outputs["logits"].device.type == device
+    live = tiny_cfg(npz, tmp_path / "live", epochs=1, device=device)
+    live["data"].update(augment="standard", resident="on")
+    assert run_engine(live).data.use_resident()
+    rep = explain_run(tmp_path / "s", n_images=4, methods=["gradcam", "scorecam"], top_k=4, device=device)
+    assert rep["device"].startswith(device) and 0 <= rep["models"]["student"]["methods"]["scorecam"]["fidelity"] <= 1
+    from PIL import Image
+
+    png = tmp_path / "x.png"
+    Image.fromarray(np.load(npz)["test_images"][0]).save(png)
+    out = predict_files(tmp_path / "s", [png], cam=True, out_dir=tmp_path / "cam", device=device)
+    assert out[0]["class"] in range(3)
+
+
+def test_resident_cache_explain_predict_cpu(tmp_path: Path) -> None:
+    _resident_cache_explain_predict(tmp_path, "cpu")
+
+
+@pytest.mark.gpu
+def test_resident_cache_explain_predict_cuda(tmp_path: Path) -> None:
+    _resident_cache_explain_predict(tmp_path, "cuda")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -19,6 +19,25 @@ from medistill.errors import ConfigError
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _on_off_words(cls, data: Any) -> Any:
+        """YAML reads on/off (and yes/no) as booleans, so ``--set train.amp=off`` arrives as
+        False: for a field whose choices include "on"/"off", a boolean means that word."""
+        if not isinstance(data, dict):
+            return data
+        out = dict(data)
+        for name, value in data.items():
+            field = cls.model_fields.get(name) if isinstance(name, str) else None
+            if field is None or not isinstance(value, bool):
+                continue
+            words = set(get_args(field.annotation)) if get_origin(field.annotation) is Literal else set()
+            if "on" in words and value:
+                out[name] = "on"
+            elif "off" in words and not value:
+                out[name] = "off"
+        return out
 
 
 class SubsetConfig(_Strict):
@@ -62,10 +81,6 @@ class DataConfig(_Strict):
             raise ValueError("must be ≥ 0 or auto")
         return v
 
-    @field_validator("resident", mode="before")
-    @classmethod
-    def _resident_bool(cls, v: Any) -> Any:
-        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
     ordinal: Literal["auto"] | bool = Field("auto", description="labels are ordered grades (QWK reported); auto: "
                                            "true for RetinaMNIST, false otherwise")
     group_pattern: str | None = Field(None, description="regular expression on image file names whose first group "

@@ -42,6 +42,31 @@ def _run(cfg: dict[str, Any]) -> dict[str, Any]:
     return json.loads((Path(cfg["out"]) / "metrics.json").read_text())
 
 
+def _answer(con: Console, seconds: float, ens: dict[str, Any], alone: dict[str, Any], kd: dict[str, Any],
+            ens_arch: str, teacher: str, s_model: str) -> None:
+    """The demo's table (teachers, ensemble, the student alone and distilled) and its verdict."""
+    table = Table(title=f"test split, one seed ({seconds:.0f} s in all)")
+    for col in ("model", "arch", "MFLOPs", "bal. ACC", "ACC", "macro-F1", "AUROC", "ECE"):
+        table.add_column(col)
+
+    def row(name: str, arch: str, flops: float | None, m: dict[str, Any]) -> None:
+        table.add_row(name, arch, "–" if flops is None else f"{flops / 1e6:.0f}",
+                      *("–" if m[k] is None else f"{m[k]:.3f}" for k in METRICS))
+
+    for name, mm in ens["members"].items():
+        row(f"teacher {name.split('/')[0]}", teacher, None, mm["test"])
+    row("teacher ensemble", ens_arch, ens["model"]["flops"], ens["test"])
+    row("student alone (CE)", s_model, alone["model"]["flops"], alone["test"])
+    row("student distilled (KD)", s_model, kd["model"]["flops"], kd["test"])
+    con.print(table)
+    gain = kd["test"]["balanced_accuracy"] - alone["test"]["balanced_accuracy"]
+    verdict = "helped" if gain > 0 else "did not help"
+    con.print(f"Did distillation help? In this run it {verdict}: balanced accuracy {gain:+.3f} "
+              f"(accuracy {kd['test']['accuracy'] - alone['test']['accuracy']:+.3f}) against the same student "
+              "trained alone. One seed and a short schedule cannot separate that from seed noise: "
+              "docs/benchmarks.md (headroom) answers it over three seeds.")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="demo_runs")
@@ -93,26 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     kd = _run({**common, "students": [student], "terms": terms, "out": str(root / "kd"),
                "teachers": [{"name": "ensemble", "checkpoint": str(root / "teachers")}]})
 
-    table = Table(title=f"test split, one seed ({time.perf_counter() - t0:.0f} s in all)")
-    for col in ("model", "arch", "MFLOPs", "bal. ACC", "ACC", "macro-F1", "AUROC", "ECE"):
-        table.add_column(col)
-
-    def row(name: str, arch: str, flops: float | None, m: dict[str, Any]) -> None:
-        table.add_row(name, arch, "–" if flops is None else f"{flops / 1e6:.0f}",
-                      *("–" if m[k] is None else f"{m[k]:.3f}" for k in METRICS))
-
-    for name, mm in ens["members"].items():
-        row(f"teacher {name.split('/')[0]}", a.teacher, None, mm["test"])
-    row("teacher ensemble", f"{len(members)}× {a.teacher}", ens["model"]["flops"], ens["test"])
-    row("student alone (CE)", s_model, alone["model"]["flops"], alone["test"])
-    row("student distilled (KD)", s_model, kd["model"]["flops"], kd["test"])
-    con.print(table)
-    gain = kd["test"]["balanced_accuracy"] - alone["test"]["balanced_accuracy"]
-    verdict = "helped" if gain > 0 else "did not help"
-    con.print(f"Did distillation help? In this run it {verdict}: balanced accuracy {gain:+.3f} "
-              f"(accuracy {kd['test']['accuracy'] - alone['test']['accuracy']:+.3f}) against the same student "
-              "trained alone. One seed and a short schedule cannot separate that from seed noise: "
-              "docs/benchmarks.md (headroom) answers it over three seeds.")
+    _answer(con, time.perf_counter() - t0, ens, alone, kd, f"{len(members)}× {a.teacher}", a.teacher, s_model)
     from medistill.report import build_report
 
     report = build_report([root / "alone", root / "kd"], root / "report.html")

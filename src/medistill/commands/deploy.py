@@ -89,6 +89,8 @@ def predict_files(model_path: str | Path, images: list[str | Path], cam: bool = 
     (PyTorch models only). ``model_path``: run dir, model dir, weights file or ``.onnx``;
     ``device`` runs a PyTorch model there (ONNX files run on onnxruntime's CPU provider)."""
     p = Path(model_path)
+    if not p.exists():
+        raise ModelError(f"no model at {p}")
     if p.suffix == ".onnx":
         import onnx
 

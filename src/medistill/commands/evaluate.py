@@ -103,11 +103,6 @@ def evaluate_target(target: str | Path, data: str | None = None, out: str | Path
                 external[key] = external_bundle(str(data), spec.class_names, class_map)
             bundle = external[key]
         assert bundle is not None
-        if spec.num_classes != bundle.num_classes:
-            raise ModelError(f"{d} predicts {spec.num_classes} classes; the data has {bundle.num_classes}")
-        bundle.image_size = bundle.source.native_size or spec.input_size
-        parts = ("all",) if split == "all" else ("val", "test")
-        loaders = {k: bundle.loader(k, 256, train=False) for k in parts}
         home = d if d.is_dir() else d.parent
         if out is not None:
             dest = Path(out) / d.name if len(model_dirs) > 1 else Path(out)
@@ -115,21 +110,32 @@ def evaluate_target(target: str | Path, data: str | None = None, out: str | Path
             dest = home / "external" / (_slug(data) + ("" if split == "all" else "-test"))
         else:
             dest = home
-        info = model_cost(model, spec, latency=latency)   # CPU cost, before the move
-        model.to(dev)
-        pre.to(dev)
-        res = evaluate_splits(model, pre, loaders, dest, info.pop("model"), spec.class_names, ordinal=bundle.ordinal,
-                              bootstrap=ev.bootstrap, bootstrap_seed=ev.bootstrap_seed, threshold=spec.threshold,
-                              predictions_split=parts[-1])
-        res.update(info)
-        if data is not None:
-            res["data"] = {"name": str(data), "split": split, "images": int(sum(len(bundle.splits[k]) for k in parts))}
-        write_json(dest / "metrics.json", res)
-        results[d.name] = res
+        results[d.name] = _evaluate_one(d, model, pre, spec, bundle, dest, split, data, ev, dev, latency)
     if run_dir is not None and out is None and data is None and (target / STUDENTS).is_dir():
         first = model_dirs[0].name
         write_json(run_dir / "metrics.json", {**results[first], "student": first})
     return results
+
+
+def _evaluate_one(d: Path, model: Any, pre: Any, spec: Any, bundle: DataBundle, dest: Path, split: str,
+                  data: str | None, ev: EvalConfig, dev: Any, latency: bool) -> dict[str, Any]:
+    """One model on ``bundle`` (val and test, or ``all``): metrics, cost, predictions → ``dest``."""
+    if spec.num_classes != bundle.num_classes:
+        raise ModelError(f"{d} predicts {spec.num_classes} classes; the data has {bundle.num_classes}")
+    bundle.image_size = bundle.source.native_size or spec.input_size
+    parts = ("all",) if split == "all" else ("val", "test")
+    loaders = {k: bundle.loader(k, 256, train=False) for k in parts}
+    info = model_cost(model, spec, latency=latency)   # CPU cost, before the move
+    model.to(dev)
+    pre.to(dev)
+    res = evaluate_splits(model, pre, loaders, dest, info.pop("model"), spec.class_names, ordinal=bundle.ordinal,
+                          bootstrap=ev.bootstrap, bootstrap_seed=ev.bootstrap_seed, threshold=spec.threshold,
+                          predictions_split=parts[-1])
+    res.update(info)
+    if data is not None:
+        res["data"] = {"name": str(data), "split": split, "images": int(sum(len(bundle.splits[k]) for k in parts))}
+    write_json(dest / "metrics.json", res)
+    return res
 
 
 def evaluate_ensemble(directory: str | Path, latency: bool = False) -> dict[str, Any]:

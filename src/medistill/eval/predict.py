@@ -34,12 +34,12 @@ def predict(model: nn.Module, preprocess: nn.Module, loader: DataLoader, channel
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             p = head(model, x) if head is not None else torch.softmax(model(x).float(), -1)
-            probs.append(p.float().cpu())
+            probs.append(p.float())   # kept on the device: one copy at the end, not a sync per batch
             labels.append(torch.as_tensor(y))
             idx.append(torch.as_tensor(i))
     finally:
         model.train(was)
-    out = (torch.cat(probs), torch.cat(labels), torch.cat(idx))
+    out = (torch.cat(probs).cpu(), torch.cat(labels), torch.cat(idx))
     if getattr(loader, "medistill_sharded", False):
         from medistill.dist import gather_predictions
 
