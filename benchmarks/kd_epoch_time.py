@@ -23,24 +23,32 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--teacher", default=None, help="an existing teacher run (default: train a 1-epoch ResNet-50)")
+    ap.add_argument("--keep", default=None, help="keep the runs in this folder (default: a temporary one)")
+    ap.add_argument("--name", default="kd_epoch_time", help="results file stem")
+    ap.add_argument("--runs", nargs="+", default=["student_only", "kd_cached", "kd_live"])
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     r18 = [{"name": "resnet18", "model": "resnet18"}]
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        t_dir = root / "teacher"
-        run(cfg(t_dir, 1, 0, [{"name": "resnet50", "model": "resnet50"}], latency=False))
+        root = Path(a.keep or tmp)
+        t_dir = Path(a.teacher) if a.teacher else root / "teacher"
+        if not a.teacher:
+            run(cfg(t_dir, 1, 0, [{"name": "resnet50", "model": "resnet50"}], latency=False))
         teacher = [{"name": "resnet50", "checkpoint": str(t_dir)}]
         runs = {"student_only": ([], [], "auto"), "kd_cached": (teacher, KD_TERMS, "on"),
                 "kd_live": (teacher, KD_TERMS, "off")}
         times = {}
         for name, (tch, terms, cache) in runs.items():
+            if name not in a.runs:
+                continue
             run(cfg(root / name, a.epochs, 0, r18, tch, terms, teacher_cache=cache, latency=False,
                     threads=a.threads, cache_dir=str(root / "cache")))
             times[name] = min(epoch_times(root / name))
     result = {"machine": machine(), "epochs": a.epochs, "fastest_epoch_s": times,
-              "ratio_to_student_only": {k: round(v / times["student_only"], 3) for k, v in times.items()}}
-    save("kd_epoch_time", result)
+              "ratio_to_student_only": {k: round(v / times["student_only"], 3) for k, v in times.items()}
+              if "student_only" in times else {}}
+    save(a.name, result)
     print(result)
 
 

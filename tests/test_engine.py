@@ -333,3 +333,18 @@ def test_dho_combination_limits() -> None:
     m.a.fill_(0.0)
     m.b.fill_(1.0)
     assert torch.equal(m(x).argmax(1), z_kd.argmax(1))
+
+
+def test_resume_from_a_checkpoint_that_does_not_fit_is_a_clear_error(tiny_npz: Path, tmp_path: Path) -> None:
+    """An optimizer state with another parameter-group layout (e.g. saved by an older version)
+    is refused naming the state, not a torch traceback."""
+    from medistill.io import torch_load, torch_save
+
+    cfg = tiny_cfg(tiny_npz, tmp_path / "r", epochs=1)
+    run(cfg)
+    ck = tmp_path / "r" / "checkpoint_last.pt"
+    st = torch_load(ck)
+    st["optim"]["student"]["param_groups"] = st["optim"]["student"]["param_groups"][:1]
+    torch_save(ck, st)
+    with pytest.raises(ConfigError, match="optim state of 'student' does not fit"):
+        run(cfg, resume=True)

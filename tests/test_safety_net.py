@@ -77,15 +77,20 @@ def test_lr_schedule_factors() -> None:
     assert lr_factor(7, SchedConfig(name="constant"), 1e-3, 3, 10) == 1.0
 
 
-def test_head_and_module_learning_rates() -> None:
+def test_head_and_module_learning_rates_and_no_decay_on_biases_and_norms() -> None:
     m = create_model("cnn5", 3, 3, 16, **TINY_CNN)
-    extra = [torch.nn.Parameter(torch.zeros(2))]
-    opt = build_optimizer(m, extra, OptimConfig(lr=1e-3, head_lr=1e-2, module_lr=5e-4))
-    assert [g["lr"] for g in opt.param_groups] == [1e-3, 1e-2, 5e-4]
+    extra = [torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2, 2))]
+    opt = build_optimizer(m, extra, OptimConfig(lr=1e-3, head_lr=1e-2, module_lr=5e-4, weight_decay=0.05))
+    # body, head and module parameters, each split into decayed (≥ 2-D) and not decayed (biases, norms)
+    assert [(g["lr"], g["weight_decay"]) for g in opt.param_groups] == [
+        (1e-3, 0.05), (1e-3, 0.0), (1e-2, 0.05), (1e-2, 0.0), (5e-4, 0.05), (5e-4, 0.0)]
+    ids = [{id(p) for p in g["params"]} for g in opt.param_groups]
     head = {id(p) for p in m.get_classifier().parameters()}
-    assert {id(p) for p in opt.param_groups[1]["params"]} == head
-    assert not head & {id(p) for p in opt.param_groups[0]["params"]}
-    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(m.parameters())) + 1
+    assert ids[2] | ids[3] == head and not head & (ids[0] | ids[1])
+    norms = {id(p) for mod in m.modules() if isinstance(mod, torch.nn.BatchNorm2d) for p in mod.parameters()}
+    assert norms and norms <= ids[1]
+    assert all(p.ndim > 1 for g in opt.param_groups if g["weight_decay"] for p in g["params"])
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(m.parameters())) + 2
 
 
 def test_early_stopping_and_term_warmup(tmp_path: Path) -> None:

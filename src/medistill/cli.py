@@ -266,7 +266,7 @@ def explain(
     out: Optional[Path] = typer.Option(None, "--out"),
     layer: Optional[list[str]] = typer.Option(None, "--layer", help="MODEL=MODULE: the CAM layer of one model, e.g. mobilenetv3=blocks.4 (repeatable)"),
     compare: Optional[list[str]] = typer.Option(None, "--compare", help="NAME=DIR: also explain a model from elsewhere, e.g. a student trained without a teacher (repeatable)"),
-    device: str = typer.Option("cpu", "--device", help="where the maps are computed: cpu (default), auto, cuda, cuda:N or mps"),
+    device: str = typer.Option("auto", "--device", help="where the maps are computed: auto (default: CUDA, then MPS, else CPU), cpu, cuda, cuda:N or mps"),
 ) -> None:
     """Explain every model of a run: overlays, faithfulness, agreement, explanation time."""
     from medistill.explain.run import explain_run

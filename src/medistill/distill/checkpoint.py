@@ -54,7 +54,13 @@ def load_checkpoint(out: Path, groups: dict[str, dict[str, Any]], terms: nn.Modu
                       f"{prev.name} (epoch {st['epoch'] + 1})")
     for g, items in groups.items():
         for k, v in items.items():
-            v.load_state_dict(st[g][k])
+            try:
+                v.load_state_dict(st[g][k])
+            except (ValueError, KeyError, RuntimeError) as e:
+                # e.g. an optimizer saved before its parameter groups were split by weight decay
+                raise ConfigError(f"--resume: the checkpoint's {g} state of {k!r} does not fit this version of "
+                                  f"medistill ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                                  "finish the run with the version that started it, or start a new --out") from e
     terms.load_state_dict(st["terms"])
     torch.set_rng_state(st["rng_torch"])
     log = out / "metrics.jsonl"

@@ -19,14 +19,20 @@ from medistill.errors import ConfigError
 
 def build_optimizer(model: nn.Module, module_params: list[nn.Parameter], o: OptimConfig) -> torch.optim.Optimizer:
     """Groups: the body at ``lr``; the classifier head at ``head_lr``; the parameters of modules a
-    term owns (regressors, projectors, CFL blocks) at ``module_lr`` (both default to ``lr``)."""
+    term owns (regressors, projectors, CFL blocks) at ``module_lr`` (both default to ``lr``).
+    Each group is split as timm's ``param_groups_weight_decay`` does: biases and normalisation
+    weights (tensors of one dimension or less) get no weight decay."""
     head = model.get_classifier() if hasattr(model, "get_classifier") else None
     head_ids = {id(p) for p in head.parameters()} if isinstance(head, nn.Module) else set()
-    groups = [{"params": [p for p in model.parameters() if id(p) not in head_ids], "lr": o.lr}]
-    if head_ids:
-        groups.append({"params": [p for p in model.parameters() if id(p) in head_ids], "lr": o.head_lr or o.lr})
-    if module_params:
-        groups.append({"params": module_params, "lr": o.module_lr or o.lr})
+    body = [p for p in model.parameters() if id(p) not in head_ids]
+    heads = [p for p in model.parameters() if id(p) in head_ids]
+    groups = []
+    for params, lr in ((body, o.lr), (heads, o.head_lr or o.lr), (module_params, o.module_lr or o.lr)):
+        trainable = [p for p in params if p.requires_grad]
+        decay = [p for p in trainable if p.ndim > 1]
+        no_decay = [p for p in trainable if p.ndim <= 1]
+        groups += [{"params": g, "lr": lr, "weight_decay": wd}
+                   for g, wd in ((decay, o.weight_decay), (no_decay, 0.0)) if g]
     from timm.optim import create_optimizer_v2
 
     # timm names SGD with Nesterov momentum "sgd" and without it "momentum".

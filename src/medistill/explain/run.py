@@ -64,7 +64,7 @@ def _overlay_grid(images: np.ndarray, columns: dict[str, np.ndarray], labels: li
 def explain_run(run_dir: str | Path, n_images: int = 8, per_class: int | None = None, methods: list[str] | None = None,
                 split: str = "test", top_k: int | None = None, seed: int = 0, out: str | Path | None = None,
                 layers: dict[str, str] | None = None, compare: dict[str, str | Path] | None = None,
-                device: str = "cpu") -> dict[str, Any]:
+                device: str = "auto") -> dict[str, Any]:
     """``layers`` maps a participant name to the module its CAMs use (default: the deepest top-level
     module with a map of at least 2×2 — at small inputs that map is coarse, e.g. 2×2 at 64 px).
     ``compare`` adds models from elsewhere (name → model or run directory), e.g. a student trained
