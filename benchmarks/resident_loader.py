@@ -58,7 +58,7 @@ def main() -> None:
               "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d"),
               "times": times, "standard_s": std, "resident_s": res, "speedup": std / res}
     (ROOT / "results").mkdir(exist_ok=True)
-    tag = f"{a.device.split(':')[0]}-{a.model}-{a.input_size}"
+    tag = f"{a.device.split(':')[0]}-{a.model}-{a.input_size}" + (f"-workers{a.workers}" if a.workers else "")
     (ROOT / "results" / f"resident_loader-{tag}.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"{a.model} @{a.input_size}px on {a.device}: standard {std:.1f} s/epoch, resident {res:.1f} s/epoch, "
           f"speed-up {std / res:.2f}× (median of {a.repeats})")
