@@ -124,6 +124,7 @@ def bare_loop(npz: Path, size: int, batch: int, amp: str, device: str, epochs: i
     import torch
     import torch.nn.functional as F
 
+    from medistill.device import amp_dtype, synchronize
     from medistill.models.factory import create_model
 
     dev = torch.device(device)
@@ -136,11 +137,11 @@ def bare_loop(npz: Path, size: int, batch: int, amp: str, device: str, epochs: i
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
     mean = torch.tensor([0.5, 0.5, 0.5], device=dev).view(1, 3, 1, 1)
     std = torch.tensor([0.5, 0.5, 0.5], device=dev).view(1, 3, 1, 1)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    dtype = amp_dtype(amp)
     model.train()
     times = []
     for _ in range(epochs):
-        _sync(dev)
+        synchronize(dev)
         t0 = time.perf_counter()
         perm = torch.randperm(n, device=dev)
         for b in range(n // batch):
@@ -156,17 +157,10 @@ def bare_loop(npz: Path, size: int, batch: int, amp: str, device: str, epochs: i
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        _sync(dev)
+        synchronize(dev)
         times.append(time.perf_counter() - t0)
     steady = statistics.median(times[1:]) if len(times) > 1 else times[0]
     return {"images_per_s": round((n // batch) * batch / steady, 1), "epoch_s": [round(t, 3) for t in times]}
-
-
-def _sync(dev: Any) -> None:
-    import torch
-
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
 
 
 def medistill_epochs(npz: Path, out: Path, size: int, batch: int, amp: str, device: str, epochs: int,

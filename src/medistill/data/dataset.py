@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -87,8 +88,6 @@ class DataBundle:
         """DataLoader worker settings: ``data.num_workers`` (auto: none on a CPU device, where
         workers take cores from the training threads; min(8, CPUs/2) beside a GPU), persistent
         workers and ``data.prefetch_factor``, page-locked memory for CUDA."""
-        import os
-
         n = self.cfg.num_workers
         if n == "auto":
             dev = self.device.type if self.device is not None else "cpu"

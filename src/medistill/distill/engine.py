@@ -311,7 +311,10 @@ class Engine:
                     self.scaler.unscale_(self.optims[n])
                 params = [p for g in self.optims[n].param_groups for p in g["params"]]
                 torch.nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip)
-            (self.scaler.step if self.scaler else lambda o: o.step())(self.optims[n])
+            if self.scaler:
+                self.scaler.step(self.optims[n])
+            else:
+                self.optims[n].step()
         stepped = True
         if self.scaler:
             scale = self.scaler.get_scale()

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medistill.config import load_config
-from medistill.device import resolve_device
+from medistill.device import resolve_device, synchronize
 from medistill.data import build_data
 from medistill.errors import ArgumentError
 from medistill.explain import cam as C
@@ -80,8 +80,7 @@ def explain_run(run_dir: str | Path, n_images: int = 8, per_class: int | None = 
     out = Path(out) if out else run_dir / "explain"
     cfg = load_config(run_dir / "config.yaml")
     bundle = build_data(cfg.data, fixed_splits=json.loads((run_dir / "split.json").read_text()))
-    models = _load_models(run_dir, [t.checkpoint for t in cfg.teachers], [t.name for t in cfg.teachers],
-                          dict(compare or {}))
+    models = _load_models(run_dir, cfg.teachers, dict(compare or {}))
     counts = {n: s.num_classes for n, (*_, s) in models.items()}
     if len(set(counts.values())) > 1:
         raise ArgumentError(f"models disagree on the number of classes: {counts}")
@@ -130,12 +129,12 @@ def explain_run(run_dir: str | Path, n_images: int = 8, per_class: int | None = 
 Loaded = dict[str, tuple[str, nn.Module, nn.Module, Any]]
 
 
-def _load_models(run_dir: Path, checkpoints: list[str], names: list[str], compare: dict[str, str | Path]) -> Loaded:
+def _load_models(run_dir: Path, teachers: list[Any], compare: dict[str, str | Path]) -> Loaded:
     """Every model to explain, name → (role, model, preprocess, spec): the run's teachers (an
     ensemble member by member), its students and the ``compare`` models."""
     models: Loaded = {}
-    for tname, checkpoint in zip(names, checkpoints):
-        tdir = resolve_teacher(checkpoint)
+    for t in teachers:
+        tname, tdir = t.name, resolve_teacher(t.checkpoint)
         if is_ensemble_dir(tdir):   # an ensemble is explained member by member
             for i, row in enumerate(read_ensemble(tdir)["members"]):
                 models[f"{tname}.{i}"] = ("teacher", *load_model_dir(tdir / row["model_dir"]))
@@ -172,10 +171,10 @@ def _explain_model(name: str, model: nn.Module, pre: nn.Module, spec: Any, x: to
     for meth in methods:
         fn = fns[meth]
         fn(model, xin[:1], pred[:1])                               # warm-up, discarded
-        _sync(x.device)
+        synchronize(x.device)
         t0 = time.perf_counter()
         maps = fn(model, xin, pred)
-        _sync(x.device)
+        synchronize(x.device)
         met = (time.perf_counter() - t0) / len(x)
         cc = M.confidence_change(model, xin, maps)
         entry["methods"][meth] = {
@@ -198,12 +197,6 @@ def _agreement(maps: dict[str, dict[str, torch.Tensor]], ref: str, methods: list
                           for k, v in M.map_agreement(maps[ref][meth], maps[name][meth]).items()}
                    for meth in methods}
             for name in maps if name != ref}
-
-
-def _sync(device: torch.device) -> None:
-    # CUDA kernels run asynchronously: time the maps, not their launch.
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def explain_markdown(r: dict[str, Any]) -> str:
