@@ -23,9 +23,7 @@ from typing import Any, Sequence
 from rich.console import Console
 from torch import nn
 
-from medistill.config import apply_overrides, load_config
-from medistill.distill.engine import Engine
-from medistill.distill.methods import method_terms
+from medistill.assemble import assemble_run, execute_run
 from medistill.errors import ConfigError
 
 TeacherLike = str | Path | tuple[str, str | Path] | nn.Module
@@ -33,74 +31,129 @@ TeacherLike = str | Path | tuple[str, str | Path] | nn.Module
 
 @dataclass
 class Run:
-    """A finished run: its directory and the first student's metrics (``val``, ``test``, cost)."""
+    """A finished run: its directory, the first student's metrics (``val``, ``test``, cost), every
+    student's, and — with ``baseline``/``compare`` — the paired comparison with the students alone."""
 
     out: Path
     metrics: dict[str, Any]
     students: dict[str, dict[str, Any]]
+    comparison: dict[str, Any] | None = None
 
 
-def _tree(config: dict[str, Any] | str | Path | None, data: str | None, model: str | Sequence[str] | None,
-          epochs: int | None, seed: int | None, out: str | Path) -> dict[str, Any]:
-    if isinstance(config, (str, Path)):
-        tree = load_config(config).model_dump(mode="json")
-    else:
-        tree = load_config(None, [], base=dict(config or {})).model_dump(mode="json")
-    if data is not None:
-        tree["data"]["name"] = str(data)
-    if model is not None:
-        models = [model] if isinstance(model, str) else list(model)
-        base = tree["students"][0] if tree["students"] else {}
-        tree["students"] = [{**base, "name": "student" if len(models) == 1 else f"{m}_{i}", "model": m}
-                            for i, m in enumerate(models)]
-    if epochs is not None:
-        tree["train"]["epochs"] = epochs
-    if seed is not None:
-        tree["train"]["seed"] = seed
-    tree["out"] = str(out)
-    return tree
+def _check_out(out: Any) -> str:
+    if out is None or not str(out).strip():
+        raise ConfigError(f"out={out!r}: give the run directory as a path, e.g. out='runs/kd'")
+    if not isinstance(out, (str, Path)):
+        raise ConfigError(f"out must be a path (str or Path), got {type(out).__name__}")
+    return str(out)
 
 
-def _finish(tree: dict[str, Any], overrides: Sequence[str] | None, modules: dict[str, nn.Module],
-            resume: bool, quiet: bool) -> Run:
-    apply_overrides(tree, list(overrides or []))
-    cfg = load_config(None, [], base=tree)
-    results = Engine(cfg, resume=resume, console=Console(stderr=True, quiet=quiet), teacher_modules=modules).run()
+def _overrides(data: Any, epochs: int | None, seed: int | None, out: Any, overrides: Sequence[str] | None) -> list[Any]:
+    if data is not None and not isinstance(data, (str, Path)):
+        raise ConfigError(f"data must be a dataset name or path (str or Path), got {type(data).__name__}")
+    for name, v in (("epochs", epochs), ("seed", seed)):
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
+            raise ConfigError(f"{name} must be an int, got {v!r}")
+    if isinstance(overrides, str):
+        raise ConfigError("overrides must be a list of 'key=value' strings, not one string")
+    flags = {"data.name": None if data is None else str(data), "train.epochs": epochs, "train.seed": seed,
+             "out": _check_out(out)}
+    return [(k, v) for k, v in flags.items() if v is not None] + list(overrides or [])
+
+
+def _finish(cfg: Any, modules: dict[str, nn.Module], resume: bool, quiet: bool, baseline: bool = False,
+            compare: str | Path | None = None) -> Run:
+    from medistill.eval.compare import read_comparison
+
+    results = execute_run(cfg, resume=resume, console=Console(stderr=True, quiet=quiet), teacher_modules=modules,
+                          baseline=baseline, compare=compare)
     first = cfg.students[0].name
-    return Run(Path(cfg.out), results[first], results)
+    return Run(Path(cfg.out), results[first], results, read_comparison(cfg.out) if (baseline or compare) else None)
 
 
-def train(data: str | None = None, model: str | Sequence[str] | None = None, *, epochs: int | None = None,
+def _models(model: str | Sequence[str] | None) -> list[str] | None:
+    if model is None:
+        return None
+    return [model] if isinstance(model, str) else [str(m) for m in model]
+
+
+def train(data: str | Path | None = None, model: str | Sequence[str] | None = None, *, epochs: int | None = None,
           seed: int | None = None, out: str | Path = "runs/run", config: dict[str, Any] | str | Path | None = None,
           overrides: Sequence[str] | None = None, resume: bool = False, quiet: bool = False) -> Run:
     """Train a teacher or a student-only baseline (``train.loss`` picks the supervised loss)."""
-    return _finish(_tree(config, data, model, epochs, seed, out), overrides, {}, resume, quiet)
+    cfg = assemble_run("train", config, _overrides(data, epochs, seed, out, overrides), models=_models(model),
+                       resume=resume)
+    return _finish(cfg, {}, resume, quiet)
 
 
-def distill(teachers: Sequence[TeacherLike], data: str | None = None, model: str | Sequence[str] | None = None, *,
+def distill(teachers: Sequence[TeacherLike], data: str | Path | None = None, model: str | Sequence[str] | None = None, *,
             method: str | None = "kd", terms: list[dict[str, Any]] | None = None, epochs: int | None = None,
             seed: int | None = None, out: str | Path = "runs/run", config: dict[str, Any] | str | Path | None = None,
             overrides: Sequence[str] | None = None, teacher_norm: str = "half", resume: bool = False,
-            quiet: bool = False) -> Run:
-    """Distil ``teachers`` into the student(s) with a method preset or explicit loss ``terms``."""
-    tree = _tree(config, data, model, epochs, seed, out)
+            quiet: bool = False, baseline: bool = False, compare: str | Path | None = None) -> Run:
+    """Distil ``teachers`` into the student(s) with a method preset or explicit loss ``terms``.
+    Without ``data``, the data and split are those of the (first) teacher's run. ``baseline``
+    also trains the students alone; ``compare`` names such a run: ``Run.comparison`` then holds
+    the paired differences."""
+    if isinstance(teachers, (str, Path, tuple, nn.Module)):
+        teachers = [teachers]   # one teacher given bare
     modules: dict[str, nn.Module] = {}
-    entries = []
+    entries: list[Any] = []
     for i, t in enumerate(teachers):
         name = "teacher" if len(teachers) == 1 else f"teacher{i}"
         if isinstance(t, nn.Module):
             modules[name] = t
-            entries.append({"name": name, "checkpoint": "<memory>", "norm": teacher_norm})
-        elif isinstance(t, tuple):
-            entries.append({"name": name, "model": t[0], "checkpoint": str(t[1])})
+            entries.append({"checkpoint": "<memory>", "norm": teacher_norm})
+        elif isinstance(t, (str, Path, tuple)):
+            entries.append(t if isinstance(t, tuple) else str(t))
         else:
-            entries.append({"name": name, "checkpoint": str(t)})
-    if entries:
-        tree["teachers"] = entries
-    if terms is not None:
-        tree["terms"] = terms
-    elif method is not None:
-        tree["terms"] = method_terms(method, tree["train"]["epochs"])
-    if not tree.get("terms"):
-        raise ConfigError("distill needs a method or loss terms")
-    return _finish(tree, overrides, modules, resume, quiet)
+            raise ConfigError(f"teachers[{i}]: expected a run/model directory, an (arch, weights_file) pair or an "
+                              f"nn.Module, got {type(t).__name__}")
+    cfg = assemble_run("distill", config, _overrides(data, epochs, seed, out, overrides), models=_models(model),
+                       teachers=entries or None, method=None if terms is not None else method, terms=terms,
+                       resume=resume)
+    return _finish(cfg, modules, resume, quiet, baseline, compare)
+
+
+def evaluate(target: str | Path, data: str | Path | None = None, *, split: str = "test",
+             class_map: Sequence[str] | None = None, out: str | Path | None = None, latency: bool = False,
+             device: str = "auto") -> dict[str, Any]:
+    """Re-evaluate the students of a run (or one model directory) on the run's split, or on
+    other ``data`` (external validation); returns metrics per model."""
+    from medistill.commands.evaluate import evaluate_target
+
+    return evaluate_target(target, data=None if data is None else str(data), out=out, latency=latency, split=split,
+                           class_map=list(class_map or []) or None, device=device)
+
+
+def predict(model: str | Path, images: Sequence[str | Path], *, cam: bool = False, out: str | Path | None = None,
+            device: str = "cpu") -> list[dict[str, Any]]:
+    """Class probabilities of image files from a run, model directory, weights file or ONNX file."""
+    from medistill.commands.deploy import predict_files
+
+    return list(predict_files(model, list(images), cam, out, device=device))
+
+
+def explain(run: str | Path, *, images: int = 8, per_class: int | None = None,
+            methods: Sequence[str] = ("gradcam", "scorecam", "avgmap"), split: str = "test", top_k: int | None = None,
+            out: str | Path | None = None, device: str = "auto") -> dict[str, Any]:
+    """Explanations of every model of a run (overlays, faithfulness, agreement, time)."""
+    from medistill.explain.run import explain_run
+
+    return explain_run(Path(run), images, per_class, list(methods), split, top_k, out=None if out is None else Path(out),
+                       layers={}, compare={}, device=device)
+
+
+def export(target: str | Path, *, format: str = "onnx", out: str | Path | None = None) -> dict[str, Any]:
+    """Export a student with its preprocessing (ONNX or TorchScript), checked against PyTorch."""
+    from medistill.commands.deploy import export_model
+
+    return export_model(target, format, out)
+
+
+def load_student(directory: str | Path) -> nn.Module:
+    """A saved student as one module: images ``[B, C, H, W]`` in [0, 1] → logits ``[B, K]``
+    (the run's preprocessing included). See :func:`medistill.models.export.load_student`."""
+    from medistill.models.export import load_student as _load
+
+    return _load(directory)

@@ -16,6 +16,22 @@ from medistill.errors import MedistillError
 
 app = typer.Typer(help="Distil large medical image classifiers into small, fast, explainable students.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from medistill import __version__
+
+        print(f"medistill {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="print the version and exit")) -> None:
+    """Distil large medical image classifiers into small, fast, explainable students."""
+
+
 models_app = typer.Typer(help="Inspect the model zoo and feature taps.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 console = Console(stderr=True)
@@ -24,6 +40,8 @@ _DEVICE = typer.Option(None, "--device", help="auto (default: CUDA, then MPS, el
 _AMP = typer.Option(None, "--amp", help="mixed precision: off (default), bf16 or fp16")
 _SET = typer.Option(None, "--set", help="dotted override, e.g. --set optim.lr=0.01 (repeatable)")
 _FOLD = typer.Option(None, "--fold", help="cross-validation fold i of data.folds=K (set K with --set data.folds=K)")
+_WORKERS = typer.Option(None, "--workers", help="DataLoader worker processes (data.num_workers; default auto)")
+_PRINT = typer.Option(False, "--print-config", help="print the resolved config (YAML) and exit without training")
 _PRETRAINED = typer.Option(False, "--pretrained", help="start the students from timm's published weights (needs "
                            "network access; offline, pass a local file with --set students.0.pretrained=PATH)")
 
@@ -31,11 +49,13 @@ _PRETRAINED = typer.Option(False, "--pretrained", help="start the students from 
 def _overrides(data: Optional[str], model: Optional[list[str]], epochs: Optional[int], batch_size: Optional[int],
                seed: Optional[int], out: Optional[str], lr: Optional[float], input_size: Optional[int],
                sets: Optional[list[str]], device: Optional[str] = None, amp: Optional[str] = None,
-               fold: Optional[int] = None) -> list[Override]:
+               fold: Optional[int] = None, workers: Optional[int] = None) -> list[Override]:
     """Flags as typed (key, value) pairs, then the ``--set`` strings (parsed as YAML data)."""
     flags = {"data.name": data, "train.epochs": epochs, "train.batch_size": batch_size, "train.seed": seed,
-             "out": out, "optim.lr": lr, "train.device": device, "train.amp": amp, "data.fold": fold}
-    return [(k, v) for k, v in flags.items() if v is not None and v != ""] + list(sets or [])
+             "out": out, "optim.lr": lr, "train.device": device, "train.amp": amp, "data.fold": fold,
+             "data.num_workers": workers}
+    # an empty --data/--out (an unset shell variable) is kept: the assembly refuses it by name
+    return [(k, v) for k, v in flags.items() if v is not None] + list(sets or [])
 
 
 def _device_sets(sets: Optional[list[str]], device: Optional[str], amp: Optional[str]) -> list[str]:
@@ -43,58 +63,22 @@ def _device_sets(sets: Optional[list[str]], device: Optional[str], amp: Optional
     return list(sets or []) + ([f"train.device={device}"] if device else []) + ([f"train.amp={amp}"] if amp else [])
 
 
-def _students(model: Optional[list[str]], input_size: Optional[int], base: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
-    if not model:
-        if input_size and base:
-            return [{**s, "input_size": input_size} for s in base]
-        return None
-    names = ["student"] if len(model) == 1 else [f"{m}" if model.count(m) == 1 else f"{m}_{i}" for i, m in enumerate(model)]
-    return [{"name": n, "model": m, **({"input_size": input_size} if input_size else {})} for n, m in zip(names, model)]
-
-
 def _run(kind: str, config: Optional[Path], overrides: list[Override], model: Optional[list[str]], input_size: Optional[int],
          teachers: Optional[list[str]], method: Optional[str], resume: bool, download: bool,
-         pretrained: bool = False) -> None:
-    from medistill.config import apply_overrides, load_config, parse_override
-    from medistill.distill.engine import Engine
-    from medistill.distill.methods import method_terms
+         pretrained: bool = False, print_config: bool = False, baseline: bool = False,
+         compare: Optional[str] = None) -> None:
+    from medistill.assemble import assemble_run, execute_run
 
-    out_dir = next((str(parse_override(o)[1]) for o in overrides if override_key(o) == "out"), None)
-    if resume:
-        if not out_dir and config is None:
-            raise MedistillError("--resume needs --out RUN_DIR")
-        saved = Path(out_dir or "") / "config.yaml"
-        if out_dir and saved.is_file():
-            config, overrides = saved, [o for o in overrides if override_key(o) == "out"]
-    # --teacher and --method build the teacher and term lists after the config is read: the --set
-    # items addressing them (e.g. teachers.0.input_size=224, terms.1.temperature=2) wait until then.
-    later = tuple(p for p, flag in (("teachers.", teachers), ("terms.", method)) if flag)
-    deferred = [o for o in overrides if later and override_key(o).startswith(later)]
-    cfg0 = load_config(config, [o for o in overrides if o not in deferred])
-    tree = cfg0.model_dump(mode="json")
-    st = _students(model, input_size, tree.get("students"))
-    if st:
-        tree["students"] = st
-        # --model rebuilt the student list: re-apply the --set items that address students,
-        # which would otherwise be silently dropped (e.g. --set students.0.pretrained=PATH).
-        apply_overrides(tree, [o for o in overrides if override_key(o).startswith("students.")])
-    if pretrained:
-        for s in tree["students"]:
-            s["pretrained"] = True
-    if teachers:
-        tree["teachers"] = [_teacher_entry(t, f"teacher{i}" if len(teachers) > 1 else "teacher") for i, t in enumerate(teachers)]
+    cfg = assemble_run(kind, config, overrides, models=model, input_size=input_size, teachers=teachers, method=method,
+                       pretrained=pretrained, resume=resume, console=console)
     if method:
-        tree["terms"] = method_terms(method, tree["train"]["epochs"])
-    if deferred:
-        apply_overrides(tree, deferred)
-    if method:
-        console.print(f"method {method}: terms = {json.dumps(tree['terms'])}")
-    if kind == "train" and tree.get("teachers"):
-        raise MedistillError("`train` takes no teachers; use `medistill distill`")
-    if kind == "distill" and not tree.get("teachers") and not any(t.get("type") == "peer" for t in tree.get("terms", [])):
-        raise MedistillError("`distill` needs --teacher (or teachers: in the config), or peer terms for mutual learning")
-    cfg = load_config(None, [], base=tree)
-    results = Engine(cfg, resume=resume, download=download, console=console).run()
+        console.print(f"method {method}: terms = {json.dumps([t.model_dump() for t in cfg.terms])}")
+    if print_config:
+        from medistill.config import dump_config
+
+        print(dump_config(cfg), end="")
+        return
+    results = execute_run(cfg, resume=resume, download=download, console=console, baseline=baseline, compare=compare)
     import os
 
     if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 alone reports (the process group is gone by now)
@@ -107,18 +91,9 @@ def _run(kind: str, config: Optional[Path], overrides: list[Override], model: Op
 
 
 def _method_names() -> list[str]:
-    from medistill.distill.methods import METHODS
+    from medistill.presets import METHODS
 
     return list(METHODS)
-
-
-def _teacher_entry(text: str, name: str) -> dict[str, Any]:
-    """``--teacher DIR`` (run, model or ensemble directory) or ``--teacher ARCH=WEIGHTS`` (a timm
-    model name and a weights file, e.g. timm's ``model_best.pth.tar``)."""
-    if "=" in text and not Path(text).exists():
-        arch, path = text.split("=", 1)
-        return {"name": name, "checkpoint": path, "model": arch}
-    return {"name": name, "checkpoint": text}
 
 
 @app.command()
@@ -141,11 +116,13 @@ def train(
     device: Optional[str] = _DEVICE,
     amp: Optional[str] = _AMP,
     fold: Optional[int] = _FOLD,
+    workers: Optional[int] = _WORKERS,
+    print_config: bool = _PRINT,
 ) -> None:
     """Train a teacher or a student-only baseline with a supervised loss (or a seed ensemble)."""
-    overrides = _overrides(data, model, epochs, batch_size, seed, out, lr, input_size, sets, device, amp, fold)
-    if seeds is None:
-        _run("train", config, overrides, model, input_size, None, None, resume, download, pretrained)
+    overrides = _overrides(data, model, epochs, batch_size, seed, out, lr, input_size, sets, device, amp, fold, workers)
+    if seeds is None or print_config:
+        _run("train", config, overrides, model, input_size, None, None, resume, download, pretrained, print_config)
         return
     seed_list = _parse_seeds(seeds, ensemble=True)
     assert seed_list is not None
@@ -225,10 +202,18 @@ def distill(
     device: Optional[str] = _DEVICE,
     amp: Optional[str] = _AMP,
     fold: Optional[int] = _FOLD,
+    workers: Optional[int] = _WORKERS,
+    print_config: bool = _PRINT,
+    baseline: bool = typer.Option(False, "--baseline", help="also train the same student(s) alone (same data, split, "
+                                  "schedule and seed, in OUT/alone) and report the difference with a paired 95 % interval"),
+    compare: Optional[str] = typer.Option(None, "--compare", help="a run of the same student(s) trained alone on the same "
+                                          "split: report the difference with a paired 95 % interval"),
 ) -> None:
-    """Distil N teachers into M students with a list of loss terms."""
-    _run("distill", config, _overrides(data, model, epochs, batch_size, seed, out, lr, input_size, sets, device, amp, fold), model,
-         input_size, teacher, method, resume, download, pretrained)
+    """Distil N teachers into M students with a list of loss terms. Without --data, the data and
+    split are the teacher's."""
+    _run("distill", config, _overrides(data, model, epochs, batch_size, seed, out, lr, input_size, sets, device, amp, fold,
+                                       workers), model, input_size, teacher, method, resume, download, pretrained,
+         print_config, baseline, compare)
 
 
 @app.command()
@@ -292,12 +277,14 @@ def sweep(
     sets: Optional[list[str]] = _SET,
     device: Optional[str] = _DEVICE,
     amp: Optional[str] = _AMP,
+    baseline: bool = typer.Option(False, "--baseline", help="add cells of the same students trained alone and put the "
+                                  "paired differences from them first in results.md"),
 ) -> None:
     """Run a resumable grid of runs and collect one results table (CSV + markdown)."""
     from medistill.commands.sweep import run_sweep
 
     run_sweep(config, out, [m for m in (methods or "").split(",") if m] or None, grid,
-              _parse_seeds(seeds), _device_sets(sets, device, amp), console)
+              _parse_seeds(seeds), _device_sets(sets, device, amp), console, baseline=baseline)
     print((out / "results.md").read_text())
 
 

@@ -125,9 +125,17 @@ class TeacherSpec(_Strict):
     checkpoint: str = Field(..., description="run directory, model directory, ensemble directory or weights file")
     allow_other_data: bool = Field(False, description="accept a teacher whose model.json records another dataset "
                                    "(fingerprint or class names), e.g. one trained on a larger collection")
-    model: str | None = Field(None, description="architecture; read from model.json when omitted")
-    input_size: int | None = None
+    model: str | None = Field(None, description="architecture; read from model.json when omitted. With a weights "
+                              "file from elsewhere (ARCH=FILE), the size, mean and std come from the checkpoint's args "
+                              "or the model's pretrained_cfg")
+    input_size: int | None = Field(None, ge=8, description="default: the model's own (model.json, checkpoint args, "
+                                   "pretrained_cfg)")
     norm: Literal["auto", "imagenet", "half"] | tuple[list[float], list[float]] | None = None
+    small_input: Literal["auto", "on", "off", "stride8", "stride16"] = Field(
+        "off", description="weights file from elsewhere: its stem as trained (off), or medistill's small-input stem "
+        "when the weights were trained with it")
+    weights: Literal["raw", "ema"] = Field("raw", description="weights file from elsewhere: the raw weights, or timm's "
+                                           "EMA weights (state_dict_ema)")
 
 
 class TermSpec(BaseModel):

@@ -73,6 +73,73 @@ def resolve_model_dir(target: str | Path) -> Path:
     raise ModelError(f"{t}: not a run directory, model directory or weights file beside model.json")
 
 
+def portable_path(path: str, run: str | Path) -> str:
+    """How a run stores a path it depends on (a teacher, the data): relative to the run directory
+    when it lies inside it, else absolute, so that the run works from any working directory and
+    a copied run keeps what it carries. A name that is not an existing path (a MedMNIST name, a
+    file found in ``MEDISTILL_DATA_DIR``, ``<memory>``) is kept as it is."""
+    p = Path(path).expanduser()
+    if not path or not p.exists():
+        return path
+    p, r = p.resolve(), Path(run).resolve()
+    try:
+        return p.relative_to(r).as_posix() or "."
+    except ValueError:
+        return str(p)
+
+
+def resolve_in_run(path: str, run: str | Path) -> str:
+    """The inverse of :func:`portable_path`: a relative path inside ``run`` if it exists there;
+    otherwise the path as stored (runs written before 2026-12 stored paths relative to the
+    working directory they were made in, and names such as ``retinamnist`` are not paths)."""
+    if not path or Path(path).is_absolute():
+        return path
+    cand = Path(run) / path
+    return str(cand) if cand.exists() else path
+
+
+def _path_fields(tree: dict[str, Any], convert: Any) -> dict[str, Any]:
+    """``data.name``, ``teachers.N.checkpoint`` and local ``students.N.pretrained`` files through ``convert``."""
+    tree = dict(tree, data=dict(tree["data"]))
+    tree["data"]["name"] = convert(tree["data"]["name"])
+    tree["teachers"] = [dict(t, checkpoint=convert(t["checkpoint"])) for t in tree.get("teachers", [])]
+    tree["students"] = [dict(s, pretrained=convert(s["pretrained"]) if isinstance(s.get("pretrained"), str) else s.get("pretrained"))
+                        for s in tree.get("students", [])]
+    return tree
+
+
+def portable_config(cfg: Any, run: str | Path) -> Any:
+    """``cfg`` with its paths stored as :func:`portable_path` does (what ``config.yaml`` holds)."""
+    from medistill.config import RunConfig
+
+    return RunConfig.model_validate(_path_fields(cfg.model_dump(mode="json"), lambda v: portable_path(v, run)))
+
+
+def load_run_config(run: str | Path) -> Any:
+    """A run's ``config.yaml`` with its paths resolved against the run directory, so it opens from
+    any working directory. A missing or unreadable file is a :class:`ConfigError` naming it."""
+    from medistill.config import RunConfig, load_config
+
+    cfg = load_config(Path(run) / "config.yaml")
+    return RunConfig.model_validate(_path_fields(cfg.model_dump(mode="json"), lambda v: resolve_in_run(v, run)))
+
+
+def teacher_run(checkpoint: str) -> Path | None:
+    """The run a teacher came from (for an ensemble: its first member's run), or None for a
+    weights file from elsewhere."""
+    p = Path(checkpoint)
+    if is_ensemble_dir(p):
+        from medistill.models.ensemble import read_ensemble
+
+        row = read_ensemble(p)["members"][0]["model_dir"]
+        p = p / row if not Path(row).is_absolute() else Path(row)
+    if is_run_dir(p):
+        return p
+    if not p.is_dir():
+        return run_dir_of(p.parent) if (p.parent / "model.json").is_file() else None
+    return run_dir_of(p)
+
+
 def write_run_files(out: Path, cfg: Any, teachers: list[Any], students: list[Any], terms: Any, device: Any,
                     data: Any) -> None:
     """A new run's ``config.yaml`` (every default written out), ``run_info.json`` (environment,
@@ -82,10 +149,11 @@ def write_run_files(out: Path, cfg: Any, teachers: list[Any], students: list[Any
     from medistill.device import device_info
     from medistill.io import environment_info, write_json, write_text
 
-    write_text(out / "config.yaml", dump_config(cfg))
+    write_text(out / "config.yaml", dump_config(portable_config(cfg, out)))
     info = environment_info()
     info["seed"] = cfg.train.seed
-    info["teachers"] = {t.name: {"checkpoint": t.checkpoint, "sha256": t.sha256} for t in teachers}
+    info["teachers"] = {t.name: {"checkpoint": t.checkpoint, "sha256": t.sha256,
+                                 **({"input": t.intake} if getattr(t, "intake", None) else {})} for t in teachers}
     info["adaptations"] = {s.name: s.spec.adaptation for s in students}
     # Training-only modules of the terms (projectors, regressors): dropped after training.
     info["term_parameters"] = {k.replace("__", "."): n for k, t in terms.items()

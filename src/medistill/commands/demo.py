@@ -20,10 +20,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from medistill.config import load_config
+from medistill.assemble import assemble_run, execute_run
 from medistill.data import medmnist
-from medistill.distill.engine import Engine
-from medistill.distill.methods import method_terms
 from medistill.errors import DataError
 
 METRICS = ("balanced_accuracy", "accuracy", "macro_f1", "auroc", "ece")
@@ -37,13 +35,14 @@ def _default_data() -> str:
                     f"{', '.join(str(d) for d in medmnist.search_dirs())}; set MEDISTILL_DATA_DIR or pass --data")
 
 
-def _run(cfg: dict[str, Any]) -> dict[str, Any]:
-    Engine(load_config(None, [], base=cfg), console=Console(stderr=True)).run()
+def _run(cfg: dict[str, Any], method: str | None = None, compare: Path | None = None) -> dict[str, Any]:
+    con = Console(stderr=True)
+    execute_run(assemble_run("auto", cfg, method=method, console=con), console=con, compare=compare)
     return json.loads((Path(cfg["out"]) / "metrics.json").read_text())
 
 
 def _answer(con: Console, seconds: float, ens: dict[str, Any], alone: dict[str, Any], kd: dict[str, Any],
-            ens_arch: str, teacher: str, s_model: str) -> None:
+            ens_arch: str, teacher: str, s_model: str, comparison: dict[str, Any]) -> None:
     """The demo's table (teachers, ensemble, the student alone and distilled) and its verdict."""
     table = Table(title=f"test split, one seed ({seconds:.0f} s in all)")
     for col in ("model", "arch", "MFLOPs", "bal. ACC", "ACC", "macro-F1", "AUROC", "ECE"):
@@ -59,12 +58,14 @@ def _answer(con: Console, seconds: float, ens: dict[str, Any], alone: dict[str, 
     row("student alone (CE)", s_model, alone["model"]["flops"], alone["test"])
     row("student distilled (KD)", s_model, kd["model"]["flops"], kd["test"])
     con.print(table)
+    from medistill.eval.compare import verdict_line
+
     gain = kd["test"]["balanced_accuracy"] - alone["test"]["balanced_accuracy"]
-    verdict = "helped" if gain > 0 else "did not help"
-    con.print(f"Did distillation help? In this run it {verdict}: balanced accuracy {gain:+.3f} "
-              f"(accuracy {kd['test']['accuracy'] - alone['test']['accuracy']:+.3f}) against the same student "
-              "trained alone. One seed and a short schedule cannot separate that from seed noise: "
-              "docs/benchmarks.md (headroom) answers it over three seeds.")
+    ens_gap = ens["test"]["balanced_accuracy"] - alone["test"]["balanced_accuracy"]
+    closed = f"{gain / ens_gap:.0%} of the gap to the ensemble" if ens_gap > 0 else "no gap to close (the ensemble is not ahead)"
+    con.print("Did distillation help? " + verdict_line("student", comparison["students"]["student"]))
+    con.print(f"It closed {closed}. One seed and a short schedule: docs/benchmarks.md (headroom) answers it over "
+              "three seeds.")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -113,12 +114,11 @@ def main(argv: list[str] | None = None) -> None:
     ens = evaluate_ensemble(root / "teachers")
     student = {"name": "student", "model": s_model, "input_size": a.size, "kwargs": s_kw}
     alone = _run({**common, "students": [student], "out": str(root / "alone")})
-    terms = method_terms("kd", a.epochs)
-    con.print(f"kd: terms {json.dumps(terms)}")
-    kd = _run({**common, "students": [student], "terms": terms, "out": str(root / "kd"),
-               "teachers": [{"name": "ensemble", "checkpoint": str(root / "teachers")}]})
-
-    _answer(con, time.perf_counter() - t0, ens, alone, kd, f"{len(members)}× {a.teacher}", a.teacher, s_model)
+    kd = _run({**common, "students": [student], "out": str(root / "kd"),
+               "teachers": [{"name": "ensemble", "checkpoint": str(root / "teachers")}]}, method="kd",
+              compare=root / "alone")
+    comparison = json.loads((root / "kd" / "comparison.json").read_text())
+    _answer(con, time.perf_counter() - t0, ens, alone, kd, f"{len(members)}× {a.teacher}", a.teacher, s_model, comparison)
     from medistill.report import build_report
 
     report = build_report([root / "alone", root / "kd"], root / "report.html")

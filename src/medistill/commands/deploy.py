@@ -15,7 +15,7 @@ from medistill.data.imageio import read_image
 from medistill.data.transforms import resize
 from medistill.errors import ModelError
 from medistill.io import atomic_path, write_json
-from medistill.models.factory import ModelSpecRecord, Preprocess, load_model_dir
+from medistill.models.factory import ModelSpecRecord, Preprocess, data_size, load_model_dir
 from medistill.rundir import resolve_model_dir
 
 
@@ -36,7 +36,7 @@ def export_model(target: str | Path, fmt: str = "onnx", out: str | Path | None =
     d = resolve_model_dir(target)
     model, pre, spec = load_model_dir(d)
     net = Deployable(pre, model).eval()
-    size = spec.data_size or spec.input_size
+    size = data_size(None, [spec])
     example = torch.rand(1, spec.data_chans, size, size)
     dest = Path(out) if out else d / ("model.onnx" if fmt == "onnx" else "model.torchscript.pt")
     if fmt == "onnx":
@@ -80,7 +80,7 @@ def load_image(path: str | Path, spec: ModelSpecRecord) -> torch.Tensor:
     """One image file → ``[C_data, S, S]`` in [0, 1], as the data pipeline made it in training."""
     arr = read_image(path, spec.data_chans)   # DICOM: the file's own window
     x = torch.from_numpy(np.array(arr)).permute(2, 0, 1).float().div_(255.0)
-    return resize(x, spec.data_size or spec.input_size)
+    return resize(x, data_size(None, [spec]))
 
 
 def predict_files(model_path: str | Path, images: list[str | Path], cam: bool = False, out_dir: str | Path | None = None,

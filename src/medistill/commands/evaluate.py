@@ -19,8 +19,8 @@ from medistill.errors import ConfigError, DataError, ModelError
 from medistill.eval.predict import evaluate_splits
 from medistill.io import write_json
 from medistill.models.cost import model_cost
-from medistill.models.factory import load_model_dir
-from medistill.rundir import STUDENTS, run_dir_of, student_dirs
+from medistill.models.factory import data_size, load_model_dir
+from medistill.rundir import STUDENTS, load_run_config, run_dir_of, student_dirs
 
 
 def external_bundle(data: str, class_names: list[str], class_map: list[str] | None = None) -> DataBundle:
@@ -82,11 +82,11 @@ def evaluate_target(target: str | Path, data: str | None = None, out: str | Path
         run_dir = run_dir_of(target if target.is_dir() else target.parent)
     if not model_dirs:
         raise ModelError(f"{target}: no students to evaluate")
-    ev = load_config(run_dir / "config.yaml").eval if run_dir is not None else EvalConfig()
+    ev = load_run_config(run_dir).eval if run_dir is not None else EvalConfig()
     dev = resolve_device(device)
     bundle = None
     if data is None and run_dir is not None:
-        cfg = load_config(run_dir / "config.yaml")
+        cfg = load_run_config(run_dir)
         saved = json.loads((run_dir / "split.json").read_text())
         bundle = build_data(cfg.data, fixed_splits=saved)
     elif data is None:
@@ -122,7 +122,7 @@ def _evaluate_one(d: Path, model: Any, pre: Any, spec: Any, bundle: DataBundle, 
     """One model on ``bundle`` (val and test, or ``all``): metrics, cost, predictions → ``dest``."""
     if spec.num_classes != bundle.num_classes:
         raise ModelError(f"{d} predicts {spec.num_classes} classes; the data has {bundle.num_classes}")
-    bundle.image_size = bundle.source.native_size or spec.input_size
+    bundle.image_size = data_size(bundle.source.native_size, [spec])
     parts = ("all",) if split == "all" else ("val", "test")
     loaders = {k: bundle.loader(k, 256, train=False) for k in parts}
     info = model_cost(model, spec, latency=latency)   # CPU cost, before the move
@@ -166,9 +166,9 @@ def evaluate_ensemble(directory: str | Path, latency: bool = False) -> dict[str,
         if other.get("val") != split.get("val") or other.get("test") != split.get("test"):
             raise ModelError(f"ensemble members {runs[0]} and {run} were trained on different splits; "
                              "an ensemble of them has no clean test set")
-    cfg = load_config(runs[0] / "config.yaml")
+    cfg = load_run_config(runs[0])
     bundle = build_data(cfg.data, fixed_splits=split)
-    bundle.image_size = bundle.source.native_size or max(s.data_size or s.input_size for s in specs)
+    bundle.image_size = data_size(bundle.source.native_size, specs)
     loaders = {k: bundle.loader(k, 256, train=False) for k in ("val", "test")}
     c = bundle.channels
     from medistill.models.factory import Preprocess

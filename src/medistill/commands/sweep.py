@@ -13,15 +13,16 @@ from typing import Any
 
 from rich.console import Console
 
-from medistill.config import load_config
+from medistill.assemble import assemble_run, baseline_config
 from medistill.distill.engine import Engine
 from medistill.distill.methods import supervised_terms
-from medistill.distill.methods import method_terms
+from medistill.eval.compare import compare_runs, seed_differences
 from medistill.rundir import student_dir
 from medistill.errors import ConfigError
 from medistill.eval.tables import STUDENT_ROLES
 from medistill.io import write_text
 
+ALONE = "alone"   # the sweep method of the students trained alone (--baseline)
 METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "qwk", "auroc", "ece")
 
 
@@ -50,21 +51,24 @@ def sweep_cells(methods: list[str] | None = None, grid: list[str] | None = None,
 
 def run_sweep(config: str | Path | None, out: str | Path, methods: list[str] | None = None,
               grid: list[str] | None = None, seeds: list[int] | None = None, overrides: list[str] | None = None,
-              console: Console | None = None) -> list[dict[str, Any]]:
+              console: Console | None = None, baseline: bool = False) -> list[dict[str, Any]]:
     """Each cell = (method, grid point, seed) → ``out/<cell>``; finished cells are skipped,
-    interrupted ones resumed. Returns one row per run and writes ``out/results.{csv,md}``."""
+    interrupted ones resumed. ``baseline`` adds the cells of method "alone" (the same students,
+    no teacher, no distillation term), and every other cell is compared with the alone cell of
+    its grid point and seed on the same test images (paired bootstrap). Returns one row per run
+    and writes ``out/results.{csv,md}``."""
     console = console or Console(stderr=True)
     out = Path(out)
     rows = []
-    for name, method, point, seed in sweep_cells(methods, grid, seeds):
+    cells = sweep_cells(([ALONE] if baseline else []) + list(methods or [None]), grid, seeds)
+    for name, method, point, seed in cells:
         ov = list(overrides or []) + [f"{k}={v}" for k, v in point] + [f"out={out / name}"]
         if seed is not None:
             ov.append(f"train.seed={seed}")
-        cfg = load_config(config, ov)
-        if method:
-            tree = cfg.model_dump(mode="json")
-            tree["terms"] = method_terms(method, cfg.train.epochs)
-            cfg = load_config(None, [], base=tree)
+        # the alone cell is assembled like the first method's (its checks pass), then loses teachers and terms
+        cfg = assemble_run("auto", config, ov, method=(methods or [None])[0] if method == ALONE else method)
+        if method == ALONE:
+            cfg = baseline_config(cfg, out / name)
         run_dir = out / name
         if not (run_dir / "summary.json").is_file():
             console.print(f"[bold]sweep[/] {name}")
@@ -80,12 +84,55 @@ def run_sweep(config: str | Path | None, out: str | Path, methods: list[str] | N
                          "student": model, **{m: r["test"][m] for m in METRICS},
                          f"val_{cfg.train.select_metric}": val.get(cfg.train.select_metric),
                          "params": r["model"]["params"]})
+    if baseline:
+        _paired_with_alone(rows, out, cells)
     write_text(out / "results.csv", _csv(rows))
     keys = [g.split("=", 1)[0] for g in grid or []]
     # Cross-validation folds are pooled like seeds: one row per setting, mean ± std over folds.
-    write_text(out / "results.md", aggregate_markdown(rows, [k for k in keys if k != "data.fold"],
-                                                      over="folds × seeds" if "data.fold" in keys else "seeds"))
+    pooled = [k for k in keys if k != "data.fold"]
+    md = aggregate_markdown(rows, pooled, over="folds × seeds" if "data.fold" in keys else "seeds")
+    if baseline:
+        md = vs_alone_markdown(rows, pooled) + "\n" + md
+    write_text(out / "results.md", md)
     return rows
+
+
+def _paired_with_alone(rows: list[dict[str, Any]], out: Path, cells: list[tuple]) -> None:
+    """Add to each distilled row its paired difference from the alone cell of the same grid point
+    and seed: ``vs_alone_bal_acc`` and its 95 % interval (``vs_alone_ci_lo``/``_hi``)."""
+    alone = {(point, seed): name for name, method, point, seed in cells if method == ALONE}
+    runs = {name: (method, point, seed) for name, method, point, seed in cells}
+    done: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        method, point, seed = runs[r["run"]]
+        if method == ALONE or (point, seed) not in alone:
+            continue
+        if r["run"] not in done:
+            done[r["run"]] = compare_runs(out / r["run"], out / alone[(point, seed)])
+        m = done[r["run"]].get(r["student"], {}).get("metrics", {}).get("balanced_accuracy")
+        if m:
+            r.update(vs_alone_bal_acc=m["diff"], vs_alone_ci_lo=m["ci95"][0], vs_alone_ci_hi=m["ci95"][1])
+
+
+def vs_alone_markdown(rows: list[dict[str, Any]], keys: list[str]) -> str:
+    """The verdict table first: per (method, grid point, student), the per-seed balanced-accuracy
+    differences from the same student alone — mean ± std over seeds, and how many seeds' paired
+    intervals lie above / below zero."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        if "vs_alone_bal_acc" in r:
+            groups.setdefault((r["method"], *(r.get(k) for k in keys), r["student"]), []).append(r)
+    head = ["method", *keys, "student", "Δ bal. ACC vs alone", "seeds with interval > 0", "seeds with interval < 0"]
+    lines = ["**Did distillation help?** Balanced accuracy minus that of the same student trained alone "
+             "(same grid point, seed and test images):", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for g, rs in groups.items():
+        diffs = [r["vs_alone_bal_acc"] for r in rs]
+        ci = "" if len(rs) > 1 else f" [{rs[0]['vs_alone_ci_lo']:+.3f}, {rs[0]['vs_alone_ci_hi']:+.3f}]"
+        lines.append("| " + " | ".join(str(x) for x in g) + f" | {seed_differences(diffs)}{ci} | "
+                     f"{sum(r['vs_alone_ci_lo'] > 0 for r in rs)}/{len(rs)} | {sum(r['vs_alone_ci_hi'] < 0 for r in rs)}/{len(rs)} |")
+    return "\n".join(lines) + ("\n\nOver seeds: mean ± std of the per-seed differences; one seed: its paired bootstrap "
+                               "95 % interval.\n" if groups else "\n\n(no distilled cell had an alone cell to compare with)\n")
 
 
 def _csv(rows: list[dict[str, Any]]) -> str:

@@ -147,9 +147,14 @@ def resolve(name: str, download: bool = False) -> Path:
     """Find (or, when ``download``, fetch) the ``.npz`` of a MedMNIST name or path."""
     p = Path(name).expanduser()
     if p.suffix == ".npz":
-        if not p.is_file():
-            raise DataError(f"dataset file not found: {p}")
-        return p
+        if p.is_file():
+            return p
+        # a bare file name (``isic9_64.npz``) is looked up in the data directories, like a MedMNIST name
+        found = [d / p.name for d in search_dirs() if len(p.parts) == 1 and (d / p.name).is_file()]
+        if found:
+            return found[0]
+        raise DataError(f"dataset file not found: {p}" + (f" (also looked in {', '.join(str(d) for d in search_dirs())})"
+                                                          if len(p.parts) == 1 else ""))
     stem = file_stem(name)
     flavour = stem.split("_")[0]
     if flavour in MULTI_LABEL:

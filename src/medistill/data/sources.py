@@ -367,6 +367,8 @@ def open_source(name: str, fmt: str = "auto", download: bool = False) -> ImageSo
         if fmt not in FORMATS:
             raise DataError(f"unknown data format {fmt!r}; formats: {', '.join(FORMATS)}")
         return FORMATS[fmt].open(name, p, download)
+    if p.suffix.lower() == ".csv" and not p.exists() and len(p.parts) == 1:
+        p = next((d / name for d in medmnist.search_dirs() if (d / name).is_file()), p)
     for f in FORMATS.values():
         if f.matches(name, p):
             return f.open(name, p, download)

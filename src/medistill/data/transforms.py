@@ -37,12 +37,14 @@ def views_for(augment: str) -> list[int]:
     return list(range(NUM_VIEWS[augment]))
 
 
-def resize(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Bilinear, antialiased resize of ``[C, H, W]`` or ``[B, C, H, W]`` to ``size × size``."""
+def resize(x: torch.Tensor, size: int, mode: str = "bilinear") -> torch.Tensor:
+    """Antialiased resize of ``[C, H, W]`` or ``[B, C, H, W]`` to ``size × size``; ``mode``
+    bilinear (medistill's own models) or bicubic (what many timm checkpoints were trained with)."""
     if x.shape[-1] == size and x.shape[-2] == size:
         return x
     squeeze = x.dim() == 3
-    y = F.interpolate(x[None] if squeeze else x, size=(size, size), mode="bilinear",
+    mode = "bicubic" if mode == "bicubic" else "bilinear"
+    y = F.interpolate(x[None] if squeeze else x, size=(size, size), mode=mode,
                       align_corners=False, antialias=True)
     return y[0] if squeeze else y
 

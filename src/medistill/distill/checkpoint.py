@@ -88,17 +88,31 @@ def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
 
 def check_resume_config(saved_path: Path, cfg: RunConfig) -> None:
     """A resumed run must continue the same experiment: any other difference from the saved
-    ``config.yaml`` (epochs, schedule, bf16, terms, ...) would silently mix two runs."""
+    ``config.yaml`` (schedule, amp, terms, data, ...) would silently mix two runs. All differences
+    are listed. The one change allowed is a larger ``train.epochs``: the run then continues to the
+    new total, and the learning-rate schedule is recomputed for it from the current epoch on."""
     import yaml
+
+    from medistill.rundir import _path_fields, portable_path, resolve_in_run
 
     if not saved_path.is_file():
         raise ConfigError(f"--resume: {saved_path} is missing; cannot check that the run continues the same config")
-    old = _flat(yaml.safe_load(saved_path.read_text()))
-    new = _flat(yaml.safe_load(dump_config(cfg)))
+    run = saved_path.parent
+
+    def norm(tree: dict[str, Any]) -> dict[str, Any]:
+        return _flat(_path_fields(tree, lambda v: portable_path(resolve_in_run(v, run), run)))
+
+    try:
+        old = norm(RunConfig.model_validate(yaml.safe_load(saved_path.read_text())).model_dump(mode="json"))
+    except Exception as e:  # noqa: BLE001 - a damaged or foreign file is reported with its path
+        raise ConfigError(f"--resume: {saved_path} is unreadable ({type(e).__name__}); cannot check that the run "
+                          "continues the same config") from e
+    new = norm(yaml.safe_load(dump_config(cfg)))
     diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in _RESUME_FREE
                   and not (k in _ADDED_KEYS and k not in old))
+    if "train.epochs" in diff and int(new["train.epochs"]) > int(old["train.epochs"]):
+        diff.remove("train.epochs")
     if diff:
-        shown = ", ".join(f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in diff[:4])
-        raise ConfigError(f"--resume: the config differs from the interrupted run's {saved_path} ({shown}"
-                          + (f", and {len(diff) - 4} more" if len(diff) > 4 else "") + "); resume with the same config "
-                          "or start a new --out")
+        shown = "; ".join(f"{k}: saved {old.get(k)!r}, given {new.get(k)!r}" for k in diff)
+        raise ConfigError(f"--resume: the given settings differ from the interrupted run's {saved_path.name} ({shown}). "
+                          "Resume with the same settings (only a larger --epochs may change), or start a new --out")

@@ -36,6 +36,7 @@ from medistill.distill.participants import load_teacher, make_student, memory_te
 from medistill.distill.terms import TermSetup
 from medistill.errors import ConfigError, NonFiniteLossError
 from medistill.io import check_writable, write_json
+from medistill.models.factory import data_size
 from medistill.models.taps import FeatureTaps
 from medistill.rundir import resolve_teacher, write_run_files
 
@@ -111,9 +112,14 @@ class Engine:
         if self.main:
             check_writable(self.out)
         dist.barrier()
-        if self.ckpt_path.exists() and not self.resume and not (self.world > 1 and not self.main):
-            raise ConfigError(f"{self.out} already holds a run (checkpoint_last.pt); pass --resume to continue it "
-                              "or choose another --out")
+        if not self.resume and not (self.world > 1 and not self.main):
+            if self.ckpt_path.exists():
+                raise ConfigError(f"{self.out} already holds a run (checkpoint_last.pt); pass --resume to continue it "
+                                  "or choose another --out")
+            held = [n for n in ("summary.json", "metrics.json") if (self.out / n).is_file()]
+            if held or any((self.out / "students").glob("*/model.json")):
+                raise ConfigError(f"{self.out} already holds a run ({', '.join(held) or 'students/'}) whose checkpoints "
+                                  "are gone; it is not trained over. Choose another --out, or delete the folder")
         if self.resume:
             ckpt.check_resume_config(self.out / "config.yaml", self.cfg)
 
@@ -132,7 +138,7 @@ class Engine:
                          for t in cfg.teachers]
         self.students = [make_student(s, native, self.data, cfg.train.channels_last) for s in cfg.students]
         # Images stay at their native size; each model resizes the shared batch for itself.
-        self.data.image_size = self.data.source.native_size or max(p.spec.input_size for p in self.teachers + self.students)
+        self.data.image_size = data_size(self.data.source.native_size, [p.spec for p in self.teachers + self.students])
         self.parts = {p.name: p for p in self.teachers + self.students}
         for s in self.students:
             s.spec.data_size = self.data.image_size
@@ -429,8 +435,10 @@ class Engine:
 
     def finalize(self) -> dict[str, Any]:
         loaders = {"val": self._eval_loader("val"), "test": self._eval_loader("test")}
+        info = {"source": self.data.source.description, "fingerprint": self.data.source.fingerprint or None,
+                "counts": {k: self.data.counts(k).tolist() for k in ("train", "val", "test")}}
         return final_evaluation(self.out, self.students, self.teachers, loaders, self.cfg, self.device,
-                                self.data.ordinal, self.main)
+                                self.data.ordinal, self.main, info)
 
     def run(self) -> dict[str, Any]:
         try:

@@ -13,6 +13,7 @@ from torch import nn
 
 from medistill.config import RunConfig
 from medistill.distill.participants import Participant
+from medistill.eval.card import model_card
 from medistill.eval.metrics import classification_metrics, selection_score
 from medistill.eval.predict import evaluate_splits, predict
 from medistill.eval.tables import summary_table
@@ -20,6 +21,7 @@ from medistill.io import write_json, write_text
 from medistill.models.cost import count_flops, count_params, model_cost
 from medistill.models.ensemble import EnsembleModel
 from medistill.models.factory import load_model_dir, save_model_dir
+from medistill.models.export import write_config
 from medistill.rundir import student_dir
 
 Tensor = torch.Tensor
@@ -64,7 +66,8 @@ def validate(students: list[Participant], eval_model: Callable[[str], nn.Module]
 
 
 def final_evaluation(out: Path, students: list[Participant], teachers: list[Participant], loaders: dict[str, Any],
-                     cfg: RunConfig, device: torch.device, ordinal: bool, main: bool) -> dict[str, Any]:
+                     cfg: RunConfig, device: torch.device, ordinal: bool, main: bool,
+                     data_info: dict[str, Any] | None = None) -> dict[str, Any]:
     """Reload each saved student (the validation-selected checkpoint), evaluate it on val and test
     with its cost, and write its ``metrics.json``; then the run's ``metrics.json``,
     ``summary.json`` and ``summary.md`` with every teacher (and ensemble member) on the same test
@@ -83,6 +86,13 @@ def final_evaluation(out: Path, students: list[Participant], teachers: list[Part
     rows = {**teacher_rows, **{n: {"role": role, **r} for n, r in results.items()}}
     write_json(out / "summary.json", rows)
     write_text(out / "summary.md", summary_table(rows))
+    info = data_info or {}
+    trows = [{"name": n, "arch": next(t.spec.arch for t in teachers if t.name == n), **r["test"]}
+             for n, r in teacher_rows.items() if r["role"] == "teacher"]
+    for s in students:   # the model card, with the numbers just measured
+        write_text(student_dir(out, s.name) / "README.md",
+                   model_card(s.name, s.spec, results[s.name], cfg, trows, info.get("source", cfg.data.name),
+                              info.get("fingerprint"), info.get("counts", {})))
     return results
 
 
@@ -99,6 +109,7 @@ def _evaluate_student(d: Path, loaders: dict[str, Any], cfg: RunConfig, device: 
     if "threshold" in res and main:   # the operating point travels with the model
         spec.threshold, spec.threshold_rule = res["threshold"]["value"], res["threshold"]["rule"]
         write_json(d / "model.json", asdict(spec))
+        write_config(d, spec)
     if hasattr(model, "validation_choice"):  # e.g. DHO's head combination, chosen on validation
         res.update(model.validation_choice())
     if main:

@@ -21,8 +21,11 @@ from medistill.models.factory import (
     ModelSpecRecord,
     Preprocess,
     create_model,
+    data_size,
     load_model_dir,
+    checkpoint_preprocessing,
     load_weights,
+    read_checkpoint,
     resolve_norm,
 )
 
@@ -40,6 +43,7 @@ class Participant:
     trainable: bool
     checkpoint: str | None = None
     sha256: str | None = None
+    intake: dict[str, Any] | None = None   # a teacher from elsewhere: how its input size and norm were chosen
     taps: set[str] = field(default_factory=set)
 
     def logits(self, x: Tensor, channels_last: bool = False) -> Tensor:
@@ -57,7 +61,7 @@ def load_ensemble_teacher(spec: Any, path: Path, data: DataBundle) -> Participan
         raise ModelError(f"teacher {spec.name!r} (ensemble {path}) predicts {rec['num_classes']} classes but the data "
                          f"has {data.num_classes} ({data.source.description})")
     check_teacher_data(spec, path, specs, data)
-    size = data.source.native_size or max(s.data_size or s.input_size for s in specs)
+    size = data_size(data.source.native_size, specs)
     c = data.channels
     archs = sorted({s.arch for s in specs})
     rec0 = ModelSpecRecord(**{**specs[0].__dict__, "arch": f"ensemble({len(specs)}× {'+'.join(archs)})",
@@ -112,13 +116,9 @@ def load_teacher(spec: Any, path: Path, data: DataBundle) -> Participant:
     weights file; its preprocessing adapted to the data's channels and the spec's size/norm."""
     if is_ensemble_dir(path):
         return load_ensemble_teacher(spec, path, data)
+    intake = None
     if spec.model is not None and not (path.is_dir() or (path.parent / "model.json").is_file()):
-        rec = ModelSpecRecord(arch=spec.model, num_classes=data.num_classes, in_chans=data.channels,
-                              data_chans=data.channels, input_size=spec.input_size or data.source.native_size or 224,
-                              small_input="auto", mean=[], std=[], class_names=data.class_names)
-        rec.mean, rec.std = resolve_norm(spec.norm or "auto", False, rec.in_chans)
-        model, pre = rec.build()
-        load_weights(model, path, strict=True)
+        model, pre, rec, intake = external_teacher(spec, path, data)
         wfile = path
     else:
         model, pre, rec = load_model_dir(path)
@@ -127,17 +127,56 @@ def load_teacher(spec: Any, path: Path, data: DataBundle) -> Participant:
         raise ModelError(f"teacher {spec.name!r} ({path}) predicts {rec.num_classes} classes but the data has "
                          f"{data.num_classes} ({data.source.description})")
     check_teacher_data(spec, path, [rec], data)
-    if rec.data_chans != data.channels:
-        pre = Preprocess(data.channels, rec.in_chans, rec.input_size, tuple(rec.mean), tuple(rec.std))
-    if spec.input_size and spec.input_size != rec.input_size:
-        pre = Preprocess(data.channels, rec.in_chans, spec.input_size, tuple(rec.mean), tuple(rec.std))
-    if spec.norm not in (None, "auto"):
-        mean, std = resolve_norm(spec.norm, False, rec.in_chans)
-        pre = Preprocess(data.channels, rec.in_chans, pre.input_size, tuple(mean), tuple(std))
+    if intake is None:   # a medistill model: its recorded preprocessing, adapted where the spec asks
+        if rec.data_chans != data.channels:
+            pre = Preprocess(data.channels, rec.in_chans, rec.input_size, tuple(rec.mean), tuple(rec.std))
+        if spec.input_size and spec.input_size != rec.input_size:
+            pre = Preprocess(data.channels, rec.in_chans, spec.input_size, tuple(rec.mean), tuple(rec.std))
+        if spec.norm not in (None, "auto"):
+            mean, std = resolve_norm(spec.norm, False, rec.in_chans)
+            pre = Preprocess(data.channels, rec.in_chans, pre.input_size, tuple(mean), tuple(std))
     model.eval()
     for prm in model.parameters():
         prm.requires_grad_(False)
-    return Participant(spec.name, model, pre, rec, trainable=False, checkpoint=str(wfile), sha256=sha256_file(wfile))
+    sha = sha256_file(wfile)
+    if intake is not None and intake["weights"] == "ema":   # other weights from the same file: another cache key
+        sha = hashlib.sha256(f"{sha}:ema".encode()).hexdigest()
+    return Participant(spec.name, model, pre, rec, trainable=False, checkpoint=str(wfile), sha256=sha, intake=intake)
+
+
+def external_teacher(spec: Any, path: Path, data: DataBundle) -> tuple[nn.Module, Preprocess, ModelSpecRecord, dict[str, Any]]:
+    """A timm architecture and a weights file trained elsewhere, kept as it was trained: its own
+    stem (``small_input: off`` unless asked), and fed at its own size, mean, std and
+    interpolation (:func:`checkpoint_preprocessing`; ``input_size``/``norm`` of the spec win).
+    Returns the model, its preprocessing, its record and how the input was chosen (run_info)."""
+    import timm
+
+    state, args = read_checkpoint(path, spec.weights)
+    if not timm.is_model(spec.model):
+        create_model(spec.model, data.num_classes)   # raises the unknown-model error with close matches
+    probe = timm.create_model(spec.model, pretrained=False, num_classes=data.num_classes)
+    fallback = data.source.native_size or 224
+    intake = checkpoint_preprocessing(args, probe, fallback)
+    size = spec.input_size or intake["input_size"]
+    in_chans = intake["in_chans"]
+    mean, std = (intake["mean"], intake["std"]) if spec.norm in (None, "auto") else resolve_norm(spec.norm, False, in_chans)
+    if len(mean) != in_chans:
+        mean, std = resolve_norm((mean, std), False, in_chans)
+    rec = ModelSpecRecord(arch=spec.model, num_classes=data.num_classes, in_chans=in_chans, data_chans=data.channels,
+                          input_size=size, small_input=spec.small_input, mean=list(mean), std=list(std),
+                          class_names=data.class_names)
+    model, _ = rec.build()
+    try:
+        load_weights(model, path, strict=True, state=state)
+    except ModelError as e:
+        raise ModelError(f"teacher {spec.name!r}: {e}. Check the architecture (teachers.N.model={spec.model}), the "
+                         f"class count ({data.num_classes} in the data), and the stem: the weights are loaded into "
+                         f"the stem as trained (teachers.N.small_input={spec.small_input}); a file trained with "
+                         "medistill's small-input stem needs small_input=on, stride8 or stride16") from None
+    pre = Preprocess(data.channels, in_chans, size, tuple(mean), tuple(std), intake["interpolation"])
+    intake = {**intake, "input_size": size, "mean": list(mean), "std": list(std), "weights": spec.weights,
+              "small_input": spec.small_input}
+    return model, pre, rec, intake
 
 def make_student(s: Any, native: int, data: DataBundle, channels_last: bool = False) -> Participant:
     """A trainable student built from its spec at ``input_size`` (default: the data's ``native`` size)."""

@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medistill.config import load_config
 from medistill.device import resolve_device, synchronize
 from medistill.data import build_data
 from medistill.errors import ArgumentError
@@ -20,10 +19,10 @@ from medistill.explain import cam as C
 from medistill.explain import metrics as M
 from medistill.io import write_json, write_text
 from medistill.models.ensemble import is_ensemble_dir, read_ensemble
-from medistill.models.factory import load_model_dir
+from medistill.models.factory import data_size, load_model_dir
 from medistill.models.taps import list_taps
 from medistill.plots import overlay_figure, save_png
-from medistill.rundir import resolve_teacher, student_dirs
+from medistill.rundir import load_run_config, resolve_teacher, student_dirs
 
 METHODS = ("gradcam", "gradcampp", "layercam", "scorecam", "avgmap", "shap")
 
@@ -78,7 +77,7 @@ def explain_run(run_dir: str | Path, n_images: int = 8, per_class: int | None = 
         raise ArgumentError(f"unknown explanation method(s) {unknown}; available: {', '.join(METHODS)}")
     dev = resolve_device(device)
     out = Path(out) if out else run_dir / "explain"
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = load_run_config(run_dir)
     bundle = build_data(cfg.data, fixed_splits=json.loads((run_dir / "split.json").read_text()))
     models = _load_models(run_dir, cfg.teachers, dict(compare or {}))
     counts = {n: s.num_classes for n, (*_, s) in models.items()}
@@ -87,7 +86,7 @@ def explain_run(run_dir: str | Path, n_images: int = 8, per_class: int | None = 
     unknown = sorted(set(cam_layers) - set(models))
     if unknown:
         raise ArgumentError(f"--layer names unknown model(s) {unknown}; this run has {sorted(models)}")
-    bundle.image_size = bundle.source.native_size or max(s.input_size for *_, s in models.values())
+    bundle.image_size = data_size(bundle.source.native_size, [s for *_, s in models.values()])
     labels_all = bundle.labels(split)
     chosen = _pick(labels_all, bundle.splits[split], n_images, per_class, seed)
     ds = bundle.dataset(split, train=False)

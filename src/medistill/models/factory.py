@@ -159,18 +159,23 @@ def _check_forward(model: nn.Module, name: str, in_chans: int, input_size: int) 
         model.train(was)
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Weights from safetensors or a weights-only torch file; ``module.``/``model.`` prefixes stripped."""
+def read_checkpoint(path: str | os.PathLike, weights: str = "raw") -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """Weights from safetensors or a weights-only torch file (``module.``/``model.`` prefixes
+    stripped) and, for a training checkpoint of timm's or torchvision's scripts, its ``args`` (the
+    parsed command line) as a dict. ``weights="ema"`` takes timm's ``state_dict_ema``."""
     p = Path(path)
     if not p.is_file():
         raise ModelError(f"weights file not found: {p}")
     try:
-        if p.suffix == ".safetensors":
-            sd = load_file(str(p))
-        else:
-            sd = torch_load(p)
+        sd = load_file(str(p)) if p.suffix == ".safetensors" else torch_load(p)
     except Exception as e:  # noqa: BLE001 - any failure to parse is reported with the path
         raise ModelError(f"{p}: not a readable weights file ({type(e).__name__}: {e})") from e
+    args = sd.get("args") if isinstance(sd, dict) else None
+    args = vars(args) if hasattr(args, "__dict__") else (args if isinstance(args, dict) else None)
+    if weights == "ema":
+        if not (isinstance(sd, dict) and isinstance(sd.get("state_dict_ema"), dict)):
+            raise ModelError(f"{p}: no EMA weights (state_dict_ema) in this checkpoint; use weights=raw")
+        sd = sd["state_dict_ema"]
     for key in ("state_dict", "model", "model_state_dict", "student"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]
@@ -182,13 +187,44 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             if k.startswith(pre):
                 k = k[len(pre):]
         out[k] = v
-    return out
+    return out, args
 
 
-def load_weights(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> None:
-    """Load local weights. ``strict``: any missing/unexpected key or shape mismatch is an error
-    that names it. Non-strict (fine-tuning init): mismatched head weights are skipped."""
-    sd = read_state_dict(path)
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The weights of :func:`read_checkpoint` alone."""
+    return read_checkpoint(path)[0]
+
+
+def checkpoint_preprocessing(args: dict[str, Any] | None, model: nn.Module, fallback_size: int) -> dict[str, Any]:
+    """How a model trained elsewhere wants its input: size, mean, std and interpolation, from
+    its checkpoint's ``args`` (timm's ``img_size``/``input_size``/``mean``/``std``/
+    ``interpolation``), else the model's ``pretrained_cfg``, resolved by timm's own
+    ``resolve_data_config``; ``source`` says which. Without either: ``fallback_size`` (the data's)
+    and ImageNet statistics."""
+    from timm.data import resolve_data_config
+
+    has_cfg = "input_size" in (getattr(model, "pretrained_cfg", None) or {})
+    known = {k: v for k, v in (args or {}).items() if k in ("img_size", "input_size", "mean", "std", "interpolation")
+             and v not in (None, "")}
+    if not known and not has_cfg:
+        return {"input_size": fallback_size, "mean": list(IMAGENET[0]), "std": list(IMAGENET[1]),
+                "interpolation": "bilinear", "in_chans": 3,
+                "source": "neither checkpoint args nor a pretrained_cfg: the data's size and ImageNet statistics"}
+    dc = resolve_data_config(args=dict(args or {}), model=model)
+    c, h, w = dc["input_size"]
+    if h != w:
+        raise ModelError(f"the checkpoint asks for {h}×{w} inputs; medistill feeds square images (set teachers.N.input_size)")
+    return {"input_size": int(h), "mean": [float(v) for v in dc["mean"]], "std": [float(v) for v in dc["std"]],
+            "interpolation": dc.get("interpolation") or "bilinear", "in_chans": int(c),
+            "source": "checkpoint args" if known else "the model's pretrained_cfg"}
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike, strict: bool = True,
+                 state: dict[str, torch.Tensor] | None = None) -> None:
+    """Load local weights (``state``, when already read from ``path``). ``strict``: any
+    missing/unexpected key or shape mismatch is an error that names it. Non-strict (fine-tuning
+    init): mismatched head weights are skipped."""
+    sd = read_state_dict(path) if state is None else state
     own = model.state_dict()
     mismatched = {k: (tuple(v.shape), tuple(own[k].shape)) for k, v in sd.items() if k in own and v.shape != own[k].shape}
     if strict:
@@ -216,9 +252,11 @@ class Preprocess(nn.Module):
     """Adapt a shared batch ``[B, C_data, S, S]`` in [0, 1] to one model: channel count,
     input size and normalisation. Part of every participant and of exported models."""
 
-    def __init__(self, data_chans: int, in_chans: int, input_size: int, mean: tuple[float, ...], std: tuple[float, ...]):
+    def __init__(self, data_chans: int, in_chans: int, input_size: int, mean: tuple[float, ...], std: tuple[float, ...],
+                 interpolation: str = "bilinear"):
         super().__init__()
         self.data_chans, self.in_chans, self.input_size = data_chans, in_chans, input_size
+        self.interpolation = interpolation
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
 
@@ -230,7 +268,7 @@ class Preprocess(nn.Module):
                 x = (x * torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
             else:
                 raise ModelError(f"cannot feed {x.shape[1]}-channel images to a {self.in_chans}-channel model")
-        x = resize(x, self.input_size)
+        x = resize(x, self.input_size, self.interpolation)
         return (x - self.mean) / self.std
 
 
@@ -260,6 +298,19 @@ class ModelSpecRecord:
         return model, Preprocess(self.data_chans, self.in_chans, self.input_size, tuple(self.mean), tuple(self.std))
 
 
+def data_size(native: int | None, specs: list[ModelSpecRecord]) -> int:
+    """The one rule for the side the data pipeline resizes images to before each model's own
+    :class:`Preprocess`: the dataset's own side when all its images share one (``native``), else
+    the side recorded with the model (``data_size``, what its run trained on), else the largest
+    input size among ``specs``. Training, evaluation, explanation, export and prediction all use
+    it, so that a model sees the same pixels everywhere."""
+    if native:
+        return native
+    if not specs:
+        raise ModelError("no model to take the data size from")
+    return max(s.data_size or s.input_size for s in specs)
+
+
 def resolve_norm(norm: Any, pretrained: bool | str, in_chans: int) -> tuple[list[float], list[float]]:
     if isinstance(norm, (tuple, list)) and len(norm) == 2 and isinstance(norm[0], (list, tuple)):
         mean, std = list(norm[0]), list(norm[1])
@@ -279,8 +330,13 @@ def save_model_dir(directory: str | os.PathLike, model: nn.Module, spec: ModelSp
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_write(d / weights_name, lambda p: save_file(sd, str(p)))
+    # the record travels inside the weights file too, so a lone .safetensors still says what it is
+    meta = {"format": "pt", "medistill": json.dumps(asdict(spec))}
+    atomic_write(d / weights_name, lambda p: save_file(sd, str(p), metadata=meta))
     write_json(d / "model.json", asdict(spec))
+    from medistill.models.export import write_config
+
+    write_config(d, spec)
 
 
 def load_model_dir(path: str | os.PathLike, weights_name: str = "model.safetensors") -> tuple[nn.Module, Preprocess, ModelSpecRecord]:

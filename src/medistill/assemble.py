@@ -1,0 +1,197 @@
+"""One assembly of a run: what the command line, the Python API, sweeps, recipes and the demo
+hand in (a config file or dict, ``key=value`` overrides, student models, teachers, a method)
+becomes one validated :class:`RunConfig` here, and nowhere else.
+
+The order is fixed: saved config (``--resume``) or config file → overrides → students from
+``models`` → teachers → method terms → the overrides that address teachers/terms → the data of
+the teacher's run when no data was named → checks. :func:`execute_run` then runs the engine and,
+with ``baseline``/``compare``, answers "did it help?" against the same student trained alone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+from medistill.config import Override, RunConfig, apply_overrides, load_config, override_key, parse_override
+from medistill.errors import ConfigError
+
+# Keys of ``data`` a distillation run takes from its teacher's run when no data is named: which
+# images, and how they are split. Training choices (augmentation, subsets, protocols, loaders)
+# stay the student's own.
+INHERITED_DATA = ("name", "format", "val_fraction", "test_fraction", "split_seed", "tiny_class_policy",
+                  "max_eval_samples", "ordinal", "group_pattern", "group_by", "window", "dicom_frame",
+                  "folds", "fold", "skip_corrupt")
+ALONE_DIR = "alone"
+
+
+def student_entries(models: Sequence[str], input_size: int | None, base: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Students from model names: one is "student"; several are named by their model (``model_i``
+    when a model repeats). ``base`` (the config's first student) gives the other settings."""
+    if any(not m or not str(m).strip() for m in models):
+        raise ConfigError("a student model name is empty (an unset shell variable?); give a timm model name or cnn5")
+    models = list(models)
+    names = ["student"] if len(models) == 1 else [m if models.count(m) == 1 else f"{m}_{i}" for i, m in enumerate(models)]
+    keep = {k: v for k, v in (base or {}).items() if k not in ("name", "model", "kwargs")}
+    return [{**keep, "name": n, "model": m, **({"input_size": input_size} if input_size else {})}
+            for n, m in zip(names, models)]
+
+
+def teacher_entry(teacher: Any, name: str) -> dict[str, Any]:
+    """A teacher as a config entry: ``RUN_OR_MODEL_DIR``, ``ARCH=WEIGHTS`` (text), an
+    ``(arch, weights)`` pair, or an entry dict."""
+    if isinstance(teacher, dict):
+        return {"name": name, **teacher}
+    if isinstance(teacher, tuple):
+        arch, path = teacher
+        if not str(path).strip():
+            raise ConfigError(f"teacher {arch!r}: the weights file is empty; give ARCH=PATH/TO/WEIGHTS")
+        return {"name": name, "model": str(arch), "checkpoint": str(path)}
+    text = str(teacher)
+    if not text.strip():
+        raise ConfigError("a teacher is empty (an unset shell variable?); give a run, model or ensemble "
+                          "directory, or ARCH=WEIGHTS_FILE")
+    if "=" in text and not Path(text).exists():
+        arch, path = text.split("=", 1)
+        if not path.strip() or not arch.strip():
+            raise ConfigError(f"teacher {text!r}: expected ARCH=WEIGHTS_FILE with both parts, "
+                              "e.g. resnet50=model_best.pth.tar")
+        return {"name": name, "checkpoint": path, "model": arch}
+    return {"name": name, "checkpoint": text}
+
+
+def _check_not_empty(overrides: Sequence[Override]) -> None:
+    for o in overrides:
+        key, value = parse_override(o)
+        if key in ("data.name", "out") and (value is None or str(value).strip() == ""):
+            what = {"data.name": "the data (--data / data=)", "out": "the run directory (--out / out=)"}[key]
+            raise ConfigError(f"{what} is empty (an unset shell variable?); name it, or leave it out for the default")
+
+
+def _config_tree(config: dict[str, Any] | str | Path | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(validated tree with defaults, the keys the user wrote) of a config dict or YAML file."""
+    import yaml
+
+    if isinstance(config, (str, Path)):
+        cfg = load_config(config)
+        raw = yaml.safe_load(Path(config).read_text(encoding="utf-8")) or {}
+    else:
+        raw = dict(config or {})
+        cfg = load_config(None, [], base=raw)
+    return cfg.model_dump(mode="json"), raw
+
+
+def _inherit_data(tree: dict[str, Any], explicit: set[str], console: Any) -> None:
+    """No data named: take the first teacher's (run, model inside a run, or ensemble of runs)."""
+    from medistill.rundir import load_run_config, teacher_run
+
+    t = next((t for t in tree["teachers"] if t.get("checkpoint") not in (None, "<memory>")), None)
+    run = teacher_run(t["checkpoint"]) if t and Path(t["checkpoint"]).exists() else None
+    if run is None:
+        return
+    data = load_run_config(run).data.model_dump(mode="json")
+    for k in INHERITED_DATA:
+        if k not in explicit:
+            tree["data"][k] = data[k]
+    if console is not None:
+        console.print(f"data: {tree['data']['name']} with the split of teacher {t['name']!r} ({run})")
+
+
+def assemble_run(kind: str, config: dict[str, Any] | str | Path | None = None, overrides: Sequence[Override] = (), *,
+                 models: Sequence[str] | None = None, input_size: int | None = None,
+                 teachers: Sequence[Any] | None = None, method: str | None = None,
+                 terms: list[dict[str, Any]] | None = None, pretrained: bool = False, resume: bool = False,
+                 console: Any = None) -> RunConfig:
+    """The run's configuration; ``kind`` is "train" (no teachers), "distill", or "auto" (either,
+    by whether the result has teachers: sweeps and recipes)."""
+    from medistill.presets import method_terms
+
+    if kind not in ("train", "distill", "auto"):
+        raise ConfigError(f"unknown run kind {kind!r}")
+    overrides = list(overrides)
+    _check_not_empty(overrides)
+    if input_size is not None and input_size < 8:
+        raise ConfigError(f"input size {input_size} is too small: give 8 px or more, or leave it out for the data's size")
+    out = next((str(parse_override(o)[1]) for o in overrides if override_key(o) == "out"), None)
+    saved = Path(out) / "config.yaml" if out else None
+    if resume and config is None and saved is not None and saved.is_file():
+        from medistill.rundir import load_run_config
+
+        tree, raw = load_run_config(saved.parent).model_dump(mode="json"), {"data": {"name": True}}
+    else:
+        if resume and out is None and config is None:
+            raise ConfigError("--resume needs the run directory (--out RUN_DIR)")
+        tree, raw = _config_tree(config)
+    # The overrides that address teachers/terms wait until those lists are built from the flags.
+    later = tuple(p for p, flag in (("teachers.", teachers), ("terms.", method or terms)) if flag)
+    deferred = [o for o in overrides if later and override_key(o).startswith(later)]
+    apply_overrides(tree, [o for o in overrides if o not in deferred])
+    if models:
+        tree["students"] = student_entries(models, input_size, tree["students"][0] if tree.get("students") else None)
+        apply_overrides(tree, [o for o in overrides if override_key(o).startswith("students.")])
+    elif input_size:
+        tree["students"] = [{**s, "input_size": input_size} for s in tree["students"]]
+    if pretrained:
+        for s in tree["students"]:
+            s["pretrained"] = True
+    if teachers:
+        tree["teachers"] = [teacher_entry(t, f"teacher{i}" if len(teachers) > 1 else "teacher")
+                            for i, t in enumerate(teachers)]
+    if terms is not None:
+        tree["terms"] = terms
+    elif method:
+        tree["terms"] = method_terms(method, tree["train"]["epochs"])
+    apply_overrides(tree, deferred)
+    if kind == "auto":
+        kind = "distill" if tree.get("teachers") else "train"
+    explicit = {k for k in (raw.get("data") or {})} | {override_key(o)[5:] for o in overrides
+                                                       if override_key(o).startswith("data.")}
+    if kind == "distill" and tree.get("teachers") and "name" not in explicit:
+        _inherit_data(tree, explicit, console)
+    if kind == "train" and tree.get("teachers"):
+        raise ConfigError("`train` takes no teachers; use `medistill distill`")
+    if kind == "distill" and not tree.get("teachers") and not any(t.get("type") == "peer" for t in tree.get("terms", [])):
+        raise ConfigError("`distill` needs a teacher (--teacher, teachers=, or teachers: in the config), "
+                          "or peer terms for mutual learning")
+    if kind == "distill" and not tree.get("terms"):
+        raise ConfigError("`distill` needs a method (--method / method=) or loss terms (terms:)")
+    return load_config(None, [], base=tree)
+
+
+def baseline_config(cfg: RunConfig, out: str | Path | None = None) -> RunConfig:
+    """The same students trained alone: same data, split, schedule, optimiser and seed; no
+    teachers and no distillation terms (the supervised loss ``train.loss``)."""
+    tree = cfg.model_dump(mode="json")
+    tree.update(teachers=[], terms=[], out=str(out or Path(cfg.out) / ALONE_DIR))
+    tree["data"]["role"] = "student" if cfg.data.role == "auto" else cfg.data.role   # the same protocol side
+    return RunConfig.model_validate(tree)
+
+
+def execute_run(cfg: RunConfig, *, resume: bool = False, download: bool = False, console: Any = None,
+                teacher_modules: dict[str, Any] | None = None, baseline: bool = False,
+                compare: str | Path | None = None) -> dict[str, Any]:
+    """Run the engine; with ``baseline`` also train the students alone (``OUT/alone``, resumed or
+    reused when already there), or with ``compare`` take an existing run of them alone; then
+    write the paired comparison (``comparison.json``, the verdict atop ``summary.md``)."""
+    from medistill.distill.engine import Engine
+
+    if baseline and compare:
+        raise ConfigError("give either a baseline to train (--baseline) or a run to compare with (--compare), not both")
+    if compare is not None and not (Path(compare) / "split.json").is_file():
+        raise ConfigError(f"--compare {compare}: not a run directory (no split.json)")
+    results = Engine(cfg, resume=resume, download=download, console=console, teacher_modules=teacher_modules).run()
+    alone = Path(compare) if compare is not None else None
+    if baseline:
+        alone = Path(cfg.out) / ALONE_DIR
+        if not (alone / "summary.json").is_file():
+            if console is not None:
+                console.print(f"[bold]baseline[/]: the same student(s) trained alone → {alone}")
+            Engine(baseline_config(cfg, alone), resume=(alone / "checkpoint_last.pt").is_file(), download=download,
+                   console=console).run()
+    if alone is not None:
+        from medistill import dist
+        from medistill.eval.compare import write_comparison
+
+        if dist.rank() == 0:
+            write_comparison(Path(cfg.out), alone, max(cfg.eval.bootstrap, 200), cfg.eval.bootstrap_seed)
+    return results
