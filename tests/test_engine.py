@@ -87,13 +87,18 @@ def test_resume_equals_uninterrupted(tiny_npz: Path, tmp_path: Path, monkeypatch
         run(tiny_cfg(tiny_npz, cut, epochs=3, ema={"enabled": True, "decay": 0.9}))
     monkeypatch.setattr(Engine, "_step", original)
     assert torch_load(cut / "checkpoint_last.pt")["epoch"] == 1
-    with pytest.raises(ConfigError, match=r"train\.epochs: 3 → 4"):  # a changed schedule would mix two runs
-        run(tiny_cfg(tiny_npz, cut, epochs=4, ema={"enabled": True, "decay": 0.9}), resume=True)
+    changed = tiny_cfg(tiny_npz, cut, epochs=2, ema={"enabled": True, "decay": 0.9})
+    changed["optim"]["lr"] = 0.01
+    with pytest.raises(ConfigError, match=r"optim\.lr: saved 0\.003, given 0\.01; train\.epochs: saved 3, given 2"):
+        run(changed, resume=True)       # every difference listed; fewer epochs is a difference too
     run(tiny_cfg(tiny_npz, cut, epochs=3, ema={"enabled": True, "decay": 0.9}), resume=True)
     a = json.loads((full / "metrics.json").read_text())
     b = json.loads((cut / "metrics.json").read_text())
     assert a["test"] == b["test"] and a["val"] == b["val"]
     assert len((cut / "metrics.jsonl").read_text().splitlines()) == 3
+    # more epochs is the one change allowed: the run goes on from its last epoch to the new total
+    run(tiny_cfg(tiny_npz, cut, epochs=4, ema={"enabled": True, "decay": 0.9}), resume=True)
+    assert [json.loads(x)["epoch"] for x in (cut / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2, 3]
 
 
 def test_nan_loss_stops_with_checkpoint_intact(tiny_npz: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

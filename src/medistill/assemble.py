@@ -122,13 +122,12 @@ def assemble_run(kind: str, config: dict[str, Any] | str | Path | None = None, o
         if resume and out is None and config is None:
             raise ConfigError("--resume needs the run directory (--out RUN_DIR)")
         tree, raw = _config_tree(config)
-    # The overrides that address teachers/terms wait until those lists are built from the flags.
-    later = tuple(p for p, flag in (("teachers.", teachers), ("terms.", method or terms)) if flag)
+    # The overrides that address students/teachers/terms wait until those lists are built from the flags.
+    later = tuple(p for p, flag in (("students.", models), ("teachers.", teachers), ("terms.", method or terms)) if flag)
     deferred = [o for o in overrides if later and override_key(o).startswith(later)]
     apply_overrides(tree, [o for o in overrides if o not in deferred])
     if models:
         tree["students"] = student_entries(models, input_size, tree["students"][0] if tree.get("students") else None)
-        apply_overrides(tree, [o for o in overrides if override_key(o).startswith("students.")])
     elif input_size:
         tree["students"] = [{**s, "input_size": input_size} for s in tree["students"]]
     if pretrained:

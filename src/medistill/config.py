@@ -328,13 +328,32 @@ def apply_overrides(tree: dict[str, Any], items: list[Override]) -> None:
         _set_dotted(tree, key, value)
 
 
+def _close_keys(loc: tuple[Any, ...]) -> str:
+    """``; did you mean 'epochs'?`` for a mistyped key, from the fields of the model it is in."""
+    model: Any = RunConfig
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return ""
+        ann = field.annotation
+        args = [a for a in (get_args(ann) or (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        args += [b for a in get_args(ann) for b in get_args(a) if isinstance(b, type) and issubclass(b, BaseModel)]
+        if not args:
+            return ""
+        model = args[0]
+    close = difflib.get_close_matches(str(loc[-1]), list(getattr(model, "model_fields", {})), n=3)
+    return f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+
+
 def _format_validation_error(e: ValidationError, source: str) -> str:
     lines = [f"invalid configuration ({source}):"]
     for err in e.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "<root>"
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
-            msg = "unknown key"
+            msg = "unknown key" + _close_keys(err["loc"])
         lines.append(f"  {loc}: {msg}" + (f" (got {err.get('input')!r})" if err["type"] != "extra_forbidden" and "input" in err and not isinstance(err.get("input"), dict) else ""))
     return "\n".join(lines)
 

@@ -41,19 +41,51 @@ def _fmt(v: Any, nd: int = 3) -> str:
     return html.escape(str(v))
 
 
+def _latency(r: dict[str, Any]) -> str:
+    """Median batch-1 latency with its interquartile range over the repeats (one number alone hides
+    how noisy a busy machine made it)."""
+    lat = (r.get("latency") or {}).get("cpu_batch1") or {}
+    if lat.get("median_ms") is None:
+        return "–"
+    spread = f" ({lat['q1_ms']:.2f}–{lat['q3_ms']:.2f})" if lat.get("q1_ms") is not None else ""
+    return f"{lat['median_ms']:.2f}{spread}"
+
+
+def _verdict_section(distilled: Path, record: dict[str, Any], alone: Path | None) -> str:
+    """"Did distillation help?": the paired differences, then per-class recall alone vs distilled."""
+    from medistill.eval.compare import verdict_line
+
+    parts = ["<h3 id='did-it-help'>Did distillation help?</h3><ul>"
+             + "".join(f"<li>{html.escape(verdict_line(s, r))}</li>" for s, r in record["students"].items()) + "</ul>"]
+    for s, r in record["students"].items():
+        try:
+            a = json.loads((student_dir(distilled, s) / "metrics.json").read_text())
+            b = json.loads((student_dir(alone, r["alone"]) / "metrics.json").read_text()) if alone else None
+        except (OSError, json.JSONDecodeError):
+            continue
+        if not b:
+            continue
+        names = a.get("class_names") or [str(i) for i in range(len(a["test"]["per_class_recall"]))]
+        rows = "".join(f"<tr><td>{html.escape(str(c))}</td><td>{_fmt(rb)}</td><td>{_fmt(ra)}</td><td>{_fmt(n, 0)}</td></tr>"
+                       for c, rb, ra, n in zip(names, b["test"]["per_class_recall"], a["test"]["per_class_recall"],
+                                               a["test"].get("support") or [None] * len(names)))
+        parts.append(f"<h4>{html.escape(s)}: per-class recall, alone vs distilled (test)</h4><table><tr><th>class</th>"
+                     f"<th>alone</th><th>distilled</th><th>test images</th></tr>{rows}</table>")
+    return "".join(parts)
+
+
 def _model_table(rows: dict[str, dict[str, Any]]) -> str:
     keys = ["accuracy", "balanced_accuracy", "macro_f1", "qwk", "auroc", "ece"]
     if all(r["test"].get("qwk") is None for r in rows.values()):   # nominal data: QWK means nothing
         keys.remove("qwk")
     names = {"accuracy": "OA", "balanced_accuracy": "mAcc", "macro_f1": "macro-F1", "qwk": "QWK", "auroc": "AUROC", "ece": "ECE"}
-    head = ("<table><tr><th>model</th><th>role</th><th>params (M)</th><th>MFLOPs</th><th>latency b1 (ms)</th>"
+    head = ("<table><tr><th>model</th><th>role</th><th>params (M)</th><th>MFLOPs</th><th>CPU latency b1, ms: median (IQR)</th>"
             + "".join(f"<th>{names[k]}</th>" for k in keys) + "</tr>")
     body = []
     for n, r in rows.items():
         t, mdl = r["test"], r.get("model", {})
-        lat = r.get("latency", {}).get("cpu_batch1", {}).get("median_ms")
         body.append(f"<tr><td>{html.escape(n)}</td><td>{role_label(r.get('role', 'student'), rows)}</td><td>{mdl.get('params', 0) / 1e6:.2f}</td>"
-                    f"<td>{mdl.get('flops', 0) / 1e6:.1f}</td><td>{_fmt(lat, 2)}</td>"
+                    f"<td>{mdl.get('flops', 0) / 1e6:.1f}</td><td>{_latency(r)}</td>"
                     + "".join(f"<td>{html.escape(with_ci(t, k))}</td>" for k in keys)
                     + "</tr>")
     n = next((r["test"]["ci95"].get("resamples") for r in rows.values() if r.get("test", {}).get("ci95")), None)
@@ -63,6 +95,13 @@ def _model_table(rows: dict[str, dict[str, Any]]) -> str:
 def _run_section(run: Path) -> tuple[str, dict[str, dict[str, Any]]]:
     parts = [f"<section class='run'><h2>Run {html.escape(run.name)}</h2><p class='note'>{html.escape(str(run.resolve()))}</p>"]
     summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else {}
+    from medistill.eval.compare import read_comparison
+    from medistill.rundir import resolve_in_run
+
+    record = read_comparison(run)
+    if record:
+        alone = Path(resolve_in_run(record["alone_run"], run))
+        parts.append(_verdict_section(run, record, alone if alone.is_dir() else None))
     parts.append("<h3 id='models'>Teacher vs students</h3>" + _model_table(summary))
     log_path = run / "metrics.jsonl"
     if log_path.is_file():
@@ -142,6 +181,30 @@ def _md_table_html(md: str) -> str:
     return "".join(out)
 
 
+def _paired_across(runs: list[Path]) -> str:
+    """Several runs, some of students trained alone: each other run against each alone run that
+    shares its test images, paired."""
+    from medistill.errors import MedistillError
+    from medistill.eval.compare import compare_runs
+
+    def alone_only(r: Path) -> bool:
+        roles = {v.get("role") for v in json.loads((r / "summary.json").read_text()).values()}
+        return roles <= {"trained alone"} or ("student" in roles and roles <= {"student"})
+
+    alones = [r for r in runs if alone_only(r)]
+    parts = []
+    for r in runs:
+        for a in alones:
+            if r in alones:
+                continue
+            try:
+                rec = {"alone_run": str(a), "students": compare_runs(r, a)}
+            except MedistillError:
+                continue     # another split or other students: not comparable, nothing to pair
+            parts.append(f"<h4>{html.escape(r.name)} vs {html.escape(a.name)}</h4>" + _verdict_section(r, rec, a))
+    return "".join(parts)
+
+
 def build_report(run_dirs: list[str | Path], out: str | Path | None = None) -> Path:
     """Write ``report.html`` (into the single run dir, or ``out``) and return its path."""
     runs = [Path(r) for r in run_dirs]
@@ -155,7 +218,8 @@ def build_report(run_dirs: list[str | Path], out: str | Path | None = None) -> P
         for n, v in rows.items():
             all_rows[f"{r.name}/{n}" if len(runs) > 1 else n] = v
     title = "medistill report" + (f": {runs[0].name}" if len(runs) == 1 else f": {len(runs)} runs")
-    comparison = f"<h2 id='comparison'>Comparison</h2>{_model_table(all_rows)}" if len(runs) > 1 else ""
+    comparison = (f"<h2 id='comparison'>Comparison</h2>{_paired_across(runs)}{_model_table(all_rows)}"
+                  if len(runs) > 1 else "")
     page = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>"
             "<p class='note'>OA = accuracy; mAcc = balanced accuracy (mean per-class recall); checkpoints selected on "
