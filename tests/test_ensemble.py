@@ -155,15 +155,20 @@ def test_timm_checkpoint_with_namespace_as_teacher(tmp_path: Path) -> None:
     torch.save({"epoch": 3, "arch": "resnet18", "args": argparse.Namespace(model="resnet18", lr=0.1),
                 "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}, "metric": 0.5}, ckpt)
     out = tmp_path / "s"
+    # weights trained with medistill's small-input stem: the stem is never adapted unless asked
+    bad = cli("distill", "--teacher", f"resnet18={ckpt}", "--method", "kd", "--data", str(npz), "--model", "cnn5",
+              "--epochs", "1", "--out", str(out), *SMALL, ok=False)
+    assert bad.returncode == 2 and "conv1.weight" in bad.stderr and "small_input=on" in bad.stderr
+    stem = ["--set", "teachers.0.small_input=on", "--set", "teachers.0.input_size=28"]
     cli("distill", "--teacher", f"resnet18={ckpt}", "--method", "kd", "--data", str(npz), "--model", "cnn5",
-        "--epochs", "1", "--out", str(out), "--set", "data.augment=none", *SMALL)
+        "--epochs", "1", "--out", str(out), "--set", "data.augment=none", *stem, *SMALL)
     cfg = (out / "config.yaml").read_text()
     assert "model: resnet18" in cfg and "model_best.pth.tar" in cfg
     # A weights file for another class count names the first mismatching key.
     other = create_model("resnet18", 5, 3, 28)
     torch.save({"state_dict": other.state_dict(), "args": argparse.Namespace(a=1)}, tmp_path / "five.pth.tar")
     bad = cli("distill", "--teacher", f"resnet18={tmp_path / 'five.pth.tar'}", "--method", "kd", "--data", str(npz),
-              "--model", "cnn5", "--epochs", "1", "--out", str(tmp_path / "t"), *SMALL, ok=False)
+              "--model", "cnn5", "--epochs", "1", "--out", str(tmp_path / "t"), *stem, *SMALL, ok=False)
     assert bad.returncode == 2 and "shape mismatch at fc" in bad.stderr and "Traceback" not in bad.stderr
 
 
