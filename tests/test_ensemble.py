@@ -18,7 +18,8 @@ from torch import nn
 from conftest import TINY_CNN, run_engine, tiny_cfg, write_npz
 from medistill.errors import ConfigError, ModelError
 from medistill.models import create_model, save_model_dir
-from medistill.models.ensemble import EnsembleModel, load_ensemble, write_ensemble
+from medistill.models.ensemble import EnsembleModel
+from medistill.rundir import load_ensemble, write_ensemble
 from medistill.models.factory import ModelSpecRecord, Preprocess
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}

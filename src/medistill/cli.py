@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from medistill.config import Override, override_key
+from medistill.config import Override
 from medistill.errors import MedistillError
 
 app = typer.Typer(help="Distil large medical image classifiers into small, fast, explainable students.",
@@ -126,24 +126,13 @@ def train(
         return
     seed_list = _parse_seeds(seeds, ensemble=True)
     assert seed_list is not None
-    if seed is not None:
-        raise MedistillError("give either --seed or --seeds, not both")
     if not out:
         raise MedistillError("--seeds needs --out ENSEMBLE_DIR")
-    members = []
-    for s in seed_list:
-        d = Path(out) / f"seed-{s}"
-        members.append(d)
-        if resume and (d / "students").is_dir() and (d / "metrics.json").is_file():
-            console.print(f"{d}: finished, kept")
-            continue
-        if not resume and d.exists() and any(d.iterdir()):
-            raise MedistillError(f"ensemble member {d} already exists; pass --resume to continue the ensemble "
-                                 "or choose another --out")
-        member_overrides = [o for o in overrides if override_key(o) != "out"] + [("out", str(d)), ("train.seed", s)]
-        _run("train", config, member_overrides, model, input_size, None, None,
-             resume and (d / "checkpoint_last.pt").is_file(), download, pretrained)
-    _ensemble(members, Path(out), "prob_mean")
+    from medistill.commands.members import train_seed_ensemble
+
+    train_seed_ensemble(config, overrides, seed_list, out, models=model, input_size=input_size, resume=resume,
+                        download=download, pretrained=pretrained, console=console)
+    _print_ensemble(Path(out))
 
 
 def _parse_seeds(text: str | None, ensemble: bool = False) -> list[int] | None:
@@ -162,12 +151,7 @@ def _parse_seeds(text: str | None, ensemble: bool = False) -> list[int] | None:
     return seeds or None
 
 
-def _ensemble(members: list[Path], out: Path, aggregation: str) -> None:
-    from medistill.commands.evaluate import evaluate_ensemble
-    from medistill.models.ensemble import write_ensemble
-
-    write_ensemble(out, members, aggregation)
-    evaluate_ensemble(out)
+def _print_ensemble(out: Path) -> None:
     print((out / "summary.md").read_text())
     print(f"ensemble: {out} (use it as one teacher: medistill distill --teacher {out} ...)")
 
@@ -179,7 +163,12 @@ def ensemble(
     aggregation: str = typer.Option("prob_mean", "--aggregation", help="prob_mean (default) or logit_mean"),
 ) -> None:
     """Combine trained models into one teacher ensemble and evaluate it on their shared split."""
-    _ensemble(list(members), out, aggregation)
+    from medistill.commands.evaluate import evaluate_ensemble
+    from medistill.rundir import write_ensemble
+
+    write_ensemble(out, list(members), aggregation)
+    evaluate_ensemble(out)
+    _print_ensemble(out)
 
 
 @app.command()

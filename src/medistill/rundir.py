@@ -7,11 +7,23 @@ directories and the run they belong to."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from medistill.classes import same_classes
 from medistill.errors import ModelError
-from medistill.models.ensemble import is_ensemble_dir
+from medistill.io import sha256_file, write_json
+
+# --- ensemble directories: ensemble.json (members' model dirs relative to it, their weights'
+# sha256, aggregation, class names) beside the members, usually seed-N/ runs of `train --seeds`.
+ENSEMBLE_FILE = "ensemble.json"
+
+if TYPE_CHECKING:
+    from medistill.models.ensemble import EnsembleModel
+    from medistill.models.factory import ModelSpecRecord
 
 
 def resolve_teacher(path: str) -> Path:
@@ -129,8 +141,6 @@ def teacher_run(checkpoint: str) -> Path | None:
     weights file from elsewhere."""
     p = Path(checkpoint)
     if is_ensemble_dir(p):
-        from medistill.models.ensemble import read_ensemble
-
         row = read_ensemble(p)["members"][0]["model_dir"]
         p = p / row if not Path(row).is_absolute() else Path(row)
     if is_run_dir(p):
@@ -163,3 +173,82 @@ def write_run_files(out: Path, cfg: Any, teachers: list[Any], students: list[Any
     info.update(device_info(device), amp=cfg.train.amp, world_size=dist.world(), dist_backend=dist.backend())
     write_json(out / "run_info.json", info)
     write_json(out / "split.json", data.split_record())
+
+
+def is_ensemble_dir(path: str | os.PathLike) -> bool:
+    return (Path(path) / ENSEMBLE_FILE).is_file()
+
+
+def write_ensemble(directory: str | os.PathLike, members: list[str | os.PathLike],
+                   aggregation: str = "prob_mean") -> dict[str, Any]:
+    """Write ``ensemble.json`` for ``members`` (paths inside ``directory`` are stored relative
+    to it). Members must agree on class count and class names; input sizes may differ (each
+    member keeps its own preprocessing)."""
+    from medistill.models.ensemble import AGGREGATIONS
+
+    d = Path(directory)
+    if len(members) < 2:
+        raise ModelError(f"an ensemble needs at least 2 members, got {len(members)}")
+    if aggregation not in AGGREGATIONS:
+        raise ModelError(f"unknown ensemble aggregation {aggregation!r}; use one of {', '.join(AGGREGATIONS)}")
+    rows, first = [], None
+    for m in members:
+        md = resolve_teacher(str(m))
+        if not (md / "model.json").is_file():
+            raise ModelError(f"ensemble member {m}: expected a model directory or a run with one student")
+        spec = json.loads((md / "model.json").read_text())
+        if first is None:
+            first = (md, spec)
+        elif spec["num_classes"] != first[1]["num_classes"] or not same_classes(spec["class_names"], first[1]["class_names"]):
+            raise ModelError(f"ensemble members disagree on the classes: {first[0]} has {first[1]['num_classes']} "
+                             f"({', '.join(first[1]['class_names'])}), {md} has {spec['num_classes']} "
+                             f"({', '.join(spec['class_names'])})")
+        try:
+            rel = os.path.relpath(md.resolve(), d.resolve())
+        except ValueError:   # another drive (Windows): keep the absolute path
+            rel = str(md.resolve())
+        rows.append({"model_dir": rel, "arch": spec["arch"], "input_size": spec["input_size"],
+                     "sha256": sha256_file(md / "model.safetensors")})
+    record = {"format": 1, "aggregation": aggregation, "num_classes": first[1]["num_classes"],
+              "class_names": first[1]["class_names"], "members": rows}
+    d.mkdir(parents=True, exist_ok=True)
+    write_json(d / ENSEMBLE_FILE, record)
+    return record
+
+
+def read_ensemble(directory: str | os.PathLike) -> dict[str, Any]:
+    p = Path(directory) / ENSEMBLE_FILE
+    try:
+        rec = json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelError(f"{p}: unreadable ensemble description ({e})") from e
+    if not isinstance(rec, dict) or not rec.get("members"):
+        raise ModelError(f"{p}: no members listed")
+    return rec
+
+
+def load_ensemble(directory: str | os.PathLike, check_hashes: bool = True
+                  ) -> tuple[EnsembleModel, list[ModelSpecRecord], str, dict[str, Any]]:
+    """Build the ensemble of ``directory``: the module, the members' specs, a sha256 that
+    identifies the ensemble (aggregation + members' weight hashes, in order; the teacher cache
+    is keyed by it) and the ``ensemble.json`` record. A member whose weights changed since the
+    ensemble was written is an error naming it."""
+    from medistill.models.ensemble import EnsembleModel
+    from medistill.models.factory import load_model_dir
+
+    d = Path(directory)
+    rec = read_ensemble(d)
+    members, specs = [], []
+    for row in rec["members"]:
+        md = (d / row["model_dir"]) if not Path(row["model_dir"]).is_absolute() else Path(row["model_dir"])
+        if not (md / "model.json").is_file():
+            raise ModelError(f"ensemble {d}: member {row['model_dir']} is missing")
+        if check_hashes and sha256_file(md / "model.safetensors") != row["sha256"]:
+            raise ModelError(f"ensemble {d}: member {row['model_dir']} changed since the ensemble was written "
+                             "(sha256 differs); rewrite ensemble.json or restore the member")
+        model, pre, spec = load_model_dir(md)
+        members.append((pre, model))
+        specs.append(spec)
+    ens = EnsembleModel(members, rec.get("aggregation", "prob_mean")).eval()
+    digest = hashlib.sha256(json.dumps([rec.get("aggregation"), [r["sha256"] for r in rec["members"]]]).encode()).hexdigest()
+    return ens, specs, digest, rec

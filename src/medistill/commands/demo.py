@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
               "train": {**common["train"], "seed": seed}, "out": str(d)})
         members.append(d)
     from medistill.commands.evaluate import evaluate_ensemble
-    from medistill.models.ensemble import write_ensemble
+    from medistill.rundir import write_ensemble
 
     write_ensemble(root / "teachers", members)
     ens = evaluate_ensemble(root / "teachers")

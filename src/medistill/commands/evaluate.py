@@ -70,7 +70,7 @@ def evaluate_target(target: str | Path, data: str | None = None, out: str | Path
     target = Path(target)
     if not target.exists():
         raise ModelError(f"nothing to evaluate at {target}")
-    from medistill.models.ensemble import is_ensemble_dir
+    from medistill.rundir import is_ensemble_dir
 
     if is_ensemble_dir(target) and data is None and out is None:
         return {"ensemble": evaluate_ensemble(target, latency=latency)}
@@ -148,7 +148,7 @@ def evaluate_ensemble(directory: str | Path, latency: bool = False) -> dict[str,
     import statistics
 
     from medistill.io import write_text
-    from medistill.models.ensemble import load_ensemble
+    from medistill.rundir import load_ensemble
 
     d = Path(directory)
     ens, specs, digest, rec = load_ensemble(d)

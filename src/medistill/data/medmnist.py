@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from platformdirs import user_cache_dir
 
+from medistill.classes import same_classes  # noqa: F401  (re-exported)
 from medistill.errors import DataError
 from medistill.io import atomic_path
 
@@ -89,16 +90,6 @@ def class_names(name: str, n_classes: int) -> list[str]:
     m = _NAME_RE.match(stem)
     names = CLASS_NAMES.get(m.group(1)) if m else None
     return list(names) if names and len(names) == n_classes else [str(c) for c in range(n_classes)]
-
-
-def same_classes(a: list[str], b: list[str]) -> bool:
-    """Whether two recorded class lists mean the same classes. Runs made before MedMNIST class
-    names were recorded list the label ids ("0", "1", …) instead; those match any list of the
-    same length, so older teachers stay usable."""
-    if a == b:
-        return True
-    ids = [str(i) for i in range(len(a))]
-    return len(a) == len(b) and (a == ids or b == ids)
 
 
 def default_cache_dir() -> Path:

@@ -12,10 +12,10 @@ import torch
 from torch import nn
 
 from medistill.data import DataBundle
-from medistill.data.medmnist import same_classes
+from medistill.classes import same_classes
 from medistill.errors import ModelError
 from medistill.io import sha256_file
-from medistill.models.ensemble import is_ensemble_dir, load_ensemble
+from medistill.rundir import is_ensemble_dir, load_ensemble
 from medistill.models.taps import FeatureTaps
 from medistill.models.factory import (
     ModelSpecRecord,

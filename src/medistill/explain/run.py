@@ -18,11 +18,10 @@ from medistill.errors import ArgumentError
 from medistill.explain import cam as C
 from medistill.explain import metrics as M
 from medistill.io import write_json, write_text
-from medistill.models.ensemble import is_ensemble_dir, read_ensemble
 from medistill.models.factory import data_size, load_model_dir
 from medistill.models.taps import list_taps
 from medistill.plots import overlay_figure, save_png
-from medistill.rundir import load_run_config, resolve_teacher, student_dirs
+from medistill.rundir import is_ensemble_dir, load_run_config, read_ensemble, resolve_teacher, student_dirs
 
 METHODS = ("gradcam", "gradcampp", "layercam", "scorecam", "avgmap", "shap")
 

@@ -1,0 +1,54 @@
+"""The layer order of docs/design.md, checked on every import in the source (module level and
+inside functions): a package imports only from its own layer or the layers below."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1] / "src" / "medistill"
+LAYERS = [
+    {"errors", "io", "config", "classes", "presets", "device", "dist", "losses", "plots", "__version__"},
+    {"data"}, {"models"}, {"rundir"}, {"eval"}, {"distill"}, {"explain"}, {"report"}, {"assemble"}, {"commands"},
+    {"api", "cli", "__main__"},
+]
+LEVEL = {name: i for i, names in enumerate(LAYERS) for name in names}
+
+
+def _unit(module: str) -> str:
+    """``medistill.distill.engine`` → ``distill``; ``medistill.rundir`` → ``rundir``."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "medistill"
+
+
+def imports() -> list[tuple[str, str, str]]:
+    """(file, importing unit, imported unit) for every medistill import."""
+    out = []
+    for f in ROOT.rglob("*.py"):
+        rel = f.relative_to(ROOT.parent).with_suffix("")
+        unit = _unit(".".join(rel.parts)) if len(rel.parts) > 1 else "medistill"
+        if unit == "__init__":
+            continue
+        for node in ast.walk(ast.parse(f.read_text())):
+            targets: list[str] = []
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("medistill"):
+                targets = [f"medistill.{a.name}" for a in node.names] if node.module == "medistill" else [node.module]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names if a.name.startswith("medistill.")]
+            out += [(str(f.relative_to(ROOT)), unit, _unit(t)) for t in targets if _unit(t) != unit]
+    return out
+
+
+def test_every_unit_has_a_layer() -> None:
+    units = {u for _, u, _ in imports()} | {t for *_, t in imports()}
+    assert units - {"medistill"} <= set(LEVEL), sorted(units - set(LEVEL))
+
+
+def test_no_import_from_a_higher_layer() -> None:
+    bad = [(f, u, t) for f, u, t in imports() if u in LEVEL and LEVEL[t] > LEVEL[u]]
+    assert not bad, "imports from a higher layer: " + "; ".join(f"{f}: {u} → {t}" for f, u, t in bad)
+
+
+def test_design_doc_states_the_order() -> None:
+    text = (ROOT.parents[1] / "docs" / "design.md").read_text()
+    assert "data` → `models` → `rundir` → `eval` → `distill` → `explain` → `report` → `assemble` → `commands`" in text
