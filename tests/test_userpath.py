@@ -430,3 +430,10 @@ def test_api_errors_are_typed(tmp_path: Path) -> None:
         distill(["t"], data=["a", "b"], out=tmp_path / "x")  # type: ignore[arg-type]
     assert issubclass(ConfigError, MedistillError)
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
+
+
+def test_gap_closed() -> None:
+    from medistill.eval.compare import gap_closed
+
+    assert gap_closed(0.394, 0.341, 0.518) == pytest.approx(0.053 / 0.177)    # the headroom numbers
+    assert gap_closed(0.5, 0.4, 0.4) is None and gap_closed(0.3, 0.4, 0.6) == pytest.approx(-0.5)

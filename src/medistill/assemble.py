@@ -104,7 +104,7 @@ def assemble_run(kind: str, config: dict[str, Any] | str | Path | None = None, o
                  console: Any = None) -> RunConfig:
     """The run's configuration; ``kind`` is "train" (no teachers), "distill", or "auto" (either,
     by whether the result has teachers: sweeps and recipes)."""
-    from medistill.presets import method_terms
+    from medistill.presets import method_settings, method_terms
 
     if kind not in ("train", "distill", "auto"):
         raise ConfigError(f"unknown run kind {kind!r}")
@@ -140,6 +140,11 @@ def assemble_run(kind: str, config: dict[str, Any] | str | Path | None = None, o
         tree["terms"] = terms
     elif method:
         tree["terms"] = method_terms(method, tree["train"]["epochs"])
+        given = {override_key(o) for o in overrides}
+        settings = {k: v for k, v in method_settings(method).items() if k not in given}
+        apply_overrides(tree, [(k, v) for k, v in settings.items()])
+        if settings and console is not None:
+            console.print(f"method {method}: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
     apply_overrides(tree, deferred)
     if kind == "auto":
         kind = "distill" if tree.get("teachers") else "train"

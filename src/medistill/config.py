@@ -230,6 +230,10 @@ class TrainConfig(_Strict):
             elif amp != "bf16":
                 raise ValueError(f"train.bf16=true conflicts with train.amp={amp}; set only train.amp")
         return data
+    mix: Literal["none", "mixup", "cutmix"] = Field(
+        "none", description="mixing augmentation of each training batch, seen alike by teachers and students "
+        "(function matching); the teacher then runs live (no cache); supervised terms mix their two labels")
+    mix_alpha: float = Field(1.0, gt=0, description="mixing weight lam ~ Beta(mix_alpha, mix_alpha)")
     select_metric: Literal["balanced_accuracy", "accuracy", "macro_f1", "qwk", "auroc", "neg_nll"] = "balanced_accuracy"
     early_stopping_patience: int | None = Field(None, ge=1)
     update: Literal["simultaneous", "sequential"] = "simultaneous"

@@ -92,14 +92,30 @@ def _scalekd(epochs: int) -> Terms:
             {"type": "scalekd", "alpha3": [0.08, 0.06], "alpha4": [0.08, 0.06]}]
 
 
+def _fm(epochs: int) -> Terms:
+    """Function matching (Beyer et al. 2022): KL to the teacher at τ = 1 on the very images the
+    student sees, mixed (mixup) — no label term; see :data:`SETTINGS` and set the epochs long."""
+    return [{"type": "kd", "weight": 1.0, "temperature": 1.0}]
+
+
 METHODS: dict[str, Callable[[int], Terms]] = {
     "kd": _kd, "dkd": _dkd, "fitnet": _fitnet, "at": _at, "dml": _dml, "kd++": _kdpp,
     "dual_student": _dual, "multi_teacher": _mt,
     "ce_only": _ce_only, "kd_ce03": _kd_ce03, "uncertainty_kd": _uncertainty_kd, "dkd++": _dkdpp, "dho": _dho,
-    "scalekd": _scalekd,
+    "scalekd": _scalekd, "fm": _fm,
     "umkd": _umkd(), "umkd_no_sfa": _umkd(sfa=False), "umkd_no_cfa": _umkd(cfa=False), "umkd_no_udd": _umkd(udd=False),
     "umkd_udd_no_uncertainty": _umkd(uncertainty=False),
 }
+
+
+# Settings a preset needs beyond its terms (applied unless the user sets the key; printed).
+SETTINGS: dict[str, dict[str, Any]] = {
+    "fm": {"train.mix": "mixup", "train.mix_alpha": 1.0},
+}
+
+
+def method_settings(name: str) -> dict[str, Any]:
+    return dict(SETTINGS.get(name, {}))
 
 
 def method_terms(name: str, epochs: int) -> Terms:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np  # noqa: F401  (the generator type of mix_batch)
 import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
@@ -111,3 +112,28 @@ class Augment:
     @property
     def cacheable(self) -> bool:
         return self.random is None
+
+
+def mix_batch(x: torch.Tensor, kind: str, alpha: float, rng: "np.random.Generator") -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Mixing augmentation of a whole batch ``[B, C, H, W]``: every image is combined with the
+    image at ``perm`` (one random permutation) with weight ``lam ~ Beta(alpha, alpha)``.
+    ``mixup``: ``lam·x + (1 − lam)·x[perm]``; ``cutmix``: a box of area ``≈ 1 − lam`` (centre
+    uniform, clipped at the border) pasted from ``x[perm]``, with ``lam`` recomputed as the share
+    of pixels kept. Returns the mixed batch, ``perm`` and ``lam``. Written here rather than with
+    torchvision's ``v2.MixUp``/``CutMix`` because those mix the labels inside the transform:
+    function matching needs the permutation and weight themselves (the teacher scores the very
+    mixed pixels, and the supervised terms mix their two label terms)."""
+    b, _, h, w = x.shape
+    lam = float(rng.beta(alpha, alpha))
+    perm = torch.from_numpy(rng.permutation(b)).to(x.device)
+    if kind == "mixup":
+        return lam * x + (1.0 - lam) * x[perm], perm, lam
+    if kind != "cutmix":
+        raise ValueError(f"unknown mixing {kind!r}")
+    rh, rw = int(round(h * math.sqrt(1.0 - lam))), int(round(w * math.sqrt(1.0 - lam)))
+    cy, cx = int(rng.integers(h)), int(rng.integers(w))
+    y0, y1 = max(cy - rh // 2, 0), min(cy + rh - rh // 2, h)
+    x0, x1 = max(cx - rw // 2, 0), min(cx + rw - rw // 2, w)
+    out = x.clone()
+    out[:, :, y0:y1, x0:x1] = x[perm][:, :, y0:y1, x0:x1]
+    return out, perm, 1.0 - (y1 - y0) * (x1 - x0) / (h * w)

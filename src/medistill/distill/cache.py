@@ -120,6 +120,8 @@ def make_teacher_caches(teachers: list[Any], data: Any, cfg: RunConfig, tap_shap
     if cfg.data.augment == "standard":
         reasons.append("training augmentation is random (data.augment=standard); teachers must see each random view "
                        "— use augment none/flip/dihedral to cache")
+    if cfg.train.mix != "none":
+        reasons.append(f"mixing augmentation (train.mix={cfg.train.mix}) makes every batch new; the teacher runs live")
     # The cache lives in memory during training (float32, every view of every training image).
     values = sum(1 + sum(math.prod(tap_shapes[t.name][tap][1:]) for tap in t.taps) for t in teachers)
     size_mb = values * 4 * len(views_for(cfg.data.augment)) * len(data.splits["train"]) / 2**20

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
@@ -17,7 +16,9 @@ class StepContext:
     ``logits[name]``: ``[B, C]`` for every participant (teachers detached);
     ``feats[name][tap]``: tapped outputs; ``target``: ``[B]``; ``epoch``: fractional epoch
     (``epoch_index + fraction of the epoch done``); ``class_counts``/``class_prior``: ``[C]`` of
-    the training split; ``teachers``/``students``: participant names in config order.
+    the training split; ``teachers``/``students``: participant names in config order;
+    ``mix``: with mixing augmentation (``train.mix``), ``(target of the image mixed in [B], lam)``:
+    every image is ``lam`` of its own and ``1 − lam`` of the other.
     """
 
     logits: dict[str, Tensor]
@@ -28,4 +29,4 @@ class StepContext:
     class_prior: Tensor
     teachers: list[str]
     students: list[str]
-    extras: dict[str, Any] = field(default_factory=dict)
+    mix: tuple[Tensor, float] | None = None

@@ -24,13 +24,14 @@ from torch import nn
 from medistill import dist
 from medistill.config import RunConfig
 from medistill.data import DataBundle, build_data
+from medistill.data.transforms import mix_batch
 from medistill.device import autocast, grad_scaler, peak_memory_mb, reset_peak_memory, resolve_device
 from medistill.distill import checkpoint as ckpt
 from medistill.distill.cache import make_teacher_caches, teacher_class_means
 from medistill.distill.context import StepContext
 from medistill.distill.evaluation import final_evaluation, teacher_val_recall, tune_on_validation, validate
 from medistill.distill.logbook import EpochLog, epoch_line, progress_bar
-from medistill.distill.methods import build_terms, supervised_terms
+from medistill.distill.methods import build_terms, check_mixing, supervised_terms
 from medistill.distill.optim import averaged_copies, finish_swa, build_optimizer, build_scheduler
 from medistill.distill.participants import load_teacher, make_student, memory_teacher, training_forwards
 from medistill.distill.terms import TermSetup
@@ -163,7 +164,9 @@ class Engine:
             teacher_val_recall=lambda: teacher_val_recall(self.teachers, self._eval_loader("val")),
             teacher_class_means=self._teacher_class_means, probe=self._probe,
         )
-        terms, self.term_specs = build_terms(cfg.terms or supervised_terms(cfg), setup, self.parts, self._probe)
+        specs = cfg.terms or supervised_terms(cfg)
+        check_mixing(cfg.train.mix, specs)
+        terms, self.term_specs = build_terms(specs, setup, self.parts, self._probe)
         self.tap_shapes = setup.tap_shapes
         return terms
 
@@ -279,6 +282,11 @@ class Engine:
             return {}
         if not torch.isfinite(x).all():
             raise NonFiniteLossError(f"input batch at epoch {epoch} step {step} holds NaN/Inf pixel values")
+        mix = None
+        if self.cfg.train.mix != "none":   # the same mixed pixels reach every teacher and student
+            rng = np.random.default_rng([self.cfg.train.seed, epoch, step, dist.rank()])
+            x, perm, lam = mix_batch(x, self.cfg.train.mix, self.cfg.train.mix_alpha, rng)
+            mix = (y[perm], lam)
         t_logits, t_feats = self._teacher_outputs(x, torch.as_tensor(idx), torch.as_tensor(view))
         frac = epoch + (step + 1) / self.steps_per_epoch
         names = [s.name for s in self.students]
@@ -289,7 +297,7 @@ class Engine:
             s_logits, s_feats = self._student_outputs(x, set(group))
             ctx = StepContext(logits={**t_logits, **s_logits}, feats={**t_feats, **s_feats}, target=y, epoch=frac,
                               class_counts=self.class_counts, class_prior=self.class_prior,
-                              teachers=[t.name for t in self.teachers], students=names)
+                              teachers=[t.name for t in self.teachers], students=names, mix=mix)
             total = torch.zeros((), device=self.device)
             for n in group:
                 loss, lg = self._objective(ctx, n)

@@ -55,3 +55,22 @@ def supervised_terms(cfg: RunConfig) -> list[TermSpec]:
     if t.loss in ("focal", "cb_focal"):
         return [TermSpec(type="focal", gamma=t.focal_gamma, class_weights=cw)]
     return [TermSpec(type="logit_adjusted")]
+
+
+# Terms that stay right on mixed images: CE mixes its two labels; KD, soft-target CE and the peer
+# term compare predictions on the same mixed pixels. Every other term reads the label of an image
+# (class weights, DKD's target class, ND's class means, UMKD's per-class terms) or features with
+# a per-class meaning, which a mixed image does not have.
+MIX_SAFE = {"ce", "kd", "soft_ce", "peer"}
+
+
+def check_mixing(mix: str, specs: list[TermSpec]) -> None:
+    """Refuse ``train.mix`` with a term that needs one label per image."""
+    if mix == "none":
+        return
+    bad = sorted({t.type for t in specs if t.type not in MIX_SAFE}
+                 | {"kd (gate_correct / aggregate=recall)" for t in specs if t.type == "kd"
+                    and (t.params().get("gate_correct") or t.params().get("aggregate") == "recall")})
+    if bad:
+        raise ConfigError(f"train.mix={mix} mixes two images (and their labels) in each input; the term(s) {bad} need "
+                          f"one label per image. With mixing use {sorted(MIX_SAFE)}, or set train.mix=none")

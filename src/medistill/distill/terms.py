@@ -136,8 +136,14 @@ class CETerm(LossTerm):
         self.register_buffer("cw", w if w is not None else torch.empty(0), persistent=False)
 
     def forward(self, ctx: StepContext) -> Tensor:
-        return F.cross_entropy(ctx.logits[self.student], ctx.target, weight=self.cw if self.cw.numel() else None,
-                               label_smoothing=self.p.label_smoothing)
+        def ce(target: Tensor) -> Tensor:
+            return F.cross_entropy(ctx.logits[self.student], target, weight=self.cw if self.cw.numel() else None,
+                                   label_smoothing=self.p.label_smoothing)
+
+        if ctx.mix is None:
+            return ce(ctx.target)
+        other, lam = ctx.mix     # a mixed image is lam of its own class and 1 − lam of the other's
+        return lam * ce(ctx.target) + (1.0 - lam) * ce(other)
 
 
 @register("focal")

@@ -119,9 +119,30 @@ def compare_runs(distilled: str | Path, alone: str | Path, n_resamples: int = 10
             raise ConfigError(f"the predictions of {s} and {b} cover other test images; re-evaluate both runs")
         arch = tuple(json.loads((student_dir(r, n) / "model.json").read_text())["arch"]
                      for r, n in ((distilled, s), (alone, b)))
-        out[s] = {"alone": b, "arch": list(arch), "n_images": int(len(ia)),
-                  "metrics": paired_bootstrap(pa[order_a], pb[order_b], ya[order_a], n_resamples, seed)}
+        metrics = paired_bootstrap(pa[order_a], pb[order_b], ya[order_a], n_resamples, seed)
+        out[s] = {"alone": b, "arch": list(arch), "n_images": int(len(ia)), "metrics": metrics,
+                  **_gap(distilled, metrics["balanced_accuracy"])}
     return out
+
+
+def gap_closed(distilled: float, alone: float, teacher: float) -> float | None:
+    """The share of the teacher–student gap that distillation closed: (distilled − alone) /
+    (teacher − alone); None where the teacher is not ahead of the student alone."""
+    gap = teacher - alone
+    return (distilled - alone) / gap if gap > 0 else None
+
+
+def _gap(distilled: Path, bal: dict[str, Any]) -> dict[str, Any]:
+    """The first teacher of the run (an ensemble counts as one) and the gap closed towards it."""
+    try:
+        summary = json.loads((distilled / "summary.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    teachers = [(n, r["test"]["balanced_accuracy"]) for n, r in summary.items() if r.get("role") == "teacher"]
+    if not teachers:
+        return {}
+    name, t = teachers[0]
+    return {"teacher": name, "teacher_balanced_accuracy": t, "gap_closed": gap_closed(bal["a"], bal["b"], t)}
 
 
 def write_comparison(distilled: Path, alone: Path, n_resamples: int = 1000, seed: int = 0) -> dict[str, Any]:
@@ -162,9 +183,14 @@ def verdict_line(student: str, r: dict[str, Any]) -> str:
     word = ("helped" if lo > 0 else "hurt" if hi < 0 else
             "made no difference that these test images can resolve")
     others = ", ".join(f"{NAMES[k]} {_ci(v)}" for k, v in r["metrics"].items() if k != "balanced_accuracy")
+    gap = ""
+    if r.get("teacher") is not None:
+        closed = r.get("gap_closed")
+        gap = (f" Teacher {r['teacher']}: {r['teacher_balanced_accuracy']:.3f}; " +
+               (f"gap closed {closed:.0%}." if closed is not None else "no gap to close (the teacher is not ahead)."))
     return (f"{student}: distillation {word} — balanced accuracy {m['b']:.3f} alone → {m['a']:.3f} distilled, "
             f"difference {_ci(m)} (paired bootstrap 95 % interval over the same {r['n_images']} test images); "
-            f"{others}.")
+            f"{others}.{gap}")
 
 
 def verdict_markdown(record: dict[str, Any]) -> str:
