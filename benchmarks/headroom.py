@@ -39,6 +39,7 @@ BASE = REPO / "configs" / "bench" / "headroom_isic9.yaml"
 STUDENTS = {
     "resnet18": {"model": "resnet18", "input_size": 32, "small_input": "stride16"},
     "mnv3s": {"model": "mobilenetv3_small_100", "input_size": 32, "small_input": "auto"},
+    "cnn5": {"model": "cnn5", "input_size": 32},
 }
 # Each variant: (command, loss terms or None for `train` with train.loss).
 KD = {"type": "kd", "weight": 0.9, "temperature": 4.0}
@@ -48,9 +49,20 @@ VARIANTS: dict[str, tuple[str, Any]] = {
     "kd": ("distill", [{"type": "ce", "weight": 0.1}, KD]),
     "dkd": ("distill", "dkd"),
     "kd_la": ("distill", [{"type": "logit_adjusted", "weight": 0.1}, KD]),
+    # the patient and consistent teacher (function matching): twice the schedule, and the same
+    # student alone on that schedule as its baseline, so that the longer schedule is not credited to FM
+    "ce_long": ("train", {"train.loss": "ce"}),
+    "fm": ("distill", "fm"),
 }
 LABELS = {"ce": "alone, CE", "la": "alone, logit-adjusted CE", "kd": "KD from the ensemble",
-          "dkd": "DKD from the ensemble", "kd_la": "KD + logit-adjusted CE"}
+          "dkd": "DKD from the ensemble", "kd_la": "KD + logit-adjusted CE",
+          "ce_long": "alone, CE, 2× epochs", "fm": "function matching (mixup, KL τ=1), 2× epochs"}
+EPOCH_FACTOR = {"ce_long": 2, "fm": 2}
+# the alone cell each distilled cell is paired with (same schedule, seed and test images)
+BASELINE = {"kd": "ce", "dkd": "ce", "kd_la": "ce", "fm": "ce_long"}
+DEFAULT_CELLS = ["mnv3s:ce", "mnv3s:kd", "mnv3s:ce_long", "mnv3s:fm", "mnv3s:la", "mnv3s:dkd", "mnv3s:kd_la",
+                 "cnn5:ce", "cnn5:kd", "cnn5:ce_long", "cnn5:fm",
+                 "resnet18:ce", "resnet18:kd", "resnet18:la", "resnet18:dkd", "resnet18:kd_la"]
 METRICS = ("balanced_accuracy", "accuracy", "macro_f1", "auroc", "ece")
 
 
@@ -115,6 +127,7 @@ def cell(out: Path, cfg: dict[str, Any], ens: Path, student: str, variant: str, 
     c = json.loads(json.dumps(cfg))
     c["students"] = [{"name": "student", **STUDENTS[student]}]
     c["train"]["seed"] = seed
+    c["train"]["epochs"] = c["train"]["epochs"] * EPOCH_FACTOR.get(variant, 1)
     kind, spec = VARIANTS[variant]
     if kind == "train":
         for k, v in spec.items():
@@ -122,9 +135,11 @@ def cell(out: Path, cfg: dict[str, Any], ens: Path, student: str, variant: str, 
     else:
         c["teachers"] = [{"name": "ensemble", "checkpoint": str(ens)}]
         if isinstance(spec, str):
-            from medistill.distill.methods import method_terms
+            from medistill.presets import method_settings, method_terms
 
             c["terms"] = method_terms(spec, c["train"]["epochs"])
+            for k, v in method_settings(spec).items():
+                _set(c, k, v)
         else:
             c["terms"] = spec
     path = out / "configs" / f"{student}-{variant}-{seed}.yaml"
@@ -175,10 +190,36 @@ def collect(out: Path) -> dict[str, Any]:
                 times.extend(ln["train_time_s"] for ln in lines)
             res["cells"][f"{student}:{variant}"] = {
                 "student": student, "variant": variant, "seeds": per_seed, "model": model,
+                "paired": _paired(out, student, variant, runs, res.get("ensemble")),
                 "epoch_time_s": statistics.mean(times) if times else None,
                 **{k: _mean_std([s[k] for s in per_seed.values() if s[k] is not None]) for k in METRICS},
             }
     return res
+
+
+def _paired(out: Path, student: str, variant: str, runs: list[Path], ens: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Per seed: the paired bootstrap difference in balanced accuracy from the same student alone
+    (``BASELINE``) on the same test images, and the share of the gap to the ensemble it closed."""
+    from medistill.eval.compare import compare_runs, gap_closed
+
+    base = BASELINE.get(variant)
+    if base is None:
+        return None
+    seeds = {}
+    for r in runs:
+        alone = out / f"{student}-{base}" / r.name
+        alone = alone if (alone / "summary.json").is_file() else _member_run(out, student, base, int(r.name.split("-")[1]))
+        if alone is None:
+            continue
+        m = compare_runs(r, alone)["student"]["metrics"]["balanced_accuracy"]
+        closed = gap_closed(m["a"], m["b"], ens["test"]["balanced_accuracy"]) if ens else None
+        seeds[r.name] = {"diff": m["diff"], "ci95": m["ci95"], "gap_closed": closed}
+    if not seeds:
+        return None
+    diffs = [v["diff"] for v in seeds.values()]
+    gaps = [v["gap_closed"] for v in seeds.values() if v["gap_closed"] is not None]
+    return {"baseline": base, "seeds": seeds, "diff": _mean_std(diffs), "gap_closed": _mean_std(gaps),
+            "seeds_above_zero": sum(v["ci95"][0] > 0 for v in seeds.values())}
 
 
 def _f(ms: tuple[float | None, float | None] | list) -> str:
@@ -201,17 +242,30 @@ def table(res: dict[str, Any]) -> str:
             _f(_mean_std([v[m] for v in members])) for m in METRICS) + " |")
         lines.append("| **ensemble** | " + " | ".join(f"{e['test'][m]:.3f}" for m in METRICS) + " |\n")
     lines.append("Students (test split, mean ± std over seeds; checkpoints selected on validation):\n")
-    lines.append("| student | trained | seeds | bal. ACC | ACC | macro-F1 | AUROC | ECE | params (M) | MFLOPs | CPU ms (b=1) | epoch time ratio |")
-    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    lines.append("| student | trained | seeds | bal. ACC | Δ bal. ACC vs alone (paired) | gap closed | ACC | macro-F1 | AUROC | ECE | params (M) | MFLOPs | CPU ms (b=1) | epoch time ratio |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for key, c in res["cells"].items():
         base = res["cells"].get(f"{c['student']}:ce")
         ratio = (c["epoch_time_s"] / base["epoch_time_s"]) if base and base["epoch_time_s"] and c["epoch_time_s"] else None
         mdl = c["model"] or {}
         lat = mdl.get("latency_ms")
+        pr = c.get("paired")
+        if pr:
+            one = next(iter(pr["seeds"].values()))
+            m, sd = pr["diff"]
+            delta = (f"{m:+.3f}" + (f" ± {sd:.3f}" if sd is not None else f" [{one['ci95'][0]:+.3f}, {one['ci95'][1]:+.3f}]")
+                     + f"; {pr['seeds_above_zero']}/{len(pr['seeds'])} seeds > 0 (vs {LABELS[pr['baseline']]})")
+            gap = _f(pr["gap_closed"])
+        else:
+            delta = gap = "–"
         lines.append(f"| {STUDENTS[c['student']]['model']} | {LABELS[c['variant']]} | {len(c['seeds'])} | "
-                     + " | ".join(_f(c[m]) for m in METRICS)
+                     + _f(c["balanced_accuracy"]) + f" | {delta} | {gap} | "
+                     + " | ".join(_f(c[m]) for m in METRICS if m != "balanced_accuracy")
                      + f" | {mdl.get('params', 0) / 1e6:.2f} | {mdl.get('flops', 0) / 1e6:.0f} | "
                      + (f"{lat:.2f}" if lat else "–") + " | " + (f"{ratio:.2f}" if ratio else "–") + " |")
+    lines.append("\nΔ: balanced accuracy minus that of the same student alone on the same schedule, seed and test "
+                 "images; mean ± std of the per-seed differences, and how many seeds' paired bootstrap 95 % intervals lie "
+                 "above zero. Gap closed: (distilled − alone) / (ensemble − alone), per seed, mean ± std.")
     return "\n".join(lines) + "\n"
 
 
@@ -229,8 +283,7 @@ def main() -> None:
     cfg = base_config(a.epochs, a.sets)
     if not a.table_only:
         ens = teachers(out, cfg, a.teacher_seeds)
-        order = [f"{s}:{v}" for s in ("mnv3s", "resnet18") for v in VARIANTS]
-        cells = a.cells.split(",") if a.cells else order
+        cells = a.cells.split(",") if a.cells else DEFAULT_CELLS
         for c in cells:
             student, variant = c.split(":")
             if student not in STUDENTS or variant not in VARIANTS:

@@ -71,3 +71,42 @@ def test_explain_run_compare_and_every_teacher(data_dir: Path, teachers: list[Pa
     run_engine(four)
     with pytest.raises(ValueError, match="number of classes"):
         explain_run(tmp_path / "run", n_images=2, methods=["gradcam"], compare={"four": tmp_path / "four"})
+
+
+def test_scorecam_top_k_auto_is_checked_against_the_exact_map(monkeypatch) -> None:
+    """The default Score-CAM keeps AUTO_TOP_K channels only where that map agrees with the exact
+    one on the run's own images; the check and its outcome are recorded."""
+    import torch
+    from torch import nn
+
+    from medistill.explain import run as R
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 24, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, 3)).eval()
+    x = torch.rand(3, 3, 8, 8)
+    pred = net(x).argmax(1)
+    got = R._auto_top_k(net, x, pred, "1", 24)
+    assert got["images_checked"] == 2 and 0.0 <= got["spearman_vs_exact"] <= 1.0 + 1e-9
+    assert got["k"] == (R.AUTO_TOP_K if got["spearman_vs_exact"] >= R.AUTO_TOP_K_AGREEMENT else 0)
+    monkeypatch.setattr(R, "AUTO_TOP_K_AGREEMENT", 1.01)        # an unreachable bar: exact maps
+    assert R._auto_top_k(net, x, pred, "1", 24)["k"] == 0
+    assert R._auto_top_k(net, x, pred, "1", 8)["k"] == 0         # few channels: exact anyway
+
+
+def test_a_coarse_cam_map_is_warned_about() -> None:
+    from types import SimpleNamespace
+
+    import pytest
+    import torch
+    from torch import nn
+
+    from medistill.explain import run as R
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(4, 2)).eval()
+    x = torch.rand(2, 3, 4, 4)
+    spec = SimpleNamespace(arch="tiny", input_size=4, in_chans=3)
+    with pytest.warns(UserWarning, match="2×2 map"):
+        entry, *_ = R._explain_model("tiny", net, nn.Identity(), spec, x, torch.tensor([0, 1]), x, "1", ["gradcam"],
+                                     None, 2)
+    assert entry["target_map"] == [2, 2]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1] / "src" / "medistill"
 LAYERS = [
-    {"errors", "io", "config", "classes", "presets", "device", "dist", "losses", "plots", "__version__"},
+    {"errors", "io", "config", "classes", "presets", "device", "dist", "losses", "plots", "progress", "__version__"},
     {"data"}, {"models"}, {"rundir"}, {"eval"}, {"distill"}, {"explain"}, {"report"}, {"assemble"}, {"commands"},
     {"api", "cli", "__main__"},
 ]

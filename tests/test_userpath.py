@@ -437,3 +437,21 @@ def test_gap_closed() -> None:
 
     assert gap_closed(0.394, 0.341, 0.518) == pytest.approx(0.053 / 0.177)    # the headroom numbers
     assert gap_closed(0.5, 0.4, 0.4) is None and gap_closed(0.3, 0.4, 0.6) == pytest.approx(-0.5)
+
+
+def test_api_evaluate_predict_explain_export(teachers: list[Path], tmp_path: Path) -> None:
+    from PIL import Image
+
+    from medistill import api
+
+    run = tmp_path / "run"
+    shutil.copytree(teachers[0], run)
+    res = api.evaluate(run)
+    assert res["t"]["test"]["n"] > 0
+    onnx = api.export(run, out=tmp_path / "m.onnx")
+    assert onnx["max_abs_diff"] < 1e-4
+    Image.fromarray(np.full((16, 16, 3), 200, np.uint8)).save(tmp_path / "a.png")
+    preds = api.predict(Path(onnx["path"]), [tmp_path / "a.png"])
+    assert len(preds) == 1 and abs(sum(preds[0]["probabilities"]) - 1) < 1e-4
+    rep = api.explain(run, images=2, methods=["gradcam"], out=tmp_path / "ex", device="cpu")
+    assert "t" in rep["models"]

@@ -20,6 +20,7 @@ from medistill.eval.predict import evaluate_splits
 from medistill.io import write_json
 from medistill.models.cost import model_cost
 from medistill.models.factory import data_size, load_model_dir
+from medistill.progress import steps
 from medistill.rundir import STUDENTS, load_run_config, run_dir_of, student_dirs
 
 
@@ -95,26 +96,36 @@ def evaluate_target(target: str | Path, data: str | None = None, out: str | Path
         bundle = build_data(load_config(None, [("data.name", data)]).data)
     results = {}
     external: dict[tuple[str, ...], DataBundle] = {}   # one opened dataset per class list, not per student
-    for d in model_dirs:
-        model, pre, spec = load_model_dir(d)
-        if split == "all":
-            key = tuple(spec.class_names)
-            if key not in external:
-                external[key] = external_bundle(str(data), spec.class_names, class_map)
-            bundle = external[key]
-        assert bundle is not None
-        home = d if d.is_dir() else d.parent
-        if out is not None:
-            dest = Path(out) / d.name if len(model_dirs) > 1 else Path(out)
-        elif data is not None:
-            dest = home / "external" / (_slug(data) + ("" if split == "all" else "-test"))
-        else:
-            dest = home
-        results[d.name] = _evaluate_one(d, model, pre, spec, bundle, dest, split, data, ev, dev, latency)
+    with steps(None, f"evaluate {len(model_dirs)} model(s)", len(model_dirs)) as advance:
+        for d in model_dirs:
+            results[d.name] = _evaluate_dir(d, bundle, external, data, class_map, split, out, len(model_dirs), ev, dev,
+                                            latency)
+            advance(d.name)
     if run_dir is not None and out is None and data is None and (target / STUDENTS).is_dir():
         first = model_dirs[0].name
         write_json(run_dir / "metrics.json", {**results[first], "student": first})
     return results
+
+
+def _evaluate_dir(d: Path, bundle: DataBundle | None, external: dict[tuple[str, ...], DataBundle], data: str | None,
+                  class_map: list[str] | None, split: str, out: str | Path | None, n_models: int, ev: EvalConfig,
+                  dev: Any, latency: bool) -> dict[str, Any]:
+    """One model directory: its data (external data opened once per class list) and destination."""
+    model, pre, spec = load_model_dir(d)
+    if split == "all":
+        key = tuple(spec.class_names)
+        if key not in external:
+            external[key] = external_bundle(str(data), spec.class_names, class_map)
+        bundle = external[key]
+    assert bundle is not None
+    home = d if d.is_dir() else d.parent
+    if out is not None:
+        dest = Path(out) / d.name if n_models > 1 else Path(out)
+    elif data is not None:
+        dest = home / "external" / (_slug(data) + ("" if split == "all" else "-test"))
+    else:
+        dest = home
+    return _evaluate_one(d, model, pre, spec, bundle, dest, split, data, ev, dev, latency)
 
 
 def _evaluate_one(d: Path, model: Any, pre: Any, spec: Any, bundle: DataBundle, dest: Path, split: str,

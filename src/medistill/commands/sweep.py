@@ -8,6 +8,7 @@ import io
 import itertools
 import json
 import statistics
+import time
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +62,8 @@ def run_sweep(config: str | Path | None, out: str | Path, methods: list[str] | N
     out = Path(out)
     rows = []
     cells = sweep_cells(([ALONE] if baseline else []) + list(methods or [None]), grid, seeds)
-    for name, method, point, seed in cells:
+    spent: list[float] = []     # seconds per cell trained in this call: the estimate of the time left
+    for i, (name, method, point, seed) in enumerate(cells):
         ov = list(overrides or []) + [f"{k}={v}" for k, v in point] + [f"out={out / name}"]
         if seed is not None:
             ov.append(f"train.seed={seed}")
@@ -71,8 +73,11 @@ def run_sweep(config: str | Path | None, out: str | Path, methods: list[str] | N
             cfg = baseline_config(cfg, out / name)
         run_dir = out / name
         if not (run_dir / "summary.json").is_file():
-            console.print(f"[bold]sweep[/] {name}")
+            left = f"; about {_duration(statistics.mean(spent) * (len(cells) - i))} left" if spent else ""
+            console.print(f"[bold]sweep[/] {name} (cell {i + 1}/{len(cells)}{left})")
+            t0 = time.perf_counter()
             Engine(cfg, resume=(run_dir / "checkpoint_last.pt").is_file(), console=console).run()
+            spent.append(time.perf_counter() - t0)
         summary = json.loads((run_dir / "summary.json").read_text())
         for model, r in summary.items():
             if r["role"] not in STUDENT_ROLES:
@@ -95,6 +100,10 @@ def run_sweep(config: str | Path | None, out: str | Path, methods: list[str] | N
         md = vs_alone_markdown(rows, pooled) + "\n" + md
     write_text(out / "results.md", md)
     return rows
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
 
 def _paired_with_alone(rows: list[dict[str, Any]], out: Path, cells: list[tuple]) -> None:

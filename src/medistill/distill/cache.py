@@ -27,6 +27,7 @@ from medistill import dist
 from medistill.config import RunConfig
 from medistill.data.transforms import apply_view, views_for
 from medistill.errors import CacheMismatchError, ConfigError
+from medistill.progress import steps
 from medistill.io import atomic_write, write_json
 from medistill.models.taps import FeatureTaps
 
@@ -156,7 +157,8 @@ def make_teacher_caches(teachers: list[Any], data: Any, cfg: RunConfig, tap_shap
             caches[t.name] = TeacherCache.load(data_path, manifest)
             console.print(f"teacher cache hit: {data_path}")
         else:
-            caches[t.name] = build_cache(t, manifest, views, train_idx, data, cfg.train.eval_batch_size)
+            caches[t.name] = build_cache(t, manifest, views, train_idx, data, cfg.train.eval_batch_size,
+                                         console if cfg.train.progress else None)
             caches[t.name].save(directory)
             console.print(f"teacher cache built: {data_path}")
         if world > 1:
@@ -166,8 +168,9 @@ def make_teacher_caches(teachers: list[Any], data: Any, cfg: RunConfig, tap_shap
 
 @torch.no_grad()
 def build_cache(t: Any, manifest: dict[str, Any], views: list[int], train_idx: np.ndarray, data: Any,
-                batch_size: int) -> TeacherCache:
-    """Run teacher ``t`` over every view of every training image (no augmentation beyond the views)."""
+                batch_size: int, console: Any = None) -> TeacherCache:
+    """Run teacher ``t`` over every view of every training image (no augmentation beyond the
+    views); a progress bar with the time left on ``console`` (none without one)."""
     n = len(train_idx)
     positions = torch.full((len(data.source),), -1, dtype=torch.long)
     positions[torch.as_tensor(train_idx)] = torch.arange(n)
@@ -175,9 +178,11 @@ def build_cache(t: Any, manifest: dict[str, Any], views: list[int], train_idx: n
     loader = DataLoader(data.dataset("train", train=False), batch_size=batch_size)
     p0 = next(t.model.parameters(), None)
     device = p0.device if p0 is not None else torch.device("cpu")
-    with FeatureTaps(t.model, sorted(t.taps), detach=True) as taps:
+    with FeatureTaps(t.model, sorted(t.taps), detach=True) as taps, \
+            steps(console, f"teacher cache {t.name}", len(views) * len(loader), enabled=console is not None) as advance:
         for vi, v in enumerate(views):
             for x, _y, idx, _ in loader:
+                advance(f"view {vi + 1}/{len(views)}")
                 rows = positions[torch.as_tensor(idx)]
                 logits = t.logits(apply_view(x.to(device, non_blocking=True), v)).float()
                 # stored on the CPU; each batch's rows are moved to the device when looked up

@@ -30,7 +30,8 @@ from medistill.distill import checkpoint as ckpt
 from medistill.distill.cache import make_teacher_caches, teacher_class_means
 from medistill.distill.context import StepContext
 from medistill.distill.evaluation import final_evaluation, teacher_val_recall, tune_on_validation, validate
-from medistill.distill.logbook import EpochLog, epoch_line, progress_bar
+from medistill.distill.logbook import EpochLog, epoch_line
+from medistill.progress import progress_bar
 from medistill.distill.methods import build_terms, check_mixing, supervised_terms
 from medistill.distill.optim import averaged_copies, finish_swa, build_optimizer, build_scheduler
 from medistill.distill.participants import load_teacher, make_student, memory_teacher, training_forwards

@@ -1,22 +1,14 @@
 """What a run records per epoch: one ``metrics.jsonl`` line (every loss term, diagnostic, learning
-rate, timing), TensorBoard scalars, the console line, and the progress bar."""
+rate, timing), TensorBoard scalars and the console line."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from medistill.eval.metrics import selection_score
 from medistill.io import append_jsonl
-
-
-def progress_bar(console: Console, enabled: bool) -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=console,
-                    disable=not enabled, transient=True)
 
 
 class EpochLog:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,6 +22,7 @@ from medistill.io import write_json, write_text
 from medistill.models.factory import data_size, load_model_dir
 from medistill.models.taps import list_taps
 from medistill.plots import overlay_figure, save_png
+from medistill.progress import steps
 from medistill.rundir import is_ensemble_dir, load_run_config, read_ensemble, resolve_teacher, student_dirs
 
 METHODS = ("gradcam", "gradcampp", "layercam", "scorecam", "avgmap", "shap")
@@ -41,7 +43,7 @@ def _methods(layer: str, top_k: int | None, background: torch.Tensor) -> dict[st
         "gradcam": lambda m, x, c: C.grad_cam(m, x, layer, c),
         "gradcampp": lambda m, x, c: C.grad_cam_pp(m, x, layer, c),
         "layercam": lambda m, x, c: C.layer_cam(m, x, layer, c),
-        "scorecam": lambda m, x, c: C.score_cam(m, x, layer, c, variant="original", top_k_channels=top_k),
+        "scorecam": lambda m, x, c: C.score_cam(m, x, layer, c, variant="original", top_k_channels=top_k or None),
         "avgmap": lambda m, x, c: C.average_feature_maps(m, x, [layer])[layer],
         "shap": lambda m, x, c: shap_map(m, x, c, background),
     }
@@ -62,12 +64,14 @@ def _overlay_grid(images: np.ndarray, columns: dict[str, np.ndarray], labels: li
 def explain_run(run_dir: str | Path, n_images: int = 8, per_class: int | None = None, methods: list[str] | None = None,
                 split: str = "test", top_k: int | None = None, seed: int = 0, out: str | Path | None = None,
                 layers: dict[str, str] | None = None, compare: dict[str, str | Path] | None = None,
-                device: str = "auto") -> dict[str, Any]:
+                device: str = "auto", progress: bool = True, console: Any = None) -> dict[str, Any]:
     """``layers`` maps a participant name to the module its CAMs use (default: the deepest top-level
     module with a map of at least 2×2 — at small inputs that map is coarse, e.g. 2×2 at 64 px).
     ``compare`` adds models from elsewhere (name → model or run directory), e.g. a student trained
     without a teacher: its agreement with the teachers is the baseline a distilled student's is
-    judged against. Every model, map and masked forward runs on ``device``."""
+    judged against. Every model, map and masked forward runs on ``device``. ``top_k``: Score-CAM's
+    channels (None: :data:`AUTO_TOP_K` where it agrees with the exact map, checked here; 0: all).
+    ``progress`` shows a bar with the time left (on ``console``, default stderr)."""
     run_dir = Path(run_dir)
     cam_layers = dict(layers or {})
     methods = list(methods or ["gradcam", "scorecam", "avgmap"])
@@ -96,21 +100,23 @@ def explain_run(run_dir: str | Path, n_images: int = 8, per_class: int | None = 
     bg_ds = bundle.dataset("train", train=False)
     bg = torch.stack([bg_ds[i][0] for i in np.random.default_rng(seed).permutation(len(bg_ds))[:16]]).to(dev)
     report: dict[str, Any] = {"split": split, "images": chosen.tolist(), "labels": y.tolist(), "device": str(dev),
-                              "threads": torch.get_num_threads(), "scorecam_variant": "original", "top_k_channels": top_k,
+                              "threads": torch.get_num_threads(), "scorecam_variant": "original",
+                              "top_k_channels": "auto" if top_k is None else top_k,
                               "deletion_baseline": "0 in normalised input space (the normalisation mean colour)",
                               "shap_background": "16 random training images (eval transform), GradientShap n_samples=16, stdev 0.09",
                               "fidelity": "prediction agreement of f(x ⊙ S) with f(x)", "models": {}}
     all_maps: dict[str, dict[str, torch.Tensor]] = {}
     images = x.permute(0, 2, 3, 1).cpu().numpy()
     titles = [f"y={int(v)}" for v in y]
-    for name, (role, model, pre, spec) in models.items():
-        model.to(dev)
-        pre.to(dev)
-        entry, all_maps[name], per_layer = _explain_model(name, model, pre, spec, x, y, pre(bg), cam_layers.get(name), methods,
-                                                          top_k, bundle.num_classes)
-        entry["role"] = role
-        _overlay_grid(images, per_layer, titles, out / f"layers_{name}.png")
-        report["models"][name] = entry
+    with steps(console, f"explain {len(x)} images", len(models) * len(methods), enabled=progress) as advance:
+        for name, (role, model, pre, spec) in models.items():
+            model.to(dev)
+            pre.to(dev)
+            entry, all_maps[name], per_layer = _explain_model(name, model, pre, spec, x, y, pre(bg), cam_layers.get(name),
+                                                              methods, top_k, bundle.num_classes, advance)
+            entry["role"] = role
+            _overlay_grid(images, per_layer, titles, out / f"layers_{name}.png")
+            report["models"][name] = entry
     teachers = [n for n, (r, *_) in models.items() if r == "teacher"]
     if teachers:
         agree_all = {ref: _agreement(all_maps, ref, methods, y, bundle.num_classes) for ref in teachers}
@@ -147,8 +153,30 @@ def _load_models(run_dir: Path, teachers: list[Any], compare: dict[str, str | Pa
     return models
 
 
+# Score-CAM's default: the AUTO_TOP_K highest-variance channels where that map agrees with the
+# exact one (Spearman ≥ AUTO_TOP_K_AGREEMENT on the first images of the run's own selection),
+# else every channel. The exact map costs one masked forward per channel; most of them barely move it.
+AUTO_TOP_K, AUTO_TOP_K_AGREEMENT, AUTO_TOP_K_IMAGES = 16, 0.9, 2
+
+
+def _auto_top_k(model: nn.Module, xin: torch.Tensor, pred: torch.Tensor, layer: str, channels: int) -> dict[str, Any]:
+    """Check top-k Score-CAM against the exact map on a few images; the k to use (0: exact)."""
+    if channels <= AUTO_TOP_K:
+        return {"k": 0, "reason": f"{channels} channels ≤ {AUTO_TOP_K}: exact"}
+    n = min(AUTO_TOP_K_IMAGES, len(xin))
+    exact = C.score_cam(model, xin[:n], layer, pred[:n], variant="original")
+    fast = C.score_cam(model, xin[:n], layer, pred[:n], variant="original", top_k_channels=AUTO_TOP_K)
+    rho = float(M.map_agreement(exact, fast)["spearman"].mean())
+    ok = rho >= AUTO_TOP_K_AGREEMENT
+    return {"k": AUTO_TOP_K if ok else 0, "spearman_vs_exact": rho, "images_checked": n,
+            "reason": (f"top-{AUTO_TOP_K} of {channels} channels agrees with the exact map (Spearman {rho:.3f} ≥ "
+                       f"{AUTO_TOP_K_AGREEMENT})") if ok else
+                      f"top-{AUTO_TOP_K} disagrees with the exact map (Spearman {rho:.3f} < {AUTO_TOP_K_AGREEMENT}): exact"}
+
+
 def _explain_model(name: str, model: nn.Module, pre: nn.Module, spec: Any, x: torch.Tensor, y: torch.Tensor, background: torch.Tensor,
-                   layer: str | None, methods: list[str], top_k: int | None, num_classes: int
+                   layer: str | None, methods: list[str], top_k: int | None, num_classes: int,
+                   advance: Callable[[str], None] = lambda _: None,
                    ) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, np.ndarray]]:
     """One model's maps ``[B, H, W]`` (CPU, image size) per method, their faithfulness and time
     per image, and its per-layer average maps for the layer figure."""
@@ -161,10 +189,18 @@ def _explain_model(name: str, model: nn.Module, pre: nn.Module, spec: Any, x: to
     if layer not in spatial:
         raise ArgumentError(f"{name}: layer {layer!r} is not a module with a "
                             f"spatial [B, C, H, W] output; candidates: {[n for n in spatial if n.count('.') < 2]}")
-    fns = _methods(layer, top_k, background)
+    h, w = spatial[layer][-2:]
+    if h <= 2 and w <= 2:
+        warnings.warn(f"{name}: the CAM layer {layer!r} has a {h}×{w} map, too coarse to localise anything; pick an "
+                      f"earlier layer with --layer {name}=MODULE (`medistill models taps {spec.arch} --input-size "
+                      f"{spec.input_size}` lists them)", stacklevel=2)
     with torch.no_grad():
         pred = model.eval()(xin).argmax(1)
-    entry: dict[str, Any] = {"target_layer": layer, "target_map": list(spatial[layer][-2:]), "methods": {}}
+    entry: dict[str, Any] = {"target_layer": layer, "target_map": [h, w], "methods": {}}
+    if "scorecam" in methods and top_k is None:
+        entry["scorecam_top_k"] = _auto_top_k(model, xin, pred, layer, spatial[layer][1])
+        top_k = entry["scorecam_top_k"]["k"]
+    fns = _methods(layer, top_k, background)
     maps_out: dict[str, torch.Tensor] = {}
     for meth in methods:
         fn = fns[meth]
@@ -183,6 +219,7 @@ def _explain_model(name: str, model: nn.Module, pre: nn.Module, spec: Any, x: to
             "average_drop": M.per_class(cc["drop"].cpu(), y, num_classes),
             "increase_in_confidence": M.per_class(cc["increase"].cpu(), y, num_classes)}
         maps_out[meth] = F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0].cpu()
+        advance(f"{name} {meth}")
     per_layer = C.average_feature_maps(model, xin, [n for n in spatial if "." not in n])
     layer_maps = {k: F.interpolate(v[:, None], size=size, mode="bilinear")[:, 0].cpu().numpy() for k, v in per_layer.items()}
     return entry, maps_out, layer_maps
