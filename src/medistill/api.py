@@ -62,11 +62,11 @@ def _overrides(data: Any, epochs: int | None, seed: int | None, out: Any, overri
 
 
 def _finish(cfg: Any, modules: dict[str, nn.Module], resume: bool, quiet: bool, baseline: bool = False,
-            compare: str | Path | None = None) -> Run:
+            compare: str | Path | None = None, force: bool = False) -> Run:
     from medistill.eval.compare import read_comparison
 
     results = execute_run(cfg, resume=resume, console=Console(stderr=True, quiet=quiet), teacher_modules=modules,
-                          baseline=baseline, compare=compare)
+                          baseline=baseline, compare=compare, force=force)
     first = cfg.students[0].name
     return Run(Path(cfg.out), results[first], results, read_comparison(cfg.out) if (baseline or compare) else None)
 
@@ -79,18 +79,19 @@ def _models(model: str | Sequence[str] | None) -> list[str] | None:
 
 def train(data: str | Path | None = None, model: str | Sequence[str] | None = None, *, epochs: int | None = None,
           seed: int | None = None, out: str | Path = "runs/run", config: dict[str, Any] | str | Path | None = None,
-          overrides: Sequence[str] | None = None, resume: bool = False, quiet: bool = False) -> Run:
-    """Train a teacher or a student-only baseline (``train.loss`` picks the supervised loss)."""
+          overrides: Sequence[str] | None = None, resume: bool = False, quiet: bool = False, force: bool = False) -> Run:
+    """Train a teacher or a student-only baseline (``train.loss`` picks the supervised loss).
+    ``force`` writes into an ``out`` that holds other files or a finished run."""
     cfg = assemble_run("train", config, _overrides(data, epochs, seed, out, overrides), models=_models(model),
                        resume=resume)
-    return _finish(cfg, {}, resume, quiet)
+    return _finish(cfg, {}, resume, quiet, force=force)
 
 
 def distill(teachers: Sequence[TeacherLike], data: str | Path | None = None, model: str | Sequence[str] | None = None, *,
             method: str | None = "kd", terms: list[dict[str, Any]] | None = None, epochs: int | None = None,
             seed: int | None = None, out: str | Path = "runs/run", config: dict[str, Any] | str | Path | None = None,
             overrides: Sequence[str] | None = None, teacher_norm: str = "half", resume: bool = False,
-            quiet: bool = False, baseline: bool = False, compare: str | Path | None = None) -> Run:
+            quiet: bool = False, baseline: bool = False, compare: str | Path | None = None, force: bool = False) -> Run:
     """Distil ``teachers`` into the student(s) with a method preset or explicit loss ``terms``.
     Without ``data``, the data and split are those of the (first) teacher's run. ``baseline``
     also trains the students alone; ``compare`` names such a run: ``Run.comparison`` then holds
@@ -112,7 +113,7 @@ def distill(teachers: Sequence[TeacherLike], data: str | Path | None = None, mod
     cfg = assemble_run("distill", config, _overrides(data, epochs, seed, out, overrides), models=_models(model),
                        teachers=entries or None, method=None if terms is not None else method, terms=terms,
                        resume=resume)
-    return _finish(cfg, modules, resume, quiet, baseline, compare)
+    return _finish(cfg, modules, resume, quiet, baseline, compare, force)
 
 
 def evaluate(target: str | Path, data: str | Path | None = None, *, split: str = "test",

@@ -173,7 +173,7 @@ def baseline_config(cfg: RunConfig, out: str | Path | None = None) -> RunConfig:
 
 def execute_run(cfg: RunConfig, *, resume: bool = False, download: bool = False, console: Any = None,
                 teacher_modules: dict[str, Any] | None = None, baseline: bool = False,
-                compare: str | Path | None = None) -> dict[str, Any]:
+                compare: str | Path | None = None, force: bool = False) -> dict[str, Any]:
     """Run the engine; with ``baseline`` also train the students alone (``OUT/alone``, resumed or
     reused when already there), or with ``compare`` take an existing run of them alone; then
     write the paired comparison (``comparison.json``, the verdict atop ``summary.md``)."""
@@ -183,7 +183,8 @@ def execute_run(cfg: RunConfig, *, resume: bool = False, download: bool = False,
         raise ConfigError("give either a baseline to train (--baseline) or a run to compare with (--compare), not both")
     if compare is not None and not (Path(compare) / "split.json").is_file():
         raise ConfigError(f"--compare {compare}: not a run directory (no split.json)")
-    results = Engine(cfg, resume=resume, download=download, console=console, teacher_modules=teacher_modules).run()
+    results = Engine(cfg, resume=resume, download=download, console=console, teacher_modules=teacher_modules,
+                     force=force).run()
     alone = Path(compare) if compare is not None else None
     if baseline:
         alone = Path(cfg.out) / ALONE_DIR

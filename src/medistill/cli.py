@@ -41,6 +41,7 @@ _AMP = typer.Option(None, "--amp", help="mixed precision: off (default), bf16 or
 _SET = typer.Option(None, "--set", help="dotted override, e.g. --set optim.lr=0.01 (repeatable)")
 _FOLD = typer.Option(None, "--fold", help="cross-validation fold i of data.folds=K (set K with --set data.folds=K)")
 _WORKERS = typer.Option(None, "--workers", help="DataLoader worker processes (data.num_workers; default auto)")
+_FORCE = typer.Option(False, "--force", help="write into an --out that holds other files or a finished run")
 _PRINT = typer.Option(False, "--print-config", help="print the resolved config (YAML) and exit without training")
 _PRETRAINED = typer.Option(False, "--pretrained", help="start the students from timm's published weights (needs "
                            "network access; offline, pass a local file with --set students.0.pretrained=PATH)")
@@ -66,7 +67,7 @@ def _device_sets(sets: Optional[list[str]], device: Optional[str], amp: Optional
 def _run(kind: str, config: Optional[Path], overrides: list[Override], model: Optional[list[str]], input_size: Optional[int],
          teachers: Optional[list[str]], method: Optional[str], resume: bool, download: bool,
          pretrained: bool = False, print_config: bool = False, baseline: bool = False,
-         compare: Optional[str] = None) -> None:
+         compare: Optional[str] = None, force: bool = False) -> None:
     from medistill.assemble import assemble_run, execute_run
 
     cfg = assemble_run(kind, config, overrides, models=model, input_size=input_size, teachers=teachers, method=method,
@@ -78,7 +79,8 @@ def _run(kind: str, config: Optional[Path], overrides: list[Override], model: Op
 
         print(dump_config(cfg), end="")
         return
-    results = execute_run(cfg, resume=resume, download=download, console=console, baseline=baseline, compare=compare)
+    results = execute_run(cfg, resume=resume, download=download, console=console, baseline=baseline, compare=compare,
+                          force=force)
     import os
 
     if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 alone reports (the process group is gone by now)
@@ -118,11 +120,13 @@ def train(
     fold: Optional[int] = _FOLD,
     workers: Optional[int] = _WORKERS,
     print_config: bool = _PRINT,
+    force: bool = _FORCE,
 ) -> None:
     """Train a teacher or a student-only baseline with a supervised loss (or a seed ensemble)."""
     overrides = _overrides(data, model, epochs, batch_size, seed, out, lr, input_size, sets, device, amp, fold, workers)
     if seeds is None or print_config:
-        _run("train", config, overrides, model, input_size, None, None, resume, download, pretrained, print_config)
+        _run("train", config, overrides, model, input_size, None, None, resume, download, pretrained, print_config,
+             force=force)
         return
     seed_list = _parse_seeds(seeds, ensemble=True)
     assert seed_list is not None
@@ -193,6 +197,7 @@ def distill(
     fold: Optional[int] = _FOLD,
     workers: Optional[int] = _WORKERS,
     print_config: bool = _PRINT,
+    force: bool = _FORCE,
     baseline: bool = typer.Option(False, "--baseline", help="also train the same student(s) alone (same data, split, "
                                   "schedule and seed, in OUT/alone) and report the difference with a paired 95 % interval"),
     compare: Optional[str] = typer.Option(None, "--compare", help="a run of the same student(s) trained alone on the same "
@@ -202,7 +207,7 @@ def distill(
     split are the teacher's."""
     _run("distill", config, _overrides(data, model, epochs, batch_size, seed, out, lr, input_size, sets, device, amp, fold,
                                        workers), model, input_size, teacher, method, resume, download, pretrained,
-         print_config, baseline, compare)
+         print_config, baseline, compare, force)
 
 
 @app.command()

@@ -60,6 +60,9 @@ class DataConfig(_Strict):
     augment: Literal["none", "flip", "dihedral", "standard"] = "standard"
     balanced_sampler: bool = False
     skip_corrupt: bool = False
+    duplicates: Literal["warn", "error", "off"] = Field(
+        "warn", description="exact copies of an image in two splits (pixels of an .npz, bytes of image files): a "
+        "warning and a note in split.json (warn), refused (error), or not checked (off)")
     subset: SubsetConfig = SubsetConfig()
     max_eval_samples: int | None = Field(None, ge=1, description="stratified cap on val/test (smoke tests only)")
     protocol: Literal["none", "source-imbalanced", "target-imbalanced"] = "none"

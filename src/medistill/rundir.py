@@ -150,6 +150,30 @@ def teacher_run(checkpoint: str) -> Path | None:
     return run_dir_of(p)
 
 
+def teacher_training_images(checkpoint: str) -> tuple[str | None, set[int]] | None:
+    """The data fingerprint and training-image indices a teacher was trained on, from its run's
+    ``split.json`` (an ensemble: the union over its members); None for a file from elsewhere."""
+    p = Path(checkpoint)
+    runs: list[Path | None]
+    if is_ensemble_dir(p):
+        rows = read_ensemble(p)["members"]
+        runs = [run_dir_of(p / r["model_dir"] if not Path(r["model_dir"]).is_absolute() else Path(r["model_dir"]))
+                for r in rows]
+    else:
+        runs = [teacher_run(checkpoint) if p.exists() else None]
+    fps, idx = set(), set()
+    for run in runs:
+        if run is None:
+            return None
+        try:
+            split = json.loads((run / "split.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        fps.add(split.get("fingerprint"))
+        idx |= {int(i) for i in split.get("train", [])}
+    return (fps.pop() if len(fps) == 1 else None), idx
+
+
 def write_run_files(out: Path, cfg: Any, teachers: list[Any], students: list[Any], terms: Any, device: Any,
                     data: Any) -> None:
     """A new run's ``config.yaml`` (every default written out), ``run_info.json`` (environment,
@@ -163,7 +187,9 @@ def write_run_files(out: Path, cfg: Any, teachers: list[Any], students: list[Any
     info = environment_info()
     info["seed"] = cfg.train.seed
     info["teachers"] = {t.name: {"checkpoint": t.checkpoint, "sha256": t.sha256,
-                                 **({"input": t.intake} if getattr(t, "intake", None) else {})} for t in teachers}
+                                 **({"input": t.intake} if getattr(t, "intake", None) else {}),
+                                 **({"trained_on_test_images": t.test_overlap} if getattr(t, "test_overlap", None) else {})}
+                        for t in teachers}
     info["adaptations"] = {s.name: s.spec.adaptation for s in students}
     # Training-only modules of the terms (projectors, regressors): dropped after training.
     info["term_parameters"] = {k.replace("__", "."): n for k, t in terms.items()

@@ -33,12 +33,19 @@ class Deployable(nn.Module):
 def export_model(target: str | Path, fmt: str = "onnx", out: str | Path | None = None, check_batch: int = 4) -> dict[str, Any]:
     """Export the (first) student of ``target``; the export is run on random inputs at batch 1
     and ``check_batch`` and compared with PyTorch. Returns the path and the max |difference|."""
-    d = resolve_model_dir(target)
-    model, pre, spec = load_model_dir(d)
+    if fmt not in ("onnx", "torchscript"):
+        raise ModelError(f"unknown export format {fmt!r} (onnx, torchscript)")
+    t = Path(target)
+    d = resolve_model_dir(t)
+    # a weights file named on the command line is the one exported, not its folder's model.safetensors
+    model, pre, spec = load_model_dir(t if t.is_file() else d)
     net = Deployable(pre, model).eval()
     size = data_size(None, [spec])
     example = torch.rand(1, spec.data_chans, size, size)
-    dest = Path(out) if out else d / ("model.onnx" if fmt == "onnx" else "model.torchscript.pt")
+    name = "model.onnx" if fmt == "onnx" else "model.torchscript.pt"
+    dest = Path(out) if out else d / name
+    if dest.is_dir():      # an existing folder: the file goes inside it
+        dest = dest / name
     if fmt == "onnx":
         with atomic_path(dest) as tmp:
             # The TorchScript-based exporter: robust for CNNs and needs no onnxscript dependency.
@@ -51,13 +58,11 @@ def export_model(target: str | Path, fmt: str = "onnx", out: str | Path | None =
                 m.metadata_props.add(key=k, value=v)
             onnx.save(m, str(tmp))
         run = _onnx_runner(dest)
-    elif fmt == "torchscript":
+    else:
         with atomic_path(dest) as tmp:
             torch.jit.save(torch.jit.trace(net, example), str(tmp))
         ts = torch.jit.load(str(dest))
         run = lambda x: ts(torch.from_numpy(x)).detach().numpy()  # noqa: E731
-    else:
-        raise ModelError(f"unknown export format {fmt!r} (onnx, torchscript)")
     diffs = []
     for b in (1, check_batch):
         x = torch.rand(b, spec.data_chans, size, size)
@@ -81,6 +86,17 @@ def load_image(path: str | Path, spec: ModelSpecRecord) -> torch.Tensor:
     arr = read_image(path, spec.data_chans)   # DICOM: the file's own window
     x = torch.from_numpy(np.array(arr)).permute(2, 0, 1).float().div_(255.0)
     return resize(x, data_size(None, [spec]))
+
+
+def cam_name(path: str | Path, images: list[str | Path]) -> str:
+    """``NAME_cam.png``, with a short hash of the full path when another input has the same file
+    name (``a/x.png`` and ``b/x.png`` must not write one overlay over the other)."""
+    import hashlib
+
+    stem = Path(path).stem
+    if sum(Path(i).stem == stem for i in images) > 1:
+        stem += "_" + hashlib.sha1(str(Path(path).resolve()).encode()).hexdigest()[:8]
+    return f"{stem}_cam.png"
 
 
 def predict_files(model_path: str | Path, images: list[str | Path], cam: bool = False, out_dir: str | Path | None = None,
@@ -107,7 +123,8 @@ def predict_files(model_path: str | Path, images: list[str | Path], cam: bool = 
         from medistill.device import resolve_device
 
         dev = resolve_device(device)
-        model, pre, spec = load_model_dir(resolve_model_dir(p))
+        # a weights file named on the command line is the one used, not its folder's model.safetensors
+        model, pre, spec = load_model_dir(p if p.is_file() else resolve_model_dir(p))
         model, pre = model.to(dev), pre.to(dev)
         forward = lambda x: model(pre(x.to(dev))).cpu()  # noqa: E731
     x = torch.stack([load_image(i, spec) for i in images])
@@ -131,7 +148,7 @@ def predict_files(model_path: str | Path, images: list[str | Path], cam: bool = 
         maps = torch.nn.functional.interpolate(grad_cam(model, pre(x), layer)[:, None], size=x.shape[-2:], mode="bilinear")[:, 0]
         dest = Path(out_dir or ".")
         for i, (path, r) in enumerate(zip(images, results)):
-            png = dest / f"{Path(path).stem}_cam.png"
+            png = dest / cam_name(path, images)
             _overlay_grid(x[i:i + 1].permute(0, 2, 3, 1).numpy(), {f"Grad-CAM {layer}": maps[i:i + 1].numpy()},
                           [r["class_name"]], png)
             r["cam"] = str(png)

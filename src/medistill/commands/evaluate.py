@@ -94,6 +94,8 @@ def evaluate_target(target: str | Path, data: str | None = None, out: str | Path
         raise ModelError(f"{target} is not inside a run directory; pass --data")
     elif split == "test":
         bundle = build_data(load_config(None, [("data.name", data)]).data)
+    if data is not None and run_dir is not None:
+        _refuse_own_data(run_dir, bundle.source if bundle is not None else open_source(str(data)))
     results = {}
     external: dict[tuple[str, ...], DataBundle] = {}   # one opened dataset per class list, not per student
     with steps(None, f"evaluate {len(model_dirs)} model(s)", len(model_dirs)) as advance:
@@ -105,6 +107,18 @@ def evaluate_target(target: str | Path, data: str | None = None, out: str | Path
         first = model_dirs[0].name
         write_json(run_dir / "metrics.json", {**results[first], "student": first})
     return results
+
+
+def _refuse_own_data(run_dir: Path, source: Any) -> None:
+    """External validation on the data the run was trained on would score its training images."""
+    try:
+        own = json.loads((run_dir / "split.json").read_text()).get("fingerprint")
+    except (OSError, json.JSONDecodeError):
+        return
+    if own and source.fingerprint == own:
+        raise ConfigError(f"--data {source.description} is the data {run_dir} was trained on (same fingerprint "
+                          f"{own[:12]}…): external validation needs other images. For the run's own test split, "
+                          f"leave out --data")
 
 
 def _evaluate_dir(d: Path, bundle: DataBundle | None, external: dict[tuple[str, ...], DataBundle], data: str | None,
@@ -122,7 +136,10 @@ def _evaluate_dir(d: Path, bundle: DataBundle | None, external: dict[tuple[str, 
     if out is not None:
         dest = Path(out) / d.name if n_models > 1 else Path(out)
     elif data is not None:
-        dest = home / "external" / (_slug(data) + ("" if split == "all" else "-test"))
+        # named by the data's content, not its folder's last name alone: siteA/images and
+        # siteB/images must not share a results folder
+        fp = (bundle.source.fingerprint or "")[:8]
+        dest = home / "external" / (_slug(data) + (f"-{fp}" if fp else "") + ("" if split == "all" else "-test"))
     else:
         dest = home
     return _evaluate_one(d, model, pre, spec, bundle, dest, split, data, ev, dev, latency)

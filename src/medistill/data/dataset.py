@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import os
 import warnings
 from dataclasses import dataclass
@@ -274,8 +276,43 @@ def build_data(cfg: DataConfig, image_size: int | None = None, role: str = "stud
     for k in ("train", "val", "test"):
         if len(splits[k]) == 0:
             raise DataError(f"the {k} split of {source.description} is empty (check val/test fractions)")
+    if cfg.duplicates != "off" and fixed_splits is None:
+        note = duplicate_note(source, splits)
+        if note and cfg.duplicates == "error":
+            raise DataError(note + "; remove the copies, or set data.duplicates=warn to go on")
+        if note:
+            warnings.warn(note, stacklevel=2)
+            notes.append(note)
     size = image_size or source.native_size or 224
     return DataBundle(cfg, source, splits, origin, size, split_notes=notes)
+
+
+def _content_hash(source: ImageSource, i: int) -> str:
+    """In-memory images: a hash of the pixels; files: of the file's bytes (no decoding, so a
+    whole folder is cheap; catches byte-identical copies, not re-encoded ones)."""
+    if source.in_memory:
+        return hashlib.sha1(np.ascontiguousarray(source.array[i]).tobytes()).hexdigest()
+    with open(source.path(i), "rb") as f:
+        return hashlib.sha1(f.read()).hexdigest()
+
+
+def duplicate_note(source: ImageSource, splits: dict[str, np.ndarray]) -> str | None:
+    """Images of one split that are exact copies of images in another (a test image that is a
+    training image scores the memory, not the model): a sentence counting them, or None."""
+    first: dict[str, str] = {}
+    pairs: dict[tuple[str, str], int] = {}
+    for k in ("train", "val", "test"):
+        seen_here: set[str] = set()
+        for i in splits[k]:
+            h = _content_hash(source, int(i))
+            if h in first and first[h] != k and h not in seen_here:
+                pairs[(first[h], k)] = pairs.get((first[h], k), 0) + 1
+            first.setdefault(h, k)
+            seen_here.add(h)
+    if not pairs:
+        return None
+    counts = ", ".join(f"{n} {b} image(s) copy {a} images" for (a, b), n in sorted(pairs.items()))
+    return f"exact duplicate images across splits of {source.description}: {counts}"
 
 
 def check_group_leak(splits: dict[str, np.ndarray], groups: np.ndarray) -> None:

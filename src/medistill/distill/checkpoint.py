@@ -77,7 +77,8 @@ _RESUME_FREE = {"train.progress", "train.latency", "train.threads", "train.cache
 # not a difference (their defaults reproduce the old behaviour; bf16 maps onto amp).
 _ADDED_KEYS = {"train.amp", "train.device", "train.deterministic", "data.ordinal", "eval.bootstrap",
                "eval.bootstrap_seed", "eval.target_sensitivity", "data.group_pattern", "data.folds", "data.fold",
-               "data.group_by", "data.window", "data.dicom_frame", "data.resident", "train.compile", "data.prefetch_factor"}
+               "data.group_by", "data.window", "data.dicom_frame", "data.resident", "train.compile", "data.prefetch_factor",
+               "data.duplicates", "train.mix", "train.mix_alpha"}
 
 
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:

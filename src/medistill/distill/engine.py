@@ -34,7 +34,13 @@ from medistill.distill.logbook import EpochLog, epoch_line
 from medistill.progress import progress_bar
 from medistill.distill.methods import build_terms, check_mixing, supervised_terms
 from medistill.distill.optim import averaged_copies, finish_swa, build_optimizer, build_scheduler
-from medistill.distill.participants import load_teacher, make_student, memory_teacher, training_forwards
+from medistill.distill.participants import (
+    check_test_overlap,
+    load_teacher,
+    make_student,
+    memory_teacher,
+    training_forwards,
+)
 from medistill.distill.terms import TermSetup
 from medistill.errors import ConfigError, NonFiniteLossError
 from medistill.io import check_writable, write_json
@@ -43,6 +49,8 @@ from medistill.models.taps import FeatureTaps
 from medistill.rundir import resolve_teacher, write_run_files
 
 Tensor = torch.Tensor
+# What makes a folder a medistill run (a crashed start leaves config.yaml; a finished run the rest).
+RUN_MARKERS = {"config.yaml", "run_info.json", "split.json", ckpt.LAST, ckpt.PREVIOUS, "summary.json", "students"}
 
 
 class Engine:
@@ -50,13 +58,14 @@ class Engine:
     trains, selects on validation, evaluates on test and writes the run directory."""
 
     def __init__(self, cfg: RunConfig, resume: bool = False, download: bool = False, console: Console | None = None,
-                 teacher_modules: dict[str, nn.Module] | None = None):
+                 teacher_modules: dict[str, nn.Module] | None = None, force: bool = False):
         """``teacher_modules``: teachers given as in-memory modules (Python API), by teacher name;
         their config entries carry ``checkpoint: <memory>``. Each takes the data batch ``[B, C, S, S]``
         in [0, 1] resized to its ``input_size`` and normalised by its ``norm``."""
         self.cfg = cfg
         self.teacher_modules = dict(teacher_modules or {})
         self.resume = resume
+        self.force = force   # train into an --out that holds other files or a finished run
         self.download = download
         self.console = console or Console(stderr=True)
         self.out = Path(cfg.out)
@@ -114,7 +123,11 @@ class Engine:
         if self.main:
             check_writable(self.out)
         dist.barrier()
-        if not self.resume and not (self.world > 1 and not self.main):
+        if not self.resume and not self.force and not (self.world > 1 and not self.main):
+            own = [p.name for p in self.out.iterdir()] if self.out.is_dir() else []
+            if own and not set(own) & RUN_MARKERS:
+                raise ConfigError(f"{self.out} holds other files ({', '.join(sorted(own)[:3])}{', …' if len(own) > 3 else ''}) "
+                                  "and no medistill run; choose a new or empty --out, or pass --force to write into it")
             if self.ckpt_path.exists():
                 raise ConfigError(f"{self.out} already holds a run (checkpoint_last.pt); pass --resume to continue it "
                                   "or choose another --out")
@@ -138,6 +151,7 @@ class Engine:
         self.teachers = [memory_teacher(t, self.teacher_modules[t.name], self.data) if t.name in self.teacher_modules
                          else load_teacher(t, teacher_dirs[t.name], self.data)
                          for t in cfg.teachers]
+        check_test_overlap(self.teachers, {n: str(d) for n, d in teacher_dirs.items()}, self.data, self.console)
         self.students = [make_student(s, native, self.data, cfg.train.channels_last) for s in cfg.students]
         # Images stay at their native size; each model resizes the shared batch for itself.
         self.data.image_size = data_size(self.data.source.native_size, [p.spec for p in self.teachers + self.students])

@@ -122,7 +122,8 @@ def _teacher_rows(teachers: list[Participant], test_loader: Any, ordinal: bool) 
     rows = {}
     for t in teachers:
         test = classification_metrics(*predict(t.model, t.pre, test_loader)[:2], ordinal=ordinal)
-        rows[t.name] = {"role": "teacher", "test": test, "model": _cost(t.model, t.pre)}
+        rows[t.name] = {"role": "teacher", "test": test, "model": _cost(t.model, t.pre),
+                        **({"trained_on_test_images": t.test_overlap} if t.test_overlap else {})}
         if isinstance(t.model, EnsembleModel):
             for i, (pre, m) in enumerate(zip(t.model.pres, t.model.members)):
                 test = classification_metrics(*predict(m, pre, test_loader)[:2], ordinal=ordinal)

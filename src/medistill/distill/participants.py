@@ -44,6 +44,7 @@ class Participant:
     checkpoint: str | None = None
     sha256: str | None = None
     intake: dict[str, Any] | None = None   # a teacher from elsewhere: how its input size and norm were chosen
+    test_overlap: int | None = None        # a teacher: how many of this run's test images it was trained on
     taps: set[str] = field(default_factory=set)
 
     def logits(self, x: Tensor, channels_last: bool = False) -> Tensor:
@@ -214,3 +215,21 @@ def training_forwards(students: list[Participant], compile_mode: str, device: to
             nets[s.name] = (torch.compile(nets[s.name], backend="eager") if compile_mode == "eager"
                             else torch.compile(nets[s.name], mode=compile_mode))
     return nets, fixed
+
+
+def check_test_overlap(teachers: list[Participant], checkpoints: dict[str, str], data: DataBundle, console: Any) -> None:
+    """A teacher trained on images of this run's test split scores optimistically on it: count
+    them (by index, on the same data fingerprint), warn, and record the count on the teacher."""
+    from medistill.rundir import teacher_training_images
+
+    test = {int(i) for i in data.splits["test"]}
+    for t in teachers:
+        got = teacher_training_images(checkpoints[t.name]) if t.name in checkpoints else None
+        if got is None or not got[0] or got[0] != data.source.fingerprint:
+            continue
+        n = len(got[1] & test)
+        if n:
+            t.test_overlap = n
+            console.print(f"[yellow]warning:[/] teacher {t.name!r} was trained on {n} of the {len(test)} test images of "
+                          "this run (another split of the same data): its test metrics here are optimistic, and the "
+                          "students learn from its predictions on images they are later tested on")

@@ -19,10 +19,13 @@ def with_ci(metrics: dict[str, Any], key: str, digits: int = 3) -> str:
 STUDENT_ROLES = ("student", "trained alone")
 
 
-def role_label(role: str, rows: dict[str, Any]) -> str:
-    """A run without teachers trained its model alone: "student" would mislabel a teacher run."""
+def role_label(role: str, rows: dict[str, Any], row: dict[str, Any] | None = None) -> str:
+    """A run without teachers trained its model alone: "student" would mislabel a teacher run. A
+    teacher trained on some of these test images is marked: its numbers are optimistic."""
     if role == "student" and not any(r.get("role") == "teacher" for r in rows.values()):
         return "trained alone"
+    if row and row.get("trained_on_test_images"):
+        return f"{role} (trained on {row['trained_on_test_images']} of these test images: optimistic)"
     return role
 
 
@@ -40,7 +43,7 @@ def summary_table(rows: dict[str, Any]) -> str:
     lines = []
     for name, r in rows.items():
         t = r["test"]
-        lines.append(f"| {name} | {role_label(r['role'], rows)} | {r['model']['params'] / 1e6:.2f} | {r['model']['flops'] / 1e6:.1f} | "
+        lines.append(f"| {name} | {role_label(r['role'], rows, r)} | {r['model']['params'] / 1e6:.2f} | {r['model']['flops'] / 1e6:.1f} | "
                      + " | ".join(with_ci(t, k) for k in keys) + " |")
     n = next((r["test"]["ci95"].get("resamples") for r in rows.values() if r["test"].get("ci95")), None)
     return head + "\n".join(lines) + "\n" + (f"\n{CI_NOTE.format(n=n)}\n" if n else "")

@@ -80,6 +80,8 @@ def explain_run(run_dir: str | Path, n_images: int = 8, per_class: int | None = 
         raise ArgumentError(f"unknown explanation method(s) {unknown}; available: {', '.join(METHODS)}")
     dev = resolve_device(device)
     out = Path(out) if out else run_dir / "explain"
+    if not student_dirs(run_dir) and not compare:
+        raise ArgumentError(f"{run_dir}: no students to explain (no students/NAME/model.json); is it a finished run?")
     cfg = load_run_config(run_dir)
     bundle = build_data(cfg.data, fixed_splits=json.loads((run_dir / "split.json").read_text()))
     models = _load_models(run_dir, cfg.teachers, dict(compare or {}))

@@ -84,7 +84,7 @@ def _model_table(rows: dict[str, dict[str, Any]]) -> str:
     body = []
     for n, r in rows.items():
         t, mdl = r["test"], r.get("model", {})
-        body.append(f"<tr><td>{html.escape(n)}</td><td>{role_label(r.get('role', 'student'), rows)}</td><td>{mdl.get('params', 0) / 1e6:.2f}</td>"
+        body.append(f"<tr><td>{html.escape(n)}</td><td>{html.escape(role_label(r.get('role', 'student'), rows, r))}</td><td>{mdl.get('params', 0) / 1e6:.2f}</td>"
                     f"<td>{mdl.get('flops', 0) / 1e6:.1f}</td><td>{_latency(r)}</td>"
                     + "".join(f"<td>{html.escape(with_ci(t, k))}</td>" for k in keys)
                     + "</tr>")

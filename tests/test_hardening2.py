@@ -1,0 +1,140 @@
+"""Hardening, second round: nothing a user made is lost, leaks found by content, clear errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import TINY_CNN, run_engine, tiny_cfg, write_npz
+from medistill.errors import ArgumentError, ConfigError, DataError
+
+
+def test_out_with_the_users_own_files_is_refused_unless_forced(data_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "metrics.json").write_text("my own numbers")
+    (out / "notes.txt").write_text("x")
+    with pytest.raises(ConfigError, match="holds other files"):
+        run_engine(tiny_cfg(data_dir / "tiny.npz", out, epochs=1))
+    assert (out / "metrics.json").read_text() == "my own numbers"
+    from medistill.config import load_config
+    from medistill.distill.engine import Engine
+
+    Engine(load_config(None, [], base=tiny_cfg(data_dir / "tiny.npz", out, epochs=1)), force=True).run()
+    assert (out / "notes.txt").read_text() == "x" and (out / "summary.json").is_file()
+
+
+def test_duplicates_across_splits_are_found_by_content(tmp_path: Path) -> None:
+    from medistill.config import DataConfig
+    from medistill.data import build_data
+
+    npz = write_npz(tmp_path / "d.npz")
+    arr = dict(np.load(npz))
+    arr["test_images"][:3] = arr["train_images"][:3]          # three test images copy training images
+    arr["test_labels"][:3] = arr["train_labels"][:3]
+    np.savez(tmp_path / "dup.npz", **arr)
+    with pytest.warns(UserWarning, match="3 test image\\(s\\) copy train images"):
+        b = build_data(DataConfig(name=str(tmp_path / "dup.npz")))
+    assert any("duplicate" in n for n in b.split_record()["notes"])
+    with pytest.raises(DataError, match="data.duplicates=warn"):
+        build_data(DataConfig(name=str(tmp_path / "dup.npz"), duplicates="error"))
+    # image files: byte-identical copies
+    root = tmp_path / "folder"
+    for split in ("train", "test", "val"):
+        for c in ("a", "b"):
+            (root / split / c).mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for split in ("train", "test", "val"):
+        for c in ("a", "b"):
+            for i in range(3):
+                Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(root / split / c / f"{i}.png")
+    shutil.copy(root / "train" / "a" / "0.png", root / "test" / "a" / "9.png")
+    with pytest.warns(UserWarning, match="1 test image\\(s\\) copy train images"):
+        build_data(DataConfig(name=str(root)))
+
+
+def test_teacher_trained_on_the_students_test_images_is_flagged(data_dir: Path, tmp_path: Path) -> None:
+    # a folder without a split of its own: each run's split seed decides its split
+    folder = tmp_path / "pool"
+    for c in range(3):
+        (folder / str(c)).mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    for c in range(3):
+        for i in range(12):
+            im = rng.integers(0, 60, (16, 16, 3), dtype=np.uint8)
+            im[c * 5:(c + 1) * 5] = 220
+            Image.fromarray(im).save(folder / str(c) / f"{i}.png")
+    t = tiny_cfg(folder, tmp_path / "t", epochs=1)
+    t["data"]["split_seed"] = 1
+    t["students"] = [{"name": "t", "model": "cnn5", "kwargs": TINY_CNN}]
+    run_engine(t)
+    s = tiny_cfg(folder, tmp_path / "s", epochs=1)
+    s["data"]["split_seed"] = 2
+    s["teachers"] = [{"name": "teacher", "checkpoint": str(tmp_path / "t")}]
+    s["terms"] = [{"type": "ce"}, {"type": "kd"}]
+    run_engine(s)
+    n = json.loads((tmp_path / "s" / "run_info.json").read_text())["teachers"]["teacher"]["trained_on_test_images"]
+    t_train = set(json.loads((tmp_path / "t" / "split.json").read_text())["train"])
+    s_test = set(json.loads((tmp_path / "s" / "split.json").read_text())["test"])
+    assert n == len(t_train & s_test) > 0
+    assert "optimistic" in (tmp_path / "s" / "summary.md").read_text()
+
+
+def test_external_validation_cannot_use_the_training_data(teachers: list[Path]) -> None:
+    from medistill.commands.evaluate import evaluate_target
+
+    data = json.loads((teachers[0] / "split.json").read_text())["source"]
+    with pytest.raises(ConfigError, match="is the data .* was trained on"):
+        evaluate_target(teachers[0], data=data, split="all", latency=False)
+
+
+def test_external_results_of_same_named_folders_do_not_collide(teachers: list[Path], tmp_path: Path) -> None:
+    from medistill.commands.evaluate import evaluate_target
+
+    run = tmp_path / "run"
+    shutil.copytree(teachers[0], run)
+    for site, seed in (("siteA", 3), ("siteB", 4)):
+        (tmp_path / site).mkdir()
+        write_npz(tmp_path / site / "images.npz", seed=seed)
+        evaluate_target(run, data=str(tmp_path / site / "images.npz"), split="all", latency=False)
+    dests = sorted((run / "students" / "t" / "external").iterdir())
+    assert len(dests) == 2 and all(d.name.startswith("images-") for d in dests)
+
+
+def test_predict_and_export_respect_the_named_files(teachers: list[Path], tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from medistill.commands.deploy import export_model, predict_files
+
+    run = tmp_path / "run"
+    shutil.copytree(teachers[0], run)
+    d = run / "students" / "t"
+    sd = load_file(str(d / "model.safetensors"))
+    save_file({k: (torch.zeros_like(v) if v.is_floating_point() else v) for k, v in sd.items()}, str(d / "zeros.safetensors"))
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+        Image.fromarray(np.full((16, 16, 3), 90 if sub == "a" else 200, np.uint8)).save(tmp_path / sub / "x.png")
+    imgs = [tmp_path / "a" / "x.png", tmp_path / "b" / "x.png"]
+    own = predict_files(d / "model.safetensors", imgs, cam=True, out_dir=tmp_path / "cams")
+    zero = predict_files(d / "zeros.safetensors", imgs)
+    assert zero[0]["probabilities"] != own[0]["probabilities"]      # the named weights were used
+    assert len({r["cam"] for r in own}) == 2 and all(Path(r["cam"]).is_file() for r in own)
+    (tmp_path / "exp").mkdir()
+    r = export_model(d / "zeros.safetensors", out=tmp_path / "exp")
+    assert Path(r["path"]) == tmp_path / "exp" / "model.onnx"
+
+
+def test_explain_without_students_is_an_error(teachers: list[Path], tmp_path: Path) -> None:
+    from medistill.explain.run import explain_run
+
+    run = tmp_path / "run"
+    shutil.copytree(teachers[0], run)
+    shutil.rmtree(run / "students")
+    with pytest.raises(ArgumentError, match="no students"):
+        explain_run(run, 2, None, ["gradcam"])
