@@ -138,3 +138,92 @@ def test_explain_without_students_is_an_error(teachers: list[Path], tmp_path: Pa
     shutil.rmtree(run / "students")
     with pytest.raises(ArgumentError, match="no students"):
         explain_run(run, 2, None, ["gradcam"])
+
+
+# --- one error boundary for everything a user can hand in ---------------------------------------
+
+def test_unreadable_inputs_name_the_file(tmp_path: Path) -> None:
+    from medistill.data.sources import open_source
+    from medistill.commands.deploy import predict_files
+    from medistill.errors import ModelError
+
+    npz = write_npz(tmp_path / "d.npz")
+    (tmp_path / "trunc.npz").write_bytes(npz.read_bytes()[:500])
+    (tmp_path / "text.npz").write_text("hello")
+    for name, words in (("trunc.npz", "truncated"), ("text.npz", "arrays only")):
+        with pytest.raises(DataError, match=words) as e:
+            open_source(str(tmp_path / name))
+        assert "allow_pickle" not in str(e.value)
+    (tmp_path / "empty.csv").write_text("path,label\nx.png,\n")
+    with pytest.raises(DataError, match=r"empty.csv:2: empty label"):
+        open_source(str(tmp_path / "empty.csv"))
+    (tmp_path / "bad.onnx").write_bytes(b"garbage" * 10)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
+    with pytest.raises(ModelError, match="not a readable ONNX file"):
+        predict_files(tmp_path / "bad.onnx", [tmp_path / "a.png"])
+
+
+@pytest.mark.parametrize("encoding", ["latin-1", "utf-16", "cp1252"])
+def test_csv_in_another_encoding_is_named(tmp_path: Path, encoding: str) -> None:
+    from medistill.data.sources import open_source
+
+    (tmp_path / "imgs").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "imgs" / "é1.png")
+    (tmp_path / "m.csv").write_bytes("path,label\nimgs/é1.png,a\n".encode(encoding))
+    with pytest.raises(DataError, match="UTF-8"):
+        open_source(str(tmp_path / "m.csv"))
+
+
+def test_generated_csv_bytes_never_crash(tmp_path: Path) -> None:
+    """Any bytes as a manifest: read, or a DataError — never another exception."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from medistill.data.sources import from_csv
+
+    (tmp_path / "imgs").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "imgs" / "a.png")
+
+    @settings(max_examples=60, deadline=None)
+    @given(st.binary(max_size=200) | st.text(max_size=120).map(lambda t: ("path,label\n" + t).encode("utf-8", "replace")))
+    def check(raw: bytes) -> None:
+        (tmp_path / "m.csv").write_bytes(raw)
+        try:
+            from_csv(tmp_path / "m.csv")
+        except DataError:
+            pass
+
+    check()
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("finished")
+    run_engine(tiny_cfg(write_npz(d / "d.npz"), d / "run", epochs=1))
+    return d / "run"
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+@pytest.mark.parametrize("name", ["split.json", "summary.json", "metrics.jsonl", "config.yaml", "students/student/model.json",
+                                  "students/student/metrics.json"])
+def test_run_with_a_damaged_file_gives_a_clear_error(finished_run: Path, tmp_path: Path, name: str, damage: str) -> None:
+    """evaluate, report and resume on a run with any one file missing or cut short: they work,
+    or stop with a MedistillError; no traceback."""
+    from medistill.assemble import assemble_run, execute_run
+    from medistill.commands.evaluate import evaluate_target
+    from medistill.errors import MedistillError
+    from medistill.report import build_report
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    f = run / name
+    if damage == "missing":
+        f.unlink()
+    else:
+        f.write_bytes(f.read_bytes()[: max(1, len(f.read_bytes()) // 2)])
+    for action in (lambda: evaluate_target(run, latency=False), lambda: build_report([run]),
+                   lambda: execute_run(assemble_run("train", None, [("out", str(run))], resume=True), resume=True)):
+        try:
+            action()
+        except MedistillError:
+            pass

@@ -26,6 +26,35 @@ if TYPE_CHECKING:
     from medistill.models.factory import ModelSpecRecord
 
 
+def read_run_json(path: str | Path) -> Any:
+    """A run's JSON file (``split.json``, ``summary.json``, ``metrics.json``, …); missing or damaged
+    is a :class:`ConfigError` naming the file, not a traceback."""
+    from medistill.errors import ConfigError
+
+    p = Path(path)
+    try:
+        return json.loads(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{p} is missing: the run is incomplete (interrupted before it finished, or a file "
+                          "was deleted)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{p} is unreadable ({type(e).__name__}: {e}); the run's files are damaged") from None
+
+
+def read_run_jsonl(path: str | Path) -> list[Any]:
+    """``metrics.jsonl``: one JSON object per line; a damaged line is a :class:`ConfigError` naming it."""
+    from medistill.errors import ConfigError
+
+    out = []
+    for n, line in enumerate(Path(path).read_text(errors="replace").splitlines(), start=1):
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise ConfigError(f"{path}:{n}: not a JSON line; the run's log is damaged") from None
+    return out
+
+
 def resolve_teacher(path: str) -> Path:
     """A teacher checkpoint may be a model dir, a weights file beside model.json, or a run dir
     whose single student is the teacher."""

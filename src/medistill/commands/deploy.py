@@ -110,7 +110,11 @@ def predict_files(model_path: str | Path, images: list[str | Path], cam: bool = 
     if p.suffix == ".onnx":
         import onnx
 
-        meta = {m.key: m.value for m in onnx.load(str(p)).metadata_props}
+        try:
+            meta = {m.key: m.value for m in onnx.load(str(p)).metadata_props}
+        except Exception as e:  # noqa: BLE001 - protobuf's decode errors have no common public base
+            raise ModelError(f"{p}: not a readable ONNX file ({type(e).__name__}); export it again with "
+                             "`medistill export RUN`") from None
         if "medistill_spec" not in meta:
             raise ModelError(f"{p}: not exported by medistill (no medistill_spec metadata)")
         spec = ModelSpecRecord(**json.loads(meta["medistill_spec"]))

@@ -21,7 +21,7 @@ from medistill.io import write_json
 from medistill.models.cost import model_cost
 from medistill.models.factory import data_size, load_model_dir
 from medistill.progress import steps
-from medistill.rundir import STUDENTS, load_run_config, run_dir_of, student_dirs
+from medistill.rundir import STUDENTS, load_run_config, read_run_json, run_dir_of, student_dirs
 
 
 def external_bundle(data: str, class_names: list[str], class_map: list[str] | None = None) -> DataBundle:
@@ -88,7 +88,7 @@ def evaluate_target(target: str | Path, data: str | None = None, out: str | Path
     bundle = None
     if data is None and run_dir is not None:
         cfg = load_run_config(run_dir)
-        saved = json.loads((run_dir / "split.json").read_text())
+        saved = read_run_json(run_dir / "split.json")
         bundle = build_data(cfg.data, fixed_splits=saved)
     elif data is None:
         raise ModelError(f"{target} is not inside a run directory; pass --data")
@@ -188,9 +188,9 @@ def evaluate_ensemble(directory: str | Path, latency: bool = False) -> dict[str,
             raise ModelError(f"ensemble member {md} is not inside a run directory (no config.yaml/split.json): "
                              "its split is unknown, so it cannot be evaluated without a leak check")
         runs.append(run)
-    split = json.loads((runs[0] / "split.json").read_text())
+    split = read_run_json(runs[0] / "split.json")
     for run in runs[1:]:
-        other = json.loads((run / "split.json").read_text())
+        other = read_run_json(run / "split.json")
         if other.get("val") != split.get("val") or other.get("test") != split.get("test"):
             raise ModelError(f"ensemble members {runs[0]} and {run} were trained on different splits; "
                              "an ensemble of them has no clean test set")

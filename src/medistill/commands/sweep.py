@@ -18,7 +18,7 @@ from medistill.assemble import assemble_run, baseline_config
 from medistill.distill.engine import Engine
 from medistill.distill.methods import supervised_terms
 from medistill.eval.compare import compare_runs, seed_differences
-from medistill.rundir import student_dir
+from medistill.rundir import read_run_json, student_dir
 from medistill.errors import ConfigError
 from medistill.eval.tables import STUDENT_ROLES
 from medistill.io import write_text
@@ -78,7 +78,7 @@ def run_sweep(config: str | Path | None, out: str | Path, methods: list[str] | N
             t0 = time.perf_counter()
             Engine(cfg, resume=(run_dir / "checkpoint_last.pt").is_file(), console=console).run()
             spent.append(time.perf_counter() - t0)
-        summary = json.loads((run_dir / "summary.json").read_text())
+        summary = read_run_json(run_dir / "summary.json")
         for model, r in summary.items():
             if r["role"] not in STUDENT_ROLES:
                 continue

@@ -9,6 +9,7 @@ the MedMNIST table before it is moved into place.
 from __future__ import annotations
 
 import hashlib
+import zipfile
 import os
 import re
 import urllib.request
@@ -191,8 +192,14 @@ def load_npz(path: Path) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError) as e:
-        raise DataError(f"{path}: not a readable .npz file ({e})") from e
+    except ValueError as e:
+        if "pickle" in str(e):   # numpy's hint to allow pickles is not one medistill would follow
+            raise DataError(f"{path}: not a .npz archive of arrays (numpy sees Python objects or plain text); "
+                            "medistill reads arrays only — save images and labels with numpy.savez") from e
+        raise DataError(f"{path}: not a readable .npz archive ({e})") from e
+    except (OSError, EOFError, zipfile.BadZipFile, KeyError) as e:
+        raise DataError(f"{path}: not a readable .npz archive — truncated or another kind of file "
+                        f"({type(e).__name__}: {e})") from e
     need = [f"{s}_{k}" for s in ("train", "val", "test") for k in ("images", "labels")]
     missing = [k for k in need if k not in arrays]
     if missing:

@@ -277,14 +277,24 @@ def from_csv(manifest: str | Path) -> ImageSource:
         raise DataError(f"CSV manifest not found: {manifest}")
     root = manifest.parent.resolve()
     # utf-8-sig: spreadsheet programs put a byte-order mark before the header
-    with open(manifest, newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        cols = [c.strip().lower() for c in (reader.fieldnames or [])]
-        if "path" not in cols or "label" not in cols:
-            raise DataError(f"{manifest}: header must contain 'path' and 'label' (got {reader.fieldnames})")
-        rows = [{k.strip().lower(): (v or "").strip() for k, v in r.items() if k} for r in reader]
+    try:
+        with open(manifest, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            cols = [c.strip().lower() for c in (reader.fieldnames or [])]
+            if "path" not in cols or "label" not in cols:
+                raise DataError(f"{manifest}: header must contain 'path' and 'label' (got {reader.fieldnames})")
+            rows = [{k.strip().lower(): (v or "").strip() for k, v in r.items() if k} for r in reader]
+    except UnicodeDecodeError as e:
+        raise DataError(f"{manifest}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); save the "
+                        "manifest as UTF-8 (spreadsheets: 'CSV UTF-8')") from None
+    except csv.Error as e:
+        raise DataError(f"{manifest}: not a readable CSV file ({e})") from None
     if not rows:
         raise DataError(f"{manifest}: no rows")
+    empty = [i for i, r in enumerate(rows, start=2) if not r.get("label")]
+    if empty:
+        raise DataError(f"{manifest}:{empty[0]}: empty label ({len(empty)} row(s) without a label); every image "
+                        "needs its class")
     raw_labels = [r["label"] for r in rows]
     if all(_is_int(v) for v in raw_labels):
         y = np.array([int(v) for v in raw_labels], dtype=np.int64)

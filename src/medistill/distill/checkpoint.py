@@ -65,13 +65,21 @@ def load_checkpoint(out: Path, groups: dict[str, dict[str, Any]], terms: nn.Modu
     torch.set_rng_state(st["rng_torch"])
     log = out / "metrics.jsonl"
     if log.is_file() and trim_log:
-        keep = [ln for ln in log.read_text().splitlines() if ln.strip() and json.loads(ln)["epoch"] <= st["epoch"]]
+        keep, damaged = [], 0
+        for ln in log.read_text(errors="replace").splitlines():
+            try:
+                if ln.strip() and json.loads(ln)["epoch"] <= st["epoch"]:
+                    keep.append(ln)
+            except (json.JSONDecodeError, KeyError, TypeError):
+                damaged += 1    # the log is a record, not state: a damaged line is dropped, and said so
+        if damaged:
+            console.print(f"[yellow]warning:[/] {log}: {damaged} damaged line(s) dropped")
         write_text(log, "".join(ln + "\n" for ln in keep))
     return st["epoch"] + 1, {k: float(v) for k, v in st["best"].items()}, int(st["bad_epochs"])
 
 
 # Settings that may change between an interrupted run and its resumption: they do not alter what is trained.
-_RESUME_FREE = {"train.progress", "train.latency", "train.threads", "train.cache_dir", "data.num_workers",
+_RESUME_FREE = {"out", "train.progress", "train.latency", "train.threads", "train.cache_dir", "data.num_workers",
                 "data.prefetch_factor", "train.device"}
 # Keys added to the config after some runs were saved: absent from an old config.yaml, they are
 # not a difference (their defaults reproduce the old behaviour; bf16 maps onto amp).

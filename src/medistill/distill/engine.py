@@ -46,7 +46,7 @@ from medistill.errors import ConfigError, NonFiniteLossError
 from medistill.io import check_writable, write_json
 from medistill.models.factory import data_size
 from medistill.models.taps import FeatureTaps
-from medistill.rundir import resolve_teacher, write_run_files
+from medistill.rundir import read_run_json, resolve_teacher, write_run_files
 
 Tensor = torch.Tensor
 # What makes a folder a medistill run (a crashed start leaves config.yaml; a finished run the rest).
@@ -142,7 +142,7 @@ class Engine:
         """Data (the saved split when resuming), frozen teachers and students, all on the device."""
         cfg = self.cfg
         teacher_dirs = {t.name: resolve_teacher(t.checkpoint) for t in cfg.teachers if t.name not in self.teacher_modules}
-        fixed = json.loads((self.out / "split.json").read_text()) if self.resume else None
+        fixed = read_run_json(self.out / "split.json") if self.resume else None
         role = cfg.data.role if cfg.data.role != "auto" else ("student" if cfg.teachers else "teacher")
         self.data: DataBundle = build_data(cfg.data, None, role=role, download=self.download, fixed_splits=fixed)
         self.data.pin_memory = self.device.type == "cuda"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 import warnings
 from pathlib import Path
@@ -23,7 +22,14 @@ from medistill.models.factory import data_size, load_model_dir
 from medistill.models.taps import list_taps
 from medistill.plots import overlay_figure, save_png
 from medistill.progress import steps
-from medistill.rundir import is_ensemble_dir, load_run_config, read_ensemble, resolve_teacher, student_dirs
+from medistill.rundir import (
+    is_ensemble_dir,
+    load_run_config,
+    read_ensemble,
+    read_run_json,
+    resolve_teacher,
+    student_dirs,
+)
 
 METHODS = ("gradcam", "gradcampp", "layercam", "scorecam", "avgmap", "shap")
 
@@ -83,7 +89,7 @@ def explain_run(run_dir: str | Path, n_images: int = 8, per_class: int | None = 
     if not student_dirs(run_dir) and not compare:
         raise ArgumentError(f"{run_dir}: no students to explain (no students/NAME/model.json); is it a finished run?")
     cfg = load_run_config(run_dir)
-    bundle = build_data(cfg.data, fixed_splits=json.loads((run_dir / "split.json").read_text()))
+    bundle = build_data(cfg.data, fixed_splits=read_run_json(run_dir / "split.json"))
     models = _load_models(run_dir, cfg.teachers, dict(compare or {}))
     counts = {n: s.num_classes for n, (*_, s) in models.items()}
     if len(set(counts.values())) > 1:

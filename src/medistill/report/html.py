@@ -17,7 +17,7 @@ from medistill.errors import NotARunError
 from medistill.eval.tables import CI_NOTE, STUDENT_ROLES, role_label, with_ci
 from medistill.io import write_text
 from medistill.plots import png_data_uri
-from medistill.rundir import student_dir
+from medistill.rundir import read_run_json, read_run_jsonl, student_dir
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1150px;color:#1d2433;padding:0 1rem}
@@ -94,7 +94,7 @@ def _model_table(rows: dict[str, dict[str, Any]]) -> str:
 
 def _run_section(run: Path) -> tuple[str, dict[str, dict[str, Any]]]:
     parts = [f"<section class='run'><h2>Run {html.escape(run.name)}</h2><p class='note'>{html.escape(str(run.resolve()))}</p>"]
-    summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else {}
+    summary = read_run_json(run / "summary.json") if (run / "summary.json").is_file() else {}
     from medistill.eval.compare import read_comparison
     from medistill.rundir import resolve_in_run
 
@@ -105,7 +105,7 @@ def _run_section(run: Path) -> tuple[str, dict[str, dict[str, Any]]]:
     parts.append("<h3 id='models'>Teacher vs students</h3>" + _model_table(summary))
     log_path = run / "metrics.jsonl"
     if log_path.is_file():
-        log = [json.loads(ln) for ln in log_path.read_text().splitlines() if ln.strip()]
+        log = read_run_jsonl(log_path)
         if log:
             parts.append(f"<h3 id='curves'>Training curves</h3><img alt='training curves' src='{png_data_uri(P.curves_figure(log))}'>")
             diag = log[-1].get("diagnostics") or {}
@@ -114,7 +114,7 @@ def _run_section(run: Path) -> tuple[str, dict[str, dict[str, Any]]]:
                              + "".join(f"<tr><td>{html.escape(t)}.{html.escape(k)}</td><td>{_fmt(v['mean'])}</td><td>{', '.join(_fmt(x) for x in v['per_class'])}</td></tr>"
                                        for t, d in diag.items() for k, v in d.items()) + "</table>")
     students = {n: r for n, r in summary.items() if r.get("role") in STUDENT_ROLES}
-    names = json.loads((run / "split.json").read_text()).get("class_names") if (run / "split.json").is_file() else None
+    names = read_run_json(run / "split.json").get("class_names") if (run / "split.json").is_file() else None
     if summary:
         names = names or [str(i) for i in range(len(next(iter(summary.values()))["test"]["confusion_matrix"]))]
         parts.append(f"<h3 id='recall'>Per-class recall</h3><img alt='per-class recall' src='{png_data_uri(P.recall_figure(summary, names))}'>")
@@ -188,7 +188,7 @@ def _paired_across(runs: list[Path]) -> str:
     from medistill.eval.compare import compare_runs
 
     def alone_only(r: Path) -> bool:
-        roles = {v.get("role") for v in json.loads((r / "summary.json").read_text()).values()}
+        roles = {v.get("role") for v in read_run_json(r / "summary.json").values()}
         return roles <= {"trained alone"} or ("student" in roles and roles <= {"student"})
 
     alones = [r for r in runs if alone_only(r)]
