@@ -147,11 +147,13 @@ def test_group_holding_a_whole_class_is_refused():
 
 
 def test_oversized_group_is_reported():
+    """One patient holds 80 % of the images: wherever it goes, some split misses its fraction, and
+    the note names the group."""
     labels = np.array([0, 1] * 30)
-    groups = np.array(["big"] * 30 + [f"g{i}" for i in range(30)])
-    parts, notes = sp.grouped_split(labels, groups, 0.1, 0.2, 1)
-    assert not set(groups[parts["train"]]) & set(groups[parts["test"]])
-    if abs(len(parts["test"]) / 60 - 0.2) > 0.1 or abs(len(parts["val"]) / 60 - 0.1) > 0.05:
+    groups = np.array(["big"] * 48 + [f"g{i}" for i in range(12)])
+    for seed in range(3):
+        parts, notes = sp.grouped_split(labels, groups, 0.1, 0.2, seed)
+        assert not set(groups[parts["train"]]) & set(groups[parts["test"]])
         assert notes and "'big'" in notes[0]
 
 

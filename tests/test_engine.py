@@ -145,7 +145,7 @@ def test_two_teachers_two_students(data_dir: Path, teachers: list[Path], tmp_pat
         assert all(torch.equal(v, t_state[t.name][k]) for k, v in t.model.state_dict().items())  # incl. BN stats
     # regressors are trained by the student's optimizer
     reg = [p for k, term in eng.terms.items() if "fitnet" in k for p in term.parameters()]
-    opt_params = {id(p) for g in eng.optims["s0"].param_groups for p in g["params"]}
+    opt_params = {id(p) for g in eng.updater.optims["s0"].param_groups for p in g["params"]}
     assert reg and any(id(p) in opt_params for p in reg)
     # hooks never outlive a step
     for p in eng.parts.values():
@@ -232,7 +232,7 @@ def test_umkd_in_the_engine(data_dir: Path, teachers: list[Path], tmp_path: Path
     eng = run(_distill_cfg(data_dir, teachers, tmp_path / "run", terms, students=1, epochs=1))
     rec = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])["train"]["s0"]
     assert {"sfa", "sfa.mmd", "sfa.recon", "cfa", "udd", "udd.confidence"} <= set(rec)
-    opt = {id(p) for g in eng.optims["s0"].param_groups for p in g["params"]}
+    opt = {id(p) for g in eng.updater.optims["s0"].param_groups for p in g["params"]}
     mods = [p for k, t in eng.terms.items() for p in t.parameters()]
     assert mods and all(id(p) in opt for p in mods)
     # tapped feature maps are cached with the logits while they fit the memory budget
@@ -285,7 +285,7 @@ def test_swa_weights_are_what_is_saved(tiny_npz: Path, tmp_path: Path) -> None:
 
     eng = run(tiny_cfg(tiny_npz, tmp_path / "run", epochs=4, swa={"enabled": True, "start_epoch": 2, "lr": 1e-3}))
     saved, _, _ = load_model_dir(tmp_path / "run" / "students" / "student")
-    avg = eng.swas["student"]
+    avg = eng.updater.swas["student"]
     assert int(avg.n_averaged) == 2
     for (k, a), b in zip(saved.state_dict().items(), avg.module.state_dict().values()):
         assert torch.equal(a, b), k
@@ -338,6 +338,11 @@ def test_dho_combination_limits() -> None:
     m.a.fill_(0.0)
     m.b.fill_(1.0)
     assert torch.equal(m(x).argmax(1), z_kd.argmax(1))
+    # in between, the model's output is log of DHO's combination (E.3), computed by hand here
+    m.a.fill_(0.3)
+    m.b.fill_(2.0)
+    want = torch.log(0.3 * torch.softmax(z_ce, -1) + 0.7 * torch.softmax(z_kd / 2.0, -1))
+    assert torch.allclose(m(x), want, atol=1e-6)
 
 
 def test_resume_from_a_checkpoint_that_does_not_fit_is_a_clear_error(tiny_npz: Path, tmp_path: Path) -> None:

@@ -33,7 +33,7 @@ from medistill.distill.evaluation import final_evaluation, teacher_val_recall, t
 from medistill.distill.logbook import EpochLog, epoch_line
 from medistill.progress import progress_bar
 from medistill.distill.methods import build_terms, check_mixing, supervised_terms
-from medistill.distill.optim import averaged_copies, finish_swa, build_optimizer, build_scheduler
+from medistill.distill.optim import Updater, finish_swa
 from medistill.distill.participants import (
     check_test_overlap,
     load_teacher,
@@ -211,16 +211,20 @@ class Engine:
                                    self.data.num_classes, self.out / f"class_means-{teacher}-{tap}.safetensors", self.main)
 
     def _make_optim(self) -> None:
-        o, sc = self.cfg.optim, self.cfg.sched
         self.steps_per_epoch = max(1, self._train_batches())
-        self.optims: dict[str, torch.optim.Optimizer] = {}
-        self.scheds: dict[str, torch.optim.lr_scheduler.LambdaLR] = {}
-        for s in self.students:
-            modules = [p for t in self.terms.values() if t.student == s.name for p in t.parameters()]
-            self.optims[s.name] = build_optimizer(s.model, modules, o)
-            self.scheds[s.name] = build_scheduler(self.optims[s.name], sc, o.lr, self.cfg.train.epochs, self.steps_per_epoch)
+        modules = {s.name: [p for t in self.terms.values() if t.student == s.name for p in t.parameters()]
+                   for s in self.students}
+        self.updater = Updater(self.students, modules, self.cfg.optim, self.cfg.sched, self.cfg.train,
+                               self.steps_per_epoch, self.scaler, self._average_term_grads if self.world > 1 else None)
         self.nets, self.fixed_taps = training_forwards(self.students, self.cfg.train.compile, self.device, self.world)
-        self.swas, self.emas = averaged_copies(self.students, self.cfg.train)
+
+    def _average_term_grads(self, group: list[str]) -> None:
+        """DDP averages the students' gradients; the terms' own modules are averaged here."""
+        for term in self.terms.values():
+            if term.student in group:
+                for p in term.parameters():
+                    if p.grad is not None:
+                        dist.all_reduce_mean(p.grad)
 
     def _train_batches(self) -> int:
         n, b = math.ceil(len(self.data.splits["train"]) / max(1, self.world)), self.cfg.train.batch_size
@@ -322,54 +326,14 @@ class Engine:
         return logs
 
     def _update(self, group: list[str], total: Tensor, epoch: int) -> None:
-        """One backward of the summed losses of ``group`` and one optimizer step per student:
-        gradient clipping (of unscaled gradients under fp16), the schedule, SWA's learning rate
-        and the EMA copy."""
-        for n in group:
-            self.optims[n].zero_grad(set_to_none=True)
-        (self.scaler.scale(total) if self.scaler else total).backward()
-        if self.world > 1:
-            for term in self.terms.values():
-                if term.student in group:
-                    for p in term.parameters():
-                        if p.grad is not None:
-                            dist.all_reduce_mean(p.grad)
-        for n in group:
-            if self.cfg.train.grad_clip:
-                if self.scaler:   # clip the true gradients, not the scaled ones
-                    self.scaler.unscale_(self.optims[n])
-                params = [p for g in self.optims[n].param_groups for p in g["params"]]
-                torch.nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip)
-            if self.scaler:
-                self.scaler.step(self.optims[n])
-            else:
-                self.optims[n].step()
-        stepped = True
-        if self.scaler:
-            scale = self.scaler.get_scale()
-            self.scaler.update()
-            # fp16 overflow: the scaler skipped the optimizer steps, so the schedule waits too.
-            stepped = self.scaler.get_scale() >= scale
-        swa = self.cfg.train.swa
-        for n in group:
-            if stepped:
-                self.scheds[n].step()
-            if swa.enabled and swa.lr and epoch >= swa.start_epoch:
-                for g in self.optims[n].param_groups:
-                    g["lr"] = swa.lr
-            if n in self.emas:
-                self.emas[n].update_parameters(self.parts[n].model)
+        self.updater.step(group, total, epoch)
 
     def _eval_model(self, name: str) -> nn.Module:
-        return self.emas[name].module if name in self.emas else self.parts[name].model
+        return self.updater.eval_model(name)
 
     def _stateful(self) -> dict[str, dict[str, Any]]:
         """Everything a checkpoint holds besides the term modules, by group and name."""
-        groups = {"students": {s.name: s.model for s in self.students}, "ema": self.emas, "swa": self.swas,
-                  "optim": self.optims, "sched": self.scheds}
-        if self.scaler is not None:   # fp16 loss scale: resuming without it would restart at 2**16
-            groups["scaler"] = {"scaler": self.scaler}
-        return groups
+        return {"students": {s.name: s.model for s in self.students}, **self.updater.state_groups()}
 
     def fit(self) -> None:
         """Epochs: train → validate (select the checkpoint) → log → checkpoint; then SWA's average."""
@@ -386,13 +350,13 @@ class Engine:
             for epoch in range(start, cfg.train.epochs):
                 train_logs, train_time = self._train_epoch(epoch)
                 val, improved = self._validate(best)
-                if self.swas and epoch >= cfg.train.swa.start_epoch:
+                if self.updater.swas and epoch >= cfg.train.swa.start_epoch:
                     for s in self.students:
-                        self.swas[s.name].update_parameters(s.model)
+                        self.updater.swas[s.name].update_parameters(s.model)
                 bad = 0 if improved else bad + 1
                 diag = self._pop_diagnostics()   # every rank, so no rank accumulates them
                 if log is not None:
-                    log.write(epoch, {n: o.param_groups[0]["lr"] for n, o in self.optims.items()}, train_logs, val,
+                    log.write(epoch, {n: o.param_groups[0]["lr"] for n, o in self.updater.optims.items()}, train_logs, val,
                               diag, train_time, len(self.data.splits["train"]))
                     ckpt.save_checkpoint(self.out, epoch, best, bad, self._stateful(), self.terms)
                 dist.barrier()
@@ -405,8 +369,8 @@ class Engine:
                 log.close()
         for taps in self.fixed_taps.values():
             taps.remove()
-        if self.swas:
-            finish_swa(self.students, self.swas, self._full_loader("train"), self.device,
+        if self.updater.swas:
+            finish_swa(self.students, self.updater.swas, self._full_loader("train"), self.device,
                        self.out if self.main else None, self.console, self.cfg.train)
             dist.barrier()
 

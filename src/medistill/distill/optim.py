@@ -95,3 +95,69 @@ def finish_swa(students: list, swas: dict[str, AveragedModel], train_loader: Any
         if save_to is not None:
             save_model_dir(student_dir(save_to, s.name), m, s.spec)
         console.print(f"SWA: {s.name} saved as the average of {int(avg.n_averaged)} epochs")
+
+
+class Updater:
+    """The optimisation of a run's students in one object: per student an optimizer (body, head,
+    the student's term modules) and its per-step schedule, the fp16 gradient scaler, gradient
+    clipping, SWA's constant rate and the EMA copy. ``step`` is one backward and one update."""
+
+    def __init__(self, students: list, term_modules: dict[str, list[nn.Parameter]], o: OptimConfig, sc: SchedConfig,
+                 train: TrainConfig, steps_per_epoch: int, scaler: Any = None, average_terms: Any = None):
+        """``term_modules``: student name → the parameters of its terms (projectors, regressors);
+        ``average_terms(group)``: under DDP, averages the term gradients across ranks (their
+        modules are not wrapped in DDP)."""
+        self.train, self.scaler, self.average_terms = train, scaler, average_terms
+        self.models = {s.name: s.model for s in students}
+        self.optims: dict[str, torch.optim.Optimizer] = {}
+        self.scheds: dict[str, torch.optim.lr_scheduler.LambdaLR] = {}
+        for s in students:
+            self.optims[s.name] = build_optimizer(s.model, term_modules.get(s.name, []), o)
+            self.scheds[s.name] = build_scheduler(self.optims[s.name], sc, o.lr, train.epochs, steps_per_epoch)
+        self.swas, self.emas = averaged_copies(students, train)
+
+    def step(self, group: list[str], total: torch.Tensor, epoch: int) -> bool:
+        """Backward of ``total`` and one optimizer step per student of ``group``: clipping (of the
+        true gradients under fp16), the schedule, SWA's rate and the EMA copy. Returns whether the
+        optimizers stepped (an fp16 overflow skips them; the schedule then waits too)."""
+        for n in group:
+            self.optims[n].zero_grad(set_to_none=True)
+        (self.scaler.scale(total) if self.scaler else total).backward()
+        if self.average_terms is not None:
+            self.average_terms(group)
+        for n in group:
+            if self.train.grad_clip:
+                if self.scaler:   # clip the true gradients, not the scaled ones
+                    self.scaler.unscale_(self.optims[n])
+                params = [p for g in self.optims[n].param_groups for p in g["params"]]
+                torch.nn.utils.clip_grad_norm_(params, self.train.grad_clip)
+            if self.scaler:
+                self.scaler.step(self.optims[n])
+            else:
+                self.optims[n].step()
+        stepped = True
+        if self.scaler:
+            scale = self.scaler.get_scale()
+            self.scaler.update()
+            stepped = self.scaler.get_scale() >= scale    # the scale drops exactly when the step was skipped
+        swa = self.train.swa
+        for n in group:
+            if stepped:
+                self.scheds[n].step()
+            if swa.enabled and swa.lr and epoch >= swa.start_epoch:
+                for g in self.optims[n].param_groups:
+                    g["lr"] = swa.lr
+            if n in self.emas:
+                self.emas[n].update_parameters(self.models[n])
+        return stepped
+
+    def eval_model(self, name: str) -> nn.Module:
+        """What is validated, selected and saved: the EMA copy when there is one."""
+        return self.emas[name].module if name in self.emas else self.models[name]
+
+    def state_groups(self) -> dict[str, dict[str, Any]]:
+        """The checkpointed objects besides the students, by group and name."""
+        groups: dict[str, dict[str, Any]] = {"ema": self.emas, "swa": self.swas, "optim": self.optims, "sched": self.scheds}
+        if self.scaler is not None:   # fp16 loss scale: resuming without it would restart at 2**16
+            groups["scaler"] = {"scaler": self.scaler}
+        return groups

@@ -183,7 +183,7 @@ def dual_student_losses(student1_logits: Tensor, student2_logits: Tensor, teache
     return losses[0], losses[1]
 
 
-def dho_combine(ce_logits: Tensor, kd_logits: Tensor, a: float = 0.5, b: float = 1.0) -> Tensor:
+def dho_combine(ce_logits: Tensor, kd_logits: Tensor, a: float | Tensor = 0.5, b: float | Tensor = 1.0) -> Tensor:
     """DHO inference (E.3): ``a·softmax(z_ce) + (1 − a)·softmax(z_kd / b)``, ``[B, C]``."""
     return a * F.softmax(ce_logits, -1) + (1.0 - a) * F.softmax(kd_logits / b, -1)
 

@@ -12,6 +12,8 @@ import itertools
 import torch
 from torch import nn
 
+from medistill.losses.functional import dho_combine
+
 A_GRID = [round(0.05 * i, 2) for i in range(21)]
 B_GRID = [0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 4.0]
 
@@ -35,8 +37,7 @@ class DualHead(nn.Module):
         z_ce, z_kd = self.heads(x)
         if self.training:
             return z_ce
-        p = self.a * torch.softmax(z_ce, -1) + (1 - self.a) * torch.softmax(z_kd / self.b, -1)
-        return torch.log(p.clamp_min(1e-12))
+        return torch.log(dho_combine(z_ce, z_kd, self.a, self.b).clamp_min(1e-12))
 
     def get_classifier(self) -> nn.Module:
         return self.backbone.get_classifier()
@@ -61,8 +62,7 @@ class DualHead(nn.Module):
         zc, zk, y = torch.cat(zc), torch.cat(zk), torch.cat(ys)
         best = (-float("inf"), 0.5, 1.0)
         for a, b in itertools.product(A_GRID, B_GRID):
-            p = a * torch.softmax(zc, -1) + (1 - a) * torch.softmax(zk / b, -1)
-            s = score(p, y)
+            s = score(dho_combine(zc, zk, a, b), y)
             if s > best[0]:
                 best = (s, a, b)
         self.a.fill_(best[1])
