@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medistill import losses as L
-from medistill.distill.scalekd import (
+from medistill.distill.terms.scalekd import (
     CrossAttentionProjector,
     StageSpec,
     TeacherLastStage,

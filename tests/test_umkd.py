@@ -7,7 +7,7 @@ import torch
 
 from medistill.distill.context import StepContext
 from medistill.distill.terms import TermSetup, make_term
-from medistill.distill.umkd import CFL, LearnableLowPass
+from medistill.distill.terms.umkd import CFL, LearnableLowPass
 from medistill.errors import ModelError
 from medistill.models import FeatureTaps, create_model
 

@@ -3,7 +3,6 @@
 from medistill.distill.context import StepContext
 from medistill.distill.engine import Engine
 from medistill.distill.participants import Participant
-from medistill.distill import scalekd, umkd  # noqa: F401  (register scalekd; sfa, cfa, udd)
 from medistill.distill.terms import TERMS, LossTerm, TermSetup, make_term, register
 
 __all__ = ["Engine", "LossTerm", "Participant", "StepContext", "TERMS", "TermSetup", "make_term", "register"]

@@ -13,7 +13,7 @@ from pydantic import Field
 from torch import nn
 
 from medistill.distill.context import StepContext
-from medistill.distill.terms import LossTerm, Params, TermSetup, register
+from medistill.distill.terms.base import LossTerm, Params, TermSetup, register
 from medistill.errors import ModelError
 from medistill.losses import functional as L
 from medistill.models.taps import preact_tap

@@ -26,7 +26,7 @@ from pydantic import Field
 from torch import nn
 
 from medistill.distill.context import StepContext
-from medistill.distill.terms import LossTerm, Params, TermSetup, register
+from medistill.distill.terms.base import LossTerm, Params, TermSetup, register
 from medistill.errors import ConfigError, ModelError
 from medistill.losses import functional as L
 
