@@ -1,4 +1,4 @@
-"""Named method presets: each is nothing but a list of loss terms (docs/methods.md).
+"""Named method presets: each is nothing but a list of loss terms (docs/specs/methods.md).
 
 ``medistill distill --method NAME`` expands the name into ``terms:``; the expansion is printed
 and saved in the run's ``config.yaml``, so no default is hidden. This module imports neither
@@ -49,7 +49,7 @@ def _mt(epochs: int) -> Terms:
 
 
 def _umkd(sfa: bool = True, cfa: bool = True, udd: bool = True, uncertainty: bool = True) -> Callable[[int], Terms]:
-    """CE + α(L_SFA + L_CFA) + β·L_UDD with α = 10, β = 1 (methods.md A.7), and its ablations."""
+    """CE + α(L_SFA + L_CFA) + β·L_UDD with α = 10, β = 1 (docs/specs/methods.md A.7), and its ablations."""
     def terms(epochs: int) -> Terms:
         t: Terms = [{"type": "ce"}]
         if sfa:
@@ -86,7 +86,7 @@ def _dkdpp(epochs: int) -> Terms:
 
 
 def _scalekd(epochs: int) -> Terms:
-    """ScaleKD as the official configs compute it (scalekd.md §2.4–2.5, §3): the task loss halved,
+    """ScaleKD as the official configs compute it (docs/specs/scalekd.md §2.4–2.5, §3): the task loss halved,
     soft-target CE at τ = 1 with weight 0.5, and the feature terms with α3 = α4 = (0.08, 0.06)."""
     return [{"type": "ce", "weight": 0.5}, {"type": "soft_ce", "weight": 0.5, "temperature": 1.0},
             {"type": "scalekd", "alpha3": [0.08, 0.06], "alpha4": [0.08, 0.06]}]

@@ -74,7 +74,7 @@ def _classes(logits: Tensor, class_idx: int | Tensor | None) -> Tensor:
 
 def score_cam(model: nn.Module, images: Tensor, target_layer: str, class_idx: int | Tensor | None = None,
               batch_size: int = 64, variant: str = "original", top_k_channels: int | None = None) -> Tensor:
-    """Score-CAM (methods.md C.5) → ``[B, H, W]`` in [0, 1].
+    """Score-CAM (docs/specs/methods.md C.5) → ``[B, H, W]`` in [0, 1].
 
     ``variant="original"``: channel weight = class probability of the masked input, map =
     ReLU(Σ w_k · upsampled A_k) (the Score-CAM authors' code). ``"logit_softmax"``: softmax over
@@ -155,7 +155,7 @@ def layer_cam(model: nn.Module, images: Tensor, target_layer: str, class_idx: in
 
 
 def average_feature_maps(model: nn.Module, images: Tensor, layers: list[str]) -> dict[str, Tensor]:
-    """Channel-mean map of each layer (methods.md D.4), one forward pass for all layers →
+    """Channel-mean map of each layer (docs/specs/methods.md D.4), one forward pass for all layers →
     ``{layer: [B, H, W]}`` in [0, 1]."""
     with eval_mode(model), torch.no_grad(), FeatureTaps(model, layers, detach=True) as taps:
         model(images)

@@ -53,7 +53,7 @@ def insertion_auc(model: nn.Module, images: Tensor, saliency: Tensor, class_idx:
 
 def prediction_fidelity(model: nn.Module, images: Tensor, saliency: Tensor) -> float:
     """Fraction of images whose prediction is unchanged when the input is multiplied by its
-    saliency map (methods.md D.6; the transparency paper's definition could not be read)."""
+    saliency map (docs/specs/methods.md D.6; the transparency paper's definition could not be read)."""
     with eval_mode(model), torch.no_grad():
         a = model(images).argmax(1)
         b = model(images * saliency[:, None].to(images.dtype)).argmax(1)

@@ -2,7 +2,7 @@
 
 KL direction everywhere: KL(target ‖ student), target = teacher or peer distribution. Soft
 losses are summed over classes and averaged over the batch ("batchmean"), never divided by C.
-Equations and defaults follow ``methods.md`` (sections named per function).
+Equations and defaults follow ``docs/specs/methods.md`` (sections named per function).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def dkd_parts(student_logits: Tensor, teacher_logits: Tensor, target: Tensor,
 
     The binary target/non-target log-probabilities come from log-softmax and a log-sum-exp over
     the non-target classes, so no probability is clamped. Non-target distributions mask the
-    target logit (methods.md: "subtract 1000"); here it is set to −inf-like via masked_fill.
+    target logit (docs/specs/methods.md: "subtract 1000"); here it is set to −inf-like via masked_fill.
     """
     t = teacher_logits.detach() / temperature
     s = student_logits / temperature
@@ -188,7 +188,7 @@ def dho_combine(ce_logits: Tensor, kd_logits: Tensor, a: float | Tensor = 0.5, b
     return a * F.softmax(ce_logits, -1) + (1.0 - a) * F.softmax(kd_logits / b, -1)
 
 
-# --- UMKD (methods.md §A) -------------------------------------------------------------------
+# --- UMKD (docs/specs/methods.md §A) -------------------------------------------------------------------
 
 def evidential_confidence(logits: Tensor, lambda1: float = 1.0, lambda2: float = 0.1) -> Tensor:
     """UMKD expert confidence ``u`` (A.6 (2)), ``[..., C] → [...]``: with evidence ``e = softplus(z)``,
@@ -260,7 +260,7 @@ def udd_loss(student_region_logits: Tensor, teacher_region_logits: Tensor, targe
     ``L = Σ_k idx_k [(α·TCKD_k/R + ε)(2 + u_k) + (β·NCKD_k/R + ε)(1 − u_k)]`` over the R = B·N rows,
     ``idx_k = complementary_weight`` where the teacher's local prediction disagrees in correctness
     with its global one. ``official_uc_order`` reproduces the official code's pairing of the
-    sample-major confidences with region-major rows (methods.md A.6 [BUG?]).
+    sample-major confidences with region-major rows (docs/specs/methods.md A.6 [BUG?]).
     """
     b, c, n = student_region_logits.shape
     # Region-major rows, as in the official code: row k ↔ (region k // B, sample k % B).
@@ -284,7 +284,7 @@ def udd_loss(student_region_logits: Tensor, teacher_region_logits: Tensor, targe
     return (idx_rows * ((alpha * tckd / r + eps) * w_tc + (beta * nckd / r + eps) * w_nc)).sum()
 
 
-# --- ScaleKD (scalekd.md §2) --------------------------------------------------------------------
+# --- ScaleKD (docs/specs/scalekd.md §2) --------------------------------------------------------------------
 
 def dct_matrix(n: int, dtype: torch.dtype = torch.float64, device: torch.device | None = None) -> Tensor:
     """The unnormalised DCT-II matrix of the official code, ``D[k, i] = 2·cos(πk(2i+1)/(2n))``, ``[n, n]``."""
@@ -310,7 +310,7 @@ def idct2(coeffs: Tensor) -> Tensor:
 
 def dct_remove_dc(x: Tensor) -> Tensor:
     """ScaleKD's frequency view, ``[B, C, H, W] → [B, C, H, W]``: the map with its 2-D DCT-II DC
-    coefficient zeroed. That equals subtracting each channel's spatial mean (scalekd.md §2.2),
+    coefficient zeroed. That equals subtracting each channel's spatial mean (docs/specs/scalekd.md §2.2),
     which is what is computed: exact, for any H and W (the official DCT assumes H = W)."""
     if x.ndim != 4:
         raise ValueError(f"dct_remove_dc expects a [B, C, H, W] map, got shape {tuple(x.shape)}")

@@ -2,7 +2,7 @@
 
 Each block is ``Conv3×3 → BN → ReLU`` (tap ``conv{i}``: post-activation, pre-pool) followed by
 ``MaxPool2×2`` (``ceil_mode`` so that 28-px inputs survive five poolings: 28→14→7→4→2→1).
-Widths are configurable; the paper does not state them (methods.md §D.3).
+Widths are configurable; the paper does not state them (docs/specs/methods.md §D.3).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""DHO dual-head student (methods.md E.3): a shared backbone with a CE head (the model's own
+"""DHO dual-head student (docs/specs/methods.md E.3): a shared backbone with a CE head (the model's own
 classifier) and a KD head. Training mode returns the CE-head logits and runs the KD head as the
 module ``head_kd`` (tap it: ``student_logits_tap: head_kd``). Eval mode returns
 ``log(a·softmax(z_ce) + (1 − a)·softmax(z_kd / b))`` — log-probabilities, so softmax of the

@@ -100,7 +100,7 @@ class KDTerm(_TeacherTerm):
 @register("soft_ce")
 class SoftCETerm(_TeacherTerm):
     """Soft-target cross-entropy ``−τ²·mean_b Σ_c p_T log p_S`` against the logit mean of the chosen
-    teachers: ScaleKD's logit term (scalekd.md §2.4; τ = 1). Its value is τ²·KL plus the teacher's
+    teachers: ScaleKD's logit term (docs/specs/scalekd.md §2.4; τ = 1). Its value is τ²·KL plus the teacher's
     entropy, so its gradient is KD's while the logged value is larger."""
 
     class P(_TeacherParams):
@@ -116,7 +116,7 @@ class SoftCETerm(_TeacherTerm):
 
 @register("hybrid")
 class HybridTerm(LossTerm):
-    """``α·CE_w(z_S, y) + (1 − α)·s_T·KL(q ‖ σ_T(z_S))`` in one term (methods.md C.3, D.2): α weights
+    """``α·CE_w(z_S, y) + (1 − α)·s_T·KL(q ‖ σ_T(z_S))`` in one term (docs/specs/methods.md C.3, D.2): α weights
     the *hard* loss; ``s_T = T²`` unless ``t2_scale`` is off; optional class weights on the CE;
     q = probability mean of the chosen teachers."""
 

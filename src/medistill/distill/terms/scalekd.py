@@ -1,4 +1,4 @@
-"""ScaleKD (Fan et al., NeurIPS 2024; specification: ``shared/docs/scalekd.md``) as one loss term.
+"""ScaleKD (Fan et al., NeurIPS 2024; specification: ``docs/specs/scalekd.md``) as one loss term.
 
 Three parts, all trained with the student and dropped after training:
 
@@ -47,7 +47,7 @@ def map_to_tokens(x: Tensor) -> Tensor:
 
 
 class CrossAttentionProjector(nn.Module):
-    """ScaleKD's projector (scalekd.md §2.1): ``[B, Cs, Hs, Ws]`` student map (+ optional query
+    """ScaleKD's projector (docs/specs/scalekd.md §2.1): ``[B, Cs, Hs, Ws]`` student map (+ optional query
     tokens ``[B, Hq·Wq, Ct]``) → ``[B, Hq·Wq, Ct]`` tokens in the teacher's space.
 
     Keys/values: the student map after a 3×3 conv, BN, ReLU and a learned position embedding.
@@ -238,7 +238,7 @@ def _grid(shape: tuple[int, ...], layout: str, prefix: int = 0) -> tuple[int, in
 class ScaleKDTerm(LossTerm):
     """ScaleKD's feature part: ``α3·(L_sp, L_fr)`` at the student's stage 3 through TPP and
     ``α4·(L_sp, L_fr)`` at stage 4 with the chained queries, all against the teacher's ``T4``
-    (scalekd.md §2.2–2.3). Returns the sum and logs each of the four losses."""
+    (docs/specs/scalekd.md §2.2–2.3). Returns the sum and logs each of the four losses."""
 
     class P(Params):
         teacher: str | None = None
@@ -325,7 +325,7 @@ class ScaleKDTerm(LossTerm):
 def scalekd_losses(s3: Tensor, s4: Tensor, t4: Tensor, p3: nn.ModuleDict, p4: nn.ModuleDict, stage: TeacherLastStage,
                    grid3: tuple[int, int], grid4: tuple[int, int], alpha3: tuple[float, float],
                    alpha4: tuple[float, float]) -> dict[str, Tensor]:
-    """The four weighted feature losses of one step (scalekd.md §4 steps 3–4).
+    """The four weighted feature losses of one step (docs/specs/scalekd.md §4 steps 3–4).
 
     ``s3``/``s4``: student maps ``[B, C, H, W]``; ``t4``: the teacher's final map ``[B, C4, H4, W4]``;
     ``p3``/``p4``: projectors by view (``sp``, ``fr``); ``grid3``/``grid4``: the teacher's stage-3

@@ -1,4 +1,4 @@
-"""UMKD terms (methods.md §A): SFA, CFA and UDD, for any input size and any experts ≥ 1.
+"""UMKD terms (docs/specs/methods.md §A): SFA, CFA and UDD, for any input size and any experts ≥ 1.
 
 Heterogeneous experts are bridged explicitly: channels by each expert's own ``Align_t,e``
 1×1 conv of the CFL block; spatial size by adaptive average pooling of the expert map to the
