@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -104,3 +105,26 @@ def teachers(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[P
     return out
 
 
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    """``medistill ARGS`` in this process, through the command line's own error boundary
+    (``cli.main``): exit code, stdout and stderr as a subprocess would give them, without paying
+    for a new interpreter importing torch and timm (a few seconds each on 2 cores)."""
+    import contextlib
+    import io
+    import sys
+
+    from medistill import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    argv, code = sys.argv, 0
+    sys.argv = ["medistill", *args]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            cli.main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv = argv
+    return subprocess.CompletedProcess(["medistill", *args], code, out.getvalue(), err.getvalue())

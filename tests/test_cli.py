@@ -1,4 +1,6 @@
-"""The command line end to end, as a user runs it (subprocesses, real RetinaMNIST)."""
+"""The command line end to end, as a user runs it: in this process through the CLI's own error
+boundary (``conftest.run_cli``), plus subprocess smoke tests of train, evaluate, export, predict
+and report (real RetinaMNIST)."""
 
 from __future__ import annotations
 
@@ -10,13 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_npz
+from conftest import run_cli, write_npz
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "2"}
 
 
-def cli(*args: str, ok: bool = True) -> subprocess.CompletedProcess:
-    p = subprocess.run([sys.executable, "-m", "medistill", *args], capture_output=True, text=True, env=ENV, timeout=900)
+def cli(*args: str, ok: bool = True, subprocess_: bool = False) -> subprocess.CompletedProcess:
+    if subprocess_:
+        p = subprocess.run([sys.executable, "-m", "medistill", *args], capture_output=True, text=True, env=ENV, timeout=900)
+    else:
+        p = run_cli(*args)
     if ok:
         assert p.returncode == 0, p.stderr[-3000:]
     return p
@@ -26,11 +31,11 @@ def cli(*args: str, ok: bool = True) -> subprocess.CompletedProcess:
 def test_train_and_evaluate_retinamnist(tmp_path: Path) -> None:
     out = tmp_path / "x"
     cli("train", "--data", "retinamnist", "--model", "resnet18", "--epochs", "1", "--out", str(out),
-        "--set", "data.subset.max_samples=160", "--set", "train.latency=false")
+        "--set", "data.subset.max_samples=160", "--set", "train.latency=false", subprocess_=True)
     m = json.loads((out / "metrics.json").read_text())
     assert m["test"]["n"] == 400 and m["val"]["n"] == 120
     assert "bal. ACC" in (out / "summary.md").read_text()
-    cli("evaluate", str(out), "--out", str(tmp_path / "ev"), "--no-latency")
+    cli("evaluate", str(out), "--out", str(tmp_path / "ev"), "--no-latency", subprocess_=True)
     again = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert again["test"] == m["test"] and again["val"] == m["val"]
 
@@ -86,16 +91,16 @@ def test_report_export_predict_commands(tmp_path: Path) -> None:
     p = cli("train", "--data", str(npz), "--model", "cnn5", "--epochs", "1", "--out", str(out),
             "--set", "students.0.kwargs={widths: [4, 4, 8, 8, 8]}", "--set", "train.latency=false")
     assert "report:" in p.stdout and (out / "report.html").is_file()
-    p = cli("export", str(out), "--format", "onnx")
+    p = cli("export", str(out), "--format", "onnx", subprocess_=True)
     assert "max |Δ|" in p.stdout
     img = tmp_path / "x.png"
     Image.new("RGB", (50, 40), (200, 30, 30)).save(img)
     onnx_path = out / "students" / "student" / "model.onnx"
-    lines = [json.loads(x) for x in cli("predict", str(onnx_path), str(img)).stdout.splitlines()]
+    lines = [json.loads(x) for x in cli("predict", str(onnx_path), str(img), subprocess_=True).stdout.splitlines()]
     assert len(lines) == 1 and len(lines[0]["probabilities"]) == 3
     cam = cli("predict", str(out), str(img), "--cam", "--out", str(tmp_path)).stdout
     assert (tmp_path / "x_cam.png").is_file() and '"cam"' in cam
-    cli("report", str(out), str(out), "--out", str(tmp_path / "cmp.html"))
+    cli("report", str(out), str(out), "--out", str(tmp_path / "cmp.html"), subprocess_=True)
     assert "Comparison" in (tmp_path / "cmp.html").read_text()
 
 

@@ -8,14 +8,13 @@ import json
 import math
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from conftest import TINY_CNN, run_engine, tiny_cfg, write_npz
+from conftest import TINY_CNN, run_cli, run_engine, tiny_cfg, write_npz
 from medistill.errors import ConfigError, ModelError
 from medistill.models import create_model, save_model_dir
 from medistill.models.ensemble import EnsembleModel
@@ -28,7 +27,7 @@ SMALL = ["--set", "students.0.kwargs={widths: [4, 4, 8, 8, 8]}", "--set", "train
 
 
 def cli(*args: str, ok: bool = True) -> subprocess.CompletedProcess:
-    p = subprocess.run([sys.executable, "-m", "medistill", *args], capture_output=True, text=True, env=ENV, timeout=600)
+    p = run_cli(*args)
     if ok:
         assert p.returncode == 0, p.stderr[-3000:]
     p.stderr = " ".join(p.stderr.split())   # rich wraps long error lines

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image
 
-from conftest import run_engine, tiny_cfg, write_npz
+from conftest import run_cli, run_engine, tiny_cfg, write_npz
 from medistill.config import load_config
 from medistill.data import build_data
 from medistill.data.sources import from_csv, from_folder, from_medmnist
@@ -26,7 +26,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    p = subprocess.run([sys.executable, "-m", "medistill", *args], capture_output=True, text=True, env=ENV, timeout=600)
+    p = run_cli(*args)
     p.stderr = " ".join(p.stderr.split())
     return p
 

@@ -81,6 +81,21 @@ def _config_tree(config: dict[str, Any] | str | Path | None) -> tuple[dict[str, 
     return cfg.model_dump(mode="json"), raw
 
 
+def _starting_tree(config: dict[str, Any] | str | Path | None, overrides: Sequence[Override],
+                   resume: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What the flags apply to: on ``--resume`` without a config file, the run's saved config
+    (paths resolved against it; its data counts as named); else the config file or dict."""
+    out = next((str(parse_override(o)[1]) for o in overrides if override_key(o) == "out"), None)
+    saved = Path(out) / "config.yaml" if out else None
+    if resume and config is None and saved is not None and saved.is_file():
+        from medistill.rundir import load_run_config
+
+        return load_run_config(saved.parent).model_dump(mode="json"), {"data": {"name": True}}
+    if resume and out is None and config is None:
+        raise ConfigError("--resume needs the run directory (--out RUN_DIR)")
+    return _config_tree(config)
+
+
 def _inherit_data(tree: dict[str, Any], explicit: set[str], console: Any) -> None:
     """No data named: take the first teacher's (run, model inside a run, or ensemble of runs)."""
     from medistill.rundir import load_run_config, teacher_run
@@ -112,16 +127,7 @@ def assemble_run(kind: str, config: dict[str, Any] | str | Path | None = None, o
     _check_not_empty(overrides)
     if input_size is not None and input_size < 8:
         raise ConfigError(f"input size {input_size} is too small: give 8 px or more, or leave it out for the data's size")
-    out = next((str(parse_override(o)[1]) for o in overrides if override_key(o) == "out"), None)
-    saved = Path(out) / "config.yaml" if out else None
-    if resume and config is None and saved is not None and saved.is_file():
-        from medistill.rundir import load_run_config
-
-        tree, raw = load_run_config(saved.parent).model_dump(mode="json"), {"data": {"name": True}}
-    else:
-        if resume and out is None and config is None:
-            raise ConfigError("--resume needs the run directory (--out RUN_DIR)")
-        tree, raw = _config_tree(config)
+    tree, raw = _starting_tree(config, overrides, resume)
     # The overrides that address students/teachers/terms wait until those lists are built from the flags.
     later = tuple(p for p, flag in (("students.", models), ("teachers.", teachers), ("terms.", method or terms)) if flag)
     deferred = [o for o in overrides if later and override_key(o).startswith(later)]

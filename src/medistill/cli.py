@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from medistill.config import Override
-from medistill.errors import MedistillError
+from medistill.errors import MedistillError, crash_log
 
 app = typer.Typer(help="Distil large medical image classifiers into small, fast, explainable students.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -375,31 +375,11 @@ def main() -> None:
     except Exception as e:  # noqa: BLE001 - the boundary itself
         if debug:
             raise
-        log = _crash_log()
+        log = crash_log(' '.join(sys.argv[1:]))
         first = (str(e).splitlines() or [""])[0][:300]
         console.print(f"[bold red]internal error:[/] {type(e).__name__}: {first}\n"
                       f"This is probably a bug in medistill. Traceback: {log} (rerun with --debug to print it).", soft_wrap=True)
         sys.exit(1)
-
-
-def _crash_log() -> str:
-    """Write the current exception's traceback to a log file; return its path."""
-    import tempfile
-    import time
-    import traceback
-
-    from platformdirs import user_log_dir
-
-    text = f"medistill {' '.join(sys.argv[1:])}\n\n{traceback.format_exc()}"
-    for d in (Path(user_log_dir("medistill")), Path(tempfile.gettempdir())):
-        try:
-            d.mkdir(parents=True, exist_ok=True)
-            p = d / f"crash-{time.strftime('%Y%m%d-%H%M%S')}.log"
-            p.write_text(text)
-            return str(p)
-        except OSError:
-            continue
-    return "(no writable log folder; rerun with --debug)"
 
 
 if __name__ == "__main__":

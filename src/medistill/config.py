@@ -97,13 +97,9 @@ class DataConfig(_Strict):
     fold: int = Field(0, ge=0, description="which fold is the validation part (with data.folds)")
 
     @model_validator(mode="after")
-    def _fold_range(self) -> "DataConfig":
+    def _folds_and_fractions(self) -> "DataConfig":
         if self.fold and (self.folds is None or self.fold >= self.folds):
             raise ValueError(f"data.fold={self.fold} needs data.folds > {self.fold} (folds are 0…K−1)")
-        return self
-
-    @model_validator(mode="after")
-    def _fractions(self) -> "DataConfig":
         if self.val_fraction + self.test_fraction >= 1.0:
             raise ValueError(f"val_fraction + test_fraction = {self.val_fraction + self.test_fraction:g} leaves no "
                              "training images; their sum must be below 1")
@@ -162,7 +158,6 @@ class OptimConfig(_Strict):
     nesterov: bool = True
     head_lr: float | None = Field(None, description="learning rate of the classifier head (default: lr)")
     module_lr: float | None = Field(None, description="learning rate of method modules (projectors, CFL blocks)")
-
 
     @field_validator("name")
     @classmethod
@@ -369,9 +364,8 @@ def load_config(path: str | Path | None = None, overrides: list[Override] | None
                 base: dict[str, Any] | None = None) -> RunConfig:
     """Load YAML (safe loader only), apply dotted overrides, validate.
 
-    Raises :class:`ConfigError` naming the file and the offending key.
-    """
-    # Start from the defaults so that overrides can address list items (students.0.model=...).
+    Raises :class:`ConfigError` naming the file and the offending key. The tree starts from the
+    defaults, so that overrides can address list items (``students.0.model=...``)."""
     tree: dict[str, Any] = _deep_merge(RunConfig().model_dump(mode="json"), dict(base or {}))
     source = "command line"
     if path is not None:

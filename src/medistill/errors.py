@@ -31,3 +31,25 @@ class ArgumentError(MedistillError, ValueError):
 
 class NotARunError(MedistillError, FileNotFoundError):
     """A path given as a run directory is not a finished medistill run."""
+
+
+def crash_log(command: str) -> str:
+    """Write the current exception's traceback to a log file (the user log folder, else the temp
+    folder) headed by ``command``; return its path."""
+    import tempfile
+    import time
+    import traceback
+    from pathlib import Path
+
+    from platformdirs import user_log_dir
+
+    text = f"medistill {command}\n\n{traceback.format_exc()}"
+    for d in (Path(user_log_dir("medistill")), Path(tempfile.gettempdir())):
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            p = d / f"crash-{time.strftime('%Y%m%d-%H%M%S')}.log"
+            p.write_text(text)
+            return str(p)
+        except OSError:
+            continue
+    return "(no writable log folder; rerun with --debug)"

@@ -307,3 +307,8 @@ def load_ensemble(directory: str | os.PathLike, check_hashes: bool = True
     ens = EnsembleModel(members, rec.get("aggregation", "prob_mean")).eval()
     digest = hashlib.sha256(json.dumps([rec.get("aggregation"), [r["sha256"] for r in rec["members"]]]).encode()).hexdigest()
     return ens, specs, digest, rec
+
+
+def update_run_info(out: Path, **values: Any) -> None:
+    """Add ``values`` to a run's ``run_info.json`` (e.g. the peak device memory, known at the end)."""
+    write_json(out / "run_info.json", {**read_run_json(out / "run_info.json"), **values})

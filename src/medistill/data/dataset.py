@@ -167,6 +167,11 @@ class DataBundle:
         return DataLoader(ds, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
                           generator=gen, drop_last=drop_last, **self.workers())
 
+    def card_info(self) -> dict[str, Any]:
+        """What a model card says about the data: its source, fingerprint and images per class per split."""
+        return {"source": self.source.description, "fingerprint": self.source.fingerprint or None,
+                "counts": {k: self.counts(k).tolist() for k in ("train", "val", "test")}}
+
     def split_record(self) -> dict[str, Any]:
         return {
             "origin": self.split_origin, "source": self.source.description, "notes": self.split_notes or [],
@@ -259,20 +264,10 @@ def build_data(cfg: DataConfig, image_size: int | None = None, role: str = "stud
             check_group_leak(splits, source.groups)
         if cfg.skip_corrupt and not source.in_memory:
             splits = {k: _scan_corrupt(source, v) for k, v in splits.items()}
-        tr, y, s = splits["train"], source.labels, cfg.subset
-        tr = sp.protocol_indices(tr, y, cfg.protocol, role, cfg.protocol_cap, s.seed)
-        if s.imbalance_ratio:
-            tr = sp.longtail_subsample(tr, y, s.imbalance_ratio, s.seed)
-        if s.max_per_class:
-            tr = sp.cap_per_class(tr, y, s.max_per_class, s.seed)
-        if s.fraction:
-            tr = sp.stratified_fraction(tr, y, s.fraction, s.seed)
-        if s.max_samples:
-            tr = sp.stratified_cap(tr, y, s.max_samples, s.seed)
-        splits["train"] = tr
+        splits["train"] = _train_subset(splits["train"], source.labels, cfg, role)
         if cfg.max_eval_samples:
             for k in ("val", "test"):
-                splits[k] = sp.stratified_cap(splits[k], y, cfg.max_eval_samples, cfg.split_seed)
+                splits[k] = sp.stratified_cap(splits[k], source.labels, cfg.max_eval_samples, cfg.split_seed)
     for k in ("train", "val", "test"):
         if len(splits[k]) == 0:
             raise DataError(f"the {k} split of {source.description} is empty (check val/test fractions)")
@@ -285,6 +280,22 @@ def build_data(cfg: DataConfig, image_size: int | None = None, role: str = "stud
             notes.append(note)
     size = image_size or source.native_size or 224
     return DataBundle(cfg, source, splits, origin, size, split_notes=notes)
+
+
+def _train_subset(tr: np.ndarray, y: np.ndarray, cfg: DataConfig, role: str) -> np.ndarray:
+    """The imbalance tools, on the training split only: the protocol's side, a long tail, caps,
+    fractions (val and test are never touched)."""
+    s = cfg.subset
+    tr = sp.protocol_indices(tr, y, cfg.protocol, role, cfg.protocol_cap, s.seed)
+    if s.imbalance_ratio:
+        tr = sp.longtail_subsample(tr, y, s.imbalance_ratio, s.seed)
+    if s.max_per_class:
+        tr = sp.cap_per_class(tr, y, s.max_per_class, s.seed)
+    if s.fraction:
+        tr = sp.stratified_fraction(tr, y, s.fraction, s.seed)
+    if s.max_samples:
+        tr = sp.stratified_cap(tr, y, s.max_samples, s.seed)
+    return tr
 
 
 def _content_hash(source: ImageSource, i: int) -> str:

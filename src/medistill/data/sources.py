@@ -266,16 +266,10 @@ def from_folder(root: str | Path) -> ImageSource:
     )
 
 
-def from_csv(manifest: str | Path) -> ImageSource:
-    """CSV with header ``path,label[,split][,group]``; paths are relative to the manifest's
-    folder; ``group`` (patient or study id) keeps each group inside one split.
-
-    Paths that escape that folder (``..``, absolute paths elsewhere, symlinks out) are refused.
-    """
-    manifest = Path(manifest)
+def _read_manifest(manifest: Path) -> tuple[list[dict[str, str]], list[str]]:
+    """The rows of a CSV manifest (lower-cased keys, stripped cells) and its column names."""
     if not manifest.is_file():
         raise DataError(f"CSV manifest not found: {manifest}")
-    root = manifest.parent.resolve()
     # utf-8-sig: spreadsheet programs put a byte-order mark before the header
     try:
         with open(manifest, newline="", encoding="utf-8-sig") as fh:
@@ -291,19 +285,18 @@ def from_csv(manifest: str | Path) -> ImageSource:
         raise DataError(f"{manifest}: not a readable CSV file ({e})") from None
     if not rows:
         raise DataError(f"{manifest}: no rows")
-    empty = [i for i, r in enumerate(rows, start=2) if not r.get("label")]
-    if empty:
-        raise DataError(f"{manifest}:{empty[0]}: empty label ({len(empty)} row(s) without a label); every image "
-                        "needs its class")
-    raw_labels = [r["label"] for r in rows]
-    if all(_is_int(v) for v in raw_labels):
-        y = np.array([int(v) for v in raw_labels], dtype=np.int64)
-        class_names = [str(i) for i in range(_check_label_range(y, str(manifest)))]
-    else:
-        class_names = sorted(set(raw_labels))
-        index = {c: i for i, c in enumerate(class_names)}
-        y = np.array([index[v] for v in raw_labels], dtype=np.int64)
-    paths, tags = [], []
+    for key, what in (("label", "a label; every image needs its class"),
+                      ("group", "a group; every image needs its patient/study id, or drop the group column")):
+        empty = [i for i, r in enumerate(rows, start=2) if key in cols and not r.get(key)]
+        if empty:
+            raise DataError(f"{manifest}:{empty[0]}: empty {key} cell ({len(empty)} row(s) without {what})")
+    return rows, cols
+
+
+def _manifest_paths(manifest: Path, root: Path, rows: list[dict[str, str]]) -> tuple[list[Path], list[str | None]]:
+    """Each row's image (inside the manifest's folder, present, listed once) and split tag."""
+    paths: list[Path] = []
+    tags: list[str | None] = []
     seen: dict[Path, int] = {}
     for line, r in enumerate(rows, start=2):
         if not r["path"]:
@@ -318,23 +311,37 @@ def from_csv(manifest: str | Path) -> ImageSource:
         if not p.is_file():
             raise DataError(f"{manifest}:{line}: image not found: {p}")
         paths.append(p)
-        if "split" in r and r["split"]:
+        tag = None
+        if r.get("split"):
             tag = _SPLIT_ALIASES.get(r["split"].lower())
             if tag is None:
                 raise DataError(f"{manifest}:{line}: unknown split {r['split']!r} (use train/val/test)")
-            tags.append(tag)
-        else:
-            tags.append(None)
+        tags.append(tag)
+    return paths, tags
+
+
+def from_csv(manifest: str | Path) -> ImageSource:
+    """CSV with header ``path,label[,split][,group]``; paths are relative to the manifest's
+    folder; ``group`` (patient or study id) keeps each group inside one split.
+
+    Paths that escape that folder (``..``, absolute paths elsewhere, symlinks out) are refused.
+    """
+    manifest = Path(manifest)
+    rows, cols = _read_manifest(manifest)
+    root = manifest.parent.resolve()
+    raw_labels = [r["label"] for r in rows]
+    if all(_is_int(v) for v in raw_labels):
+        y = np.array([int(v) for v in raw_labels], dtype=np.int64)
+        class_names = [str(i) for i in range(_check_label_range(y, str(manifest)))]
+    else:
+        class_names = sorted(set(raw_labels))
+        index = {c: i for i, c in enumerate(class_names)}
+        y = np.array([index[v] for v in raw_labels], dtype=np.int64)
+    paths, tags = _manifest_paths(manifest, root, rows)
     has_split = any(t is not None for t in tags)
     if has_split and any(t is None for t in tags):
         raise DataError(f"{manifest}: the split column is filled for some rows only")
-    groups = None
-    if "group" in cols:
-        empty = [line for line, r in enumerate(rows, start=2) if not r.get("group")]
-        if empty:
-            raise DataError(f"{manifest}:{empty[0]}: empty group cell ({len(empty)} row(s) without a group); every "
-                            "image needs its patient/study id, or drop the group column")
-        groups = np.array([r["group"] for r in rows])
+    groups = np.array([r["group"] for r in rows]) if "group" in cols else None
     return ImageSource(
         description=str(manifest), labels=y, class_names=class_names, channels=_probe_channels(paths),
         native_size=_probe_size(paths), split_tags=np.array(tags) if has_split else None,

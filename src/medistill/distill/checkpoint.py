@@ -17,6 +17,36 @@ from medistill.errors import ConfigError
 from medistill.io import torch_load, torch_save, write_text
 
 LAST, PREVIOUS = "checkpoint_last.pt", "checkpoint_prev.pt"
+# What makes a folder a medistill run (a crashed start leaves config.yaml; a finished run the rest).
+RUN_MARKERS = {"config.yaml", "run_info.json", "split.json", LAST, PREVIOUS, "summary.json", "students"}
+
+
+def check_out_folder(out: Path, cfg: RunConfig, resume: bool, force: bool, main: bool, world: int) -> None:
+    """Before a run writes anything: ``--resume`` needs a checkpoint and the same settings; a new
+    run refuses a folder holding the user's own files, another run's checkpoint, or a finished
+    run whose checkpoints are gone (``force`` writes anyway). Rank 0 checks writability."""
+    from medistill import dist
+    from medistill.io import check_writable
+
+    if resume and not has_checkpoint(out):
+        raise ConfigError(f"--resume: no checkpoint_last.pt in {out}" + ("" if out.is_dir() else " (the folder does not exist)"))
+    if main:
+        check_writable(out)
+    dist.barrier()
+    if not resume and not force and not (world > 1 and not main):
+        own = [p.name for p in out.iterdir()] if out.is_dir() else []
+        if own and not set(own) & RUN_MARKERS:
+            raise ConfigError(f"{out} holds other files ({', '.join(sorted(own)[:3])}{', …' if len(own) > 3 else ''}) "
+                              "and no medistill run; choose a new or empty --out, or pass --force to write into it")
+        if (out / LAST).exists():
+            raise ConfigError(f"{out} already holds a run (checkpoint_last.pt); pass --resume to continue it "
+                              "or choose another --out")
+        held = [n for n in ("summary.json", "metrics.json") if (out / n).is_file()]
+        if held or any((out / "students").glob("*/model.json")):
+            raise ConfigError(f"{out} already holds a run ({', '.join(held) or 'students/'}) whose checkpoints "
+                              "are gone; it is not trained over. Choose another --out, or delete the folder")
+    if resume:
+        check_resume_config(out / "config.yaml", cfg)
 
 
 def save_checkpoint(out: Path, epoch: int, best: dict[str, float], bad: int, groups: dict[str, dict[str, Any]],

@@ -7,7 +7,6 @@ per student, a dict of named losses per student, one backward, one optimizer ste
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
@@ -23,7 +22,6 @@ from torch import nn
 
 from medistill import dist
 from medistill.config import RunConfig
-from medistill.data import DataBundle, build_data
 from medistill.data.transforms import mix_batch
 from medistill.device import autocast, grad_scaler, peak_memory_mb, reset_peak_memory, resolve_device
 from medistill.distill import checkpoint as ckpt
@@ -31,26 +29,16 @@ from medistill.distill.cache import make_teacher_caches, teacher_class_means
 from medistill.distill.context import StepContext
 from medistill.distill.evaluation import final_evaluation, teacher_val_recall, tune_on_validation, validate
 from medistill.distill.logbook import EpochLog, epoch_line
-from medistill.progress import progress_bar
 from medistill.distill.methods import build_terms, check_mixing, supervised_terms
 from medistill.distill.optim import Updater, finish_swa
-from medistill.distill.participants import (
-    check_test_overlap,
-    load_teacher,
-    make_student,
-    memory_teacher,
-    training_forwards,
-)
+from medistill.distill.participants import assemble_participants, training_forwards
 from medistill.distill.terms import TermSetup
 from medistill.errors import ConfigError, NonFiniteLossError
-from medistill.io import check_writable, write_json
-from medistill.models.factory import data_size
 from medistill.models.taps import FeatureTaps
-from medistill.rundir import read_run_json, resolve_teacher, write_run_files
+from medistill.progress import progress_bar
+from medistill.rundir import read_run_json, update_run_info, write_run_files
 
 Tensor = torch.Tensor
-# What makes a folder a medistill run (a crashed start leaves config.yaml; a finished run the rest).
-RUN_MARKERS = {"config.yaml", "run_info.json", "split.json", ckpt.LAST, ckpt.PREVIOUS, "summary.json", "students"}
 
 
 class Engine:
@@ -115,53 +103,16 @@ class Engine:
             self.console = Console(quiet=True)
 
     def _check_out(self) -> None:
-        """The output folder: writable, not holding another run unless resuming it with the same experiment."""
-        if self.resume and not ckpt.has_checkpoint(self.out):
-            raise ConfigError(f"--resume: no checkpoint_last.pt in {self.out}"
-                              + ("" if self.out.is_dir() else " (the folder does not exist)"))
+        """The output folder: writable, not another run or the user's files unless asked."""
         self._created_out = not self.out.exists()
-        if self.main:
-            check_writable(self.out)
-        dist.barrier()
-        if not self.resume and not self.force and not (self.world > 1 and not self.main):
-            own = [p.name for p in self.out.iterdir()] if self.out.is_dir() else []
-            if own and not set(own) & RUN_MARKERS:
-                raise ConfigError(f"{self.out} holds other files ({', '.join(sorted(own)[:3])}{', …' if len(own) > 3 else ''}) "
-                                  "and no medistill run; choose a new or empty --out, or pass --force to write into it")
-            if self.ckpt_path.exists():
-                raise ConfigError(f"{self.out} already holds a run (checkpoint_last.pt); pass --resume to continue it "
-                                  "or choose another --out")
-            held = [n for n in ("summary.json", "metrics.json") if (self.out / n).is_file()]
-            if held or any((self.out / "students").glob("*/model.json")):
-                raise ConfigError(f"{self.out} already holds a run ({', '.join(held) or 'students/'}) whose checkpoints "
-                                  "are gone; it is not trained over. Choose another --out, or delete the folder")
-        if self.resume:
-            ckpt.check_resume_config(self.out / "config.yaml", self.cfg)
+        ckpt.check_out_folder(self.out, self.cfg, self.resume, self.force, self.main, self.world)
 
     def _setup_participants(self) -> None:
         """Data (the saved split when resuming), frozen teachers and students, all on the device."""
-        cfg = self.cfg
-        teacher_dirs = {t.name: resolve_teacher(t.checkpoint) for t in cfg.teachers if t.name not in self.teacher_modules}
         fixed = read_run_json(self.out / "split.json") if self.resume else None
-        role = cfg.data.role if cfg.data.role != "auto" else ("student" if cfg.teachers else "teacher")
-        self.data: DataBundle = build_data(cfg.data, None, role=role, download=self.download, fixed_splits=fixed)
-        self.data.pin_memory = self.device.type == "cuda"
-        self.data.device = self.device
-        native = self.data.source.native_size or 224
-        self.teachers = [memory_teacher(t, self.teacher_modules[t.name], self.data) if t.name in self.teacher_modules
-                         else load_teacher(t, teacher_dirs[t.name], self.data)
-                         for t in cfg.teachers]
-        check_test_overlap(self.teachers, {n: str(d) for n, d in teacher_dirs.items()}, self.data, self.console)
-        self.students = [make_student(s, native, self.data, cfg.train.channels_last) for s in cfg.students]
-        # Images stay at their native size; each model resizes the shared batch for itself.
-        self.data.image_size = data_size(self.data.source.native_size, [p.spec for p in self.teachers + self.students])
+        self.data, self.teachers, self.students = assemble_participants(
+            self.cfg, self.teacher_modules, self.device, self.console, self.download, fixed)
         self.parts = {p.name: p for p in self.teachers + self.students}
-        for s in self.students:
-            s.spec.data_size = self.data.image_size
-            s.spec.data_fingerprint = self.data.source.fingerprint or None
-        for p in self.parts.values():   # before optimizers, EMA/SWA copies and term modules exist
-            p.model.to(self.device)
-            p.pre.to(self.device)
 
     def _seed(self, seed: int) -> None:
         random.seed(seed)
@@ -422,10 +373,8 @@ class Engine:
 
     def finalize(self) -> dict[str, Any]:
         loaders = {"val": self._eval_loader("val"), "test": self._eval_loader("test")}
-        info = {"source": self.data.source.description, "fingerprint": self.data.source.fingerprint or None,
-                "counts": {k: self.data.counts(k).tolist() for k in ("train", "val", "test")}}
         return final_evaluation(self.out, self.students, self.teachers, loaders, self.cfg, self.device,
-                                self.data.ordinal, self.main, info)
+                                self.data.ordinal, self.main, self.data.card_info())
 
     def run(self) -> dict[str, Any]:
         try:
@@ -439,8 +388,7 @@ class Engine:
             self.fit()
             results = self.finalize()
             if self.main and (peak := peak_memory_mb(self.device)) is not None:
-                info = json.loads((self.out / "run_info.json").read_text())
-                write_json(self.out / "run_info.json", {**info, "peak_device_memory_mb": peak})
+                update_run_info(self.out, peak_device_memory_mb=peak)
             # Rank 0 is still writing when the others return from finalize; tearing gloo down
             # while a peer is mid-flight aborted a rank at exit ("terminate called without an
             # active exception"), so every rank waits here and the group is destroyed in step.

@@ -233,3 +233,34 @@ def check_test_overlap(teachers: list[Participant], checkpoints: dict[str, str],
             console.print(f"[yellow]warning:[/] teacher {t.name!r} was trained on {n} of the {len(test)} test images of "
                           "this run (another split of the same data): its test metrics here are optimistic, and the "
                           "students learn from its predictions on images they are later tested on")
+
+
+def assemble_participants(cfg: Any, teacher_modules: dict[str, nn.Module], device: torch.device, console: Any,
+                          download: bool = False, fixed_splits: dict[str, Any] | None = None
+                          ) -> tuple[DataBundle, list[Participant], list[Participant]]:
+    """The run's data (its saved split when resuming) and its participants, complete and on
+    ``device``: frozen teachers (directories, files, in-memory modules; checked against the data
+    and for test-split overlap), then students; the data size follows the one rule
+    (:func:`data_size`) and is recorded with each student."""
+    from medistill.data import build_data
+    from medistill.rundir import resolve_teacher
+
+    teacher_dirs = {t.name: resolve_teacher(t.checkpoint) for t in cfg.teachers if t.name not in teacher_modules}
+    role = cfg.data.role if cfg.data.role != "auto" else ("student" if cfg.teachers else "teacher")
+    data = build_data(cfg.data, None, role=role, download=download, fixed_splits=fixed_splits)
+    data.pin_memory = device.type == "cuda"
+    data.device = device
+    native = data.source.native_size or 224
+    teachers = [memory_teacher(t, teacher_modules[t.name], data) if t.name in teacher_modules
+                else load_teacher(t, teacher_dirs[t.name], data) for t in cfg.teachers]
+    check_test_overlap(teachers, {n: str(d) for n, d in teacher_dirs.items()}, data, console)
+    students = [make_student(s, native, data, cfg.train.channels_last) for s in cfg.students]
+    # Images stay at their native size; each model resizes the shared batch for itself.
+    data.image_size = data_size(data.source.native_size, [p.spec for p in teachers + students])
+    for s in students:
+        s.spec.data_size = data.image_size
+        s.spec.data_fingerprint = data.source.fingerprint or None
+    for p in teachers + students:   # before optimizers, EMA/SWA copies and term modules exist
+        p.model.to(device)
+        p.pre.to(device)
+    return data, teachers, students

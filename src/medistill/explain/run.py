@@ -63,6 +63,18 @@ def _pick(labels: np.ndarray, idx: np.ndarray, n: int, per_class: int | None, se
     return rng.permutation(idx)[:n]
 
 
+def _images(bundle: Any, split: str, n_images: int, per_class: int | None, seed: int
+            ) -> tuple[np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The images explained (indices, ``[N, C, S, S]``, labels) and 16 training images as SHAP's background."""
+    chosen = _pick(bundle.labels(split), bundle.splits[split], n_images, per_class, seed)
+    ds = bundle.dataset(split, train=False)
+    pos = {int(i): k for k, i in enumerate(bundle.splits[split])}
+    items = [ds[pos[int(i)]] for i in chosen]
+    bg_ds = bundle.dataset("train", train=False)
+    bg = torch.stack([bg_ds[i][0] for i in np.random.default_rng(seed).permutation(len(bg_ds))[:16]])
+    return chosen, torch.stack([it[0] for it in items]), torch.tensor([it[1] for it in items]), bg
+
+
 def _overlay_grid(images: np.ndarray, columns: dict[str, np.ndarray], labels: list[str], path: Path) -> None:
     save_png(overlay_figure(images, columns, labels), path, dpi=100)
 
@@ -90,23 +102,10 @@ def explain_run(run_dir: str | Path, n_images: int = 8, per_class: int | None = 
         raise ArgumentError(f"{run_dir}: no students to explain (no students/NAME/model.json); is it a finished run?")
     cfg = load_run_config(run_dir)
     bundle = build_data(cfg.data, fixed_splits=read_run_json(run_dir / "split.json"))
-    models = _load_models(run_dir, cfg.teachers, dict(compare or {}))
-    counts = {n: s.num_classes for n, (*_, s) in models.items()}
-    if len(set(counts.values())) > 1:
-        raise ArgumentError(f"models disagree on the number of classes: {counts}")
-    unknown = sorted(set(cam_layers) - set(models))
-    if unknown:
-        raise ArgumentError(f"--layer names unknown model(s) {unknown}; this run has {sorted(models)}")
+    models = _load_models(run_dir, cfg.teachers, dict(compare or {}), cam_layers)
     bundle.image_size = data_size(bundle.source.native_size, [s for *_, s in models.values()])
-    labels_all = bundle.labels(split)
-    chosen = _pick(labels_all, bundle.splits[split], n_images, per_class, seed)
-    ds = bundle.dataset(split, train=False)
-    pos = {int(i): k for k, i in enumerate(bundle.splits[split])}
-    items = [ds[pos[int(i)]] for i in chosen]
-    x = torch.stack([it[0] for it in items]).to(dev)
-    y = torch.tensor([it[1] for it in items])
-    bg_ds = bundle.dataset("train", train=False)
-    bg = torch.stack([bg_ds[i][0] for i in np.random.default_rng(seed).permutation(len(bg_ds))[:16]]).to(dev)
+    chosen, x, y, bg = _images(bundle, split, n_images, per_class, seed)
+    x, bg = x.to(dev), bg.to(dev)
     report: dict[str, Any] = {"split": split, "images": chosen.tolist(), "labels": y.tolist(), "device": str(dev),
                               "threads": torch.get_num_threads(), "scorecam_variant": "original",
                               "top_k_channels": "auto" if top_k is None else top_k,
@@ -141,9 +140,10 @@ def explain_run(run_dir: str | Path, n_images: int = 8, per_class: int | None = 
 Loaded = dict[str, tuple[str, nn.Module, nn.Module, Any]]
 
 
-def _load_models(run_dir: Path, teachers: list[Any], compare: dict[str, str | Path]) -> Loaded:
+def _load_models(run_dir: Path, teachers: list[Any], compare: dict[str, str | Path], cam_layers: dict[str, str]) -> Loaded:
     """Every model to explain, name → (role, model, preprocess, spec): the run's teachers (an
-    ensemble member by member), its students and the ``compare`` models."""
+    ensemble member by member), its students and the ``compare`` models; they must agree on the
+    classes, and ``cam_layers`` may name only them."""
     models: Loaded = {}
     for t in teachers:
         tname, tdir = t.name, resolve_teacher(t.checkpoint)
@@ -158,6 +158,12 @@ def _load_models(run_dir: Path, teachers: list[Any], compare: dict[str, str | Pa
         if name in models:
             raise ArgumentError(f"--compare name {name!r} is already a model of this run; pick another")
         models[name] = ("compare", *load_model_dir(resolve_teacher(str(path))))
+    counts = {n: s.num_classes for n, (*_, s) in models.items()}
+    if len(set(counts.values())) > 1:
+        raise ArgumentError(f"models disagree on the number of classes: {counts}")
+    unknown = sorted(set(cam_layers) - set(models))
+    if unknown:
+        raise ArgumentError(f"--layer names unknown model(s) {unknown}; this run has {sorted(models)}")
     return models
 
 
