@@ -227,3 +227,14 @@ def test_run_with_a_damaged_file_gives_a_clear_error(finished_run: Path, tmp_pat
             action()
         except MedistillError:
             pass
+
+
+def test_absurd_input_sizes_are_named(tmp_path: Path) -> None:
+    from medistill.assemble import assemble_run
+    from medistill.config import load_config
+
+    for size in (0, 3, 100000):
+        with pytest.raises(ConfigError, match="8 to 4096 px"):
+            assemble_run("train", None, [("out", str(tmp_path / "x"))], models=["cnn5"], input_size=size)
+    with pytest.raises(ConfigError, match="students.0.input_size"):
+        load_config(None, ["students.0.input_size=100000"])

@@ -109,7 +109,7 @@ class DataConfig(_Strict):
 class ModelSpec(_Strict):
     name: str = "student"
     model: str = "resnet18"
-    input_size: int | None = Field(None, ge=8, description="default: the dataset's native size")
+    input_size: int | None = Field(None, ge=8, le=4096, description="default: the dataset's native size")
     in_chans: int | None = Field(None, description="default: the dataset's channels")
     pretrained: str | bool = False
     small_input: Literal["auto", "on", "off", "stride8", "stride16"] = Field(
@@ -127,8 +127,8 @@ class TeacherSpec(_Strict):
     model: str | None = Field(None, description="architecture; read from model.json when omitted. With a weights "
                               "file from elsewhere (ARCH=FILE), the size, mean and std come from the checkpoint's args "
                               "or the model's pretrained_cfg")
-    input_size: int | None = Field(None, ge=8, description="default: the model's own (model.json, checkpoint args, "
-                                   "pretrained_cfg)")
+    input_size: int | None = Field(None, ge=8, le=4096, description="default: the model's own (model.json, "
+                                   "checkpoint args, pretrained_cfg)")
     norm: Literal["auto", "imagenet", "half"] | tuple[list[float], list[float]] | None = None
     small_input: Literal["auto", "on", "off", "stride8", "stride16"] = Field(
         "off", description="weights file from elsewhere: its stem as trained (off), or medistill's small-input stem "
