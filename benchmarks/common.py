@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import platform
-import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -42,11 +41,9 @@ def epoch_times(run_dir: Path) -> list[float]:
 
 
 def mean_std(values: list[float]) -> str:
-    if not values:
-        return "–"
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+    from medistill.eval.tables import mean_std_text
+
+    return mean_std_text(values)
 
 
 def save(name: str, obj: Any) -> None:

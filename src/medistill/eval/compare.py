@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import json
-import statistics
 from pathlib import Path
 from typing import Any
 
@@ -201,8 +200,7 @@ def verdict_markdown(record: dict[str, Any]) -> str:
 
 def seed_differences(diffs: list[float]) -> str:
     """Over seeds: mean ± std of the per-seed differences (not a confidence interval)."""
-    if not diffs:
-        return "–"
-    if len(diffs) == 1:
-        return f"{diffs[0]:+.3f} (1 seed)"
-    return f"{statistics.mean(diffs):+.3f} ± {statistics.stdev(diffs):.3f} ({len(diffs)} seeds)"
+    from medistill.eval.tables import mean_std_text
+
+    n = len(diffs)
+    return mean_std_text(diffs, signed=True) + (f" ({n} seed{'s' if n > 1 else ''})" if n else "")

@@ -5,6 +5,18 @@ from __future__ import annotations
 from typing import Any
 
 
+def mean_std_text(values: list[float], signed: bool = False) -> str:
+    """``0.512 ± 0.010`` over runs (one value alone, ``–`` for none); ``signed`` for differences."""
+    import statistics
+
+    fmt = "{:+.3f}" if signed else "{:.3f}"
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return fmt.format(values[0])
+    return fmt.format(statistics.mean(values)) + f" ± {statistics.stdev(values):.3f}"
+
+
 def with_ci(metrics: dict[str, Any], key: str, digits: int = 3) -> str:
     """``0.512 (0.480–0.545)``: the value and, when ``metrics`` has one, its bootstrap 95 % interval."""
     v = metrics.get(key)
