@@ -257,6 +257,9 @@ def explain_markdown(r: dict[str, Any]) -> str:
         for meth, v in e["methods"].items():
             lines.append(f"| {name} | {meth} | {e['target_layer']} ({'×'.join(map(str, e.get('target_map', [])))}) | {1e3 * v['met_s_per_image']:.1f} | {v['fidelity']:.3f} | "
                          f"{v['deletion_auc']['macro']:.3f} | {v['insertion_auc']['macro']:.3f} | {v['average_drop']['macro']:.3f} |")
+    checks = [f"{n}: {e['scorecam_top_k']['reason']}" for n, e in r["models"].items() if e.get("scorecam_top_k")]
+    if checks:
+        lines += ["", "Score-CAM channels (top-k where it agrees with the exact map on these images): " + "; ".join(checks) + "."]
     roles = {n: e["role"] for n, e in r["models"].items()}
     for ref, agree in r.get("agreement_all", {}).items():
         lines += ["", f"## Agreement with teacher {ref} (macro over classes; two random top-20% masks: IoU ≈ 0.11)", "",
