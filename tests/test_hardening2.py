@@ -238,3 +238,40 @@ def test_absurd_input_sizes_are_named(tmp_path: Path) -> None:
             assemble_run("train", None, [("out", str(tmp_path / "x"))], models=["cnn5"], input_size=size)
     with pytest.raises(ConfigError, match="students.0.input_size"):
         load_config(None, ["students.0.input_size=100000"])
+
+
+def test_ensemble_member_without_weights_is_named(teachers: list[Path], tmp_path: Path) -> None:
+    from medistill.errors import ModelError
+    from medistill.rundir import load_ensemble, write_ensemble
+
+    members = []
+    for i, t in enumerate(teachers):
+        shutil.copytree(t, tmp_path / f"m{i}")
+        members.append(tmp_path / f"m{i}")
+    write_ensemble(tmp_path / "ens", members)
+    (tmp_path / "m1" / "students" / "t" / "model.safetensors").unlink()
+    with pytest.raises(ModelError, match="is missing"):
+        load_ensemble(tmp_path / "ens")
+
+
+def test_generated_api_arguments_raise_typed_errors(tmp_path: Path) -> None:
+    """Any value for the API's arguments: a run, or a MedistillError naming the problem."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from medistill.api import train
+    from medistill.errors import MedistillError
+
+    values = st.one_of(st.none(), st.integers(-3, 3), st.text(max_size=6), st.lists(st.integers(), max_size=2),
+                       st.floats(allow_nan=True), st.booleans(), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
+
+    @settings(max_examples=40, deadline=None)
+    @given(data=values, model=values, epochs=values, seed=values, config=values)
+    def check(data, model, epochs, seed, config) -> None:
+        try:
+            train(data=data, model=model, epochs=epochs, seed=seed, config=config, out=tmp_path / "never",
+                  overrides=["train.epochs=0"], quiet=True)     # epochs=0 is refused: nothing ever trains
+        except MedistillError:
+            pass
+
+    check()

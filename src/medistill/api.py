@@ -48,7 +48,10 @@ def _check_out(out: Any) -> str:
     return str(out)
 
 
-def _overrides(data: Any, epochs: int | None, seed: int | None, out: Any, overrides: Sequence[str] | None) -> list[Any]:
+def _overrides(data: Any, epochs: int | None, seed: int | None, out: Any, overrides: Sequence[str] | None,
+               config: Any = None) -> list[Any]:
+    if config is not None and not isinstance(config, (dict, str, Path)):
+        raise ConfigError(f"config must be a dict of config keys or a YAML path, got {type(config).__name__}")
     if data is not None and not isinstance(data, (str, Path)):
         raise ConfigError(f"data must be a dataset name or path (str or Path), got {type(data).__name__}")
     for name, v in (("epochs", epochs), ("seed", seed)):
@@ -74,7 +77,11 @@ def _finish(cfg: Any, modules: dict[str, nn.Module], resume: bool, quiet: bool, 
 def _models(model: str | Sequence[str] | None) -> list[str] | None:
     if model is None:
         return None
-    return [model] if isinstance(model, str) else [str(m) for m in model]
+    if isinstance(model, str):
+        return [model]
+    if not isinstance(model, (list, tuple)) or not model or not all(isinstance(m, str) for m in model):
+        raise ConfigError(f"model must be a timm model name or a list of names, got {model!r}")
+    return list(model)
 
 
 def train(data: str | Path | None = None, model: str | Sequence[str] | None = None, *, epochs: int | None = None,
@@ -82,7 +89,7 @@ def train(data: str | Path | None = None, model: str | Sequence[str] | None = No
           overrides: Sequence[str] | None = None, resume: bool = False, quiet: bool = False, force: bool = False) -> Run:
     """Train a teacher or a student-only baseline (``train.loss`` picks the supervised loss).
     ``force`` writes into an ``out`` that holds other files or a finished run."""
-    cfg = assemble_run("train", config, _overrides(data, epochs, seed, out, overrides), models=_models(model),
+    cfg = assemble_run("train", config, _overrides(data, epochs, seed, out, overrides, config), models=_models(model),
                        resume=resume)
     return _finish(cfg, {}, resume, quiet, force=force)
 
@@ -110,7 +117,7 @@ def distill(teachers: Sequence[TeacherLike], data: str | Path | None = None, mod
         else:
             raise ConfigError(f"teachers[{i}]: expected a run/model directory, an (arch, weights_file) pair or an "
                               f"nn.Module, got {type(t).__name__}")
-    cfg = assemble_run("distill", config, _overrides(data, epochs, seed, out, overrides), models=_models(model),
+    cfg = assemble_run("distill", config, _overrides(data, epochs, seed, out, overrides, config), models=_models(model),
                        teachers=entries or None, method=None if terms is not None else method, terms=terms,
                        resume=resume)
     return _finish(cfg, modules, resume, quiet, baseline, compare, force)

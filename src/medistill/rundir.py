@@ -249,7 +249,7 @@ def write_ensemble(directory: str | os.PathLike, members: list[str | os.PathLike
     rows, first = [], None
     for m in members:
         md = resolve_teacher(str(m))
-        if not (md / "model.json").is_file():
+        if not (md / "model.json").is_file() or not (md / "model.safetensors").is_file():
             raise ModelError(f"ensemble member {m}: expected a model directory or a run with one student")
         spec = json.loads((md / "model.json").read_text())
         if first is None:
@@ -296,7 +296,7 @@ def load_ensemble(directory: str | os.PathLike, check_hashes: bool = True
     members, specs = [], []
     for row in rec["members"]:
         md = (d / row["model_dir"]) if not Path(row["model_dir"]).is_absolute() else Path(row["model_dir"])
-        if not (md / "model.json").is_file():
+        if not (md / "model.json").is_file() or not (md / "model.safetensors").is_file():
             raise ModelError(f"ensemble {d}: member {row['model_dir']} is missing")
         if check_hashes and sha256_file(md / "model.safetensors") != row["sha256"]:
             raise ModelError(f"ensemble {d}: member {row['model_dir']} changed since the ensemble was written "
