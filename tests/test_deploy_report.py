@@ -83,5 +83,5 @@ def test_predict_with_a_missing_model_names_it(tmp_path) -> None:
     from medistill.errors import ModelError
 
     for missing in (tmp_path / "gone.onnx", tmp_path / "no_run"):
-        with pytest.raises(ModelError, match="no model at"):
+        with pytest.raises(ModelError, match="nothing at .*expected a run, model or ensemble directory"):
             predict_files(missing, [tmp_path / "x.png"])

@@ -455,3 +455,26 @@ def test_api_evaluate_predict_explain_export(teachers: list[Path], tmp_path: Pat
     assert len(preds) == 1 and abs(sum(preds[0]["probabilities"]) - 1) < 1e-4
     rep = api.explain(run, images=2, methods=["gradcam"], out=tmp_path / "ex", device="cpu")
     assert "t" in rep["models"]
+
+
+def test_one_resolver_reads_every_kind_of_path(teachers: list[Path], tmp_path: Path) -> None:
+    from medistill.rundir import resolve, write_ensemble
+
+    run = teachers[0]
+    md = run / "students" / "t"
+    assert (resolve(run).kind, resolve(run).run, resolve(run).models) == ("run", run, (md,))
+    assert (resolve(md).kind, resolve(md).run) == ("model", run)
+    w = resolve(md / "model.safetensors")
+    assert (w.kind, w.run, w.models) == ("weights", run, (md,))
+    write_ensemble(tmp_path / "ens", teachers)
+    e = resolve(tmp_path / "ens")
+    assert e.kind == "ensemble" and len(e.models) == 2
+    (tmp_path / "m.onnx").write_bytes(b"x")
+    assert resolve(tmp_path / "m.onnx").kind == "onnx"
+    (tmp_path / "foreign.pth").write_bytes(b"x")
+    assert (resolve(tmp_path / "foreign.pth").kind, resolve(tmp_path / "foreign.pth").models) == ("weights", ())
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match="not a run, model or ensemble directory"):
+        resolve(tmp_path / "empty")
+    with pytest.raises(ModelError, match="nothing at"):
+        resolve(tmp_path / "absent")

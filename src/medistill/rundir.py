@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -55,24 +56,6 @@ def read_run_jsonl(path: str | Path) -> list[Any]:
     return out
 
 
-def resolve_teacher(path: str) -> Path:
-    """A teacher checkpoint may be a model dir, a weights file beside model.json, or a run dir
-    whose single student is the teacher."""
-    p = Path(path)
-    if is_ensemble_dir(p):
-        return p
-    if p.is_dir() and not (p / "model.json").is_file():
-        students = student_dirs(p)
-        if len(students) == 1:
-            return students[0]
-        if students:
-            raise ModelError(f"{p} holds {len(students)} students; name one: {', '.join(str(s) for s in students)}")
-        raise ModelError(f"teacher checkpoint {p}: no model.json and no students/ (not a medistill run or model dir)")
-    if not p.exists():
-        raise ModelError(f"teacher checkpoint not found: {p}")
-    return p
-
-
 STUDENTS = "students"
 
 
@@ -101,17 +84,63 @@ def run_dir_of(model_dir: str | Path) -> Path | None:
     return None
 
 
+@dataclass(frozen=True)
+class Target:
+    """What a path handed to medistill is (:func:`resolve`). ``kind``: run, model (a model
+    directory), weights (a file: beside a model.json, or from elsewhere), ensemble or onnx;
+    ``run``: the run it belongs to, if any; ``models``: the model directories it stands for (a
+    run's students, the model itself, an ensemble's members)."""
+
+    kind: str
+    path: Path
+    run: Path | None
+    models: tuple[Path, ...]
+
+
+def resolve(path: str | Path) -> Target:
+    """The one reading of a path every command uses: a run, a model directory, a weights file,
+    an ensemble directory or an exported ONNX file. Nothing there is a :class:`ModelError`."""
+    p = Path(path)
+    if not p.exists():
+        raise ModelError(f"nothing at {p}: expected a run, model or ensemble directory, a weights file or an .onnx file")
+    if p.is_file() and p.suffix == ".onnx":
+        return Target("onnx", p, None, ())
+    if is_ensemble_dir(p):
+        rows = read_ensemble(p)["members"]
+        return Target("ensemble", p, None, tuple(p / r["model_dir"] if not Path(r["model_dir"]).is_absolute()
+                                                 else Path(r["model_dir"]) for r in rows))
+    if p.is_file():
+        beside = (p.parent / "model.json").is_file()
+        return Target("weights", p, run_dir_of(p.parent) if beside else None, (p.parent,) if beside else ())
+    if (p / "model.json").is_file():
+        return Target("model", p, run_dir_of(p), (p,))
+    students = student_dirs(p)
+    if students or is_run_dir(p):
+        return Target("run", p, p if is_run_dir(p) else None, tuple(students))
+    raise ModelError(f"{p}: not a run, model or ensemble directory (no model.json, students/ or ensemble.json)")
+
+
+def resolve_teacher(path: str) -> Path:
+    """A teacher: an ensemble directory, a model directory or weights file, or a run whose single
+    student is the teacher."""
+    if not Path(path).exists():
+        raise ModelError(f"teacher checkpoint not found: {path}")
+    t = resolve(path)
+    if t.kind == "run":
+        if len(t.models) == 1:
+            return t.models[0]
+        if t.models:
+            raise ModelError(f"{t.path} holds {len(t.models)} students; name one: {', '.join(str(s) for s in t.models)}")
+        raise ModelError(f"teacher checkpoint {t.path}: a run without students (not finished?)")
+    return t.path
+
+
 def resolve_model_dir(target: str | Path) -> Path:
     """A model directory, a weights file beside ``model.json``, or a run (its first student)."""
-    t = Path(target)
-    if (t / "model.json").is_file():
-        return t
-    if t.is_file() and (t.parent / "model.json").is_file():
-        return t.parent
-    students = student_dirs(t)
-    if students:
-        return students[0]
-    raise ModelError(f"{t}: not a run directory, model directory or weights file beside model.json")
+    t = resolve(target)
+    if t.kind in ("model", "weights", "run") and t.models:
+        return t.models[0]
+    raise ModelError(f"{t.path}: not a run directory, model directory or weights file beside model.json")
 
 
 def portable_path(path: str, run: str | Path) -> str:
@@ -168,28 +197,15 @@ def load_run_config(run: str | Path) -> Any:
 def teacher_run(checkpoint: str) -> Path | None:
     """The run a teacher came from (for an ensemble: its first member's run), or None for a
     weights file from elsewhere."""
-    p = Path(checkpoint)
-    if is_ensemble_dir(p):
-        row = read_ensemble(p)["members"][0]["model_dir"]
-        p = p / row if not Path(row).is_absolute() else Path(row)
-    if is_run_dir(p):
-        return p
-    if not p.is_dir():
-        return run_dir_of(p.parent) if (p.parent / "model.json").is_file() else None
-    return run_dir_of(p)
+    t = resolve(checkpoint)
+    return run_dir_of(t.models[0]) if t.kind == "ensemble" else t.run
 
 
 def teacher_training_images(checkpoint: str) -> tuple[str | None, set[int]] | None:
     """The data fingerprint and training-image indices a teacher was trained on, from its run's
     ``split.json`` (an ensemble: the union over its members); None for a file from elsewhere."""
-    p = Path(checkpoint)
-    runs: list[Path | None]
-    if is_ensemble_dir(p):
-        rows = read_ensemble(p)["members"]
-        runs = [run_dir_of(p / r["model_dir"] if not Path(r["model_dir"]).is_absolute() else Path(r["model_dir"]))
-                for r in rows]
-    else:
-        runs = [teacher_run(checkpoint) if p.exists() else None]
+    t = resolve(checkpoint)
+    runs = [run_dir_of(m) for m in t.models] if t.kind == "ensemble" else [t.run]
     fps, idx = set(), set()
     for run in runs:
         if run is None:

@@ -16,7 +16,7 @@ from medistill.data.transforms import resize
 from medistill.errors import ModelError
 from medistill.io import atomic_path, write_json
 from medistill.models.factory import ModelSpecRecord, Preprocess, data_size, load_model_dir
-from medistill.rundir import resolve_model_dir
+from medistill.rundir import resolve, resolve_model_dir
 
 
 class Deployable(nn.Module):
@@ -30,15 +30,22 @@ class Deployable(nn.Module):
         return self.model(self.pre(x))
 
 
+def _model_of(target: str | Path) -> tuple[Path, Path]:
+    """(model directory, what to load) of a run (its first student), a model directory or a
+    weights file: a weights file named on the command line is the one used, not its folder's
+    ``model.safetensors``."""
+    t = resolve(target)
+    d = resolve_model_dir(t.path)
+    return d, (t.path if t.kind == "weights" else d)
+
+
 def export_model(target: str | Path, fmt: str = "onnx", out: str | Path | None = None, check_batch: int = 4) -> dict[str, Any]:
     """Export the (first) student of ``target``; the export is run on random inputs at batch 1
     and ``check_batch`` and compared with PyTorch. Returns the path and the max |difference|."""
     if fmt not in ("onnx", "torchscript"):
         raise ModelError(f"unknown export format {fmt!r} (onnx, torchscript)")
-    t = Path(target)
-    d = resolve_model_dir(t)
-    # a weights file named on the command line is the one exported, not its folder's model.safetensors
-    model, pre, spec = load_model_dir(t if t.is_file() else d)
+    d, weights = _model_of(target)
+    model, pre, spec = load_model_dir(weights)
     net = Deployable(pre, model).eval()
     size = data_size(None, [spec])
     example = torch.rand(1, spec.data_chans, size, size)
@@ -105,9 +112,7 @@ def predict_files(model_path: str | Path, images: list[str | Path], cam: bool = 
     (PyTorch models only). ``model_path``: run dir, model dir, weights file or ``.onnx``;
     ``device`` runs a PyTorch model there (ONNX files run on onnxruntime's CPU provider)."""
     p = Path(model_path)
-    if not p.exists():
-        raise ModelError(f"no model at {p}")
-    if p.suffix == ".onnx":
+    if resolve(p).kind == "onnx":
         import onnx
 
         try:
@@ -127,8 +132,7 @@ def predict_files(model_path: str | Path, images: list[str | Path], cam: bool = 
         from medistill.device import resolve_device
 
         dev = resolve_device(device)
-        # a weights file named on the command line is the one used, not its folder's model.safetensors
-        model, pre, spec = load_model_dir(p if p.is_file() else resolve_model_dir(p))
+        model, pre, spec = load_model_dir(_model_of(p)[1])
         model, pre = model.to(dev), pre.to(dev)
         forward = lambda x: model(pre(x.to(dev))).cpu()  # noqa: E731
     x = torch.stack([load_image(i, spec) for i in images])

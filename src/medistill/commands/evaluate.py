@@ -21,7 +21,7 @@ from medistill.io import write_json
 from medistill.models.cost import model_cost
 from medistill.models.factory import data_size, load_model_dir
 from medistill.progress import steps
-from medistill.rundir import STUDENTS, load_run_config, read_run_json, run_dir_of, student_dirs
+from medistill.rundir import load_run_config, read_run_json, resolve, run_dir_of
 
 
 def external_bundle(data: str, class_names: list[str], class_map: list[str] | None = None) -> DataBundle:
@@ -68,21 +68,17 @@ def evaluate_target(target: str | Path, data: str | None = None, out: str | Path
         raise ConfigError(f"--split must be test or all, got {split!r}")
     if split == "all" and data is None:
         raise ConfigError("--split all scores every image of another dataset: pass it with --data")
-    target = Path(target)
-    if not target.exists():
-        raise ModelError(f"nothing to evaluate at {target}")
-    from medistill.rundir import is_ensemble_dir
-
-    if is_ensemble_dir(target) and data is None and out is None:
-        return {"ensemble": evaluate_ensemble(target, latency=latency)}
-    if (target / STUDENTS).is_dir():
-        model_dirs = student_dirs(target)
-        run_dir: Path | None = target
-    else:
-        model_dirs = [target]
-        run_dir = run_dir_of(target if target.is_dir() else target.parent)
+    t = resolve(target)
+    if t.kind == "ensemble" and data is None and out is None:
+        return {"ensemble": evaluate_ensemble(t.path, latency=latency)}
+    if t.kind in ("onnx", "ensemble") or (t.kind == "weights" and not t.models):
+        raise ModelError(f"{t.path}: evaluate takes a run, a model directory or a weights file beside model.json "
+                         f"(this is {'an' if t.kind[0] in 'aeo' else 'a'} {t.kind})")
+    # a weights file named on the command line is the one evaluated, not its folder's model.safetensors
+    model_dirs = [t.path] if t.kind == "weights" else list(t.models)
+    run_dir = t.run
     if not model_dirs:
-        raise ModelError(f"{target}: no students to evaluate")
+        raise ModelError(f"{t.path}: no students to evaluate")
     ev = load_run_config(run_dir).eval if run_dir is not None else EvalConfig()
     dev = resolve_device(device)
     bundle = None
@@ -103,7 +99,7 @@ def evaluate_target(target: str | Path, data: str | None = None, out: str | Path
             results[d.name] = _evaluate_dir(d, bundle, external, data, class_map, split, out, len(model_dirs), ev, dev,
                                             latency)
             advance(d.name)
-    if run_dir is not None and out is None and data is None and (target / STUDENTS).is_dir():
+    if run_dir is not None and out is None and data is None and t.kind == "run":
         first = model_dirs[0].name
         write_json(run_dir / "metrics.json", {**results[first], "student": first})
     return results
