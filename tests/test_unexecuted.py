@@ -159,3 +159,32 @@ def test_fitnet_regressor_bridges_maps_of_different_sizes(s_hw, t_hw) -> None:
     loss = term(ctx)
     loss.backward()
     assert all(p.grad is not None for p in term.regressor.parameters() if p.requires_grad)
+
+
+def test_fp16_loss_scale_survives_a_checkpoint(tmp_path: Path) -> None:
+    """Resuming an fp16 run restores the loss scale (restarting at 2**16 would overflow again)."""
+    from rich.console import Console
+
+    from medistill.distill import checkpoint as ckpt
+
+    def updater() -> tuple[Updater, nn.Module]:
+        torch.manual_seed(0)
+        lin = nn.Linear(4, 3)
+        up = Updater([SimpleNamespace(name="s", model=lin)], {}, OptimConfig(name="sgd", lr=0.1, weight_decay=0.0),
+                     SchedConfig(name="cosine"), TrainConfig(epochs=2), steps_per_epoch=3,
+                     scaler=torch.amp.GradScaler("cpu", init_scale=2.0 ** 10))
+        return up, lin
+
+    up, lin = updater()
+    x = torch.randn(5, 4)
+    up.step(["s"], lin(x).sum() * float("inf"), 0)            # overflow: 2**10 → 2**9
+    up.step(["s"], lin(x).sum(), 0)
+    ckpt.save_checkpoint(tmp_path, 0, {"s": 0.5}, 0, {"students": {"s": lin}, **up.state_groups()}, nn.ModuleDict())
+    fresh, lin2 = updater()
+    assert fresh.scaler.get_scale() == 2.0 ** 10
+    start, best, _ = ckpt.load_checkpoint(tmp_path, {"students": {"s": lin2}, **fresh.state_groups()}, nn.ModuleDict(),
+                                          Console(quiet=True), trim_log=False)
+    assert start == 1 and best == {"s": 0.5}
+    assert fresh.scaler.get_scale() == up.scaler.get_scale() == 2.0 ** 9
+    assert fresh.scheds["s"].last_epoch == up.scheds["s"].last_epoch == 1
+    assert all(torch.equal(a, b) for a, b in zip(lin.parameters(), lin2.parameters()))
