@@ -4,7 +4,7 @@ in-memory modules) and trainable students, each with its own preprocessing."""
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -248,15 +248,15 @@ def assemble_participants(cfg: Any, teacher_modules: dict[str, nn.Module], devic
     teacher_dirs = {t.name: resolve_teacher(t.checkpoint) for t in cfg.teachers if t.name not in teacher_modules}
     role = cfg.data.role if cfg.data.role != "auto" else ("student" if cfg.teachers else "teacher")
     data = build_data(cfg.data, None, role=role, download=download, fixed_splits=fixed_splits)
-    data.pin_memory = device.type == "cuda"
-    data.device = device
     native = data.source.native_size or 224
     teachers = [memory_teacher(t, teacher_modules[t.name], data) if t.name in teacher_modules
                 else load_teacher(t, teacher_dirs[t.name], data) for t in cfg.teachers]
     check_test_overlap(teachers, {n: str(d) for n, d in teacher_dirs.items()}, data, console)
     students = [make_student(s, native, data, cfg.train.channels_last) for s in cfg.students]
-    # Images stay at their native size; each model resizes the shared batch for itself.
-    data.image_size = data_size(data.source.native_size, [p.spec for p in teachers + students])
+    # Images stay at their native size; each model resizes the shared batch for itself. The
+    # bundle the run trains on is a new, complete one (size and device known only now).
+    data = replace(data, image_size=data_size(data.source.native_size, [p.spec for p in teachers + students]),
+                   pin_memory=device.type == "cuda", device=device)
     for s in students:
         s.spec.data_size = data.image_size
         s.spec.data_fingerprint = data.source.fingerprint or None

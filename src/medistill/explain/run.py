@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -103,7 +104,7 @@ def explain_run(run_dir: str | Path, n_images: int = 8, per_class: int | None = 
     cfg = load_run_config(run_dir)
     bundle = build_data(cfg.data, fixed_splits=read_run_json(run_dir / "split.json"))
     models = _load_models(run_dir, cfg.teachers, dict(compare or {}), cam_layers)
-    bundle.image_size = data_size(bundle.source.native_size, [s for *_, s in models.values()])
+    bundle = replace(bundle, image_size=data_size(bundle.source.native_size, [s for *_, s in models.values()]))
     chosen, x, y, bg = _images(bundle, split, n_images, per_class, seed)
     x, bg = x.to(dev), bg.to(dev)
     report: dict[str, Any] = {"split": split, "images": chosen.tolist(), "labels": y.tolist(), "device": str(dev),
