@@ -191,7 +191,7 @@ def collect(out: Path) -> dict[str, Any]:
             res["cells"][f"{student}:{variant}"] = {
                 "student": student, "variant": variant, "seeds": per_seed, "model": model,
                 "paired": _paired(out, student, variant, runs, res.get("ensemble")),
-                "epoch_time_s": statistics.mean(times) if times else None,
+                "epoch_time_s": statistics.median(times) if times else None,   # median: robust to a paused epoch
                 **{k: _mean_std([s[k] for s in per_seed.values() if s[k] is not None]) for k in METRICS},
             }
     return res
