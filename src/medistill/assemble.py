@@ -205,5 +205,6 @@ def execute_run(cfg: RunConfig, *, resume: bool = False, download: bool = False,
         from medistill.eval.compare import write_comparison
 
         if dist.rank() == 0:
+            # the verdict always gets an interval, even where eval.bootstrap=0 switched the per-run ones off
             write_comparison(Path(cfg.out), alone, max(cfg.eval.bootstrap, 200), cfg.eval.bootstrap_seed)
     return results

@@ -66,17 +66,11 @@ def read_predictions(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return idx, y, p
 
 
-def _split(run: Path) -> dict[str, Any]:
-    p = run / "split.json"
-    try:
-        return json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{p}: unreadable split ({e}); cannot check that the two runs share their test images") from e
-
-
 def check_same_test(distilled: Path, alone: Path) -> None:
     """Refuse two runs whose test splits are not the same images of the same data."""
-    a, b = _split(distilled), _split(alone)
+    from medistill.rundir import read_run_json
+
+    a, b = read_run_json(distilled / "split.json"), read_run_json(alone / "split.json")
     fa, fb = a.get("fingerprint"), b.get("fingerprint")
     if fa and fb and fa != fb:
         raise ConfigError(f"{alone} was trained on other data than {distilled} (data fingerprints {fb[:12]}… vs "
