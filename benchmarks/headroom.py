@@ -9,6 +9,7 @@ reused and an interrupted one resumed, so the benchmark can be stopped and resta
 
     python benchmarks/headroom.py                      # everything, resumable
     python benchmarks/headroom.py --cells mnv3s:ce,mnv3s:kd --seeds 0 1 2
+    python benchmarks/headroom.py --tune-kd mnv3s --cells mnv3s:kd_val   # KD τ, weight chosen on val
     python benchmarks/headroom.py --table-only         # rewrite the table from finished runs
 
 Settings come from ``configs/bench/headroom_isic9.yaml`` (32 px, dihedral views so the teacher
@@ -22,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -59,7 +61,12 @@ LABELS = {"ce": "alone, CE", "la": "alone, logit-adjusted CE", "kd": "KD from th
           "ce_long": "alone, CE, 2× epochs", "fm": "function matching (mixup, KL τ=1), 2× epochs"}
 EPOCH_FACTOR = {"ce_long": 2, "fm": 2}
 # the alone cell each distilled cell is paired with (same schedule, seed and test images)
-BASELINE = {"kd": "ce", "dkd": "ce", "kd_la": "ce", "fm": "ce_long"}
+BASELINE = {"kd": "ce", "dkd": "ce", "kd_la": "ce", "fm": "ce_long", "kd_val": "ce"}
+# KD's temperature and weight chosen on the validation split (``--tune-kd``): every pair of the
+# grid trained on the tuning seeds, the pair with the best mean validation balanced accuracy kept
+# as the cell ``kd_val``. The test split plays no part in the choice.
+KD_GRID = {"temperature": (1.0, 2.0, 4.0, 8.0), "weight": (0.5, 0.9)}
+LABELS["kd_val"] = "KD, τ and weight chosen on validation"
 DEFAULT_CELLS = ["mnv3s:ce", "mnv3s:kd", "mnv3s:ce_long", "mnv3s:fm", "mnv3s:la", "mnv3s:dkd", "mnv3s:kd_la",
                  "cnn5:ce", "cnn5:kd", "cnn5:ce_long", "cnn5:fm",
                  "resnet18:ce", "resnet18:kd", "resnet18:la", "resnet18:dkd", "resnet18:kd_la"]
@@ -118,7 +125,62 @@ def _member_run(out: Path, student: str, variant: str, seed: int) -> Path | None
     return None
 
 
+def grid_variant(temperature: float, weight: float) -> str:
+    return f"kd_t{temperature:g}_w{weight:g}"
+
+
+def _grid_point(variant: str) -> tuple[float, float] | None:
+    m = re.fullmatch(r"kd_t([0-9.]+)_w([0-9.]+)", variant)
+    return (float(m.group(1)), float(m.group(2))) if m else None
+
+
+def variant_spec(variant: str) -> tuple[str, Any]:
+    if (point := _grid_point(variant)) is not None:
+        t, w = point
+        return "distill", [{"type": "ce", "weight": round(1 - w, 6)}, {**KD, "weight": w, "temperature": t}]
+    return VARIANTS[variant]
+
+
+def alias(out: Path, student: str, variant: str) -> str:
+    """The run folder a cell lives in: ``kd_val`` is the grid point chosen on validation, and the
+    grid point equal to the ``kd`` cell's settings is that cell (the same run is never trained twice)."""
+    if variant == "kd_val":
+        chosen = json.loads(tuning_file(out, student).read_text())["chosen"]
+        variant = grid_variant(chosen["temperature"], chosen["weight"])
+    if _grid_point(variant) == (KD["temperature"], KD["weight"]):
+        return "kd"
+    return variant
+
+
+def tuning_file(out: Path, student: str) -> Path:
+    return out / "kd_tuning" / f"{student}.json"
+
+
+def tune_kd(out: Path, cfg: dict[str, Any], ens: Path, student: str, seeds: list[int]) -> dict[str, Any]:
+    """Train every KD grid point on ``seeds`` and keep the one with the best mean validation
+    balanced accuracy of the checkpoint each run selected (on validation too)."""
+    grid = {}
+    for t in KD_GRID["temperature"]:
+        for w in KD_GRID["weight"]:
+            name = grid_variant(t, w)
+            val, test = [], []
+            for seed in seeds:
+                run = cell(out, cfg, ens, student, name, seed)
+                m = json.loads((run / "students" / "student" / "metrics.json").read_text())
+                val.append(m["val"]["balanced_accuracy"])
+                test.append(m["test"]["balanced_accuracy"])
+            grid[name] = {"temperature": t, "weight": w, "val_balanced_accuracy": statistics.mean(val),
+                          "test_balanced_accuracy": statistics.mean(test)}
+    best = max(grid.values(), key=lambda g: g["val_balanced_accuracy"])
+    res = {"student": student, "seeds": seeds, "criterion": "mean validation balanced accuracy",
+           "grid": grid, "chosen": {"temperature": best["temperature"], "weight": best["weight"]}}
+    tuning_file(out, student).parent.mkdir(parents=True, exist_ok=True)
+    tuning_file(out, student).write_text(json.dumps(res, indent=2))
+    return res
+
+
 def cell(out: Path, cfg: dict[str, Any], ens: Path, student: str, variant: str, seed: int) -> Path:
+    variant = alias(out, student, variant)
     run = out / f"{student}-{variant}" / f"seed-{seed}"
     if (run / "summary.json").is_file():
         return run
@@ -128,7 +190,7 @@ def cell(out: Path, cfg: dict[str, Any], ens: Path, student: str, variant: str, 
     c["students"] = [{"name": "student", **STUDENTS[student]}]
     c["train"]["seed"] = seed
     c["train"]["epochs"] = c["train"]["epochs"] * EPOCH_FACTOR.get(variant, 1)
-    kind, spec = VARIANTS[variant]
+    kind, spec = variant_spec(variant)
     if kind == "train":
         for k, v in spec.items():
             _set(c, k, v)
@@ -172,8 +234,12 @@ def collect(out: Path) -> dict[str, Any]:
         res["teacher_member"] = {"flops": single["model"]["flops"], "params": single["model"]["params"],
                                  "latency_ms": (single.get("latency", {}).get("cpu_batch1") or {}).get("median_ms")}
     for student in STUDENTS:
-        for variant in VARIANTS:
-            d = out / f"{student}-{variant}"
+        if tuning_file(out, student).is_file():
+            res.setdefault("kd_tuning", {})[student] = json.loads(tuning_file(out, student).read_text())
+        for variant in [*VARIANTS, "kd_val"]:
+            if variant == "kd_val" and student not in res.get("kd_tuning", {}):
+                continue
+            d = out / f"{student}-{alias(out, student, variant)}"
             runs = sorted(p for p in d.glob("seed-*") if (p / "summary.json").is_file())
             done = {p.name for p in runs}
             runs += [m for s in range(10) if f"seed-{s}" not in done and (m := _member_run(out, student, variant, s))]
@@ -263,6 +329,15 @@ def table(res: dict[str, Any]) -> str:
                      + " | ".join(_f(c[m]) for m in METRICS if m != "balanced_accuracy")
                      + f" | {mdl.get('params', 0) / 1e6:.2f} | {mdl.get('flops', 0) / 1e6:.0f} | "
                      + (f"{lat:.2f}" if lat else "–") + " | " + (f"{ratio:.2f}" if ratio else "–") + " |")
+    for student, tu in res.get("kd_tuning", {}).items():
+        ch = tu["chosen"]
+        lines.append(f"\nKD grid for {STUDENTS[student]['model']} (seeds {tu['seeds']}; chosen on {tu['criterion']}: "
+                     f"τ = {ch['temperature']:g}, weight = {ch['weight']:g}; test shown for information only):\n")
+        lines.append("| τ | KD weight | val bal. ACC | test bal. ACC |\n|---|---|---|---|")
+        for g in tu["grid"].values():
+            mark = " **(chosen)**" if (g["temperature"], g["weight"]) == (ch["temperature"], ch["weight"]) else ""
+            lines.append(f"| {g['temperature']:g} | {g['weight']:g}{mark} | {g['val_balanced_accuracy']:.3f} | "
+                         f"{g['test_balanced_accuracy']:.3f} |")
     lines.append("\nΔ: balanced accuracy minus that of the same student alone on the same schedule, seed and test "
                  "images; mean ± std of the per-seed differences, and how many seeds' paired bootstrap 95 % intervals lie "
                  "above zero. Gap closed: (distilled − alone) / (ensemble − alone), per seed, mean ± std.")
@@ -278,15 +353,22 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=None)
     ap.add_argument("--set", dest="sets", action="append", default=[], help="dotted override for every run")
     ap.add_argument("--table-only", action="store_true")
+    ap.add_argument("--tune-kd", default=None, help="comma list of students whose KD τ and weight are chosen on "
+                    "validation over the grid (then add the cell STUDENT:kd_val)")
+    ap.add_argument("--tune-seeds", type=int, nargs="+", default=[0])
     a = ap.parse_args()
     out = Path(a.out)
     cfg = base_config(a.epochs, a.sets)
     if not a.table_only:
         ens = teachers(out, cfg, a.teacher_seeds)
         cells = a.cells.split(",") if a.cells else DEFAULT_CELLS
+        for student in (a.tune_kd.split(",") if a.tune_kd else []):
+            tune_kd(out, cfg, ens, student, a.tune_seeds)
         for c in cells:
             student, variant = c.split(":")
-            if student not in STUDENTS or variant not in VARIANTS:
+            if variant == "kd_val" and not tuning_file(out, student).is_file():
+                raise SystemExit(f"cell {c!r} needs the KD grid first: add --tune-kd {student}")
+            if student not in STUDENTS or (variant not in VARIANTS and variant != "kd_val"):
                 raise SystemExit(f"unknown cell {c!r}; students {list(STUDENTS)}, variants {list(VARIANTS)}")
         for seed in a.seeds:          # seeds outermost: a partial run already has every cell once
             for c in cells:

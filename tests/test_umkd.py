@@ -88,3 +88,68 @@ def test_preact_taps_differ_from_post_relu() -> None:
         m(torch.randn(2, 3, 28, 28))
     assert float(t[name].min()) < 0 and float(t["layer4"].min()) >= 0
     assert torch.allclose(t[name].relu(), t["layer4"])
+
+
+def test_pointwise_equals_a_1x1_convolution() -> None:
+    """The CFL's 1×1 convolutions run as a GEMM (faster on small maps); same values and gradients."""
+    from medistill.distill.terms.umkd import Pointwise
+
+    torch.manual_seed(0)
+    pw = Pointwise(16, 8)
+    conv = torch.nn.Conv2d(16, 8, 1, bias=False)
+    conv.weight.data.copy_(pw.weight.data)
+    x1 = torch.randn(3, 16, 5, 7, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_()
+    a, b = pw(x1), conv(x2)
+    assert a.shape == b.shape == (3, 8, 5, 7)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    (a * torch.arange(a.numel()).view_as(a).sin()).sum().backward()
+    (b * torch.arange(b.numel()).view_as(b).sin()).sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pw.weight.grad, conv.weight.grad, rtol=1e-4, atol=1e-5)
+    assert set(pw.state_dict()) == set(conv.state_dict()) == {"weight"}   # checkpoints load either way
+
+
+def _sfa_case(size: int, pool: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """The SFA term's value at ``pool`` and a naive reference written from the spec: LLF on the
+    student map, msLF on the experts', both average-pooled by the expected factor, then the CFL
+    block, Σ_e MMD² + Σ_e MSE."""
+    import torch.nn.functional as F
+
+    from medistill.losses import functional as L
+
+    torch.manual_seed(1)
+    feats = {"s": {"layer1": torch.randn(4, 8, size, size)},
+             "e1": {"layer1": torch.randn(4, 12, size, size).relu()}, "e2": {"layer1": torch.randn(4, 16, size, size)}}
+    shapes = {k: {"layer1": (1, *v["layer1"].shape[1:])} for k, v in feats.items()}
+    setup = TermSetup(students=["s"], teachers=["e1", "e2"], num_classes=3, class_counts=torch.ones(3), tap_shapes=shapes,
+                      models={}, teacher_val_recall=lambda: torch.ones(2, 3), teacher_class_means=lambda t, tap: torch.zeros(1))
+    term = make_term("sfa", "s", {"hidden": 8, "pool": pool}, setup)
+    ctx = StepContext({}, feats, torch.tensor([0, 1, 2, 0]), 0.0, torch.ones(3), torch.full((3,), 1 / 3), ["e1", "e2"], ["s"])
+    got, _ = term(ctx)
+    k = (size // 6 if pool == "auto" else pool) or 1
+    pool_k = (lambda f: F.avg_pool2d(f, k, ceil_mode=True)) if k > 1 else (lambda f: f)
+    fs = pool_k(term.llf(feats["s"]["layer1"]))
+    fts = [pool_k(L.multiscale_lowpass(feats[e]["layer1"])) for e in ("e1", "e2")]
+    hs = term.cfl.ext(term.cfl.align_s(fs))
+    want = 0
+    for i, ft in enumerate(fts):
+        ht = term.cfl.ext(term.cfl.align_t[i](ft))
+        want = want + L.mmd2(hs, ht) + F.mse_loss(term.cfl.dec[i](ht), ft)
+    return got, want
+
+
+@pytest.mark.parametrize(("size", "pool"), [(28, "auto"), (28, 1), (28, 2), (11, "auto"), (13, 3)])
+def test_sfa_pooling_against_a_naive_reference(size: int, pool: object) -> None:
+    got, want = _sfa_case(size, pool)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_sfa_auto_pool_leaves_small_maps_as_the_official_code() -> None:
+    """Maps under 12 px are not pooled by ``auto``: the value is the full-resolution one."""
+    a, _ = _sfa_case(11, "auto")
+    b, _ = _sfa_case(11, 1)
+    assert torch.equal(a, b)
+    c, _ = _sfa_case(28, "auto")
+    d, _ = _sfa_case(28, 1)
+    assert not torch.allclose(c, d)       # and 28 px maps are pooled (to 7 px)

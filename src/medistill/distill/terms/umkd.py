@@ -7,6 +7,8 @@ student's map size (the official code only supports equal sizes, e.g. R50/R18 at
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from pydantic import Field
@@ -21,6 +23,20 @@ from medistill.models.taps import preact_tap
 Tensor = torch.Tensor
 
 
+class Pointwise(nn.Conv2d):
+    """A bias-free 1×1 convolution computed as a matrix product over channels, ``[B, cin, H, W] →
+    [B, cout, H, W]``; the same parameters and initialisation as ``nn.Conv2d(cin, cout, 1)``.
+    Why not the convolution: on small maps oneDNN's bf16 1×1 convolution (forward and backward) ran
+    2× slower than this GEMM on the benchmark CPU, and CFA's 2048→2048 decoder conv was the
+    costliest single op of a UMKD step (benchmarks/umkd_profile.py)."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__(cin, cout, 1, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x.movedim(1, -1), self.weight.flatten(1)).movedim(-1, 1)
+
+
 class ResBlock(nn.Module):
     """``ReLU(Conv3×3(ReLU(Conv3×3(x))) + P(x))``: no BatchNorm, no bias (CFL)."""
 
@@ -28,7 +44,7 @@ class ResBlock(nn.Module):
         super().__init__()
         self.c1 = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
         self.c2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
-        self.proj = nn.Conv2d(cin, cout, 1, bias=False) if cin != cout else nn.Identity()
+        self.proj = Pointwise(cin, cout) if cin != cout else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         return F.relu(self.c2(F.relu(self.c1(x))) + self.proj(x))
@@ -41,11 +57,11 @@ class CFL(nn.Module):
 
     def __init__(self, ch_s: int, ch_t: list[int], h: int = 128):
         super().__init__()
-        self.align_s = nn.Sequential(nn.Conv2d(ch_s, 2 * h, 1, bias=False), nn.ReLU())
-        self.align_t = nn.ModuleList(nn.Sequential(nn.Conv2d(c, 2 * h, 1, bias=False), nn.ReLU()) for c in ch_t)
+        self.align_s = nn.Sequential(Pointwise(ch_s, 2 * h), nn.ReLU())
+        self.align_t = nn.ModuleList(nn.Sequential(Pointwise(c, 2 * h), nn.ReLU()) for c in ch_t)
         self.ext = nn.Sequential(ResBlock(2 * h, h), ResBlock(h, h), ResBlock(h, h))
         self.dec = nn.ModuleList(nn.Sequential(nn.Conv2d(h, c, 3, padding=1, bias=False), nn.ReLU(),
-                                               nn.Conv2d(c, c, 1, bias=False)) for c in ch_t)
+                                               Pointwise(c, c)) for c in ch_t)
 
     def forward(self, fs: Tensor, fts: list[Tensor]) -> tuple[Tensor, list[Tensor], list[Tensor]]:
         hs = self.ext(self.align_s(fs))
@@ -135,11 +151,15 @@ class _AlignTerm(_ExpertTerm):
     def student_input(self, f: Tensor) -> Tensor:
         return f
 
+    def pooled(self, f: Tensor) -> Tensor:
+        return f
+
     def forward(self, ctx: StepContext) -> tuple[Tensor, dict[str, Tensor]]:
         fs = self.student_input(ctx.feats[self.student][self.s_tap])
         size = tuple(fs.shape[-2:])
-        fts = [self.expert_target(_spatial(ctx.feats[e][self.e_taps[e]].detach(), size)) for e in self.experts]
-        hs, hts, recs = self.cfl(fs, fts)
+        fts = [self.pooled(self.expert_target(_spatial(ctx.feats[e][self.e_taps[e]].detach(), size)))
+               for e in self.experts]
+        hs, hts, recs = self.cfl(self.pooled(fs), fts)
         mmd = sum(L.mmd2(hs, ht, self.p.sigmas) for ht in hts)
         rec = sum(F.mse_loss(r, f) for r, f in zip(recs, fts))
         return mmd + self.p.recon_weight * rec, {"mmd": mmd.detach(), "recon": rec.detach()}
@@ -147,9 +167,28 @@ class _AlignTerm(_ExpertTerm):
 
 @register("sfa")
 class SFATerm(_AlignTerm):
-    """Shallow feature alignment: msLF on expert ``layer1`` maps, LLF on the student's."""
+    """Shallow feature alignment: msLF on expert ``layer1`` maps, LLF on the student's.
+
+    ``pool`` (default ``auto``): both low-passed maps are average-pooled before the CFL block,
+    whose 3×3 ResBlocks at full resolution cost ~75 % of a UMKD step (docs/benchmarks.md, UMKD
+    profile). Why this keeps SFA's meaning: SFA aligns *low-frequency* structure, and msLF's finest
+    cut-off is a 6×6 grid (at most 3 cycles a side), which 6 samples a side still represent; the
+    CFL's cost falls by the factor squared (28 px maps: 4 → 7 px, 16×). ``pool: 1`` runs at full
+    resolution, as the official code does (a deviation named in docs/specs/methods.md A.3)."""
 
     stage = "layer1"
+
+    class P(_AlignTerm.P):
+        pool: int | Literal["auto"] = Field("auto", description="average-pool factor for both maps before the CFL "
+                                            "block; auto: the largest that keeps ≥ 6 px a side; 1: the official code")
+
+    def pooled(self, f: Tensor) -> Tensor:
+        return f if self.factor(f) == 1 else F.avg_pool2d(f, self.factor(f), ceil_mode=True)
+
+    def factor(self, f: Tensor) -> int:
+        # msLF's finest grid has 6 × 6 cells (≤ 3 cycles a side): 6 samples a side still carry it
+        auto = max(1, min(f.shape[-2:]) // 6)
+        return auto if self.p.pool == "auto" else self.p.pool
 
     def build(self, setup: TermSetup) -> None:
         super().build(setup)
