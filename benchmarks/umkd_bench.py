@@ -33,9 +33,10 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=HEADLINE + ABLATIONS)
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast for the students and UMKD's modules (2.3× faster here)")
     ap.add_argument("--runs", default=str(RESULTS / "runs"))
+    ap.add_argument("--results", default="umkd", help="name of the result file under benchmarks/results (merged into)")
     a = ap.parse_args()
     root = Path(a.runs)
-    prev = RESULTS / "umkd.json"  # invocations per protocol add to one result file
+    prev = RESULTS / f"{a.results}.json"  # invocations per protocol add to one result file
     res: dict = json.loads(prev.read_text()) if prev.is_file() else {"runs": {}, "timing": {}}
     res.update(machine=machine(), epochs=a.epochs, bf16=a.bf16)
     for proto in a.protocols:
@@ -57,10 +58,10 @@ def main() -> None:
                 res["runs"][out.name] = run(cfg)
                 # the first run of a method is its timing; later seed invocations keep it
                 res["timing"].setdefault(f"{tag}_{m}_epoch_s", min(epoch_times(out)))
-                save("umkd", res)
+                save(a.results, res)
     key = f"peak_rss_mb_{'_'.join(a.protocols)}"
     res[key] = max(res.get(key, 0.0), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    save("umkd", res)
+    save(a.results, res)
 
 
 if __name__ == "__main__":

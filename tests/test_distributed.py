@@ -23,18 +23,32 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_torchrun_two_processes(tmp_path: Path) -> None:
+def _torchrun() -> str:
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
     if torchrun is None:
         pytest.skip("torchrun not found")
-    npz = write_npz(tmp_path / "d.npz", counts=(40, 30, 20))
-    out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MEDISTILL_CACHE_DIR": str(tmp_path / "cache")}
-    teacher = tmp_path / "teacher"
+    return torchrun
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Data and a small trained cnn5 teacher, shared by the distributed tests."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    npz = write_npz(tmp / "d.npz", counts=(40, 30, 20))
+    teacher = tmp / "teacher"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MEDISTILL_CACHE_DIR": str(tmp / "cache")}
     t = subprocess.run([sys.executable, "-m", "medistill", "train", "--data", str(npz), "--model", "cnn5", "--epochs", "2",
                         "--out", str(teacher), "--set", "students.0.kwargs={widths: [4, 8, 8, 8, 8]}", "--set", "train.latency=false"],
                        capture_output=True, text=True, env=env, timeout=600)
     assert t.returncode == 0, t.stderr[-2000:]
+    return npz, teacher
+
+
+def test_torchrun_two_processes(tmp_path: Path, teacher_run: tuple[Path, Path]) -> None:
+    torchrun = _torchrun()
+    npz, teacher = teacher_run
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MEDISTILL_CACHE_DIR": str(tmp_path / "cache")}
     # two students, one teacher (cached by rank 0), dual-student terms: teacher, peer and CE losses under DDP
     cmd = [torchrun, "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "medistill",
            "distill", "--data", str(npz), "--teacher", str(teacher), "--method", "dual_student", "--epochs", "2", "--out", str(out),
@@ -58,6 +72,38 @@ def test_torchrun_two_processes(tmp_path: Path) -> None:
     assert run_metrics["test"]["n"] == sum(sum(r) for r in single["test"]["confusion_matrix"])
     info = json.loads((out / "run_info.json").read_text())
     assert info["world_size"] == 2 and info["dist_backend"] == "gloo"     # --device auto on a CPU host
+    assert info["ddp_replica_max_abs_diff"] == 0.0      # both ranks ended with the same two students
+
+
+def test_torchrun_term_with_parameters_stays_in_sync(tmp_path: Path, teacher_run: tuple[Path, Path]) -> None:
+    """FitNet's regressor belongs to the term, not to the DDP-wrapped student: its gradients are
+    averaged by the engine. Each rank sees other images, so without that averaging the two ranks'
+    regressors (and then the students) drift apart; the engine measures the largest difference
+    between ranks after training and records it."""
+    torchrun = _torchrun()
+    npz, teacher = teacher_run
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MEDISTILL_CACHE_DIR": str(tmp_path / "cache")}
+    cmd = [torchrun, "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "medistill",
+           "distill", "--data", str(npz), "--teacher", str(teacher), "--epochs", "2", "--out", str(out),
+           "--model", "cnn5", "--set", "students.0.kwargs={widths: [4, 4, 8, 8, 8]}",
+           "--set", "terms=[{type: ce}, {type: fitnet, weight: 10.0, student_tap: conv3, teacher_tap: conv3}]",
+           "--set", "train.latency=false", "--set", "train.batch_size=8", "--set", "data.augment=flip"]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    import torch
+
+    state = torch.load(out / "checkpoint_last.pt", map_location="cpu", weights_only=True)
+    assert any("regressor" in k for k in json.dumps(list(_keys(state))).split('"')), "FitNet's regressor is in the checkpoint"
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["world_size"] == 2
+    assert info["ddp_replica_max_abs_diff"] == 0.0
+
+
+def _keys(tree: object, prefix: str = "") -> list[str]:
+    if isinstance(tree, dict):
+        return [k for key, v in tree.items() for k in _keys(v, f"{prefix}{key}.")]
+    return [prefix]
 
 
 def test_torchrun_one_process_joins_a_group(tmp_path: Path) -> None:

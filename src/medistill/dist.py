@@ -62,6 +62,19 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def replica_divergence(params: list[torch.Tensor]) -> float:
+    """Largest absolute difference between a rank's copy of ``params`` and the mean over ranks
+    (0.0 when every rank holds the same values, or without a process group). One all-reduce of
+    all parameters flattened together; every rank gets the same answer."""
+    if not initialized() or not params:
+        return 0.0
+    flat = torch.cat([q.detach().reshape(-1).double() for q in params])
+    mean = all_reduce_mean(flat.clone())
+    worst = (flat - mean).abs().max().reshape(1)
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    return float(worst)
+
+
 def destroy() -> None:
     if initialized():
         dist.destroy_process_group()

@@ -31,7 +31,7 @@ from medistill.distill.evaluation import final_evaluation, teacher_val_recall, t
 from medistill.distill.logbook import EpochLog, epoch_line
 from medistill.distill.methods import build_terms, check_mixing, supervised_terms
 from medistill.distill.optim import Updater, finish_swa
-from medistill.distill.participants import assemble_participants, training_forwards
+from medistill.distill.participants import assemble_participants, check_training_data, training_forwards
 from medistill.distill.terms import TermSetup
 from medistill.errors import ConfigError, NonFiniteLossError
 from medistill.models.taps import FeatureTaps
@@ -70,14 +70,7 @@ class Engine:
             torch.set_num_threads(cfg.train.threads)
         self._seed(cfg.train.seed)
         self._setup_participants()
-        counts = torch.as_tensor(self.data.counts("train"), dtype=torch.float32)
-        if (counts == 0).any():
-            missing = [self.data.class_names[i] for i in torch.nonzero(counts == 0).flatten().tolist()]
-            self.console.print(f"[yellow]warning: classes {missing} have no training images[/]")
-        if cfg.train.select_metric == "qwk" and not self.data.ordinal:
-            raise ConfigError("train.select_metric=qwk needs ordinal labels; this data is nominal "
-                              "(set data.ordinal=true if its class ids are ordered grades)")
-        self.class_counts = counts.to(self.device)
+        self.class_counts = check_training_data(self.data, cfg, self.console).to(self.device)
         self.class_prior = self.class_counts / self.class_counts.sum()
         self.terms = self._make_terms().to(self.device)
         self.scaler = grad_scaler(self.device, cfg.train.amp)
@@ -320,6 +313,11 @@ class Engine:
                 log.close()
         for taps in self.fixed_taps.values():
             taps.remove()
+        if self.world > 1:   # DDP averaged the students' gradients, _average_term_grads the terms'
+            diff = dist.replica_divergence([p for s in self.students for p in s.model.parameters()]
+                                           + list(self.terms.parameters()))
+            if self.main:
+                update_run_info(self.out, ddp_replica_max_abs_diff=diff)
         if self.updater.swas:
             finish_swa(self.students, self.updater.swas, self._full_loader("train"), self.device,
                        self.out if self.main else None, self.console, self.cfg.train)

@@ -13,7 +13,7 @@ from torch import nn
 
 from medistill.data import DataBundle
 from medistill.classes import same_classes
-from medistill.errors import ModelError
+from medistill.errors import ConfigError, ModelError
 from medistill.io import sha256_file
 from medistill.rundir import is_ensemble_dir, load_ensemble
 from medistill.models.taps import FeatureTaps
@@ -264,3 +264,16 @@ def assemble_participants(cfg: Any, teacher_modules: dict[str, nn.Module], devic
         p.model.to(device)
         p.pre.to(device)
     return data, teachers, students
+
+
+def check_training_data(data: Any, cfg: Any, console: Any) -> torch.Tensor:
+    """The training split's class counts ``[K]`` (float); warns on classes without images and
+    refuses QWK selection on nominal labels."""
+    counts = torch.as_tensor(data.counts("train"), dtype=torch.float32)
+    if (counts == 0).any():
+        missing = [data.class_names[i] for i in torch.nonzero(counts == 0).flatten().tolist()]
+        console.print(f"[yellow]warning: classes {missing} have no training images[/]")
+    if cfg.train.select_metric == "qwk" and not data.ordinal:
+        raise ConfigError("train.select_metric=qwk needs ordinal labels; this data is nominal "
+                          "(set data.ordinal=true if its class ids are ordered grades)")
+    return counts
