@@ -52,3 +52,28 @@ def test_no_import_from_a_higher_layer() -> None:
 def test_design_doc_states_the_order() -> None:
     text = (ROOT.parents[1] / "docs" / "design.md").read_text()
     assert "data` → `models` → `rundir` → `eval` → `distill` → `explain` → `report` → `assemble` → `commands`" in text
+
+
+def test_model_modes_restore_each_modules_own_flag() -> None:
+    """``eval_mode`` (the one home of "eval mode for a while") gives every submodule its own flag
+    back — a BatchNorm frozen in eval inside a training model stays frozen — and ``model_device``
+    answers for a model without parameters."""
+    import torch
+    from torch import nn
+
+    from medistill.models.modes import eval_mode, model_device
+
+    m = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))
+    m.train()
+    m[1].eval()
+    with eval_mode(m):
+        assert not any(x.training for x in m.modules())
+    assert m.training and m[0].training and not m[1].training
+    try:
+        with eval_mode(m):
+            raise RuntimeError("boom")
+    except RuntimeError:
+        pass
+    assert m.training and not m[1].training
+    assert model_device(nn.ReLU()) == torch.device("cpu")
+    assert model_device(m) == m[0].weight.device

@@ -30,6 +30,7 @@ from medistill.errors import CacheMismatchError, ConfigError
 from medistill.progress import steps
 from medistill.io import atomic_write, write_json
 from medistill.models.taps import FeatureTaps
+from medistill.models.modes import model_device
 
 
 def default_cache_dir() -> Path:
@@ -176,8 +177,7 @@ def build_cache(t: Any, manifest: dict[str, Any], views: list[int], train_idx: n
     positions[torch.as_tensor(train_idx)] = torch.arange(n)
     outs: dict[str, torch.Tensor] = {}
     loader = DataLoader(data.dataset("train", train=False), batch_size=batch_size)
-    p0 = next(t.model.parameters(), None)
-    device = p0.device if p0 is not None else torch.device("cpu")
+    device = model_device(t.model)
     with FeatureTaps(t.model, sorted(t.taps), detach=True) as taps, \
             steps(console, f"teacher cache {t.name}", len(views) * len(loader), enabled=console is not None) as advance:
         for vi, v in enumerate(views):

@@ -37,6 +37,7 @@ from medistill.errors import ConfigError, NonFiniteLossError
 from medistill.models.taps import FeatureTaps
 from medistill.progress import progress_bar
 from medistill.rundir import read_run_json, update_run_info, write_run_files
+from medistill.models.modes import eval_mode
 
 Tensor = torch.Tensor
 
@@ -133,11 +134,8 @@ class Engine:
         """Shapes (batch 1) of ``taps`` of participant ``name`` for one batch of data-sized images."""
         p = self.parts[name]
         x = torch.rand(2, self.data.channels, self.data.image_size, self.data.image_size, device=self.device)
-        was = p.model.training
-        p.model.eval()
-        with FeatureTaps(p.model, taps, detach=True) as rec, torch.no_grad():
+        with eval_mode(p.model), FeatureTaps(p.model, taps, detach=True) as rec, torch.no_grad():
             p.logits(x)
-        p.model.train(was)
         return {k: (1, *v.shape[1:]) for k, v in rec.outputs.items()}
 
     def _eval_loader(self, split: str):

@@ -16,6 +16,7 @@ from medistill.classes import same_classes
 from medistill.errors import ConfigError, ModelError
 from medistill.io import sha256_file
 from medistill.rundir import is_ensemble_dir, load_ensemble
+from medistill.models.modes import model_device
 from medistill.models.taps import FeatureTaps
 from medistill.models.factory import (
     ModelSpecRecord,
@@ -81,8 +82,7 @@ def memory_teacher(spec: Any, model: nn.Module, data: DataBundle) -> Participant
     pre = Preprocess(c, c, size, tuple(mean), tuple(std))
     model.eval()
     with torch.no_grad():
-        p0 = next(model.parameters(), None)
-        dev = p0.device if p0 is not None else torch.device("cpu")
+        dev = model_device(model)
         out = model(pre.to(dev)(torch.zeros(1, c, size, size, device=dev)))
     if out.ndim != 2 or out.shape[1] != data.num_classes:
         raise ModelError(f"teacher {spec.name!r} (in-memory {type(model).__name__}) returns shape {tuple(out.shape)}; "

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 from medistill.eval.metrics import (auprc, binary_operating_point, bootstrap_ci, choose_threshold,
                                     classification_metrics, per_class_reliability)
 from medistill.io import write_json, write_text
+from medistill.models.modes import eval_mode, model_device
 
 
 @torch.no_grad()
@@ -23,12 +24,9 @@ def predict(model: nn.Module, preprocess: nn.Module, loader: DataLoader, channel
     ``head``, when given, maps ``(model, x)`` to probabilities (e.g. DHO's combined heads);
     default: softmax of the logits. The model's train/eval mode is restored afterwards.
     """
-    was = model.training
-    model.eval()
-    p0 = next(model.parameters(), None)
-    device = p0.device if p0 is not None else torch.device("cpu")
+    device = model_device(model)
     probs, labels, idx = [], [], []
-    try:
+    with eval_mode(model):
         for x, y, i, _v in loader:
             x = preprocess(x.to(device, non_blocking=True))
             if channels_last:
@@ -37,8 +35,6 @@ def predict(model: nn.Module, preprocess: nn.Module, loader: DataLoader, channel
             probs.append(p.float())   # kept on the device: one copy at the end, not a sync per batch
             labels.append(torch.as_tensor(y))
             idx.append(torch.as_tensor(i))
-    finally:
-        model.train(was)
     out = (torch.cat(probs).cpu(), torch.cat(labels), torch.cat(idx))
     if getattr(loader, "medistill_sharded", False):
         from medistill.dist import gather_predictions

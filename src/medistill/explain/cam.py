@@ -11,29 +11,16 @@ All maps are ``[B, H, W]`` in [0, 1] at input resolution.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from medistill.models.taps import FeatureTaps
+from medistill.models.modes import eval_mode
 
 Tensor = torch.Tensor
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put every module in eval mode and restore each module's own flag afterwards."""
-    flags = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, f in flags.items():
-            m.training = f
 
 
 def tokens_to_map(t: Tensor) -> Tensor:

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from medistill.explain.cam import eval_mode
+from medistill.models.modes import eval_mode
 
 Tensor = torch.Tensor
 

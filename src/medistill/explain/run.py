@@ -22,6 +22,7 @@ from medistill.io import write_json, write_text
 from medistill.models.factory import data_size, load_model_dir
 from medistill.models.taps import list_taps
 from medistill.plots import overlay_figure, save_png
+from medistill.models.modes import eval_mode
 from medistill.progress import steps
 from medistill.rundir import (
     is_ensemble_dir,
@@ -40,7 +41,7 @@ def shap_map(model: nn.Module, x: torch.Tensor, cls: torch.Tensor, background: t
     The background is a fixed set of training images (see ``explain_run``)."""
     from captum.attr import GradientShap
 
-    with C.eval_mode(model):
+    with eval_mode(model):
         attr = GradientShap(model).attribute(x, baselines=background, target=cls, n_samples=n_samples, stdevs=0.09)
     return C.minmax(attr.abs().sum(1).detach())
 

@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from medistill.models.modes import eval_mode, model_device
+
 
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
@@ -18,33 +20,22 @@ def count_params(model: nn.Module) -> int:
 def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     """FLOPs of one forward pass on ``input_shape`` (batch included), as counted by
     ``torch.utils.flop_counter`` (a multiply-add counts 2; MACs = FLOPs / 2)."""
-    was = model.training
-    model.eval()
     counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        model(torch.zeros(*input_shape, device=_device_of(model)))
-    model.train(was)
+    with eval_mode(model), counter, torch.no_grad():
+        model(torch.zeros(*input_shape, device=model_device(model)))
     return int(counter.get_total_flops())
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 def latency_ms(model: nn.Module, input_shape: tuple[int, ...], repeats: int = 20, warmup: int = 3) -> dict[str, float]:
     """Median and IQR of wall-clock forward time on the CPU, warm-up runs discarded."""
-    was = model.training
-    model.eval()
     x = torch.zeros(*input_shape)
     times = []
-    with torch.inference_mode():
+    with eval_mode(model), torch.inference_mode():
         for i in range(warmup + repeats):
             t0 = time.perf_counter()
             model(x)
             if i >= warmup:
                 times.append((time.perf_counter() - t0) * 1e3)
-    model.train(was)
     q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
     return {"median_ms": statistics.median(times), "q1_ms": q[0], "q3_ms": q[2],
             "batch": input_shape[0], "threads": torch.get_num_threads()}

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from medistill.losses.functional import dho_combine
+from medistill.models.modes import eval_mode
 
 A_GRID = [round(0.05 * i, 2) for i in range(21)]
 B_GRID = [0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 4.0]
@@ -50,15 +51,13 @@ class DualHead(nn.Module):
     def tune_on_validation(self, batches: list[tuple[torch.Tensor, torch.Tensor]], score) -> dict[str, float]:
         """Grid-search ``a``, ``b`` (DHO's few-shot grid) to maximise ``score(probs, labels)``
         on ``batches`` of (preprocessed images, labels) — validation data, never test."""
-        was = self.training
-        self.eval()
         zc, zk, ys = [], [], []
-        for x, y in batches:
-            c, k = self.heads(x)
-            zc.append(c)
-            zk.append(k)
-            ys.append(y)
-        self.train(was)
+        with eval_mode(self):
+            for x, y in batches:
+                c, k = self.heads(x)
+                zc.append(c)
+                zk.append(k)
+                ys.append(y)
         zc, zk, y = torch.cat(zc), torch.cat(zk), torch.cat(ys)
         best = (-float("inf"), 0.5, 1.0)
         for a, b in itertools.product(A_GRID, B_GRID):

@@ -20,6 +20,7 @@ from medistill.data.transforms import resize
 from medistill.errors import ModelError
 from medistill.io import atomic_write, torch_load, write_json
 from medistill.models import cnn5 as _cnn5  # noqa: F401  (registers cnn5 with timm)
+from medistill.models.modes import eval_mode
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 SMALL_INPUT_MAX = 64
@@ -147,16 +148,12 @@ def _timm_create(name: str, num_classes: int, in_chans: int, input_size: int, hu
 
 
 def _check_forward(model: nn.Module, name: str, in_chans: int, input_size: int) -> None:
-    was = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(torch.zeros(1, in_chans, input_size, input_size))
     except (RuntimeError, AssertionError) as e:  # timm's size checks are assertions
         raise ModelError(f"{name} cannot run on {input_size}×{input_size} inputs ({e}); "
                          "use a larger input_size or small_input=on") from e
-    finally:
-        model.train(was)
 
 
 def read_checkpoint(path: str | os.PathLike, weights: str = "raw") -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from medistill.errors import ModelError
+from medistill.models.modes import eval_mode, model_device
 
 
 def resolve_modules(model: nn.Module, names: Iterable[str]) -> dict[str, nn.Module]:
@@ -98,13 +99,9 @@ def list_taps(model: nn.Module, input_size: int, in_chans: int = 3, max_depth: i
     """Names (up to ``max_depth`` dots) and output shapes for one ``[1, in_chans, S, S]`` input."""
     names = [n for n, _ in model.named_modules() if n and n.count(".") < max_depth]
     shapes: dict[str, tuple[int, ...]] = {}
-    was = model.training
-    model.eval()
     taps = FeatureTaps(model, names, detach=True)
-    p = next(model.parameters(), None)
-    with taps, torch.no_grad():
-        model(torch.zeros(1, in_chans, input_size, input_size, device=p.device if p is not None else None))
-    model.train(was)
+    with eval_mode(model), taps, torch.no_grad():
+        model(torch.zeros(1, in_chans, input_size, input_size, device=model_device(model)))
     for n in names:
         if n in taps.outputs:
             shapes[n] = tuple(taps.outputs[n].shape)
