@@ -47,8 +47,7 @@ def step_time(terms_cfg: list[dict[str, Any]], batch: int, steps: int, bf16: boo
         student(torch.zeros(1, 3, SIZE, SIZE))
     shapes = {"s": {k: (1, *v.shape[1:]) for k, v in t.outputs.items()}, **{e: eshape for e in experts}}
     setup = TermSetup(students=["s"], teachers=list(experts), num_classes=CLASSES, class_counts=torch.ones(CLASSES),
-                      tap_shapes=shapes, models={"s": student, **experts},
-                      teacher_val_recall=lambda: torch.ones(2, CLASSES), teacher_class_means=lambda a, b: torch.zeros(1))
+                      tap_shapes=shapes, models={"s": student, **experts})
     terms = [make_term(c["type"], "s", {k: v for k, v in c.items() if k not in ("type", "weight")}, setup)
              for c in terms_cfg]
     taps = sorted(set().union(*[tm.taps().get("s", set()) for tm in terms]))

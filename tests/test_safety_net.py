@@ -23,8 +23,7 @@ LN3 = math.log(3.0)
 
 def _setup(counts: list[float]) -> TermSetup:
     return TermSetup(students=["s"], teachers=["t"], num_classes=len(counts), class_counts=torch.tensor(counts),
-                     tap_shapes={}, models={}, teacher_val_recall=lambda: torch.ones(1, len(counts)),
-                     teacher_class_means=lambda t, tap: torch.zeros(len(counts), 1))
+                     tap_shapes={}, models={})
 
 
 def _ctx(s: torch.Tensor, t: torch.Tensor, y: list[int], counts: list[float]) -> StepContext:

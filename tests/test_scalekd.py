@@ -373,8 +373,7 @@ def _setup(teacher: nn.Module, student: nn.Module, size: int):
         return {k: (1, *v.shape[1:]) for k, v in rec.outputs.items()}
 
     return TermSetup(students=["s"], teachers=["t"], num_classes=3, class_counts=torch.ones(3), tap_shapes={},
-                     models=models, teacher_val_recall=lambda: torch.ones(1, 3),
-                     teacher_class_means=lambda t, k: torch.zeros(3, 1), probe=probe)
+                     models=models, probe=probe)
 
 
 def test_scalekd_refusals():

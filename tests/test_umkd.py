@@ -20,8 +20,7 @@ def _setup(models: dict, taps: dict, x: torch.Tensor, teachers: list[str]) -> tu
         feats[name] = dict(t.outputs)
         shapes[name] = {k: (1, *v.shape[1:]) for k, v in t.outputs.items()}
     setup = TermSetup(students=["s"], teachers=teachers, num_classes=5, class_counts=torch.ones(5), tap_shapes=shapes,
-                      models=models, teacher_val_recall=lambda: torch.ones(len(teachers), 5),
-                      teacher_class_means=lambda t, tap: torch.zeros(5, 8))
+                      models=models)
     return setup, logits, feats
 
 
@@ -123,7 +122,7 @@ def _sfa_case(size: int, pool: object) -> tuple[torch.Tensor, torch.Tensor]:
              "e1": {"layer1": torch.randn(4, 12, size, size).relu()}, "e2": {"layer1": torch.randn(4, 16, size, size)}}
     shapes = {k: {"layer1": (1, *v["layer1"].shape[1:])} for k, v in feats.items()}
     setup = TermSetup(students=["s"], teachers=["e1", "e2"], num_classes=3, class_counts=torch.ones(3), tap_shapes=shapes,
-                      models={}, teacher_val_recall=lambda: torch.ones(2, 3), teacher_class_means=lambda t, tap: torch.zeros(1))
+                      models={})
     term = make_term("sfa", "s", {"hidden": 8, "pool": pool}, setup)
     ctx = StepContext({}, feats, torch.tensor([0, 1, 2, 0]), 0.0, torch.ones(3), torch.full((3,), 1 / 3), ["e1", "e2"], ["s"])
     got, _ = term(ctx)

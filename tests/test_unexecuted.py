@@ -23,8 +23,8 @@ from medistill.distill.terms import TermSetup, make_term
 
 def _setup(students=("s",), teachers=("t0", "t1"), k=3, shapes=None) -> TermSetup:
     return TermSetup(students=list(students), teachers=list(teachers), num_classes=k, class_counts=torch.tensor([5.0, 3.0, 2.0]),
-                     tap_shapes=shapes or {}, models={}, teacher_val_recall=lambda: torch.tensor([[0.9, 0.2, 0.5], [0.1, 0.8, 0.5]]),
-                     teacher_class_means=lambda *a: None)
+                     tap_shapes=shapes or {}, models={},
+                     facts={("teacher_val_recall",): torch.tensor([[0.9, 0.2, 0.5], [0.1, 0.8, 0.5]])})
 
 
 def test_fp16_overflow_skips_the_step_and_the_schedule_waits() -> None:
@@ -188,3 +188,34 @@ def test_fp16_loss_scale_survives_a_checkpoint(tmp_path: Path) -> None:
     assert fresh.scaler.get_scale() == up.scaler.get_scale() == 2.0 ** 9
     assert fresh.scheds["s"].last_epoch == up.scheds["s"].last_epoch == 1
     assert all(torch.equal(a, b) for a, b in zip(lin.parameters(), lin2.parameters()))
+
+
+def test_terms_declare_whole_split_facts_and_never_call_back() -> None:
+    """KD's recall weighting and ND's class means are computed once by whoever builds the terms
+    (the engine), from what the terms declare in ``needs()``; each fact once, however many
+    terms ask for it."""
+    from medistill.config import TermSpec
+    from medistill.distill.methods import build_terms
+    from medistill.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="teacher_val_recall"):
+        make_term("kd", "s", {"aggregate": "recall"}, TermSetup(students=["s"], teachers=["t0"], num_classes=3,
+                                                                 class_counts=torch.ones(3), tap_shapes={}, models={}))
+    asked: list[tuple[str, ...]] = []
+
+    def provide(need: tuple[str, ...]) -> torch.Tensor:
+        asked.append(need)
+        return torch.tensor([[0.9, 0.2, 0.5], [0.1, 0.8, 0.5]])
+
+    class P:    # a participant as build_terms sees one
+        def __init__(self, name: str) -> None:
+            self.name, self.taps, self.model = name, set(), nn.Identity()
+
+    setup = _setup(students=("a", "b"))
+    setup.facts = {}
+    parts = {n: P(n) for n in ("a", "b", "t0", "t1")}
+    terms, _ = build_terms([TermSpec(type="kd", aggregate="recall"), TermSpec(type="ce")], setup, parts,
+                           probe=lambda n, t: {}, provide=provide)
+    assert asked == [("teacher_val_recall",)]             # two KD terms, one computation
+    assert torch.equal(terms["a__kd"].recall, torch.tensor([[0.9, 0.2, 0.5], [0.1, 0.8, 0.5]]))
+    assert not hasattr(setup, "teacher_val_recall") and not hasattr(setup, "teacher_class_means")

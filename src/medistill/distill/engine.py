@@ -33,6 +33,7 @@ from medistill.distill.methods import build_terms, check_mixing, supervised_term
 from medistill.distill.optim import Updater, finish_swa
 from medistill.distill.participants import assemble_participants, check_training_data, training_forwards
 from medistill.distill.terms import TermSetup
+from medistill.distill.terms.base import CLASS_MEANS, VAL_RECALL
 from medistill.errors import ConfigError, NonFiniteLossError
 from medistill.models.taps import FeatureTaps
 from medistill.progress import progress_bar
@@ -120,13 +121,11 @@ class Engine:
         setup = TermSetup(
             students=[s.name for s in self.students], teachers=[t.name for t in self.teachers],
             num_classes=self.data.num_classes, class_counts=self.class_counts, tap_shapes={},
-            models={n: p.model for n, p in self.parts.items()},
-            teacher_val_recall=lambda: teacher_val_recall(self.teachers, self._eval_loader("val")),
-            teacher_class_means=self._teacher_class_means, probe=self._probe,
+            models={n: p.model for n, p in self.parts.items()}, probe=self._probe,
         )
         specs = cfg.terms or supervised_terms(cfg)
         check_mixing(cfg.train.mix, specs)
-        terms, self.term_specs = build_terms(specs, setup, self.parts, self._probe)
+        terms, self.term_specs = build_terms(specs, setup, self.parts, self._probe, self._provide)
         self.tap_shapes = setup.tap_shapes
         return terms
 
@@ -148,9 +147,15 @@ class Engine:
 
         return DataLoader(self.data.dataset(split, train=False), batch_size=self.cfg.train.eval_batch_size)
 
-    def _teacher_class_means(self, teacher: str, tap: str) -> Tensor:
-        return teacher_class_means(self.parts[teacher], tap, self._full_loader("train"), self.device,
-                                   self.data.num_classes, self.out / f"class_means-{teacher}-{tap}.safetensors", self.main)
+    def _provide(self, need: tuple[str, ...]) -> Tensor:
+        """A fact a term declared (``LossTerm.needs``), computed over a whole split."""
+        if need[0] == VAL_RECALL:
+            return teacher_val_recall(self.teachers, self._eval_loader("val"))
+        if need[0] == CLASS_MEANS:
+            _, teacher, tap = need
+            return teacher_class_means(self.parts[teacher], tap, self._full_loader("train"), self.device,
+                                       self.data.num_classes, self.out / f"class_means-{teacher}-{tap}.safetensors", self.main)
+        raise ConfigError(f"no way to compute {need[0]!r} for a loss term")
 
     def _make_optim(self) -> None:
         self.steps_per_epoch = max(1, self._train_batches())

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from torch import nn
+from torch import Tensor, nn
 
 from medistill.config import RunConfig, TermSpec
 from medistill.distill.terms import TERMS, LossTerm, TermSetup, make_term_unbuilt
@@ -16,11 +16,13 @@ from medistill.presets import METHODS, Terms, method_terms  # noqa: F401  (re-ex
 
 
 def build_terms(specs: list[TermSpec], setup: TermSetup, parts: dict[str, Any],
-                probe: Callable[[str, list[str]], dict[str, tuple[int, ...]]]) -> tuple[nn.ModuleDict, dict[str, TermSpec]]:
+                probe: Callable[[str, list[str]], dict[str, tuple[int, ...]]],
+                provide: Callable[[tuple[str, ...]], Tensor] | None = None) -> tuple[nn.ModuleDict, dict[str, TermSpec]]:
     """Instantiate every term for its student(s) (a term without ``student`` applies to each),
     register the taps the terms read on the participants (``parts``: name → participant), measure
-    the tap shapes with ``probe`` and build the terms' own modules. Returns the terms keyed
-    ``student__type`` (``type2``… when repeated) and the spec behind each ``student.type`` key."""
+    the tap shapes with ``probe``, compute the facts the terms declared in ``needs()`` once each
+    with ``provide`` and build the terms' own modules. Returns the terms keyed ``student__type``
+    (``type2``… when repeated) and the spec behind each ``student.type`` key."""
     term_specs: dict[str, TermSpec] = {}
     terms: dict[str, LossTerm] = {}
     for spec in specs:
@@ -41,6 +43,11 @@ def build_terms(specs: list[TermSpec], setup: TermSetup, parts: dict[str, Any],
                                   "feature terms need a single network (name one member as the teacher)")
             parts[pname].taps |= taps
     setup.tap_shapes = {p.name: probe(p.name, sorted(p.taps)) for p in parts.values() if p.taps}
+    for need in sorted(set().union(*(t.needs() for t in terms.values()))):
+        if need not in setup.facts:
+            if provide is None:
+                raise ConfigError(f"term needs {need[0]} computed over the data; nothing here can provide it")
+            setup.facts[need] = provide(need)
     for term in terms.values():
         term.build(setup)
     return nn.ModuleDict({k.replace(".", "__"): v for k, v in terms.items()}), term_specs

@@ -9,7 +9,7 @@ logged beside it. A method is a list of terms in the config; no term owns a trai
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -21,6 +21,9 @@ from medistill.errors import ConfigError
 
 Tensor = torch.Tensor
 TERMS: dict[str, type["LossTerm"]] = {}
+# What a term may need computed over a whole split before it is built (see LossTerm.needs):
+VAL_RECALL = "teacher_val_recall"      # every teacher's per-class recall on validation
+CLASS_MEANS = "teacher_class_means"    # a teacher tap's mean per training class
 
 
 def register(name: str) -> Callable[[type["LossTerm"]], type["LossTerm"]]:
@@ -45,8 +48,9 @@ class TermSetup:
     class_counts: Tensor
     tap_shapes: dict[str, dict[str, tuple[int, ...]]]   # participant → tap → shape with batch 1
     models: dict[str, nn.Module]
-    teacher_val_recall: Callable[[], Tensor]            # [M, C], computed on demand
-    teacher_class_means: Callable[[str, str], Tensor]   # (teacher, tap) → [C, D], computed on demand
+    # Facts over whole splits that terms declared in ``needs()``, computed once by the engine
+    # before ``build``: (VAL_RECALL,) → [T, K]; (CLASS_MEANS, teacher, tap) → [K, D].
+    facts: dict[tuple[str, ...], Tensor] = field(default_factory=dict)
     # (participant, taps) → shapes with batch 1 of taps no term reads every step (e.g. to size a module)
     probe: Callable[[str, list[str]], dict[str, tuple[int, ...]]] | None = None
 
@@ -66,8 +70,13 @@ class LossTerm(nn.Module):
     def taps(self) -> dict[str, set[str]]:
         return {}
 
+    def needs(self) -> set[tuple[str, ...]]:
+        """Facts over whole splits this term reads in ``build`` (``setup.facts``): the engine
+        computes them once, so a term never calls back into the training loop. Default: none."""
+        return set()
+
     def build(self, setup: TermSetup) -> None:
-        """Create trainable modules once tap shapes are known (default: none)."""
+        """Create trainable modules once tap shapes (and declared facts) are known (default: none)."""
 
     def forward(self, ctx: StepContext) -> Tensor | tuple[Tensor, dict[str, Tensor | float]]:
         """The term's value and, optionally, diagnostics (detached tensors are cheapest on a GPU:
@@ -102,6 +111,8 @@ class LossTerm(nn.Module):
 def make_term(spec_type: str, student: str, raw: dict[str, Any], setup: TermSetup) -> LossTerm:
     """Construct and build a term (tests and tools; the engine builds after measuring tap shapes)."""
     term = make_term_unbuilt(spec_type, student, raw, setup)
+    if missing := sorted(term.needs() - setup.facts.keys()):
+        raise ConfigError(f"term {spec_type!r} needs {missing} in TermSetup.facts")
     term.build(setup)
     return term
 

@@ -11,7 +11,7 @@ from medistill.distill.context import StepContext
 from medistill.errors import ModelError
 from medistill.losses import functional as L
 
-from medistill.distill.terms.base import LossTerm, Params, TermSetup, register
+from medistill.distill.terms.base import CLASS_MEANS, LossTerm, Params, TermSetup, register
 
 Tensor = torch.Tensor
 
@@ -108,7 +108,10 @@ class NDTerm(LossTerm):
             self.projector: nn.Module = nn.Sequential(nn.BatchNorm1d(ds[1]), nn.Dropout(0.5), lin)
         else:
             self.projector = nn.Identity()
-        self.register_buffer("class_means", setup.teacher_class_means(self.teacher, self.p.teacher_tap))
+        self.register_buffer("class_means", setup.facts[(CLASS_MEANS, self.teacher, self.p.teacher_tap)])
+
+    def needs(self) -> set[tuple[str, ...]]:
+        return {(CLASS_MEANS, self.teacher, self.p.teacher_tap)}
 
     def forward(self, ctx: StepContext) -> Tensor:
         s = self.projector(ctx.feats[self.student][self.p.student_tap])

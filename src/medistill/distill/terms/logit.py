@@ -11,7 +11,7 @@ from medistill.distill.context import StepContext
 from medistill.errors import ConfigError
 from medistill.losses import functional as L
 
-from medistill.distill.terms.base import LossTerm, Params, TermSetup, register
+from medistill.distill.terms.base import VAL_RECALL, LossTerm, Params, TermSetup, register
 from medistill.distill.terms.supervised import _class_weights, _Weighted
 
 Tensor = torch.Tensor
@@ -56,14 +56,16 @@ class KDTerm(_TeacherTerm):
         normalize_weights: bool = False
         t2_scale: bool = Field(True, description="multiply by τ² (Hinton); False reproduces papers whose loss omits it")
 
+    def needs(self) -> set[tuple[str, ...]]:
+        return {(VAL_RECALL,)} if self.p.aggregate == "recall" else set()
+
     def build(self, setup: TermSetup) -> None:
         self.names = self._teachers(self.p.teachers)
         if self.p.teacher_weights is not None and len(self.p.teacher_weights) != len(self.names):
             raise ConfigError(f"kd: {len(self.p.teacher_weights)} teacher_weights for {len(self.names)} teachers")
         recall = torch.empty(0)
         if self.p.aggregate == "recall":
-            all_recall = setup.teacher_val_recall()
-            recall = all_recall[[setup.teachers.index(n) for n in self.names]]
+            recall = setup.facts[(VAL_RECALL,)][[setup.teachers.index(n) for n in self.names]]
         self.register_buffer("recall", recall, persistent=False)
 
     def target_probs(self, ctx: StepContext, temperature: float) -> Tensor:
