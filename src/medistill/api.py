@@ -152,11 +152,13 @@ def explain(run: str | Path, *, images: int = 8, per_class: int | None = None,
                        layers={}, compare={}, device=device)
 
 
-def export(target: str | Path, *, format: str = "onnx", out: str | Path | None = None) -> dict[str, Any]:
-    """Export a student with its preprocessing (ONNX or TorchScript), checked against PyTorch."""
+def export(target: str | Path, *, format: str = "onnx", out: str | Path | None = None,
+           force: bool = False) -> dict[str, Any]:
+    """Export a student with its preprocessing (ONNX or TorchScript), checked against PyTorch;
+    an existing file named by ``out`` is replaced only with ``force``."""
     from medistill.commands.deploy import export_model
 
-    return export_model(target, format, out)
+    return export_model(target, format, out, force=force)
 
 
 def load_student(directory: str | Path) -> nn.Module:

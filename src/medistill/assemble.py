@@ -133,6 +133,10 @@ def assemble_run(kind: str, config: dict[str, Any] | str | Path | None = None, o
     later = tuple(p for p, flag in (("students.", models), ("teachers.", teachers), ("terms.", method or terms)) if flag)
     deferred = [o for o in overrides if later and override_key(o).startswith(later)]
     apply_overrides(tree, [o for o in overrides if o not in deferred])
+    for part in ("students", "teachers", "terms"):
+        if part in tree and tree[part] is not None and not (
+                isinstance(tree[part], list) and all(isinstance(e, dict) for e in tree[part])):
+            raise ConfigError(f"{part} must be a list of mappings (e.g. [{{name: a, model: resnet18}}]); got {tree[part]!r:.80}")
     if models:
         tree["students"] = student_entries(models, input_size, tree["students"][0] if tree.get("students") else None)
     elif input_size:

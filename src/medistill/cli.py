@@ -310,11 +310,12 @@ def report(run_dirs: list[Path] = typer.Argument(..., help="one run (a report) o
 @app.command()
 def export(target: Path = typer.Argument(..., help="run directory (first student), model directory or weights file"),
            fmt: str = typer.Option("onnx", "--format", help="onnx or torchscript"),
-           out: Optional[Path] = typer.Option(None, "--out")) -> None:
+           out: Optional[Path] = typer.Option(None, "--out"),
+           force: bool = typer.Option(False, "--force", help="replace an existing file named by --out")) -> None:
     """Export a student (preprocessing included, dynamic batch) and check it against PyTorch."""
     from medistill.commands.deploy import export_model
 
-    r = export_model(target, fmt, out)
+    r = export_model(target, fmt, out, force=force)
     print(f"{r['path']}  max |Δ| vs PyTorch = {r['max_abs_diff']:.2e} (batches {r['batches_checked']})")
 
 

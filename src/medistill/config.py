@@ -314,8 +314,11 @@ def parse_override(item: Override) -> tuple[str, Any]:
     key, raw = item.split("=", 1)
     try:
         value = yaml.safe_load(raw) if raw else ""
-    except yaml.YAMLError:
-        value = raw
+    except yaml.YAMLError as e:
+        if raw.lstrip()[:1] in ("[", "{"):   # meant as a YAML list or mapping: say what is wrong with it
+            problem = str(getattr(e, "problem", None) or e).splitlines()[0]
+            raise ConfigError(f"override {key.strip()}: {raw!r} is not a valid YAML list/mapping ({problem})") from None
+        value = raw   # anything else that YAML cannot read is taken as the plain string the user typed
     return key.strip(), value
 
 
@@ -374,9 +377,13 @@ def load_config(path: str | Path | None = None, overrides: list[Override] | None
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: not valid YAML: {e}") from e
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{p}: not a UTF-8 text file (byte {e.start}); a config is YAML text") from None
+        if loaded is None:   # an empty file is a mistake, not a request for every default (a RetinaMNIST run)
+            raise ConfigError(f"{p} is empty; a config names at least its data and students (examples in configs/)")
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: top level must be a mapping, got {type(loaded).__name__}")
         tree = _deep_merge(tree, loaded)

@@ -39,9 +39,11 @@ def _model_of(target: str | Path) -> tuple[Path, Path]:
     return d, (t.path if t.kind == "weights" else d)
 
 
-def export_model(target: str | Path, fmt: str = "onnx", out: str | Path | None = None, check_batch: int = 4) -> dict[str, Any]:
+def export_model(target: str | Path, fmt: str = "onnx", out: str | Path | None = None, check_batch: int = 4,
+                 force: bool = False) -> dict[str, Any]:
     """Export the (first) student of ``target``; the export is run on random inputs at batch 1
-    and ``check_batch`` and compared with PyTorch. Returns the path and the max |difference|."""
+    and ``check_batch`` and compared with PyTorch. Returns the path and the max |difference|.
+    A file the user named in ``out`` that already exists is replaced only with ``force``."""
     if fmt not in ("onnx", "torchscript"):
         raise ModelError(f"unknown export format {fmt!r} (onnx, torchscript)")
     d, weights = _model_of(target)
@@ -53,6 +55,8 @@ def export_model(target: str | Path, fmt: str = "onnx", out: str | Path | None =
     dest = Path(out) if out else d / name
     if dest.is_dir():      # an existing folder: the file goes inside it
         dest = dest / name
+    if out and dest.exists() and not force:
+        raise ModelError(f"{dest} already exists; pass --force to replace it, or choose another --out")
     if fmt == "onnx":
         with atomic_path(dest) as tmp:
             # The TorchScript-based exporter: robust for CNNs and needs no onnxscript dependency.
