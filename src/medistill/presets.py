@@ -48,12 +48,14 @@ def _mt(epochs: int) -> Terms:
     return [{"type": "ce", "weight": 0.1}, {"type": "kd", "weight": 0.9, "temperature": 4.0, "aggregate": "prob_mean"}]
 
 
-def _umkd(sfa: bool = True, cfa: bool = True, udd: bool = True, uncertainty: bool = True) -> Callable[[int], Terms]:
-    """CE + α(L_SFA + L_CFA) + β·L_UDD with α = 10, β = 1 (docs/specs/methods.md A.7), and its ablations."""
+def _umkd(sfa: bool = True, cfa: bool = True, udd: bool = True, uncertainty: bool = True,
+          sfa_pool: int | str = "auto") -> Callable[[int], Terms]:
+    """CE + α(L_SFA + L_CFA) + β·L_UDD with α = 10, β = 1 (docs/specs/methods.md A.7), and its
+    ablations; ``sfa_pool=1`` is SFA at full resolution as in the official code."""
     def terms(epochs: int) -> Terms:
         t: Terms = [{"type": "ce"}]
         if sfa:
-            t.append({"type": "sfa", "weight": 10.0})
+            t.append({"type": "sfa", "weight": 10.0, "pool": sfa_pool})
         if cfa:
             t.append({"type": "cfa", "weight": 10.0})
         if udd:
@@ -104,7 +106,7 @@ METHODS: dict[str, Callable[[int], Terms]] = {
     "ce_only": _ce_only, "kd_ce03": _kd_ce03, "uncertainty_kd": _uncertainty_kd, "dkd++": _dkdpp, "dho": _dho,
     "scalekd": _scalekd, "fm": _fm,
     "umkd": _umkd(), "umkd_no_sfa": _umkd(sfa=False), "umkd_no_cfa": _umkd(cfa=False), "umkd_no_udd": _umkd(udd=False),
-    "umkd_udd_no_uncertainty": _umkd(uncertainty=False),
+    "umkd_udd_no_uncertainty": _umkd(uncertainty=False), "umkd_sfa_full": _umkd(sfa_pool=1),
 }
 
 
