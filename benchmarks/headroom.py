@@ -51,6 +51,9 @@ VARIANTS: dict[str, tuple[str, Any]] = {
     "kd": ("distill", [{"type": "ce", "weight": 0.1}, KD]),
     "dkd": ("distill", "dkd"),
     "kd_la": ("distill", [{"type": "logit_adjusted", "weight": 0.1}, KD]),
+    # balanced KD: logit-adjusted CE and the same offset inside the KL (the student learns the
+    # teacher's scores minus the prior); paired with logit-adjusted CE alone, its own supervised loss
+    "kd_bal": ("distill", [{"type": "logit_adjusted", "weight": 0.1}, {**KD, "logit_adjust": 1.0}]),
     # the patient and consistent teacher (function matching): twice the schedule, and the same
     # student alone on that schedule as its baseline, so that the longer schedule is not credited to FM
     "ce_long": ("train", {"train.loss": "ce"}),
@@ -61,12 +64,13 @@ LABELS = {"ce": "alone, CE", "la": "alone, logit-adjusted CE", "kd": "KD from th
           "ce_long": "alone, CE, 2× epochs", "fm": "function matching (mixup, KL τ=1), 2× epochs"}
 EPOCH_FACTOR = {"ce_long": 2, "fm": 2}
 # the alone cell each distilled cell is paired with (same schedule, seed and test images)
-BASELINE = {"kd": "ce", "dkd": "ce", "kd_la": "ce", "fm": "ce_long", "kd_val": "ce"}
+BASELINE = {"kd": "ce", "dkd": "ce", "kd_la": "ce", "fm": "ce_long", "kd_val": "ce", "kd_bal": "la"}
 # KD's temperature and weight chosen on the validation split (``--tune-kd``): every pair of the
 # grid trained on the tuning seeds, the pair with the best mean validation balanced accuracy kept
 # as the cell ``kd_val``. The test split plays no part in the choice.
 KD_GRID = {"temperature": (1.0, 2.0, 4.0, 8.0), "weight": (0.5, 0.9)}
 LABELS["kd_val"] = "KD, τ and weight chosen on validation"
+LABELS["kd_bal"] = "balanced KD (LA CE + KD with the student's logits + log prior)"
 DEFAULT_CELLS = ["mnv3s:ce", "mnv3s:kd", "mnv3s:ce_long", "mnv3s:fm", "mnv3s:la", "mnv3s:dkd", "mnv3s:kd_la",
                  "cnn5:ce", "cnn5:kd", "cnn5:ce_long", "cnn5:fm",
                  "resnet18:ce", "resnet18:kd", "resnet18:la", "resnet18:dkd", "resnet18:kd_la"]

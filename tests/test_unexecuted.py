@@ -219,3 +219,30 @@ def test_terms_declare_whole_split_facts_and_never_call_back() -> None:
     assert asked == [("teacher_val_recall",)]             # two KD terms, one computation
     assert torch.equal(terms["a__kd"].recall, torch.tensor([[0.9, 0.2, 0.5], [0.1, 0.8, 0.5]]))
     assert not hasattr(setup, "teacher_val_recall") and not hasattr(setup, "teacher_class_means")
+
+
+def test_kd_logit_adjust_against_a_naive_loop_and_a_hand_value() -> None:
+    """KD with the student's logits shifted by a·log(prior) inside the KL."""
+    import dataclasses
+
+    torch.manual_seed(2)
+    zs, t0, t1 = torch.randn(4, 3), torch.randn(4, 3), torch.randn(4, 3)
+    y = torch.tensor([0, 1, 2, 0])
+    prior = torch.tensor([0.6, 0.3, 0.1])
+    ctx = dataclasses.replace(_ctx(zs, t0, t1, y), class_prior=prior)
+    tau, a = 2.0, 1.0
+    got, _ = make_term("kd", "s", {"temperature": tau, "teachers": ["t0"], "logit_adjust": a}, _setup())(ctx)
+    want = sum(tau ** 2 * _kl(_softmax(t0[b].tolist(), tau),
+                              _softmax([z + a * math.log(p) for z, p in zip(zs[b].tolist(), prior.tolist())], tau))
+               for b in range(4)) / 4
+    assert float(got) == pytest.approx(want, rel=1e-5)
+    plain, _ = make_term("kd", "s", {"temperature": tau, "teachers": ["t0"]}, _setup())(ctx)
+    assert float(plain) != pytest.approx(want, rel=1e-3)
+    # hand value: one sample, τ = 1, teacher uniform over 2 classes, student logits 0, prior (0.8, 0.2):
+    # p_S = softmax(log 0.8, log 0.2) = (0.8, 0.2); KL((.5, .5) ‖ (.8, .2)) = .5 ln(.5/.8) + .5 ln(.5/.2)
+    one = StepContext(logits={"s": torch.zeros(1, 2), "t0": torch.zeros(1, 2)}, feats={}, target=torch.tensor([0]),
+                      epoch=0.0, class_counts=torch.tensor([8.0, 2.0]), class_prior=torch.tensor([0.8, 0.2]),
+                      teachers=["t0"], students=["s"])
+    v, _ = make_term("kd", "s", {"temperature": 1.0, "logit_adjust": 1.0},
+                     _setup(teachers=("t0",), k=2))(one)
+    assert float(v) == pytest.approx(0.5 * math.log(0.5 / 0.8) + 0.5 * math.log(0.5 / 0.2), rel=1e-6)

@@ -44,10 +44,14 @@ class KDTerm(_TeacherTerm):
     ``sample_weight``: ``none`` | ``entropy`` (the dual-student confidence ``1 − H/log C`` of the
     aggregated teacher, at ``entropy_temperature``); ``gate_correct`` keeps the term only where
     the aggregated teacher is right; ``normalize_weights`` divides by Σw instead of B.
+    ``logit_adjust`` = a > 0 matches the teacher with the student's logits shifted by a·log π
+    (π: the training split's class prior), the offset logit-adjusted CE uses (Menon et al. 2021):
+    the student then learns the teacher's scores *minus* the prior, so its own argmax is balanced.
     """
 
     class P(_TeacherParams):
         aggregate: str = Field("logit_mean", pattern="^(logit_mean|prob_mean|entropy|recall)$")
+        logit_adjust: float = Field(0.0, ge=0, description="a: the student's logits + a·log(prior) inside the KL")
         teacher_weights: list[float] | None = None
         entropy_kappa: float = Field(1.0, gt=0)
         sample_weight: str = Field("none", pattern="^(none|entropy)$")
@@ -83,7 +87,10 @@ class KDTerm(_TeacherTerm):
     def forward(self, ctx: StepContext) -> tuple[Tensor, dict[str, Tensor]]:
         tau = self.p.temperature
         q = self.target_probs(ctx, tau)
-        per = L.kd_per_sample(self.student_logits(ctx), q, tau)
+        z = self.student_logits(ctx)
+        if self.p.logit_adjust:
+            z = z + self.p.logit_adjust * ctx.class_prior.clamp_min(1e-12).log().to(z.dtype)
+        per = L.kd_per_sample(z, q, tau)
         if not self.p.t2_scale:
             per = per / tau ** 2
         w = torch.ones_like(per)
