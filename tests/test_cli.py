@@ -110,7 +110,14 @@ def test_demo_quick(tmp_path: Path) -> None:
         [sys.executable, "-m", "medistill.commands.demo", "--quick", "--out", str(tmp_path)], capture_output=True, text=True, env=ENV, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "HTML report" in p.stdout and list(tmp_path.glob("*/report.html"))
-    assert "Did distillation help?" in p.stdout and "student alone (CE)" in p.stdout
+    assert "Did distillation help?" in p.stdout and "student alone (logit-adjusted CE)" in p.stdout
     assert list(tmp_path.glob("*/teachers/ensemble.json"))
     for run in ("teachers", "alone", "kd"):
         assert list(tmp_path.glob(f"*/{run}/metrics.json"))
+    import yaml
+
+    # both arms train with the same supervised loss: the difference is the teacher's
+    alone = yaml.safe_load(next(tmp_path.glob("*/alone/config.yaml")).read_text())
+    kd = yaml.safe_load(next(tmp_path.glob("*/kd/config.yaml")).read_text())
+    assert alone["train"]["loss"] == "logit_adjusted" and not alone["terms"]
+    assert [t["type"] for t in kd["terms"]] == ["logit_adjusted", "kd"] and kd["terms"][1]["logit_adjust"] == 1.0

@@ -246,3 +246,15 @@ def test_kd_logit_adjust_against_a_naive_loop_and_a_hand_value() -> None:
     v, _ = make_term("kd", "s", {"temperature": 1.0, "logit_adjust": 1.0},
                      _setup(teachers=("t0",), k=2))(one)
     assert float(v) == pytest.approx(0.5 * math.log(0.5 / 0.8) + 0.5 * math.log(0.5 / 0.2), rel=1e-6)
+
+
+def test_kd_balanced_preset_and_its_fair_baseline(tmp_path) -> None:
+    """``--method kd_balanced`` expands to LA CE + logit-adjusted KD, and its ``--baseline`` trains
+    the student alone with logit-adjusted CE — the method's own supervised loss."""
+    from medistill.assemble import assemble_run, baseline_config
+
+    cfg = assemble_run("distill", None, [("data.name", "x.npz"), ("out", str(tmp_path / "o"))], models=["cnn5"],
+                       teachers=[str(tmp_path / "t")], method="kd_balanced")
+    assert [t.type for t in cfg.terms] == ["logit_adjusted", "kd"]
+    assert cfg.terms[1].params()["logit_adjust"] == 1.0 and cfg.train.loss == "logit_adjusted"
+    assert baseline_config(cfg).train.loss == "logit_adjusted" and not baseline_config(cfg).terms

@@ -100,11 +100,19 @@ def _fm(epochs: int) -> Terms:
     return [{"type": "kd", "weight": 1.0, "temperature": 1.0}]
 
 
+def _kd_balanced(epochs: int) -> Terms:
+    """Balanced KD for imbalanced data: 0.1·logit-adjusted CE + 0.9·τ²KL with the student's logits
+    shifted by log(prior) inside the KL (τ = 4), so the student's own argmax is balanced. Its fair
+    baseline is the student alone with logit-adjusted CE (:data:`SETTINGS` sets ``train.loss``)."""
+    return [{"type": "logit_adjusted", "weight": 0.1},
+            {"type": "kd", "weight": 0.9, "temperature": 4.0, "logit_adjust": 1.0}]
+
+
 METHODS: dict[str, Callable[[int], Terms]] = {
     "kd": _kd, "dkd": _dkd, "fitnet": _fitnet, "at": _at, "dml": _dml, "kd++": _kdpp,
     "dual_student": _dual, "multi_teacher": _mt,
     "ce_only": _ce_only, "kd_ce03": _kd_ce03, "uncertainty_kd": _uncertainty_kd, "dkd++": _dkdpp, "dho": _dho,
-    "scalekd": _scalekd, "fm": _fm,
+    "scalekd": _scalekd, "fm": _fm, "kd_balanced": _kd_balanced,
     "umkd": _umkd(), "umkd_no_sfa": _umkd(sfa=False), "umkd_no_cfa": _umkd(cfa=False), "umkd_no_udd": _umkd(udd=False),
     "umkd_udd_no_uncertainty": _umkd(uncertainty=False), "umkd_sfa_full": _umkd(sfa_pool=1),
 }
@@ -113,6 +121,8 @@ METHODS: dict[str, Callable[[int], Terms]] = {
 # Settings a preset needs beyond its terms (applied unless the user sets the key; printed).
 SETTINGS: dict[str, dict[str, Any]] = {
     "fm": {"train.mix": "mixup", "train.mix_alpha": 1.0},
+    # the supervised loss of the student-alone baseline (--baseline) is the method's own
+    "kd_balanced": {"train.loss": "logit_adjusted"},
 }
 
 
