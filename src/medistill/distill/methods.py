@@ -17,7 +17,7 @@ from medistill.presets import METHODS, Terms, method_terms  # noqa: F401  (re-ex
 
 def build_terms(specs: list[TermSpec], setup: TermSetup, parts: dict[str, Any],
                 probe: Callable[[str, list[str]], dict[str, tuple[int, ...]]],
-                provide: Callable[[tuple[str, ...]], Tensor] | None = None) -> tuple[nn.ModuleDict, dict[str, TermSpec]]:
+                provide: Callable[[tuple[str, ...]], Tensor]) -> tuple[nn.ModuleDict, dict[str, TermSpec]]:
     """Instantiate every term for its student(s) (a term without ``student`` applies to each),
     register the taps the terms read on the participants (``parts``: name → participant), measure
     the tap shapes with ``probe``, compute the facts the terms declared in ``needs()`` once each
@@ -45,8 +45,6 @@ def build_terms(specs: list[TermSpec], setup: TermSetup, parts: dict[str, Any],
     setup.tap_shapes = {p.name: probe(p.name, sorted(p.taps)) for p in parts.values() if p.taps}
     for need in sorted(set().union(*(t.needs() for t in terms.values()))):
         if need not in setup.facts:
-            if provide is None:
-                raise ConfigError(f"term needs {need[0]} computed over the data; nothing here can provide it")
             setup.facts[need] = provide(need)
     for term in terms.values():
         term.build(setup)

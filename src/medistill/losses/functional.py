@@ -104,10 +104,15 @@ def balanced_class_weights(class_counts: Sequence[int] | Tensor) -> Tensor:
     return (n.sum() / (len(n) * n)).float()
 
 
+def adjust_logits(logits: Tensor, class_prior: Tensor, tau: float = 1.0) -> Tensor:
+    """Menon et al.'s logit adjustment ``z + τ·log π`` for logits ``[B, C]`` and a prior ``[C]``."""
+    prior = torch.as_tensor(class_prior, dtype=logits.dtype, device=logits.device)
+    return logits + tau * torch.log(prior.clamp_min(1e-12))
+
+
 def logit_adjusted_ce(logits: Tensor, target: Tensor, class_prior: Tensor, tau: float = 1.0) -> Tensor:
     """Menon et al. (F.8): ``CE(z + τ·log π, y)``, batch mean."""
-    prior = torch.as_tensor(class_prior, dtype=logits.dtype, device=logits.device)
-    return F.cross_entropy(logits + tau * torch.log(prior.clamp_min(1e-12)), target)
+    return F.cross_entropy(adjust_logits(logits, class_prior, tau), target)
 
 
 def nd_loss(student_embedding: Tensor, teacher_embedding: Tensor, class_means: Tensor, target: Tensor) -> Tensor:

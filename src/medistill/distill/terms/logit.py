@@ -89,7 +89,7 @@ class KDTerm(_TeacherTerm):
         q = self.target_probs(ctx, tau)
         z = self.student_logits(ctx)
         if self.p.logit_adjust:
-            z = z + self.p.logit_adjust * ctx.class_prior.clamp_min(1e-12).log().to(z.dtype)
+            z = L.adjust_logits(z, ctx.class_prior, self.p.logit_adjust)
         per = L.kd_per_sample(z, q, tau)
         if not self.p.t2_scale:
             per = per / tau ** 2

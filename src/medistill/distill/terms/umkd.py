@@ -183,7 +183,8 @@ class SFATerm(_AlignTerm):
                                             "block; auto: the largest that keeps ≥ 6 px a side; 1: the official code")
 
     def pooled(self, f: Tensor) -> Tensor:
-        return f if self.factor(f) == 1 else F.avg_pool2d(f, self.factor(f), ceil_mode=True)
+        k = self.factor(f)
+        return f if k == 1 else F.avg_pool2d(f, k, ceil_mode=True)
 
     def factor(self, f: Tensor) -> int:
         # msLF's finest grid has 6 × 6 cells (≤ 3 cycles a side): 6 samples a side still carry it
