@@ -1,6 +1,6 @@
 """The headroom benchmark: is a distilled student better than the same student trained alone?
 
-On ISIC 9-class dermoscopy (``isic9_64.npz``): a teacher ensemble of seeds, then students over
+On ISIC 8-class dermoscopy (``isic8_64.npz``, the cleaned set): a teacher ensemble of seeds, then students over
 seeds, each alone with CE, alone with logit-adjusted CE, KD from the ensemble, DKD from the
 ensemble and KD with logit-adjusted CE — for a ResNet-18 and for a small student at ≤ 1/10 of
 one teacher's FLOPs. Every run goes through the ``medistill`` command line; a finished run is
@@ -12,7 +12,7 @@ reused and an interrupted one resumed, so the benchmark can be stopped and resta
     python benchmarks/headroom.py --tune-kd mnv3s --cells mnv3s:kd_val   # KD τ, weight chosen on val
     python benchmarks/headroom.py --table-only         # rewrite the table from finished runs
 
-Settings come from ``configs/bench/headroom_isic9.yaml`` (32 px, dihedral views so the teacher
+Settings come from ``configs/bench/headroom_isic8.yaml`` (32 px, dihedral views so the teacher
 outputs are cached, AdamW + cosine); ``--epochs`` and ``--set`` override them for every run.
 Results: ``benchmarks/results/headroom.json`` and ``headroom.md``.
 """
@@ -36,7 +36,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent
 REPO = ROOT.parent
 RESULTS = ROOT / "results"
-BASE = REPO / "configs" / "bench" / "headroom_isic9.yaml"
+BASE = REPO / "configs" / "bench" / "headroom_isic8.yaml"
 
 STUDENTS = {
     "resnet18": {"model": "resnet18", "input_size": 32, "small_input": "stride16"},
@@ -98,7 +98,7 @@ def base_config(epochs: int | None, sets: list[str]) -> dict[str, Any]:
     cfg = yaml.safe_load(BASE.read_text())
     cfg["data"]["name"] = str((REPO / cfg["data"]["name"]).resolve()) if not Path(cfg["data"]["name"]).is_absolute() else cfg["data"]["name"]
     if os.environ.get("MEDISTILL_DATA_DIR"):
-        cand = Path(os.environ["MEDISTILL_DATA_DIR"]) / "isic9_64.npz"
+        cand = Path(os.environ["MEDISTILL_DATA_DIR"]) / "isic8_64.npz"
         if cand.is_file():
             cfg["data"]["name"] = str(cand)
     if epochs:

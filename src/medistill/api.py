@@ -98,11 +98,13 @@ def distill(teachers: Sequence[TeacherLike], data: str | Path | None = None, mod
             method: str | None = "kd", terms: list[dict[str, Any]] | None = None, epochs: int | None = None,
             seed: int | None = None, out: str | Path = "runs/run", config: dict[str, Any] | str | Path | None = None,
             overrides: Sequence[str] | None = None, teacher_norm: str = "half", resume: bool = False,
-            quiet: bool = False, baseline: bool = False, compare: str | Path | None = None, force: bool = False) -> Run:
+            quiet: bool = False, baseline: bool = False, compare: str | Path | None = None, force: bool = False,
+            unlabeled: str | Path | None = None, label_fraction: float | None = None) -> Run:
     """Distil ``teachers`` into the student(s) with a method preset or explicit loss ``terms``.
     Without ``data``, the data and split are those of the (first) teacher's run. ``baseline``
     also trains the students alone; ``compare`` names such a run: ``Run.comparison`` then holds
-    the paired differences."""
+    the paired differences. ``unlabeled``: images without labels the student learns the teacher's
+    outputs on (``data.unlabeled``); ``label_fraction``: keep this share of the training labels."""
     if isinstance(teachers, (str, Path, tuple, nn.Module)):
         teachers = [teachers]   # one teacher given bare
     modules: dict[str, nn.Module] = {}
@@ -117,7 +119,9 @@ def distill(teachers: Sequence[TeacherLike], data: str | Path | None = None, mod
         else:
             raise ConfigError(f"teachers[{i}]: expected a run/model directory, an (arch, weights_file) pair or an "
                               f"nn.Module, got {type(t).__name__}")
-    cfg = assemble_run("distill", config, _overrides(data, epochs, seed, out, overrides, config), models=_models(model),
+    extra = [(k, v) for k, v in (("data.unlabeled", None if unlabeled is None else str(unlabeled)),
+                                 ("data.label_fraction", label_fraction)) if v is not None]
+    cfg = assemble_run("distill", config, _overrides(data, epochs, seed, out, overrides, config) + extra, models=_models(model),
                        teachers=entries or None, method=None if terms is not None else method, terms=terms,
                        resume=resume)
     return _finish(cfg, modules, resume, quiet, baseline, compare, force)

@@ -21,7 +21,7 @@ from medistill.errors import ConfigError
 # stay the student's own.
 INHERITED_DATA = ("name", "format", "val_fraction", "test_fraction", "split_seed", "tiny_class_policy",
                   "max_eval_samples", "ordinal", "group_pattern", "group_by", "window", "dicom_frame",
-                  "folds", "fold", "skip_corrupt")
+                  "folds", "fold", "skip_corrupt", "label_fraction")
 ALONE_DIR = "alone"
 
 

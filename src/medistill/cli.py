@@ -43,6 +43,10 @@ _FOLD = typer.Option(None, "--fold", help="cross-validation fold i of data.folds
 _WORKERS = typer.Option(None, "--workers", help="DataLoader worker processes (data.num_workers; default auto)")
 _FORCE = typer.Option(False, "--force", help="write into an --out that holds other files or a finished run")
 _PRINT = typer.Option(False, "--print-config", help="print the resolved config (YAML) and exit without training")
+_UNLABELED = typer.Option(None, "--unlabeled", help="images without labels (flat folder, CSV with a path column, .npz "
+                          "with `images`): the student learns the teacher's outputs on them (data.unlabeled)")
+_LABEL_FRACTION = typer.Option(None, "--label-fraction", help="keep this stratified share of the training labels; the "
+                               "rest join the unlabelled pool (data.label_fraction; for measuring an archive's worth)")
 _PRETRAINED = typer.Option(False, "--pretrained", help="start the students from timm's published weights (needs "
                            "network access; offline, pass a local file with --set students.0.pretrained=PATH)")
 
@@ -50,11 +54,12 @@ _PRETRAINED = typer.Option(False, "--pretrained", help="start the students from 
 def _overrides(data: Optional[str], model: Optional[list[str]], epochs: Optional[int], batch_size: Optional[int],
                seed: Optional[int], out: Optional[str], lr: Optional[float], input_size: Optional[int],
                sets: Optional[list[str]], device: Optional[str] = None, amp: Optional[str] = None,
-               fold: Optional[int] = None, workers: Optional[int] = None) -> list[Override]:
+               fold: Optional[int] = None, workers: Optional[int] = None, unlabeled: Optional[str] = None,
+               label_fraction: Optional[float] = None) -> list[Override]:
     """Flags as typed (key, value) pairs, then the ``--set`` strings (parsed as YAML data)."""
     flags = {"data.name": data, "train.epochs": epochs, "train.batch_size": batch_size, "train.seed": seed,
              "out": out, "optim.lr": lr, "train.device": device, "train.amp": amp, "data.fold": fold,
-             "data.num_workers": workers}
+             "data.num_workers": workers, "data.unlabeled": unlabeled, "data.label_fraction": label_fraction}
     # an empty --data/--out (an unset shell variable) is kept: the assembly refuses it by name
     return [(k, v) for k, v in flags.items() if v is not None] + list(sets or [])
 
@@ -121,9 +126,11 @@ def train(
     workers: Optional[int] = _WORKERS,
     print_config: bool = _PRINT,
     force: bool = _FORCE,
+    label_fraction: Optional[float] = _LABEL_FRACTION,
 ) -> None:
     """Train a teacher or a student-only baseline with a supervised loss (or a seed ensemble)."""
-    overrides = _overrides(data, model, epochs, batch_size, seed, out, lr, input_size, sets, device, amp, fold, workers)
+    overrides = _overrides(data, model, epochs, batch_size, seed, out, lr, input_size, sets, device, amp, fold, workers,
+                           label_fraction=label_fraction)
     if seeds is None or print_config:
         _run("train", config, overrides, model, input_size, None, None, resume, download, pretrained, print_config,
              force=force)
@@ -202,11 +209,13 @@ def distill(
                                   "schedule and seed, in OUT/alone) and report the difference with a paired 95 % interval"),
     compare: Optional[str] = typer.Option(None, "--compare", help="a run of the same student(s) trained alone on the same "
                                           "split: report the difference with a paired 95 % interval"),
+    unlabeled: Optional[str] = _UNLABELED,
+    label_fraction: Optional[float] = _LABEL_FRACTION,
 ) -> None:
     """Distil N teachers into M students with a list of loss terms. Without --data, the data and
     split are the teacher's."""
     _run("distill", config, _overrides(data, model, epochs, batch_size, seed, out, lr, input_size, sets, device, amp, fold,
-                                       workers), model, input_size, teacher, method, resume, download, pretrained,
+                                       workers, unlabeled, label_fraction), model, input_size, teacher, method, resume, download, pretrained,
          print_config, baseline, compare, force)
 
 

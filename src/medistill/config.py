@@ -94,6 +94,14 @@ class DataConfig(_Strict):
     window: tuple[float, float] | None = Field(None, description="(center, width) for DICOM and 16-bit images; "
                                                "default: the DICOM file's window, else the image's range")
     dicom_frame: int | None = Field(None, ge=0, description="the frame read from multi-frame DICOM files")
+    unlabeled: str | None = Field(None, description="images without labels (a flat image folder, a CSV with a path "
+                                  "column and no label, or an .npz with `images`): the student learns the teacher's "
+                                  "outputs on them through every term that needs no label (kd, fitnet, …)")
+    label_fraction: float | None = Field(None, gt=0.0, le=1.0, description="keep this stratified, seeded share of the "
+                                         "training labels; the other training images join the unlabelled pool")
+    unlabeled_ratio: float | None = Field(None, ge=0.0, lt=1.0, description="share of every training batch drawn from "
+                                          "the unlabelled pool (an epoch is one pass over the labelled images); "
+                                          "default: one shuffled pass over labelled and unlabelled images together")
     folds: int | None = Field(None, ge=2, description="cross-validation: K folds over train ∪ val; test untouched")
     fold: int = Field(0, ge=0, description="which fold is the validation part (with data.folds)")
 

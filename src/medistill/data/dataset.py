@@ -17,28 +17,39 @@ from torch.utils.data.distributed import DistributedSampler
 from medistill.config import DataConfig
 from medistill.data import splits as sp
 from medistill.data.sources import ImageSource, open_source
+from medistill.data.unlabeled import UNLABELED, check_unlabeled_leak, open_unlabeled
 from medistill.data.transforms import Augment, resize
 from medistill.errors import DataError
 
 
 class ImageDataset(Dataset):
-    """Items are ``(x [C, S, S] float in [0, 1], label, source index, view id)``."""
+    """Items are ``(x [C, S, S] float in [0, 1], label, index, view id)``.
 
-    def __init__(self, source: ImageSource, indices: np.ndarray, size: int, augment: Augment | None):
+    Indices ``≥ len(source)`` are images ``index − len(source)`` of ``extra`` (the unlabelled
+    images of ``data.unlabeled``); items from position ``hidden_from`` on carry the label −1 (the
+    training images ``data.label_fraction`` moved to the unlabelled pool, and ``extra``'s).
+    """
+
+    def __init__(self, source: ImageSource, indices: np.ndarray, size: int, augment: Augment | None,
+                 extra: ImageSource | None = None, hidden_from: int | None = None):
         self.source, self.indices, self.size, self.augment = source, np.asarray(indices), size, augment
+        self.extra, self.hidden_from = extra, hidden_from
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, k: int) -> tuple[torch.Tensor, int, int, int]:
         i = int(self.indices[k])
-        arr = self.source.load(i)
+        n = len(self.source)
+        src, j = (self.source, i) if i < n or self.extra is None else (self.extra, i - n)
+        arr = src.load(j)
         # a copy: memory-mapped sources are read-only, and torch warns on non-writable arrays
         x = resize(torch.from_numpy(np.array(arr)).permute(2, 0, 1).float().div_(255.0), self.size)
         view = 0
         if self.augment is not None:
             x, view = self.augment(x)
-        return x, int(self.source.labels[i]), i, view
+        hidden = self.hidden_from is not None and k >= self.hidden_from
+        return x, (UNLABELED if hidden else int(src.labels[j])), i, view
 
 
 @dataclass
@@ -53,7 +64,22 @@ class DataBundle:
     pin_memory: bool = False      # page-locked batches for asynchronous copies to a CUDA device
     split_notes: list[str] | None = None   # fractions the patient groups did not allow, etc.
     device: torch.device | None = None     # where data.resident keeps the images (the training device)
+    unlabeled: ImageSource | None = None   # data.unlabeled's images: indices len(source) + j
     _resident: torch.Tensor | None = None
+
+    @property
+    def index_size(self) -> int:
+        """How many image ids there are: the labelled source's, then the unlabelled images'."""
+        return len(self.source) + (len(self.unlabeled) if self.unlabeled is not None else 0)
+
+    @property
+    def has_unlabeled(self) -> bool:
+        return len(self.splits.get("unlabeled", ())) > 0
+
+    def train_indices(self, unlabeled: bool = False) -> np.ndarray:
+        """The training images' ids; with ``unlabeled``, followed by the unlabelled pool's."""
+        tr = self.splits["train"]
+        return np.concatenate([tr, self.splits["unlabeled"]]) if unlabeled and self.has_unlabeled else tr
 
     @property
     def num_classes(self) -> int:
@@ -82,8 +108,12 @@ class DataBundle:
     def labels(self, split: str) -> np.ndarray:
         return self.source.labels[self.splits[split]]
 
-    def dataset(self, split: str, train: bool) -> ImageDataset:
+    def dataset(self, split: str, train: bool, unlabeled: bool = False) -> ImageDataset:
+        """The images of ``split``; ``unlabeled`` (training split only) appends the unlabelled pool."""
         aug = Augment(self.cfg.augment, self.image_size) if train and self.cfg.augment != "none" else None
+        if unlabeled and split == "train" and self.has_unlabeled:
+            return ImageDataset(self.source, self.train_indices(True), self.image_size, aug, self.unlabeled,
+                                hidden_from=len(self.splits["train"]))
         return ImageDataset(self.source, self.splits[split], self.image_size, aug)
 
     def workers(self) -> dict[str, Any]:
@@ -136,18 +166,30 @@ class DataBundle:
                               world=dist.world())
 
     def loader(self, split: str, batch_size: int, train: bool, seed: int = 0,
-               balanced: bool | None = None, drop_last: bool = False) -> DataLoader:
+               balanced: bool | None = None, drop_last: bool = False, unlabeled: bool = False) -> DataLoader:
+        """``unlabeled``: the training split with the unlabelled pool (``data.unlabeled_ratio``
+        sets each batch's mix; default one shuffled pass over both)."""
         from medistill import dist
 
-        if train and self.use_resident():
+        unlabeled = unlabeled and self.has_unlabeled
+        if train and self.use_resident() and not unlabeled:
             bal = self.cfg.balanced_sampler if balanced is None else balanced
             return self.resident_loader(split, batch_size, seed, bal, drop_last)  # type: ignore[return-value]
-        ds = self.dataset(split, train)
+        ds = self.dataset(split, train, unlabeled)
         if len(ds) == 0:
             raise DataError(f"the {split} split is empty")
         gen = torch.Generator().manual_seed(seed)
         sampler = None
         balanced = self.cfg.balanced_sampler if balanced is None else balanced
+        if unlabeled and self.cfg.unlabeled_ratio is not None:
+            from medistill.data.mixed import MixedBatchSampler
+
+            if dist.world() > 1:
+                raise DataError("data.unlabeled_ratio is not supported with distributed training yet; leave it unset "
+                                "(one shuffled pass over labelled and unlabelled images)")
+            bs = MixedBatchSampler(len(self.splits["train"]), len(self.splits["unlabeled"]), batch_size,
+                                   self.cfg.unlabeled_ratio, seed)
+            return DataLoader(ds, batch_sampler=bs, **self.workers())
         if dist.world() > 1:
             if not train:
                 # Evaluation shards without padding; predictions are gathered and ordered by index.
@@ -167,6 +209,13 @@ class DataBundle:
         return DataLoader(ds, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
                           generator=gen, drop_last=drop_last, **self.workers())
 
+    def train_items(self, unlabeled: bool = False) -> int:
+        """Images in one training epoch (the unlabelled pool's too when ``unlabeled`` and no ratio)."""
+        n = len(self.splits["train"])
+        if unlabeled and self.has_unlabeled and self.cfg.unlabeled_ratio is None:
+            n += len(self.splits["unlabeled"])
+        return n
+
     def card_info(self) -> dict[str, Any]:
         """What a model card says about the data: its source, fingerprint and images per class per split."""
         return {"source": self.source.description, "fingerprint": self.source.fingerprint or None,
@@ -176,8 +225,10 @@ class DataBundle:
         return {
             "origin": self.split_origin, "source": self.source.description, "notes": self.split_notes or [],
             "fingerprint": self.source.fingerprint, "class_names": self.class_names,
-            "counts": {k: self.counts(k).tolist() for k in self.splits},
+            "counts": {k: self.counts(k).tolist() for k in ("train", "val", "test")},
             **{k: v.tolist() for k, v in self.splits.items()},
+            **({"unlabeled_source": {"description": self.unlabeled.description, "fingerprint": self.unlabeled.fingerprint,
+                                     "images": len(self.unlabeled)}} if self.unlabeled is not None else {}),
         }
 
 
@@ -219,6 +270,8 @@ def check_fixed_splits(record: dict[str, Any], source: ImageSource) -> dict[str,
         if len(np.unique(v)) != len(v):
             raise DataError(f"the saved split's {k!r} lists an image more than once")
         splits[k] = v
+    if "unlabeled" in record:   # bounds checked where the unlabelled images are opened
+        splits["unlabeled"] = np.asarray(record["unlabeled"], dtype=np.int64).reshape(-1)
     for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
         common = np.intersect1d(splits[a], splits[b])
         if len(common):
@@ -265,12 +318,19 @@ def build_data(cfg: DataConfig, image_size: int | None = None, role: str = "stud
         if cfg.skip_corrupt and not source.in_memory:
             splits = {k: _scan_corrupt(source, v) for k, v in splits.items()}
         splits["train"] = _train_subset(splits["train"], source.labels, cfg, role)
+        if cfg.label_fraction is not None and cfg.label_fraction < 1.0:
+            keep = sp.stratified_fraction(splits["train"], source.labels, cfg.label_fraction, cfg.split_seed)
+            splits["unlabeled"] = np.setdiff1d(splits["train"], keep)
+            splits["train"] = keep
+            notes.append(f"data.label_fraction={cfg.label_fraction:g}: {len(keep)} training images keep their label, "
+                         f"{len(splits['unlabeled'])} join the unlabelled pool")
         if cfg.max_eval_samples:
             for k in ("val", "test"):
                 splits[k] = sp.stratified_cap(splits[k], source.labels, cfg.max_eval_samples, cfg.split_seed)
     for k in ("train", "val", "test"):
         if len(splits[k]) == 0:
             raise DataError(f"the {k} split of {source.description} is empty (check val/test fractions)")
+    unl = _add_unlabeled(cfg, source, splits, check=fixed_splits is None)
     if cfg.duplicates != "off" and fixed_splits is None:
         note = duplicate_note(source, splits)
         if note and cfg.duplicates == "error":
@@ -279,7 +339,23 @@ def build_data(cfg: DataConfig, image_size: int | None = None, role: str = "stud
             warnings.warn(note, stacklevel=2)
             notes.append(note)
     size = image_size or source.native_size or 224
-    return DataBundle(cfg, source, splits, origin, size, split_notes=notes)
+    return DataBundle(cfg, source, splits, origin, size, split_notes=notes, unlabeled=unl)
+
+
+def _add_unlabeled(cfg: DataConfig, source: ImageSource, splits: dict[str, np.ndarray], check: bool) -> ImageSource | None:
+    """Open ``data.unlabeled`` and give its images ids after the labelled source's (already in a
+    saved split when ``check`` is False); refuse copies of validation or test images."""
+    splits.setdefault("unlabeled", np.empty(0, dtype=np.int64))
+    if not cfg.unlabeled:
+        return None
+    unl = open_unlabeled(cfg.unlabeled, source.channels)
+    u = splits["unlabeled"]
+    if u.size and (u.min() < 0 or u.max() >= len(source) + (0 if check else len(unl))):
+        raise DataError(f"the saved split's unlabelled ids do not fit {cfg.unlabeled} ({len(unl)} images): other data?")
+    if check:
+        check_unlabeled_leak(unl, source, splits)
+        splits["unlabeled"] = np.concatenate([splits["unlabeled"], len(source) + np.arange(len(unl))])
+    return unl
 
 
 def _train_subset(tr: np.ndarray, y: np.ndarray, cfg: DataConfig, role: str) -> np.ndarray:

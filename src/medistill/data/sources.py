@@ -126,10 +126,26 @@ def from_medmnist(name: str, download: bool = False) -> ImageSource:
     y = np.concatenate(labels)
     n_classes = _check_label_range(y, str(path))
     return ImageSource(
-        description=str(path), labels=y, class_names=medmnist.class_names(str(path), n_classes),
+        description=str(path), labels=y, class_names=_npz_class_names(arrays, path, n_classes),
         channels=images.shape[-1], native_size=images.shape[1] if images.shape[1] == images.shape[2] else None,
         split_tags=np.array(tags), fingerprint=medmnist.md5_file(path), _arrays=images,
     )
+
+
+def _npz_class_names(arrays: dict[str, np.ndarray], path: Path, n_classes: int) -> list[str]:
+    """The file's own ``class_names`` string array when it has one (read without pickle), else
+    the MedMNIST table's names, else the label ids."""
+    if "class_names" not in arrays:
+        return medmnist.class_names(str(path), n_classes)
+    names = arrays["class_names"]
+    if names.dtype.kind not in "US" or names.ndim != 1:
+        raise DataError(f"{path}: class_names must be a 1-D array of strings, got {names.dtype} {names.shape}")
+    out = [str(n.decode() if isinstance(n, bytes) else n).strip() for n in names]
+    if len(out) < n_classes:
+        raise DataError(f"{path}: class_names holds {len(out)} names but the labels go up to {n_classes - 1}")
+    if len(set(out)) != len(out) or not all(out):
+        raise DataError(f"{path}: class_names must be distinct and non-empty, got {out}")
+    return out
 
 
 def _check_images(im: np.ndarray, where: str) -> np.ndarray:

@@ -111,10 +111,11 @@ def _short(v: Any) -> str:
 
 
 def make_teacher_caches(teachers: list[Any], data: Any, cfg: RunConfig, tap_shapes: dict[str, dict[str, tuple[int, ...]]],
-                        console: Console, main: bool = True, world: int = 1) -> dict[str, TeacherCache]:
+                        console: Console, main: bool = True, world: int = 1, unlabeled: bool = False) -> dict[str, TeacherCache]:
     """Load or build the cache of every teacher (``train.teacher_cache``: auto/on/off); return
     those that are valid. Under ``auto`` a cache that would be wrong (random augmentation) or
-    too large is skipped with the reason printed; under ``on`` that is an error."""
+    too large is skipped with the reason printed; under ``on`` that is an error. ``unlabeled``:
+    the unlabelled pool trains too, so its images are cached like the training images."""
     mode = cfg.train.teacher_cache
     if not teachers or mode == "off":
         return {}
@@ -126,7 +127,8 @@ def make_teacher_caches(teachers: list[Any], data: Any, cfg: RunConfig, tap_shap
         reasons.append(f"mixing augmentation (train.mix={cfg.train.mix}) makes every batch new; the teacher runs live")
     # The cache lives in memory during training (float32, every view of every training image).
     values = sum(1 + sum(math.prod(tap_shapes[t.name][tap][1:]) for tap in t.taps) for t in teachers)
-    size_mb = values * 4 * len(views_for(cfg.data.augment)) * len(data.splits["train"]) / 2**20
+    train_idx = data.train_indices(unlabeled)
+    size_mb = values * 4 * len(views_for(cfg.data.augment)) * len(train_idx) / 2**20
     if size_mb > cfg.train.teacher_cache_max_mb:
         reasons.append(f"the teacher outputs would take {size_mb:.0f} MB "
                        f"(> train.teacher_cache_max_mb = {cfg.train.teacher_cache_max_mb:.0f})")
@@ -137,7 +139,6 @@ def make_teacher_caches(teachers: list[Any], data: Any, cfg: RunConfig, tap_shap
         return {}
     directory = Path(cfg.train.cache_dir) if cfg.train.cache_dir else default_cache_dir()
     views = views_for(cfg.data.augment)
-    train_idx = data.splits["train"]
     caches = {}
     for t in teachers:
         manifest = {
@@ -149,6 +150,8 @@ def make_teacher_caches(teachers: list[Any], data: Any, cfg: RunConfig, tap_shap
                            "mean": t.pre.mean.flatten().tolist(), "std": t.pre.std.flatten().tolist()},
             "outputs": sorted(["logits", *t.taps]),
         }
+        if unlabeled and data.unlabeled is not None:   # (absent otherwise: earlier caches stay valid)
+            manifest["unlabeled_fingerprint"] = data.unlabeled.fingerprint
         data_path, _ = TeacherCache.paths(directory, manifest)
         if not main:
             dist.barrier()   # rank 0 builds or checks the cache first
@@ -159,7 +162,7 @@ def make_teacher_caches(teachers: list[Any], data: Any, cfg: RunConfig, tap_shap
             console.print(f"teacher cache hit: {data_path}")
         else:
             caches[t.name] = build_cache(t, manifest, views, train_idx, data, cfg.train.eval_batch_size,
-                                         console if cfg.train.progress else None)
+                                         console if cfg.train.progress else None, unlabeled)
             caches[t.name].save(directory)
             console.print(f"teacher cache built: {data_path}")
         if world > 1:
@@ -169,14 +172,15 @@ def make_teacher_caches(teachers: list[Any], data: Any, cfg: RunConfig, tap_shap
 
 @torch.no_grad()
 def build_cache(t: Any, manifest: dict[str, Any], views: list[int], train_idx: np.ndarray, data: Any,
-                batch_size: int, console: Any = None) -> TeacherCache:
-    """Run teacher ``t`` over every view of every training image (no augmentation beyond the
-    views); a progress bar with the time left on ``console`` (none without one)."""
+                batch_size: int, console: Any = None, unlabeled: bool = False) -> TeacherCache:
+    """Run teacher ``t`` over every view of every training image (and of the unlabelled pool's
+    with ``unlabeled``; no augmentation beyond the views); a progress bar with the time left on
+    ``console`` (none without one)."""
     n = len(train_idx)
-    positions = torch.full((len(data.source),), -1, dtype=torch.long)
+    positions = torch.full((data.index_size,), -1, dtype=torch.long)
     positions[torch.as_tensor(train_idx)] = torch.arange(n)
     outs: dict[str, torch.Tensor] = {}
-    loader = DataLoader(data.dataset("train", train=False), batch_size=batch_size)
+    loader = DataLoader(data.dataset("train", train=False, unlabeled=unlabeled), batch_size=batch_size)
     device = model_device(t.model)
     with FeatureTaps(t.model, sorted(t.taps), detach=True) as taps, \
             steps(console, f"teacher cache {t.name}", len(views) * len(loader), enabled=console is not None) as advance:

@@ -29,7 +29,8 @@ from medistill.distill.cache import make_teacher_caches, teacher_class_means
 from medistill.distill.context import StepContext
 from medistill.distill.evaluation import final_evaluation, teacher_val_recall, tune_on_validation, validate
 from medistill.distill.logbook import EpochLog, epoch_line
-from medistill.distill.methods import build_terms, check_mixing, supervised_terms
+from medistill.distill.objective import objective
+from medistill.distill.methods import build_terms, check_mixing, supervised_terms, unlabeled_in_use
 from medistill.distill.optim import Updater, finish_swa
 from medistill.distill.participants import assemble_participants, check_training_data, training_forwards
 from medistill.distill.terms import TermSetup
@@ -75,10 +76,12 @@ class Engine:
         self.class_counts = check_training_data(self.data, cfg, self.console).to(self.device)
         self.class_prior = self.class_counts / self.class_counts.sum()
         self.terms = self._make_terms().to(self.device)
+        self.use_unlabeled = unlabeled_in_use(self.terms, self.data, cfg, self.console)
         self.scaler = grad_scaler(self.device, cfg.train.amp)
         reset_peak_memory(self.device)
         self._make_optim()
-        self.cache = make_teacher_caches(self.teachers, self.data, cfg, self.tap_shapes, self.console, self.main, self.world)
+        self.cache = make_teacher_caches(self.teachers, self.data, cfg, self.tap_shapes, self.console, self.main, self.world,
+                                         self.use_unlabeled)
         if self.data.use_resident():   # batches are gathered on the device: so are the teacher outputs
             self.cache = {k: c.to(self.device) for k, c in self.cache.items()}
 
@@ -174,12 +177,16 @@ class Engine:
                         dist.all_reduce_mean(p.grad)
 
     def _train_batches(self) -> int:
-        n, b = math.ceil(len(self.data.splits["train"]) / max(1, self.world)), self.cfg.train.batch_size
-        return n // b if self._drop_last() else math.ceil(n / b)
+        return len(self._train_loader(0))
 
     def _drop_last(self) -> bool:
         # A trailing batch of one sample breaks BatchNorm in training mode.
-        return math.ceil(len(self.data.splits["train"]) / max(1, self.world)) % self.cfg.train.batch_size == 1
+        return math.ceil(self.data.train_items(self.use_unlabeled) / max(1, self.world)) % self.cfg.train.batch_size == 1
+
+    def _train_loader(self, epoch: int):
+        seed = self.cfg.train.seed * 100003 + epoch
+        return self.data.loader("train", self.cfg.train.batch_size, train=True, seed=seed, drop_last=self._drop_last(),
+                                unlabeled=self.use_unlabeled)
 
     # ----------------------------------------------------------------------------- training
     def _teacher_outputs(self, x: Tensor, idx: Tensor, view: Tensor) -> tuple[dict[str, Tensor], dict[str, dict[str, Tensor]]]:
@@ -210,35 +217,7 @@ class Engine:
         return logits, feats
 
     def _objective(self, ctx: StepContext, student: str) -> tuple[Tensor, dict[str, Tensor]]:
-        """The weighted sum of ``student``'s terms and every term and diagnostic, detached. Logged
-        values stay device tensors (summed over the epoch, read once at its end): a ``float()`` per
-        term per step would stall a GPU on every step. One finiteness check per step remains."""
-        total = torch.zeros((), device=self.device)
-        logs: dict[str, Tensor] = {}
-        for key, term in self.terms.items():
-            if term.student != student:
-                continue
-            spec = self.term_specs[key.replace("__", ".")]
-            ramp = min(ctx.epoch / spec.warmup_epochs, 1.0) if spec.warmup_epochs > 0 else 1.0
-            # Mixed precision also covers method-owned modules (UMKD's CFL blocks dominate its
-            # step); the loss functions themselves compute in float32.
-            with autocast(self.device, self.cfg.train.amp):
-                out = term(ctx)
-            value, diag = (out if isinstance(out, tuple) else (out, {}))
-            value = value.float()
-            name = key.split("__", 1)[1]
-            total = total + spec.weight * ramp * value
-            logs[name] = value.detach()
-            for k, v in diag.items():
-                logs[f"{name}.{k}"] = v.detach().float() if isinstance(v, Tensor) else torch.tensor(float(v), device=self.device)
-        if not torch.isfinite(total):
-            bad = next((n for n, v in logs.items() if "." not in n and not torch.isfinite(v)), "loss")
-            raise NonFiniteLossError(
-                f"loss term {bad!r} of student {student!r} is {float(logs.get(bad, total))} at epoch {ctx.epoch:.2f}; "
-                f"training stopped. The last good checkpoint ({self.ckpt_path}) is intact. Check the inputs for NaN/Inf, "
-                "lower the learning rate, or enable train.grad_clip.")
-        logs["loss"] = total.detach()
-        return total, logs
+        return objective(self.terms, self.term_specs, ctx, student, self.device, self.cfg.train.amp, self.ckpt_path)
 
     def _step(self, batch: tuple, epoch: int, step: int) -> dict[str, dict[str, Tensor]]:
         x, y, idx, view = batch
@@ -263,7 +242,8 @@ class Engine:
             s_logits, s_feats = self._student_outputs(x, set(group))
             ctx = StepContext(logits={**t_logits, **s_logits}, feats={**t_feats, **s_feats}, target=y, epoch=frac,
                               class_counts=self.class_counts, class_prior=self.class_prior,
-                              teachers=[t.name for t in self.teachers], students=names, mix=mix)
+                              teachers=[t.name for t in self.teachers], students=names, mix=mix,
+                              labelled=(y >= 0) if self.use_unlabeled else None)
             total = torch.zeros((), device=self.device)
             for n in group:
                 loss, lg = self._objective(ctx, n)
@@ -304,7 +284,8 @@ class Engine:
                 diag = self._pop_diagnostics()   # every rank, so no rank accumulates them
                 if log is not None:
                     log.write(epoch, {n: o.param_groups[0]["lr"] for n, o in self.updater.optims.items()}, train_logs, val,
-                              diag, train_time, len(self.data.splits["train"]))
+                              diag, train_time, len(self.data.splits["train"]), 
+                              {"seen": self.unlabeled_seen, "pool": len(self.data.splits["unlabeled"])} if self.use_unlabeled else None)
                     ckpt.save_checkpoint(self.out, epoch, best, bad, self._stateful(), self.terms)
                 dist.barrier()
                 self.console.print(epoch_line(epoch, cfg.train.epochs, train_logs, val, cfg.train.select_metric, train_time))
@@ -333,16 +314,17 @@ class Engine:
         # Per-epoch seeding makes an epoch's shuffling and augmentation independent of how the
         # run got there, so a resumed run repeats the uninterrupted one exactly.
         torch.manual_seed(cfg.train.seed * 100003 + epoch)
-        loader = self.data.loader("train", cfg.train.batch_size, train=True, seed=cfg.train.seed * 100003 + epoch,
-                                  drop_last=self._drop_last())
+        loader = self._train_loader(epoch)
         for s in self.students:
             s.model.train()
         sums: dict[str, dict[str, Tensor]] = defaultdict(dict)
         t0 = time.perf_counter()
-        n_steps = 0
+        n_steps = n_unl = 0
         with progress_bar(self.console, cfg.train.progress) as bar:
             task = bar.add_task(f"epoch {epoch + 1}/{cfg.train.epochs}", total=len(loader), info="")
             for step, batch in enumerate(loader):
+                if self.use_unlabeled:
+                    n_unl += int((torch.as_tensor(batch[1]) < 0).sum())
                 logs = self._step(batch, epoch, step)
                 n_steps += 1
                 for s, lg in logs.items():
@@ -353,6 +335,7 @@ class Engine:
                     bar.update(task, info=" ".join(f"{s}:{float(lg['loss']):.3f}" for s, lg in logs.items()))
                 bar.update(task, advance=1)
         train_time = time.perf_counter() - t0
+        self.unlabeled_seen = round(float(dist.all_reduce_mean(torch.tensor(float(n_unl), dtype=torch.float64))) * self.world)
         return {s: {k: float(dist.all_reduce_mean((v / n_steps).double())) for k, v in d.items()}
                 for s, d in sums.items()}, train_time
 

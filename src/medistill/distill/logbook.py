@@ -21,10 +21,16 @@ class EpochLog:
         self.tb = SummaryWriter(str(out / "tb"))
 
     def write(self, epoch: int, lr: dict[str, float], train: dict[str, dict[str, float]], val: dict[str, dict[str, Any]],
-              diagnostics: dict[str, dict[str, Any]], train_time: float, n_images: int) -> None:
+              diagnostics: dict[str, dict[str, Any]], train_time: float, n_images: int,
+              unlabeled: dict[str, Any] | None = None) -> None:
+        """``n_images``: labelled training images of the epoch; ``unlabeled``: the unlabelled images
+        drawn (``seen``), the pool's size and their ratio (``share``; above 1 when drawn twice)."""
+        if unlabeled:
+            unlabeled = {**unlabeled, "share": round(unlabeled["seen"] / max(1, unlabeled["pool"]), 4)}
+        n = n_images + (unlabeled["seen"] if unlabeled else 0)
         append_jsonl(self.path, {"epoch": epoch, "lr": lr, "train": train, "val": val, "diagnostics": diagnostics,
-                                 "train_time_s": round(train_time, 3),
-                                 "images_per_s": round(n_images / max(train_time, 1e-9), 2)})
+                                 "train_time_s": round(train_time, 3), "images_per_s": round(n / max(train_time, 1e-9), 2),
+                                 **({"unlabeled": unlabeled} if unlabeled else {})})
         for s, d in train.items():
             for k, v in d.items():
                 self.tb.add_scalar(f"train/{s}/{k}", v, epoch)

@@ -79,3 +79,23 @@ def check_mixing(mix: str, specs: list[TermSpec]) -> None:
     if bad:
         raise ConfigError(f"train.mix={mix} mixes two images (and their labels) in each input; the term(s) {bad} need "
                           f"one label per image. With mixing use {sorted(MIX_SAFE)}, or set train.mix=none")
+
+
+def unlabeled_in_use(terms: nn.ModuleDict, data: Any, cfg: RunConfig, console: Any) -> bool:
+    """Whether the unlabelled pool trains: some term must read no label (terms that read one see
+    only the labelled images of each batch). Mixing would blend a label with no label: refused."""
+    if not data.has_unlabeled:
+        return False
+    n = len(data.splits["unlabeled"])
+    free = [k.replace("__", ".") for k, t in terms.items() if not t.uses_labels()]
+    if not free:
+        console.print(f"[yellow]{n} unlabelled images not used:[/] no loss term learns without labels (they need a "
+                      "teacher term such as kd); training on the labelled images only")
+        return False
+    if cfg.train.mix != "none" and len(free) < len(terms):
+        raise ConfigError(f"train.mix={cfg.train.mix} with unlabelled images and label terms: a mixed image would carry "
+                          "part of a label; use label-free terms only (e.g. --method fm) or train.mix=none")
+    if cfg.data.resident == "on":
+        raise ConfigError("data.resident=on does not hold unlabelled images yet; set data.resident=auto or off")
+    console.print(f"unlabelled images: {n}, learnt through {', '.join(free)}; the label terms see the labelled images only")
+    return True

@@ -70,6 +70,12 @@ class LossTerm(nn.Module):
     def taps(self) -> dict[str, set[str]]:
         return {}
 
+    def uses_labels(self) -> bool:
+        """Whether the term reads ``ctx.target``. A term that does sees only the labelled images of
+        a batch (``StepContext.only``); one that does not sees every image, unlabelled ones included.
+        Default: True (a term not audited for it never reads a −1 label)."""
+        return True
+
     def needs(self) -> set[tuple[str, ...]]:
         """Facts over whole splits this term reads in ``build`` (``setup.facts``): the engine
         computes them once, so a term never calls back into the training loop. Default: none."""

@@ -39,6 +39,9 @@ class FitNetTerm(LossTerm):
         teacher_tap: str = "layer2"
         teacher: str | None = None
 
+    def uses_labels(self) -> bool:
+        return False
+
     def taps(self) -> dict[str, set[str]]:
         return {self.student: {self.p.student_tap}, self.teacher: {self.p.teacher_tap}}
 
@@ -66,6 +69,9 @@ class ATTerm(LossTerm):
         pairs: list[tuple[str, str]] = [("layer1", "layer1"), ("layer2", "layer2"), ("layer3", "layer3"), ("layer4", "layer4")]
         teacher: str | None = None
         p: float = 2.0
+
+    def uses_labels(self) -> bool:
+        return False
 
     def __init__(self, student: str, params: Params, setup: TermSetup):
         super().__init__(student, params, setup)

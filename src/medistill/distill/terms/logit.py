@@ -59,6 +59,11 @@ class KDTerm(_TeacherTerm):
         gate_correct: bool = False
         normalize_weights: bool = False
         t2_scale: bool = Field(True, description="multiply by τ² (Hinton); False reproduces papers whose loss omits it")
+        unlabeled_threshold: float = Field(0.0, ge=0, lt=1, description="on unlabelled images only: drop those whose "
+                                           "aggregated teacher's top probability (τ = 1) is below this (0: keep all)")
+
+    def uses_labels(self) -> bool:
+        return self.p.aggregate == "recall" or self.p.gate_correct
 
     def needs(self) -> set[tuple[str, ...]]:
         return {(VAL_RECALL,)} if self.p.aggregate == "recall" else set()
@@ -102,6 +107,13 @@ class KDTerm(_TeacherTerm):
             diag["confidence_weight"] = w.detach().mean()
         if self.p.gate_correct:
             w = w * (q.argmax(-1) == ctx.target).to(w.dtype)
+        if self.p.unlabeled_threshold and ctx.labelled is not None:
+            # pseudo-label confidence on the transfer set (FixMatch-style threshold); labelled rows untouched
+            top = (q if tau == 1.0 else self.target_probs(ctx, 1.0)).max(-1).values
+            keep = ctx.labelled | (top >= self.p.unlabeled_threshold)
+            w = w * keep.to(w.dtype)
+            unl = ~ctx.labelled
+            diag["unlabeled_kept"] = (keep & unl).sum().float() / unl.sum().clamp_min(1).float()
         loss = (w * per).sum() / (w.sum().clamp_min(1e-12) if self.p.normalize_weights else per.numel())
         return loss, diag
 
@@ -117,6 +129,9 @@ class SoftCETerm(_TeacherTerm):
 
     def build(self, setup: TermSetup) -> None:
         self.names = self._teachers(self.p.teachers)
+
+    def uses_labels(self) -> bool:
+        return False
 
     def forward(self, ctx: StepContext) -> Tensor:
         t = torch.stack([ctx.logits[n].detach() for n in self.names]).mean(0)
@@ -174,6 +189,9 @@ class PeerTerm(LossTerm):
     class P(Params):
         temperature: float = Field(1.0, gt=0)
         peers: list[str] | None = None
+
+    def uses_labels(self) -> bool:
+        return False
 
     def build(self, setup: TermSetup) -> None:
         self.peers = self.p.peers or [s for s in setup.students if s != self.student]

@@ -255,6 +255,9 @@ class ScaleKDTerm(LossTerm):
         rescale_49: bool = Field(False, description="α·49/(H4·W4): the official per-position strength on other grids")
         teacher_train_mode: bool = Field(False, description="the official code's train-mode teacher (drop-path) in TPP")
 
+    def uses_labels(self) -> bool:
+        return False
+
     def __init__(self, student: str, params: Params, setup: TermSetup):
         super().__init__(student, params, setup)
         self.teacher = self._teachers([self.p.teacher] if self.p.teacher else None)[0]

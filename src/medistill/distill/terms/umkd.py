@@ -138,6 +138,9 @@ class _AlignTerm(_ExpertTerm):
         recon_weight: float = 1.0
         sigmas: list[float] = [0.001, 0.01, 0.05, 0.1, 0.2, 1.0, 2.0]
 
+    def uses_labels(self) -> bool:
+        return False
+
     def build(self, setup: TermSetup) -> None:
         s = setup.tap_shapes[self.student][self.s_tap]
         ts = [setup.tap_shapes[e][self.e_taps[e]] for e in self.experts]
