@@ -308,6 +308,28 @@ def recipe(
 
 
 @app.command()
+def audit(
+    data: str = typer.Argument(..., help="dataset (MedMNIST name, .npz, folder, CSV) or a run directory (its data and split)"),
+    run: Optional[str] = typer.Option(None, "--run", help="a trained run, model or ensemble directory whose out-of-sample "
+                                      "probabilities rank likely label errors (default: DATA itself when it is a run)"),
+    oof: Optional[int] = typer.Option(None, "--oof", help="also score the training images: K-fold out-of-fold predictions"),
+    near_threshold: int = typer.Option(4, "--near-threshold", help="pHash bits (of 64) within which two images are near-duplicates"),
+    class_names: Optional[str] = typer.Option(None, "--class-names", help="comma list naming the class ids 0…K−1"),
+    out: Optional[Path] = typer.Option(None, "--out", help="folder for audit.json and label_issues.csv"),
+) -> None:
+    """Audit a dataset: label conflicts, copies and near-duplicates across splits, class counts,
+    image shapes, and likely label errors from a trained run (cleanlab)."""
+    from medistill.commands.audit import audit_data, print_audit
+
+    if not 0 <= near_threshold <= 16:
+        raise typer.BadParameter(f"--near-threshold {near_threshold}: use 0…16 bits of the 64-bit hash")
+    if oof is not None and oof < 2:
+        raise typer.BadParameter(f"--oof {oof}: out-of-fold predictions need K ≥ 2 folds")
+    names = [c.strip() for c in class_names.split(",")] if class_names else None
+    print_audit(audit_data(data, run, out, near_threshold, oof, class_names=names), console)
+
+
+@app.command()
 def report(run_dirs: list[Path] = typer.Argument(..., help="one run (a report) or several (a comparison)"),
            out: Optional[Path] = typer.Option(None, "--out", help="HTML file (default: RUN/report.html)")) -> None:
     """Write a self-contained HTML report of one or more runs."""

@@ -61,9 +61,11 @@ class DataConfig(_Strict):
     augment: Literal["none", "flip", "dihedral", "standard"] = "standard"
     balanced_sampler: bool = False
     skip_corrupt: bool = False
-    duplicates: Literal["warn", "error", "off"] = Field(
-        "warn", description="exact copies of an image in two splits (pixels of an .npz, bytes of image files): a "
-        "warning and a note in split.json (warn), refused (error), or not checked (off)")
+    duplicates: Literal["warn", "error", "drop", "off"] = Field(
+        "warn", description="exact copies of an image in two splits and images under two labels (pixels of an .npz, "
+        "bytes of image files): a one-line note printed and kept in split.json (warn), refused (error), removed — "
+        "every label-conflicting image and the val/test copies of earlier splits' images, listed in split.json "
+        "`dropped` (drop) — or not checked (off)")
     subset: SubsetConfig = SubsetConfig()
     max_eval_samples: int | None = Field(None, ge=1, description="stratified cap on val/test (smoke tests only)")
     protocol: Literal["none", "source-imbalanced", "target-imbalanced"] = "none"
@@ -94,6 +96,8 @@ class DataConfig(_Strict):
     window: tuple[float, float] | None = Field(None, description="(center, width) for DICOM and 16-bit images; "
                                                "default: the DICOM file's window, else the image's range")
     dicom_frame: int | None = Field(None, ge=0, description="the frame read from multi-frame DICOM files")
+    class_names: list[str] | None = Field(None, description="names of the class ids 0…K−1, shown wherever a class is "
+                                          "(default: the file's `class_names` array, folder names, CSV labels, or ids)")
     unlabeled: str | None = Field(None, description="images without labels (a flat image folder, a CSV with a path "
                                   "column and no label, or an .npz with `images`): the student learns the teacher's "
                                   "outputs on them through every term that needs no label (kd, fitnet, …)")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 
 import os
 import warnings
@@ -15,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset, Subset, WeightedRandomSampler
 from torch.utils.data.distributed import DistributedSampler
 
 from medistill.config import DataConfig
+from medistill.data import audit
 from medistill.data import splits as sp
 from medistill.data.sources import ImageSource, open_source
 from medistill.data.unlabeled import UNLABELED, check_unlabeled_leak, open_unlabeled
@@ -287,6 +287,11 @@ def build_data(cfg: DataConfig, image_size: int | None = None, role: str = "stud
     evaluation and resumption see exactly the same images.
     """
     source = open_source(cfg.name, cfg.format, download=download)
+    if cfg.class_names is not None:
+        if len(cfg.class_names) != source.num_classes or len(set(cfg.class_names)) != len(cfg.class_names):
+            raise DataError(f"data.class_names lists {len(cfg.class_names)} names but {source.description} has "
+                            f"{source.num_classes} classes (names must be distinct)")
+        source.class_names = [str(c) for c in cfg.class_names]
     source.window = tuple(cfg.window) if cfg.window else None
     source.dicom_frame = cfg.dicom_frame
     if cfg.group_pattern:
@@ -302,8 +307,6 @@ def build_data(cfg: DataConfig, image_size: int | None = None, role: str = "stud
             splits, notes = sp.grouped_split(source.labels, source.groups, cfg.val_fraction, cfg.test_fraction,
                                              cfg.split_seed, source.class_names)
             origin = f"grouped by patient/study, stratified (seed {cfg.split_seed})"
-            for n in notes:
-                warnings.warn(n, stacklevel=2)
         else:
             splits, origin = sp.make_splits(source.labels, source.split_tags, cfg.val_fraction,
                                             cfg.test_fraction, cfg.split_seed, cfg.tiny_class_policy,
@@ -332,12 +335,7 @@ def build_data(cfg: DataConfig, image_size: int | None = None, role: str = "stud
             raise DataError(f"the {k} split of {source.description} is empty (check val/test fractions)")
     unl = _add_unlabeled(cfg, source, splits, check=fixed_splits is None)
     if cfg.duplicates != "off" and fixed_splits is None:
-        note = duplicate_note(source, splits)
-        if note and cfg.duplicates == "error":
-            raise DataError(note + "; remove the copies, or set data.duplicates=warn to go on")
-        if note:
-            warnings.warn(note, stacklevel=2)
-            notes.append(note)
+        splits = _check_copies(cfg, source, splits, notes)
     size = image_size or source.native_size or 224
     return DataBundle(cfg, source, splits, origin, size, split_notes=notes, unlabeled=unl)
 
@@ -374,32 +372,24 @@ def _train_subset(tr: np.ndarray, y: np.ndarray, cfg: DataConfig, role: str) -> 
     return tr
 
 
-def _content_hash(source: ImageSource, i: int) -> str:
-    """In-memory images: a hash of the pixels; files: of the file's bytes (no decoding, so a
-    whole folder is cheap; catches byte-identical copies, not re-encoded ones)."""
-    if source.in_memory:
-        return hashlib.sha1(np.ascontiguousarray(source.array[i]).tobytes()).hexdigest()
-    with open(source.path(i), "rb") as f:
-        return hashlib.sha1(f.read()).hexdigest()
-
-
-def duplicate_note(source: ImageSource, splits: dict[str, np.ndarray]) -> str | None:
-    """Images of one split that are exact copies of images in another (a test image that is a
-    training image scores the memory, not the model): a sentence counting them, or None."""
-    first: dict[str, str] = {}
-    pairs: dict[tuple[str, str], int] = {}
-    for k in ("train", "val", "test"):
-        seen_here: set[str] = set()
-        for i in splits[k]:
-            h = _content_hash(source, int(i))
-            if h in first and first[h] != k and h not in seen_here:
-                pairs[(first[h], k)] = pairs.get((first[h], k), 0) + 1
-            first.setdefault(h, k)
-            seen_here.add(h)
-    if not pairs:
-        return None
-    counts = ", ".join(f"{n} {b} image(s) copy {a} images" for (a, b), n in sorted(pairs.items()))
-    return f"exact duplicate images across splits of {source.description}: {counts}"
+def _check_copies(cfg: DataConfig, source: ImageSource, splits: dict[str, np.ndarray], notes: list[str]) -> dict[str, np.ndarray]:
+    """``data.duplicates``: the quick audit (pixels of an array, bytes of files) of copies across
+    splits and label conflicts; its one line goes into ``notes`` (the run prints it); ``error``
+    refuses, ``drop`` removes the conflicting images and the later split's copies."""
+    groups = audit.copy_groups(source, splits)
+    line = audit.one_line(audit.summarize_copies(groups, source.class_names), source.description)
+    if line is None:
+        return splits
+    if cfg.duplicates == "error":
+        raise DataError(line + "; or set data.duplicates=warn to go on")
+    if cfg.duplicates == "drop":
+        splits, dropped = audit.drop_copies(groups, splits)
+        splits["dropped"] = np.array(sorted(dropped["label_conflicts"] + dropped["cross_split_copies"]), dtype=np.int64)
+        notes.append(f"data.duplicates=drop: removed {len(dropped['label_conflicts'])} label-conflicting image(s) and "
+                     f"{len(dropped['cross_split_copies'])} copies in a later split ({source.description})")
+    else:
+        notes.append(line)
+    return splits
 
 
 def check_group_leak(splits: dict[str, np.ndarray], groups: np.ndarray) -> None:

@@ -248,6 +248,8 @@ def assemble_participants(cfg: Any, teacher_modules: dict[str, nn.Module], devic
     teacher_dirs = {t.name: resolve_teacher(t.checkpoint) for t in cfg.teachers if t.name not in teacher_modules}
     role = cfg.data.role if cfg.data.role != "auto" else ("student" if cfg.teachers else "teacher")
     data = build_data(cfg.data, None, role=role, download=download, fixed_splits=fixed_splits)
+    for note in data.split_notes or []:   # the data audit's one line, label fractions, group splits
+        console.print(f"[yellow]data:[/] {note}")
     native = data.source.native_size or 224
     teachers = [memory_teacher(t, teacher_modules[t.name], data) if t.name in teacher_modules
                 else load_teacher(t, teacher_dirs[t.name], data) for t in cfg.teachers]

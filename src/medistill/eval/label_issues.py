@@ -1,0 +1,85 @@
+"""Likely label errors: a model's out-of-sample class probabilities handed to cleanlab.
+
+Out of sample means the model never trained on the image: a run's validation and test images,
+and — when asked (``oof=K``) — the training images through K-fold out-of-fold predictions of a
+logistic-regression probe on the run's penultimate features. The probe's features come from a
+model that saw these images with their labels, so it finds fewer errors than K retrained models
+would; it costs one pass over the images instead of K trainings (said in the audit's output).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from medistill.errors import DataError
+
+
+@torch.no_grad()
+def model_outputs(models: list[Any], dataset: Any, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Mean softmax ``[N, K]`` of ``models`` (saved students: images in [0, 1] → logits) and the
+    first model's penultimate features ``[N, D]`` over ``dataset`` (unaugmented)."""
+    probs, feats = [], []
+    for x, _y, _i, _v in DataLoader(dataset, batch_size=batch_size):
+        p = torch.stack([torch.softmax(m(x).float(), -1) for m in models]).mean(0)
+        m0 = models[0]
+        f = m0.model.forward_head(m0.model.forward_features(m0.pre(x)), pre_logits=True).flatten(1)
+        probs.append(p.numpy())
+        feats.append(f.float().numpy())
+    return np.concatenate(probs), np.concatenate(feats)
+
+
+def out_of_fold_probs(features: np.ndarray, labels: np.ndarray, folds: int, num_classes: int, seed: int = 0) -> np.ndarray:
+    """K-fold out-of-fold probabilities ``[N, K_classes]`` of a standardised logistic regression
+    (scikit-learn) on ``features``; classes with fewer images than folds still get a column."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    smallest = np.bincount(labels, minlength=num_classes)
+    smallest = smallest[smallest > 0].min()
+    k = int(min(folds, smallest))
+    if k < 2:
+        raise DataError(f"out-of-fold predictions need ≥ 2 training images per class; the smallest class has {smallest}")
+    out = np.zeros((len(labels), num_classes))
+    for tr, te in StratifiedKFold(k, shuffle=True, random_state=seed).split(features, labels):
+        clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+        clf.fit(features[tr], labels[tr])
+        out[np.ix_(te, clf.classes_)] = clf.predict_proba(features[te])
+    return out
+
+
+def rank_issues(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """Positions of likely label errors, most likely first (cleanlab's confident learning,
+    ranked by the self-confidence p(given label))."""
+    from cleanlab.filter import find_label_issues
+
+    probs = np.clip(probs, 1e-12, None)
+    probs = probs / probs.sum(1, keepdims=True)
+    return np.asarray(find_label_issues(labels, probs, return_indices_ranked_by="self_confidence"), dtype=np.int64)
+
+
+def issue_rows(source: Any, split: str, idx: np.ndarray, labels: np.ndarray, probs: np.ndarray, ranked: np.ndarray,
+               names: list[str], thumbs: Path | None) -> list[dict[str, Any]]:
+    """One row per flagged image: where it is, the given and the suggested label, both
+    probabilities; an in-memory image is written as a PNG under ``thumbs`` so a person can look."""
+    from PIL import Image
+
+    rows = []
+    for pos in ranked:
+        i = int(idx[pos])
+        given, sugg = int(labels[pos]), int(probs[pos].argmax())
+        image = source.path(i)
+        if source.in_memory and thumbs is not None:
+            thumbs.mkdir(parents=True, exist_ok=True)
+            arr = source.load(i)
+            image = str(thumbs / f"{split}_{i}.png")
+            Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(image)
+        rows.append({"split": split, "index": i, "image": image, "given": names[given], "suggested": names[sugg],
+                     "p_given": round(float(probs[pos, given]), 4), "p_suggested": round(float(probs[pos, sugg]), 4)})
+    return rows
