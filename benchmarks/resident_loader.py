@@ -2,7 +2,7 @@
 ``.npz`` on the training device, batches gathered and augmented there), interleaved in one
 process so both see the same machine load.
 
-    python benchmarks/resident_loader.py                       # cnn5 at 32 px on isic9_64, CPU
+    python benchmarks/resident_loader.py                       # cnn5 at 32 px on isic8_64, CPU
     python benchmarks/resident_loader.py --device cuda --model resnet18 --input-size 64
 
 Results: ``benchmarks/results/resident_loader.{json,md}``.
@@ -39,7 +39,7 @@ def one_epoch(resident: bool, a: argparse.Namespace, out: Path) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default=str(Path(os.environ.get("MEDISTILL_DATA_DIR", REPO.parent / "shared" / "data")) / "isic9_64.npz"))
+    ap.add_argument("--data", default=str(Path(os.environ.get("MEDISTILL_DATA_DIR", REPO.parent / "shared" / "data")) / "isic8_64.npz"))
     ap.add_argument("--model", default="cnn5")
     ap.add_argument("--input-size", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=64)

@@ -2,7 +2,7 @@
 and the epoch-time ratio, measured in one process with the two methods interleaved (so both
 see the same machine load).
 
-    python benchmarks/scalekd_cost.py --teacher runs/papers/scalekd_isic9/teacher/run
+    python benchmarks/scalekd_cost.py --teacher runs/papers/scalekd_isic8/teacher/run
     python benchmarks/scalekd_cost.py --teacher RUN --students resnet18 cnn5 --repeats 3
 
 Each measurement is one epoch of ``--max-samples`` training images (teacher outputs cached, as
@@ -51,7 +51,7 @@ def one_epoch(method: str, student: str, teacher: str, data: str, max_samples: i
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher", required=True)
-    ap.add_argument("--data", default=str(Path(os.environ.get("MEDISTILL_DATA_DIR", REPO.parent / "shared" / "data")) / "isic9_64.npz"))
+    ap.add_argument("--data", default=str(Path(os.environ.get("MEDISTILL_DATA_DIR", REPO.parent / "shared" / "data")) / "isic8_64.npz"))
     ap.add_argument("--students", nargs="+", default=["cnn5", "resnet18"])
     ap.add_argument("--max-samples", type=int, default=640)
     ap.add_argument("--repeats", type=int, default=2)

@@ -230,7 +230,7 @@ def test_medmnist_class_names_from_the_table(tmp_path):
     assert class_names("pneumoniamnist", 2) == ["normal", "pneumonia"]
     assert class_names("/x/organsmnist_64.npz", 11)[3] == "heart"
     assert class_names("bloodmnist", 3) == ["0", "1", "2"]          # not the flavour's 8 classes
-    assert class_names("isic9_64.npz", 3) == ["0", "1", "2"]
+    assert class_names("isic8_64.npz", 3) == ["0", "1", "2"]
     blood = write_npz(tmp_path / "bloodmnist.npz", counts=(6,) * 8)
     src = open_source(str(blood))
     assert src.class_names[:2] == ["basophil", "eosinophil"] and len(src.class_names) == 8

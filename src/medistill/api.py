@@ -2,8 +2,8 @@
 
     from medistill.api import distill, train
 
-    run = train(data="isic9_64.npz", model="resnet18", epochs=10, out="runs/t18")
-    kd = distill(teachers=[run.out], data="isic9_64.npz", model="mobilenetv3_small_100",
+    run = train(data="isic8_64.npz", model="resnet18", epochs=10, out="runs/t18")
+    kd = distill(teachers=[run.out], data="isic8_64.npz", model="mobilenetv3_small_100",
                  method="kd", epochs=10, out="runs/kd")
     kd.metrics["test"]["balanced_accuracy"]
 
@@ -171,3 +171,18 @@ def load_student(directory: str | Path) -> nn.Module:
     from medistill.models.export import load_student as _load
 
     return _load(directory)
+
+
+def audit(data: str | Path, *, run: str | Path | None = None, oof: int | None = None, near_threshold: int = 4,
+          class_names: Sequence[str] | None = None, out: str | Path | None = None) -> dict[str, Any]:
+    """Audit a dataset (or a run's data and split): label conflicts, copies and near-duplicates
+    across splits, class counts, image shapes; with ``run`` (or ``data`` being a run) the likely
+    label errors its models find (``oof=K`` also scores the training images). Writes
+    ``audit.json`` (and ``label_issues.csv``) and returns the report as a dict."""
+    from medistill.commands.audit import audit_data
+
+    if not 0 <= near_threshold <= 16:
+        raise ConfigError(f"near_threshold={near_threshold}: use 0…16 bits of the 64-bit hash")
+    if oof is not None and oof < 2:
+        raise ConfigError(f"oof={oof}: out-of-fold predictions need K ≥ 2 folds")
+    return audit_data(data, run, out, near_threshold, oof, list(class_names) if class_names else None)

@@ -1,6 +1,6 @@
 """``make demo``: does distillation help? End to end in about five to ten minutes on 2 CPU cores.
 
-On ISIC 9-class dermoscopy (``isic9_64.npz``, imbalanced, nominal), at 32 px: a teacher
+On ISIC 8-class dermoscopy (``isic8_64.npz``, imbalanced, nominal), at 32 px: a teacher
 ensemble of three small CNNs (one per seed), then one small student (MobileNetV3-Small, about a
 third of one teacher's FLOPs) trained twice with the same epochs, seed and supervised loss —
 alone with logit-adjusted CE, and distilled from the ensemble with balanced KD (``--method
@@ -33,9 +33,9 @@ METRICS = ("balanced_accuracy", "accuracy", "macro_f1", "auroc", "ece")
 
 def _default_data() -> str:
     for d in medmnist.search_dirs():
-        if (d / "isic9_64.npz").is_file():
-            return str(d / "isic9_64.npz")
-    raise DataError("the demo's dataset isic9_64.npz was not found in "
+        if (d / "isic8_64.npz").is_file():
+            return str(d / "isic8_64.npz")
+    raise DataError("the demo's dataset isic8_64.npz was not found in "
                     f"{', '.join(str(d) for d in medmnist.search_dirs())}; set MEDISTILL_DATA_DIR or pass --data")
 
 
@@ -71,7 +71,7 @@ def _answer(con: Console, seconds: float, ens: dict[str, Any], alone: dict[str, 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="demo_runs")
-    ap.add_argument("--data", default=None, help="default: isic9_64.npz from $MEDISTILL_DATA_DIR")
+    ap.add_argument("--data", default=None, help="default: isic8_64.npz from $MEDISTILL_DATA_DIR")
     ap.add_argument("--teacher", default="cnn5")
     ap.add_argument("--student", default="mobilenetv3_small_100")
     ap.add_argument("--size", type=int, default=32, help="input side every model sees")

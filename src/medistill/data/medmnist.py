@@ -141,7 +141,7 @@ def resolve(name: str, download: bool = False) -> Path:
     if p.suffix == ".npz":
         if p.is_file():
             return p
-        # a bare file name (``isic9_64.npz``) is looked up in the data directories, like a MedMNIST name
+        # a bare file name (``isic8_64.npz``) is looked up in the data directories, like a MedMNIST name
         found = [d / p.name for d in search_dirs() if len(p.parts) == 1 and (d / p.name).is_file()]
         if found:
             return found[0]

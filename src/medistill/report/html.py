@@ -126,6 +126,7 @@ def _run_section(run: Path) -> tuple[str, dict[str, dict[str, Any]]]:
         if rel:
             parts.append("<h3 id='calibration'>Reliability diagrams (test, 15 bins)</h3><div class='grid'>" + "".join(rel) + "</div>")
         parts.append(_operating_points(summary))
+    parts.append(_data_section(run))
     exp = run / "explain"
     if (exp / "explain.md").is_file():
         parts.append("<h3 id='explanations'>Explanations</h3>" + _md_table_html((exp / "explain.md").read_text()))
@@ -133,6 +134,38 @@ def _run_section(run: Path) -> tuple[str, dict[str, dict[str, Any]]]:
             parts.append(f"<figure><figcaption>{html.escape(png.stem)}</figcaption><img alt='{html.escape(png.stem)}' src='{_img_file(png)}'></figure>")
     parts.append("</section>")
     return "".join(parts), summary
+
+
+def _data_section(run: Path) -> str:
+    """What the run's data check said (split.json notes) and, after ``medistill audit RUN``, the
+    audit's findings with the first likely label errors."""
+    notes = read_run_json(run / "split.json").get("notes", []) if (run / "split.json").is_file() else []
+    path = run / "audit" / "audit.json"
+    if not notes and not path.is_file():
+        return ""
+    out = ["<h3 id='data-audit'>Data audit</h3>"] + [f"<p class='note'>{html.escape(n)}</p>" for n in notes]
+    if path.is_file():
+        a = read_run_json(path)
+        ex, nr = a["exact"], a["near"]
+        rows = [("label conflicts (same pixels, two labels)", ex["label_conflict_groups"],
+                 ", ".join(f"{n} {k}" for k, n in ex["label_conflicts"].items())),
+                ("exact copies across splits", sum(ex["across_splits"].values()),
+                 ", ".join(f"{n} {k}" for k, n in ex["across_splits"].items())),
+                (f"near-duplicates (pHash ≤ {nr['threshold_bits']} bits)", nr["pairs"],
+                 f"{nr['across_splits']} across splits, {nr['different_labels']} with different labels")]
+        li = a.get("label_issues")
+        if li:
+            rows.append(("likely label errors", sum(li["flagged"].values()),
+                         ", ".join(f"{n} in {k}" for k, n in li["flagged"].items()) + f" ({li['csv']})"))
+        out.append("<table><tr><th>finding</th><th>count</th><th>detail</th></tr>" + "".join(
+            f"<tr><td>{html.escape(f)}</td><td>{n}</td><td>{html.escape(d or 'none')}</td></tr>" for f, n, d in rows) + "</table>")
+        if li and li["top"]:
+            out.append("<p class='note'>Most likely label errors (review before trusting these labels):</p><table><tr>"
+                       "<th>rank</th><th>split</th><th>image</th><th>given</th><th>suggested</th><th>p(given)</th></tr>" + "".join(
+                           f"<tr><td>{r['rank']}</td><td>{r['split']}</td><td>{html.escape(str(r['image']))}</td>"
+                           f"<td>{html.escape(r['given'])}</td><td>{html.escape(r['suggested'])}</td><td>{r['p_given']}</td></tr>"
+                           for r in li["top"][:10]) + "</table>")
+    return "".join(out)
 
 
 def _operating_points(summary: dict[str, dict[str, Any]]) -> str:
