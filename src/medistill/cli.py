@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from medistill.commands.models import models_app
 from medistill.config import Override
 from medistill.errors import MedistillError, crash_log
 
@@ -32,7 +33,6 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
     """Distil large medical image classifiers into small, fast, explainable students."""
 
 
-models_app = typer.Typer(help="Inspect the model zoo and feature taps.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 console = Console(stderr=True)
 
@@ -361,31 +361,6 @@ def predict(model: Path = typer.Argument(..., help="run dir, model dir, weights 
 
     for r in predict_files(model, images, cam, out, device=device or "cpu"):
         print(json.dumps(r))
-
-
-@models_app.command("list")
-def models_list(pattern: str = typer.Argument("*", help="glob, e.g. 'resnet*'")) -> None:
-    """List model names (timm + cnn5)."""
-    import timm
-
-    for n in timm.list_models(pattern):     # cnn5 included: it is registered with timm
-        print(n)
-
-
-@models_app.command("taps")
-def models_taps(name: str, input_size: int = typer.Option(224, "--input-size"), in_chans: int = typer.Option(3, "--in-chans"),
-                num_classes: int = typer.Option(5, "--num-classes"), depth: int = typer.Option(2, "--depth"),
-                small_input: str = typer.Option("auto", "--small-input")) -> None:
-    """List tap names of a model with their output shapes."""
-    from medistill.models import create_model, list_taps
-
-    m = create_model(name, num_classes, in_chans, input_size, small_input=small_input)
-    t = Table("tap", "shape")
-    for n, s in list_taps(m, input_size, in_chans, depth):
-        t.add_row(n, "×".join(map(str, s[1:])))
-    Console().print(t)
-    if getattr(m, "medistill_adaptation", None):
-        Console().print(f"small-input adaptation: {m.medistill_adaptation}")
 
 
 def main() -> None:

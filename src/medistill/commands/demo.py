@@ -1,12 +1,14 @@
 """``make demo``: does distillation help? End to end in about five to ten minutes on 2 CPU cores.
 
-On ISIC 8-class dermoscopy (``isic8_64.npz``, imbalanced, nominal), at 32 px: a teacher
-ensemble of three small CNNs (one per seed), then one small student (MobileNetV3-Small, about a
-third of one teacher's FLOPs) trained twice with the same epochs, seed and supervised loss —
-alone with logit-adjusted CE, and distilled from the ensemble with balanced KD (``--method
-kd_balanced``: the best small-student recipe of the headroom benchmark; teacher outputs cached
-over the eight dihedral views). The alone arm uses the method's own supervised loss so that the
-difference is the teacher's, not the loss's. One table answers the first question a newcomer
+On ISIC 8-class dermoscopy (``isic8_64.npz``, imbalanced, nominal), at 32 px, with a quarter of
+the training labels kept (``--label-fraction 0.25``; the other images are an unlabelled archive,
+the setting in which a teacher adds most): a teacher ensemble of three small CNNs (one per seed)
+trained on the labelled quarter, then one small student (MobileNetV3-Small, about a third of one
+teacher's FLOPs) trained twice with the same epochs, seed and supervised loss — alone with
+logit-adjusted CE on the labelled images, and distilled from the ensemble with balanced KD
+(``--method kd_balanced``), which also learns the teacher's outputs on the unlabelled images
+(teacher outputs cached over the eight dihedral views). The alone arm uses the method's own
+supervised loss so that the difference is the teacher's, not the loss's. One table answers the first question a newcomer
 asks: is the distilled student better than the same student trained alone? It is one seed and a
 short schedule, and it says so; the three-seed answer is the headroom benchmark in
 docs/benchmarks.md.
@@ -59,13 +61,37 @@ def _answer(con: Console, seconds: float, ens: dict[str, Any], alone: dict[str, 
     for name, mm in ens["members"].items():
         row(f"teacher {name.split('/')[0]}", teacher, None, mm["test"])
     row("teacher ensemble", ens_arch, ens["model"]["flops"], ens["test"])
-    row("student alone (logit-adjusted CE)", s_model, alone["model"]["flops"], alone["test"])
+    row("student alone (logit-adjusted CE, labelled images)", s_model, alone["model"]["flops"], alone["test"])
     row(f"student distilled ({METHOD})", s_model, kd["model"]["flops"], kd["test"])
     con.print(table)
     from medistill.eval.compare import verdict_line
 
     con.print("Did distillation help? " + verdict_line("student", comparison["students"]["student"]))
     con.print("One seed and a short schedule: docs/benchmarks.md (headroom) answers it over three seeds.")
+
+
+def _settings(a: argparse.Namespace, data: str) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """Every run's shared config, the teachers' model arguments and the student model; ``--quick``
+    shrinks all of them (a smoke test)."""
+    common: dict[str, Any] = {
+        "data": {"name": data, "augment": "dihedral"},
+        "optim": {"name": "adamw", "lr": 2e-3, "weight_decay": 0.05},
+        "sched": {"name": "cosine", "warmup_epochs": 1},
+        "train": {"batch_size": 64, "seed": 0, "epochs": a.epochs, "progress": False},
+    }
+    if not 0 < a.label_fraction <= 1:
+        raise DataError(f"--label-fraction {a.label_fraction}: use a share in (0, 1]")
+    if a.label_fraction < 1:
+        common["data"]["label_fraction"] = a.label_fraction
+    t_kw: dict = {}
+    s_model = a.student
+    if a.quick:
+        a.teacher, s_model, t_kw = "cnn5", "cnn5", {"widths": [8, 8, 16, 16, 16]}
+        a.epochs, a.teacher_seeds = 1, a.teacher_seeds[:2]
+        common["train"]["epochs"] = 1
+        common["data"].update(subset={"max_samples": 120}, max_eval_samples=60)
+        common["train"]["latency"] = False
+    return common, t_kw, s_model
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -77,27 +103,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--size", type=int, default=32, help="input side every model sees")
     ap.add_argument("--teacher-seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--label-fraction", type=float, default=0.25,
+                    help="share of the training labels kept (teachers and the alone arm see only those; the distilled "
+                         "student also learns the teacher's outputs on the other images); 1: every label")
     ap.add_argument("--quick", action="store_true", help="tiny models and subsets (smoke test)")
     a = ap.parse_args(argv)
     con = Console(width=max(Console().width, 110))
     data = a.data or _default_data()
     root = Path(a.out) / time.strftime("%Y%m%d-%H%M%S")
-    common: dict[str, Any] = {
-        "data": {"name": data, "augment": "dihedral"},
-        "optim": {"name": "adamw", "lr": 2e-3, "weight_decay": 0.05},
-        "sched": {"name": "cosine", "warmup_epochs": 1},
-        "train": {"batch_size": 64, "seed": 0, "epochs": a.epochs, "progress": False},
-    }
-    t_kw: dict = {}
-    s_model = a.student
-    if a.quick:
-        a.teacher, s_model, t_kw = "cnn5", "cnn5", {"widths": [8, 8, 16, 16, 16]}
-        a.epochs, a.teacher_seeds = 1, a.teacher_seeds[:2]
-        common["train"]["epochs"] = 1
-        common["data"].update(subset={"max_samples": 120}, max_eval_samples=60)
-        common["train"]["latency"] = False
+    common, t_kw, s_model = _settings(a, data)
     s_kw = t_kw if a.quick else {}
-    con.print(f"[bold]medistill demo[/] — does distillation help? data={data} at {a.size} px; teachers: "
+    labels = f"{a.label_fraction:.0%} of the training labels, the rest unlabelled" if a.label_fraction < 1 else "every label"
+    con.print(f"[bold]medistill demo[/] — does distillation help? data={data} at {a.size} px, {labels}; teachers: "
               f"{len(a.teacher_seeds)}× {a.teacher} (one per seed), student {s_model}; {a.epochs} epochs each; "
               f"runs in {root}")
     t0 = time.perf_counter()

@@ -187,6 +187,6 @@ def shapes_seen(source: ImageSource, indices: np.ndarray) -> dict[str, int]:
         try:
             with Image.open(p) as img:
                 seen[f"{img.size[0]}×{img.size[1]} {img.mode}"] += 1
-        except OSError:
+        except (OSError, Image.DecompressionBombError):
             seen["unreadable"] += 1
     return dict(seen)

@@ -17,7 +17,7 @@ from medistill.config import DataConfig
 from medistill.data import audit
 from medistill.data import splits as sp
 from medistill.data.sources import ImageSource, open_source
-from medistill.data.unlabeled import UNLABELED, check_unlabeled_leak, open_unlabeled
+from medistill.data.unlabeled import UNLABELED, add_unlabeled
 from medistill.data.transforms import Augment, resize
 from medistill.errors import DataError
 
@@ -333,27 +333,11 @@ def build_data(cfg: DataConfig, image_size: int | None = None, role: str = "stud
     for k in ("train", "val", "test"):
         if len(splits[k]) == 0:
             raise DataError(f"the {k} split of {source.description} is empty (check val/test fractions)")
-    unl = _add_unlabeled(cfg, source, splits, check=fixed_splits is None)
+    unl = add_unlabeled(cfg, source, splits, check=fixed_splits is None)
     if cfg.duplicates != "off" and fixed_splits is None:
         splits = _check_copies(cfg, source, splits, notes)
     size = image_size or source.native_size or 224
     return DataBundle(cfg, source, splits, origin, size, split_notes=notes, unlabeled=unl)
-
-
-def _add_unlabeled(cfg: DataConfig, source: ImageSource, splits: dict[str, np.ndarray], check: bool) -> ImageSource | None:
-    """Open ``data.unlabeled`` and give its images ids after the labelled source's (already in a
-    saved split when ``check`` is False); refuse copies of validation or test images."""
-    splits.setdefault("unlabeled", np.empty(0, dtype=np.int64))
-    if not cfg.unlabeled:
-        return None
-    unl = open_unlabeled(cfg.unlabeled, source.channels)
-    u = splits["unlabeled"]
-    if u.size and (u.min() < 0 or u.max() >= len(source) + (0 if check else len(unl))):
-        raise DataError(f"the saved split's unlabelled ids do not fit {cfg.unlabeled} ({len(unl)} images): other data?")
-    if check:
-        check_unlabeled_leak(unl, source, splits)
-        splits["unlabeled"] = np.concatenate([splits["unlabeled"], len(source) + np.arange(len(unl))])
-    return unl
 
 
 def _train_subset(tr: np.ndarray, y: np.ndarray, cfg: DataConfig, role: str) -> np.ndarray:

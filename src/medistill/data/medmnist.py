@@ -190,6 +190,16 @@ def _download(stem: str, dest: Path) -> Path:
 def load_npz(path: Path) -> dict[str, np.ndarray]:
     """Load the six arrays of a MedMNIST file (``allow_pickle=False``: data, never code)."""
     try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise DataError(f"{path}: not readable ({e})") from None
+    if magic[:2] != b"PK":   # an .npz is a zip archive of .npy arrays
+        kind = "an empty file" if not magic else ("a single .npy array" if magic.startswith(b"\x93NUM") else
+                                                  f"not a zip archive (it starts with {magic!r})")
+        raise DataError(f"{path}: not a .npz archive: {kind}; save the arrays with numpy.savez(path, train_images=…, "
+                        "train_labels=…, …)")
+    try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
     except ValueError as e:

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from medistill.data import medmnist
+from medistill.data.checks import check_images, check_label_range, check_labels, npz_class_names
 from medistill.data.imageio import DICOM_SUFFIXES, dicom_header, pil_to_array, read_image
 from medistill.errors import DataError
 
@@ -112,8 +113,8 @@ def from_medmnist(name: str, download: bool = False) -> ImageSource:
     imgs, labels, tags = [], [], []
     for s in SPLIT_NAMES:
         im = arrays[f"{s}_images"]
-        y = _check_labels(arrays[f"{s}_labels"], len(im), f"{path}: {s}_labels")
-        im = _check_images(im, f"{path}: {s}_images")
+        y = check_labels(arrays[f"{s}_labels"], len(im), f"{path}: {s}_labels")
+        im = check_images(im, f"{path}: {s}_images")
         imgs.append(im)
         labels.append(y)
         tags.extend([s] * len(im))
@@ -124,78 +125,12 @@ def from_medmnist(name: str, download: bool = False) -> ImageSource:
                         "medistill needs one H×W×C for the whole file")
     images = np.concatenate(imgs)
     y = np.concatenate(labels)
-    n_classes = _check_label_range(y, str(path))
+    n_classes = check_label_range(y, str(path))
     return ImageSource(
-        description=str(path), labels=y, class_names=_npz_class_names(arrays, path, n_classes),
+        description=str(path), labels=y, class_names=npz_class_names(arrays, path, n_classes),
         channels=images.shape[-1], native_size=images.shape[1] if images.shape[1] == images.shape[2] else None,
         split_tags=np.array(tags), fingerprint=medmnist.md5_file(path), _arrays=images,
     )
-
-
-def _npz_class_names(arrays: dict[str, np.ndarray], path: Path, n_classes: int) -> list[str]:
-    """The file's own ``class_names`` string array when it has one (read without pickle), else
-    the MedMNIST table's names, else the label ids."""
-    if "class_names" not in arrays:
-        return medmnist.class_names(str(path), n_classes)
-    names = arrays["class_names"]
-    if names.dtype.kind not in "US" or names.ndim != 1:
-        raise DataError(f"{path}: class_names must be a 1-D array of strings, got {names.dtype} {names.shape}")
-    out = [str(n.decode() if isinstance(n, bytes) else n).strip() for n in names]
-    if len(out) < n_classes:
-        raise DataError(f"{path}: class_names holds {len(out)} names but the labels go up to {n_classes - 1}")
-    if len(set(out)) != len(out) or not all(out):
-        raise DataError(f"{path}: class_names must be distinct and non-empty, got {out}")
-    return out
-
-
-def _check_images(im: np.ndarray, where: str) -> np.ndarray:
-    """``[N, H, W]`` or ``[N, H, W, C]`` uint8 with C in (1, 3); a channels-first array is named as such."""
-    if im.dtype != np.uint8:
-        raise DataError(f"{where}: images must be uint8 in 0…255, got {im.dtype}"
-                        + (" (scale floats in [0, 1] by 255 and convert)" if np.issubdtype(im.dtype, np.floating) else ""))
-    if im.ndim == 3:
-        im = im[..., None]
-    if im.ndim != 4:
-        raise DataError(f"{where}: expected [N, H, W] or [N, H, W, C] images, got shape {im.shape}")
-    if im.shape[-1] not in (1, 3):
-        if im.shape[1] in (1, 3):
-            raise DataError(f"{where}: shape {im.shape} looks channels-first [N, C, H, W]; medistill reads "
-                            "[N, H, W, C] (np.moveaxis(images, 1, -1))")
-        raise DataError(f"{where}: images have {im.shape[-1]} channels; 1 (grey) or 3 (RGB) are supported")
-    return im
-
-
-def _check_labels(raw: np.ndarray, n_images: int, where: str) -> np.ndarray:
-    """Integer class ids ``[N]`` from ``[N]`` or ``[N, 1]``; floats only when integral."""
-    y = np.asarray(raw)
-    if y.ndim == 2 and y.shape[1] != 1:
-        raise DataError(f"{where}: shape {y.shape} looks multi-label; medistill handles one label per image")
-    y = y.reshape(-1)
-    if len(y) != n_images:
-        raise DataError(f"{where}: {len(y)} labels for {n_images} images")
-    if np.issubdtype(y.dtype, np.floating):
-        if not np.isfinite(y).all() or (y != np.round(y)).any():
-            bad = y[~np.isfinite(y) | (y != np.round(y))][0]
-            raise DataError(f"{where}: label {bad} is not a whole number; labels must be integer class ids")
-    elif not (np.issubdtype(y.dtype, np.integer) or y.dtype == bool):
-        raise DataError(f"{where}: labels must be integer class ids, got {y.dtype}")
-    return y.astype(np.int64)
-
-
-def _check_label_range(y: np.ndarray, where: str) -> int:
-    """Class ids must be 0…K−1 with every class present: a stray id (250 among grades 0–4)
-    would otherwise make a 251-class model."""
-    if len(y) == 0:
-        raise DataError(f"{where}: no labelled images")
-    if y.min() < 0:
-        raise DataError(f"{where}: negative label {int(y.min())}")
-    k = int(y.max()) + 1
-    present = np.bincount(y, minlength=k) > 0
-    if not present.all():
-        missing = np.flatnonzero(~present)
-        raise DataError(f"{where}: label {k - 1} implies {k} classes but {len(missing)} of them have no image "
-                        f"(e.g. {int(missing[0])}); class ids must run 0…K−1 — is {k - 1} a typo?")
-    return k
 
 
 def _probe_channels(paths: list[Path]) -> int:
@@ -208,8 +143,8 @@ def _probe_channels(paths: list[Path]) -> int:
         try:
             with Image.open(p) as img:
                 modes.add(img.mode)
-        except (UnidentifiedImageError, OSError):
-            continue
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
+            continue   # read_image names the file when the image is needed
     gray = {"L", "I;16", "I;16B", "I;16L", "I", "F", "1"}
     return 1 if modes and modes <= gray else 3
 
@@ -224,7 +159,7 @@ def _probe_size(paths: list[Path]) -> int | None:
         try:
             with Image.open(p) as img:
                 sizes.add(img.size)
-        except (UnidentifiedImageError, OSError):
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
             continue
     if len(sizes) == 1:
         w, h = sizes.pop()
@@ -247,7 +182,14 @@ def from_folder(root: str | Path) -> ImageSource:
     if not root.is_dir():
         raise DataError(f"image folder not found: {root}")
     subdirs = sorted(d for d in root.iterdir() if d.is_dir())
-    split_dirs = {_SPLIT_ALIASES[d.name.lower()]: d for d in subdirs if d.name.lower() in _SPLIT_ALIASES}
+    split_dirs: dict[str, Path] = {}
+    for d in subdirs:
+        if d.name.lower() in _SPLIT_ALIASES:
+            key = _SPLIT_ALIASES[d.name.lower()]
+            if key in split_dirs:
+                raise DataError(f"{root} has both {split_dirs[key].name}/ and {d.name}/ (both mean the {key} split); "
+                                "merge them or rename one")
+            split_dirs[key] = d
     stray = [d.name for d in subdirs if d.name.lower() not in _SPLIT_ALIASES and not d.name.startswith(".")]
     if split_dirs and stray:
         raise DataError(f"{root} has split folders ({', '.join(sorted(d.name for d in split_dirs.values()))}) and also "
@@ -348,7 +290,7 @@ def from_csv(manifest: str | Path) -> ImageSource:
     raw_labels = [r["label"] for r in rows]
     if all(_is_int(v) for v in raw_labels):
         y = np.array([int(v) for v in raw_labels], dtype=np.int64)
-        class_names = [str(i) for i in range(_check_label_range(y, str(manifest)))]
+        class_names = [str(i) for i in range(check_label_range(y, str(manifest)))]
     else:
         class_names = sorted(set(raw_labels))
         index = {c: i for i, c in enumerate(class_names)}

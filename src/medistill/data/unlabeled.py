@@ -11,12 +11,13 @@ from __future__ import annotations
 import csv
 import hashlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from medistill.data import medmnist
-from medistill.data.sources import (IMAGE_SUFFIXES, ImageSource, _check_images, _fingerprint, _manifest_paths,
-                                    _probe_size)
+from medistill.data.checks import check_images
+from medistill.data.sources import IMAGE_SUFFIXES, ImageSource, _fingerprint, _manifest_paths, _probe_size
 from medistill.errors import DataError
 
 UNLABELED = -1   # the label of an image without one, in every batch
@@ -101,7 +102,7 @@ def _from_npz(path: Path) -> ImageSource:
         raise DataError(f"unlabelled archive {path}: not a .npz of arrays ({e})") from None
     except OSError as e:
         raise DataError(f"unlabelled archive {path}: not readable ({e})") from None
-    images = _check_images(images, f"{path}: images")
+    images = check_images(images, f"{path}: images")
     if len(images) == 0:
         raise DataError(f"unlabelled archive {path} holds no images")
     return _unlabeled_source(str(path), len(images), channels=images.shape[-1],
@@ -134,3 +135,19 @@ def check_unlabeled_leak(unl: ImageSource, labelled: ImageSource, splits: dict[s
             raise DataError(f"{len(common)} unlabelled image(s) are copies of {split} images (e.g. {unl.path(mine[common[0]])} "
                             f"= {labelled.path(theirs[common[0]])}): the student would learn the teacher's answer on "
                             f"images it is scored on; remove them from the unlabelled set")
+
+
+def add_unlabeled(cfg: Any, source: ImageSource, splits: dict[str, np.ndarray], check: bool) -> ImageSource | None:
+    """Open ``data.unlabeled`` and give its images ids after the labelled source's (already in a
+    saved split when ``check`` is False); refuse copies of validation or test images."""
+    splits.setdefault("unlabeled", np.empty(0, dtype=np.int64))
+    if not cfg.unlabeled:
+        return None
+    unl = open_unlabeled(cfg.unlabeled, source.channels)
+    u = splits["unlabeled"]
+    if u.size and (u.min() < 0 or u.max() >= len(source) + (0 if check else len(unl))):
+        raise DataError(f"the saved split's unlabelled ids do not fit {cfg.unlabeled} ({len(unl)} images): other data?")
+    if check:
+        check_unlabeled_leak(unl, source, splits)
+        splits["unlabeled"] = np.concatenate([splits["unlabeled"], len(source) + np.arange(len(unl))])
+    return unl
