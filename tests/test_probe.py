@@ -72,6 +72,62 @@ def _train(data: str | Path, d: Path, *more: str) -> list[str]:
     return [*TRAIN, "--data", str(data), "--out", str(d / "out"), *more]
 
 
+def _npz_scalar_labels(d: Path) -> Path:
+    arr = dict(np.load(write_npz(d / "good.npz")))
+    arr["train_labels"] = np.array(3)
+    np.savez(d / "scalar.npz", **arr)
+    return d / "scalar.npz"
+
+
+def _folder(d: Path, name: str, splits: tuple[str, ...] = ("",), size: tuple[int, int] = (8, 8)) -> Path:
+    from PIL import Image
+
+    root = d / name
+    for k, split in enumerate(splits):
+        for c in ("a", "b"):
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+            for i in range(4):
+                Image.fromarray(np.full((size[1], size[0], 3), 20 * i + 60 * (c == "b") + 3 * k, np.uint8)).save(
+                    root / split / c / f"{split or 'x'}{i}.png")
+    return root
+
+
+def _png_bomb(path: Path) -> Path:
+    """A PNG whose header claims 50,000 × 50,000 pixels (a decompression bomb) in a few bytes."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", 50000, 50000, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 8))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def _bomb_folder(d: Path) -> Path:
+    root = _folder(d, "bomb")
+    _png_bomb(root / "a" / "huge.png")
+    return root
+
+
+def _ensemble_missing_member(d: Path, run: Path) -> Path:
+    ens = d / "ens"
+    assert run_cli("ensemble", str(run), str(run), "--out", str(ens)).returncode == 0
+    js = json.loads((ens / "ensemble.json").read_text())
+    js["members"][0]["model_dir"] = str(d / "gone")
+    (ens / "ensemble.json").write_text(json.dumps(js))
+    return ens
+
+
+def _bare_tensor(d: Path) -> Path:
+    import torch
+
+    torch.save(torch.zeros(3), d / "bare.pt")
+    return d / "bare.pt"
+
+
 def _copy_run(run: Path, d: Path) -> Path:
     dst = d / "run"
     shutil.copytree(run, dst)
@@ -117,17 +173,17 @@ CASES: dict[str, Case] = {
     "config: binary": lambda d, r: ["train", str(_text(d / "c.yaml", bytes(range(256))))],
     # teachers
     "--teacher a missing folder": lambda d, r: ["distill", "--data", str(r["npz"]), "--teacher", str(d / "nope"),
-                                               "--model", "cnn5", "--out", str(d / "o")],
+                                               "--model", "cnn5", "--out", str(d / "o"), "--method", "kd"],
     "--teacher ARCH= (no file)": lambda d, r: ["distill", "--data", str(r["npz"]), "--teacher", "resnet18=",
-                                              "--model", "cnn5", "--out", str(d / "o")],
+                                              "--model", "cnn5", "--out", str(d / "o"), "--method", "kd"],
     "--teacher ARCH=a text file": lambda d, r: ["distill", "--data", str(r["npz"]), "--teacher",
                                                f"resnet18={_text(d / 'w.pt', 'not weights')}", "--model", "cnn5",
-                                               "--out", str(d / "o")],
+                                               "--out", str(d / "o"), "--method", "kd"],
     "--teacher is the data file": lambda d, r: ["distill", "--data", str(r["npz"]), "--teacher", str(r["npz"]),
-                                               "--model", "cnn5", "--out", str(d / "o")],
+                                               "--model", "cnn5", "--out", str(d / "o"), "--method", "kd"],
     "--teacher trained on other classes": lambda d, r: [
         "distill", "--data", str(write_npz(d / "four.npz", counts=(20, 20, 20, 20))), "--teacher", str(r["run"]),
-        "--model", "cnn5", "--out", str(d / "o"), "--epochs", "1"],
+        "--model", "cnn5", "--out", str(d / "o"), "--epochs", "1", "--method", "kd"],
     "distill: --method unknown": lambda d, r: ["distill", "--teacher", str(r["run"]), "--method", "kdd",
                                               "--model", "cnn5", "--out", str(d / "o")],
     # finished runs
@@ -148,9 +204,108 @@ CASES: dict[str, Case] = {
     "predict: an image that does not exist": lambda d, r: ["predict", str(_copy_run(r["run"], d)), str(d / "no.png")],
     "predict: a garbage ONNX model": lambda d, r: ["predict", str(_text(d / "m.onnx", b"\x00garbage")),
                                                   str(_png(d / "a.png"))],
-    "explain: an unknown method": lambda d, r: ["explain", str(_copy_run(r["run"], d)), "--method", "nosuchcam"],
+    "explain: an unknown method": lambda d, r: ["explain", str(_copy_run(r["run"], d)), "--methods", "nosuchcam"],
     "ensemble: one member missing": lambda d, r: ["ensemble", str(_copy_run(r["run"], d)), str(d / "nope"),
                                                  "--out", str(d / "ens")],
+    # third round (issue 34) and the unlabelled images, the audit
+    "npz: labels a scalar": lambda d, r: _train(_npz_scalar_labels(d), d),
+    "folder: a decompression bomb": lambda d, r: _train(_bomb_folder(d), d),
+    "folder: val/ and valid/": lambda d, r: _train(_folder(d, "vv", ("train", "val", "valid", "test")), d),
+    "folder: non-square images": lambda d, r: _train(_folder(d, "ns", size=(16, 8)), d),
+    "--set a list index that is a word": lambda d, r: [*_train(r["npz"], d), "--set", "students.first.model=cnn5"],
+    "--input-size -1": lambda d, r: [*_train(r["npz"], d), "--input-size", "-1"],
+    "--input-size 3": lambda d, r: [*_train(r["npz"], d), "--input-size", "3"],
+    "--teacher an ensemble without a member": lambda d, r: [
+        "distill", "--teacher", str(_ensemble_missing_member(d, r["run"])), "--model", "cnn5", "--out", str(d / "o"),
+        "--method", "kd"],
+    "--teacher ARCH=a bare tensor": lambda d, r: ["distill", "--data", str(r["npz"]), "--teacher",
+                                                 f"resnet18={_bare_tensor(d)}", "--model", "cnn5", "--out",
+                                                 str(d / "o"), "--method", "kd"],
+    "explain: an unknown split": lambda d, r: ["explain", str(_copy_run(r["run"], d)), "--split", "nosuch"],
+    "explain: zero images": lambda d, r: ["explain", str(_copy_run(r["run"], d)), "--images", "0"],
+    "evaluate: config.yaml missing": lambda d, r: ["evaluate", str(_remove(_copy_run(r["run"], d), "config.yaml"))],
+    "--unlabeled a class-folder tree": lambda d, r: [
+        "distill", "--teacher", str(r["run"]), "--method", "kd", "--model", "cnn5", "--out", str(d / "o"),
+        "--unlabeled", str(_folder(d, "tree"))],
+    "--unlabeled a CSV with labels": lambda d, r: [
+        "distill", "--teacher", str(r["run"]), "--method", "kd", "--model", "cnn5", "--out", str(d / "o"),
+        "--unlabeled", str(_csv(d, b"path,label\nim0.png,a\n"))],
+    "--label-fraction 0": lambda d, r: [*_train(r["npz"], d), "--label-fraction", "0"],
+    "audit: a missing dataset": lambda d, r: ["audit", str(d / "nope.npz")],
+}
+
+
+# Each case's exit code and a fragment of what it must say (whitespace-normalised, so rich's line
+# wrapping does not matter): 2 with the reason for refusals, 0 with the note for accepted input.
+EXPECT: dict[str, tuple[int, str]] = {
+    "npz: a text file named .npz": (2, "not a .npz archive: not a zip archive"),
+    "npz: truncated": (2, "truncated or another kind of file"),
+    "npz: no image/label keys": (2, "missing arrays ['train_images'"),
+    "npz: 1-D images": (2, "expected [N, H, W] or [N, H, W, C] images, got shape (10,)"),
+    "npz: fewer labels than images": (2, "train_images and train_labels differ in length"),
+    "data: path does not exist": (2, "dataset file not found"),
+    "data: an empty folder": (2, "no class sub-folders found"),
+    "data: an unknown extension": (2, "not a .npz/.csv file and not a folder"),
+    "csv: Latin-1 bytes": (2, "not UTF-8 text (byte 0xe9"),
+    "csv: binary garbage": (2, "not UTF-8 text (byte 0x80"),
+    "csv: empty label cell": (2, "m.csv:3: empty label cell"),
+    "csv: missing image files": (2, "m.csv:2: image not found"),
+    "csv: header only": (2, "m.csv: no rows"),
+    "--epochs 0": (2, "train.epochs: Input should be greater than or equal to 1 (got 0)"),
+    "--epochs -3": (2, "train.epochs: Input should be greater than or equal to 1 (got -3)"),
+    "--epochs abc": (2, "Invalid value for '--epochs'"),
+    "--input-size 0": (2, "--input-size (input_size) 0 is out of range"),
+    "--input-size 100000": (2, "--input-size (input_size) 100000 is out of range"),
+    "--model that does not exist": (2, "unknown model 'resnet9999'. Did you mean"),
+    "--set a misspelt key": (2, "trian: unknown key; did you mean 'train'?"),
+    "--set a word for a number": (2, "train.batch_size: Input should be a valid integer"),
+    "--set broken YAML": (2, "is not a valid YAML list/mapping"),
+    "--set without '='": (2, "override 'train.epochs' must look like key.sub=value"),
+    "--out is an existing file": (2, "f.txt is not writable"),
+    "--out holds the user's files": (2, "holds other files (metrics.json) and no medistill run"),
+    "--out is empty": (2, "the run directory (--out / out=) is empty"),
+    "config: does not exist": (2, "config file not found"),
+    "config: a YAML list": (2, "top level must be a mapping, got list"),
+    "config: empty": (2, "c.yaml is empty"),
+    "config: python tag (never executed)": (2, "could not determine a constructor for the tag"),
+    "config: binary": (2, "not a UTF-8 text file"),
+    "--teacher a missing folder": (2, "teacher checkpoint not found"),
+    "--teacher ARCH= (no file)": (2, "expected ARCH=WEIGHTS_FILE with both parts"),
+    "--teacher ARCH=a text file": (2, "w.pt: not a readable weights file"),
+    "--teacher is the data file": (2, "tiny.npz is a npz file, not a model"),
+    "--teacher trained on other classes": (2, "predicts 3 classes but the data has 4"),
+    "distill: --method unknown": (2, "unknown method 'kdd'; available: kd"),
+    "evaluate: a missing folder": (2, "nothing at"),
+    "evaluate: a folder that is not a run": (2, "not a run, model or ensemble directory"),
+    "evaluate: summary.json truncated": (0, "bal. ACC"),
+    "evaluate: split.json missing": (2, "run/split.json is missing"),
+    "evaluate: external data with other classes": (2, "predicts 3 classes; the data has 4"),
+    "report: a missing run": (2, "no summary.json (not a finished medistill run)"),
+    "report: metrics.jsonl garbage": (2, "metrics.jsonl:1: not a JSON line"),
+    "resume: a folder that is not a run": (2, "--resume: no checkpoint_last.pt"),
+    "export: --out is an existing file": (2, "model.onnx already exists; pass --force"),
+    "export: a missing run": (2, "nothing at"),
+    "predict: a garbage image": (2, "corrupt or unreadable image"),
+    "predict: an image that does not exist": (2, "No such file or directory"),
+    "predict: a garbage ONNX model": (2, "not a readable ONNX file"),
+    "explain: an unknown method": (2, "unknown explanation method(s) ['nosuchcam']"),
+    "ensemble: one member missing": (2, "teacher checkpoint not found"),
+    "npz: labels a scalar": (2, "train_labels is a single value (3), not one label per image"),
+    "folder: a decompression bomb": (2, "huge.png declares a size beyond PIL's safety limit"),
+    "folder: val/ and valid/": (2, "has both val/ and valid/"),
+    "folder: non-square images": (0, "images are not square (e.g. 16×8 px"),
+    "--set a list index that is a word": (2, "students.first is not a valid list index"),
+    "--input-size -1": (2, "--input-size (input_size) -1 is out of range"),
+    "--input-size 3": (2, "--input-size (input_size) 3 is out of range"),
+    "--teacher an ensemble without a member": (2, "gone is missing"),
+    "--teacher ARCH=a bare tensor": (2, "bare.pt: does not hold a state dict of tensors"),
+    "explain: an unknown split": (2, "--split 'nosuch': explain a run's train, val or test split"),
+    "explain: zero images": (2, "--images 0: explain at least one image"),
+    "evaluate: config.yaml missing": (2, "run/config.yaml is missing"),
+    "--unlabeled a class-folder tree": (2, "holds class-like sub-folders with images (a, b)"),
+    "--unlabeled a CSV with labels": (2, "has a label column: labelled images go in --data"),
+    "--label-fraction 0": (2, "data.label_fraction: Input should be greater than 0"),
+    "audit: a missing dataset": (2, "dataset file not found"),
 }
 
 
@@ -191,9 +346,6 @@ def resources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"npz": npz, "run": d / "run"}
 
 
-outcomes: dict[str, int] = {}
-
-
 @pytest.mark.parametrize("name", list(CASES))
 def test_bad_input(name: str, tmp_path: Path, resources: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     work = tmp_path / "case"
@@ -203,12 +355,13 @@ def test_bad_input(name: str, tmp_path: Path, resources: dict[str, Path], monkey
     before = _snapshot(work)
     shared = _snapshot(resources["run"].parent)
     p = run_cli(*args)
-    said = p.stdout + p.stderr
-    outcomes[name] = p.returncode
-    assert p.returncode != 1 and "internal error" not in said and "Traceback" not in said, f"{name}: {said[-1500:]}"
-    assert p.returncode in (0, 2), f"{name}: exit {p.returncode}: {said[-800:]}"
-    if p.returncode == 2:
-        assert "error" in said.lower(), f"{name}: refused without saying why: {said[-800:]}"
+    said = " ".join((p.stdout + p.stderr).split()).replace("│", "").replace("  ", " ")
+    code, words = EXPECT[name]
+    assert "internal error" not in said and "Traceback" not in said, f"{name}: {said[-1500:]}"
+    assert p.returncode == code, f"{name}: exit {p.returncode}, expected {code}: {said[-800:]}"
+    assert " ".join(words.split()) in said, f"{name}: expected {words!r} in: {said[-800:]}"
+    if code == 2:   # medistill's "error: …" line, or the command-line parser's "Error" box
+        assert "error" in said.lower(), f"{name}: refused without saying so: {said[-800:]}"
     after = _snapshot(work)
     changed = [f for f, h in before.items() if after.get(f) != h and f not in MAY_CHANGE.get(name, set())]
     assert not changed, f"{name}: changed or removed the user's files {changed}"
@@ -217,6 +370,7 @@ def test_bad_input(name: str, tmp_path: Path, resources: dict[str, Path], monkey
 
 
 def test_probe_outcomes_are_recorded(tmp_path: Path) -> None:
-    """The probe's size is what docs/reliability.md states (keeps the doc honest)."""
+    """Every case has its pinned outcome, and the probe's size is what docs/reliability.md states."""
+    assert set(EXPECT) == set(CASES), sorted(set(EXPECT) ^ set(CASES))
     doc = (Path(__file__).resolve().parents[1] / "docs" / "reliability.md").read_text()
     assert f"{len(CASES)} bad inputs" in doc, json.dumps(len(CASES))

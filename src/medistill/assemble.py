@@ -126,8 +126,8 @@ def assemble_run(kind: str, config: dict[str, Any] | str | Path | None = None, o
     overrides = list(overrides)
     _check_not_empty(overrides)
     if input_size is not None and not 8 <= input_size <= 4096:
-        raise ConfigError(f"input size {input_size} is out of range: give 8 to 4096 px, or leave it out for the "
-                          "data's size")
+        raise ConfigError(f"--input-size (input_size) {input_size} is out of range: give 8 to 4096 px, or leave it "
+                          "out for the data's size")
     tree, raw = _starting_tree(config, overrides, resume)
     # The overrides that address students/teachers/terms wait until those lists are built from the flags.
     later = tuple(p for p, flag in (("students.", models), ("teachers.", teachers), ("terms.", method or terms)) if flag)

@@ -109,6 +109,9 @@ def resolve(path: str | Path) -> Target:
         rows = read_ensemble(p)["members"]
         return Target("ensemble", p, None, tuple(p / r["model_dir"] if not Path(r["model_dir"]).is_absolute()
                                                  else Path(r["model_dir"]) for r in rows))
+    if p.is_file() and p.suffix.lower() in (".npz", ".csv", ".yaml", ".yml", ".png", ".jpg", ".jpeg"):
+        raise ModelError(f"{p} is a {p.suffix.lower()[1:]} file, not a model: expected a run, model or ensemble "
+                         "directory, a weights file (ARCH=FILE for a teacher from elsewhere) or an .onnx file")
     if p.is_file():
         beside = (p.parent / "model.json").is_file()
         return Target("weights", p, run_dir_of(p.parent) if beside else None, (p.parent,) if beside else ())

@@ -87,6 +87,11 @@ def evaluate_target(target: str | Path, data: str | None = None, out: str | Path
         saved = read_run_json(run_dir / "split.json")
         bundle = build_data(cfg.data, fixed_splits=saved)
     elif data is None:
+        p = Path(target)
+        gone = [f for f in ("config.yaml", "split.json") if (p / "summary.json").is_file() and not (p / f).is_file()]
+        if gone:
+            raise ModelError(f"{p / gone[0]} is missing: evaluating a run on its own images needs its config.yaml and "
+                             "split.json; restore it, or pass --data to evaluate on other data")
         raise ModelError(f"{target} is not inside a run directory; pass --data")
     elif split == "test":
         bundle = build_data(load_config(None, [("data.name", data)]).data)

@@ -31,6 +31,8 @@ def check_images(im: np.ndarray, where: str) -> np.ndarray:
 def check_labels(raw: np.ndarray, n_images: int, where: str) -> np.ndarray:
     """Integer class ids ``[N]`` from ``[N]`` or ``[N, 1]``; floats only when integral."""
     y = np.asarray(raw)
+    if y.ndim == 0:
+        raise DataError(f"{where}: a single value ({y.item()!r}), not one label per image; save an array of {n_images} labels")
     if y.ndim == 2 and y.shape[1] != 1:
         raise DataError(f"{where}: shape {y.shape} looks multi-label; medistill handles one label per image")
     y = y.reshape(-1)

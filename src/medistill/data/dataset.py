@@ -334,6 +334,12 @@ def build_data(cfg: DataConfig, image_size: int | None = None, role: str = "stud
         if len(splits[k]) == 0:
             raise DataError(f"the {k} split of {source.description} is empty (check val/test fractions)")
     unl = add_unlabeled(cfg, source, splits, check=fixed_splits is None)
+    if source.native_size is None and fixed_splits is None:
+        first = int(splits["train"][0])
+        h, w = source.load(first).shape[:2]
+        if h != w:
+            notes.append(f"images are not square (e.g. {w}×{h} px: {source.path(first)}): each is resized to a square, "
+                         "which changes its aspect ratio; crop or pad them first to keep it")
     if cfg.duplicates != "off" and fixed_splits is None:
         splits = _check_copies(cfg, source, splits, notes)
     size = image_size or source.native_size or 224

@@ -216,6 +216,9 @@ def load_npz(path: Path) -> dict[str, np.ndarray]:
         raise DataError(f"{path}: missing arrays {missing}; a MedMNIST file holds {need}")
     for s in ("train", "val", "test"):
         lab = arrays[f"{s}_labels"]
+        if lab.ndim == 0:
+            raise DataError(f"{path}: {s}_labels is a single value ({lab.item()!r}), not one label per image; save an "
+                            f"array of {len(arrays[f'{s}_images'])} labels")
         if lab.ndim == 2 and lab.shape[1] > 1:
             raise DataError(f"{path}: {s}_labels has shape {lab.shape} (multi-label); single-label only")
         if len(lab) != len(arrays[f"{s}_images"]):

@@ -98,6 +98,12 @@ def explain_run(run_dir: str | Path, n_images: int = 8, per_class: int | None = 
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ArgumentError(f"unknown explanation method(s) {unknown}; available: {', '.join(METHODS)}")
+    if split not in ("train", "val", "test"):
+        raise ArgumentError(f"--split {split!r}: explain a run's train, val or test split")
+    if n_images < 1 and not per_class:
+        raise ArgumentError(f"--images {n_images}: explain at least one image")
+    if per_class is not None and per_class < 1:
+        raise ArgumentError(f"--per-class {per_class}: explain at least one image per class")
     dev = resolve_device(device)
     out = Path(out) if out else run_dir / "explain"
     if not student_dirs(run_dir) and not compare:
