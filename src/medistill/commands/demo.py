@@ -61,7 +61,7 @@ def _answer(con: Console, seconds: float, ens: dict[str, Any], alone: dict[str, 
     for name, mm in ens["members"].items():
         row(f"teacher {name.split('/')[0]}", teacher, None, mm["test"])
     row("teacher ensemble", ens_arch, ens["model"]["flops"], ens["test"])
-    row("student alone (logit-adjusted CE, labelled images)", s_model, alone["model"]["flops"], alone["test"])
+    row("student alone (logit-adjusted CE)", s_model, alone["model"]["flops"], alone["test"])
     row(f"student distilled ({METHOD})", s_model, kd["model"]["flops"], kd["test"])
     con.print(table)
     from medistill.eval.compare import verdict_line

@@ -16,6 +16,7 @@ from torch.utils.data.distributed import DistributedSampler
 from medistill.config import DataConfig
 from medistill.data import audit
 from medistill.data import splits as sp
+from medistill.data.splits import check_fixed_splits
 from medistill.data.sources import ImageSource, open_source
 from medistill.data.unlabeled import UNLABELED, add_unlabeled
 from medistill.data.transforms import Augment, resize
@@ -244,41 +245,6 @@ def _scan_corrupt(source: ImageSource, idx: np.ndarray) -> np.ndarray:
     return np.array(keep, dtype=np.int64)
 
 
-def check_fixed_splits(record: dict[str, Any], source: ImageSource) -> dict[str, np.ndarray]:
-    """A saved split (``split.json``) must fit ``source``: integer indices in range, the three
-    splits disjoint, and — when recorded — the same dataset fingerprint. Anything else would
-    silently score other images (negative indices wrap around) or leak train into test."""
-    fp = record.get("fingerprint")
-    if fp and source.fingerprint and fp != source.fingerprint:
-        raise DataError(f"the saved split was made for another version of the data ({record.get('source', '?')}, "
-                        f"fingerprint {fp[:12]}…) than {source.description} ({source.fingerprint[:12]}…)")
-    splits = {}
-    for k in ("train", "val", "test"):
-        if k not in record:
-            raise DataError(f"the saved split has no {k!r} list")
-        try:
-            v = np.asarray(record[k])
-        except (TypeError, ValueError) as e:
-            raise DataError(f"the saved split's {k!r} entry is not a list of indices ({e})") from e
-        if v.size and (v.ndim != 1 or not np.issubdtype(v.dtype, np.integer)):
-            raise DataError(f"the saved split's {k!r} entry must be a flat list of integers")
-        v = v.astype(np.int64)
-        if v.size and (v.min() < 0 or v.max() >= len(source)):
-            bad = int(v.min()) if v.min() < 0 else int(v.max())
-            raise DataError(f"the saved split's {k!r} holds index {bad}, outside the dataset's 0…{len(source) - 1} "
-                            f"({source.description}; other data?)")
-        if len(np.unique(v)) != len(v):
-            raise DataError(f"the saved split's {k!r} lists an image more than once")
-        splits[k] = v
-    if "unlabeled" in record:   # bounds checked where the unlabelled images are opened
-        splits["unlabeled"] = np.asarray(record["unlabeled"], dtype=np.int64).reshape(-1)
-    for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
-        common = np.intersect1d(splits[a], splits[b])
-        if len(common):
-            raise DataError(f"the saved split puts image {int(common[0])} (and {len(common) - 1} more) in both {a} and {b}")
-    return splits
-
-
 def build_data(cfg: DataConfig, image_size: int | None = None, role: str = "student",
                download: bool = False, fixed_splits: dict[str, list[int]] | None = None) -> DataBundle:
     """Open the dataset, split it, apply the imbalance tools to train (never to val/test).
@@ -321,12 +287,7 @@ def build_data(cfg: DataConfig, image_size: int | None = None, role: str = "stud
         if cfg.skip_corrupt and not source.in_memory:
             splits = {k: _scan_corrupt(source, v) for k, v in splits.items()}
         splits["train"] = _train_subset(splits["train"], source.labels, cfg, role)
-        if cfg.label_fraction is not None and cfg.label_fraction < 1.0:
-            keep = sp.stratified_fraction(splits["train"], source.labels, cfg.label_fraction, cfg.split_seed)
-            splits["unlabeled"] = np.setdiff1d(splits["train"], keep)
-            splits["train"] = keep
-            notes.append(f"data.label_fraction={cfg.label_fraction:g}: {len(keep)} training images keep their label, "
-                         f"{len(splits['unlabeled'])} join the unlabelled pool")
+        _label_fraction(cfg, source, splits, notes)
         if cfg.max_eval_samples:
             for k in ("val", "test"):
                 splits[k] = sp.stratified_cap(splits[k], source.labels, cfg.max_eval_samples, cfg.split_seed)
@@ -335,15 +296,32 @@ def build_data(cfg: DataConfig, image_size: int | None = None, role: str = "stud
             raise DataError(f"the {k} split of {source.description} is empty (check val/test fractions)")
     unl = add_unlabeled(cfg, source, splits, check=fixed_splits is None)
     if source.native_size is None and fixed_splits is None:
-        first = int(splits["train"][0])
-        h, w = source.load(first).shape[:2]
-        if h != w:
-            notes.append(f"images are not square (e.g. {w}×{h} px: {source.path(first)}): each is resized to a square, "
-                         "which changes its aspect ratio; crop or pad them first to keep it")
+        _shape_note(source, splits, notes)
     if cfg.duplicates != "off" and fixed_splits is None:
         splits = _check_copies(cfg, source, splits, notes)
     size = image_size or source.native_size or 224
     return DataBundle(cfg, source, splits, origin, size, split_notes=notes, unlabeled=unl)
+
+
+def _label_fraction(cfg: DataConfig, source: ImageSource, splits: dict[str, np.ndarray], notes: list[str]) -> None:
+    """``data.label_fraction``: keep that stratified, seeded share of the training labels; the
+    other training images become the unlabelled pool."""
+    if cfg.label_fraction is None or cfg.label_fraction >= 1.0:
+        return
+    keep = sp.stratified_fraction(splits["train"], source.labels, cfg.label_fraction, cfg.split_seed)
+    splits["unlabeled"] = np.setdiff1d(splits["train"], keep)
+    splits["train"] = keep
+    notes.append(f"data.label_fraction={cfg.label_fraction:g}: {len(keep)} training images keep their label, "
+                 f"{len(splits['unlabeled'])} join the unlabelled pool")
+
+
+def _shape_note(source: ImageSource, splits: dict[str, np.ndarray], notes: list[str]) -> None:
+    """Say so when the images are not square: every model squashes them to a square."""
+    first = int(splits["train"][0])
+    h, w = source.load(first).shape[:2]
+    if h != w:
+        notes.append(f"images are not square (e.g. {w}×{h} px: {source.path(first)}): each is resized to a square, "
+                     "which changes its aspect ratio; crop or pad them first to keep it")
 
 
 def _train_subset(tr: np.ndarray, y: np.ndarray, cfg: DataConfig, role: str) -> np.ndarray:

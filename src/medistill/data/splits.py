@@ -8,10 +8,14 @@ test split.
 from __future__ import annotations
 
 import warnings
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from medistill.errors import DataError
+
+if TYPE_CHECKING:
+    from medistill.data.sources import ImageSource
 
 
 def class_counts(labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -219,3 +223,38 @@ def fold_split(labels: np.ndarray, pool: np.ndarray, folds: int, fold: int, seed
     cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     tr, va = list(cv.split(np.zeros(len(pool)), labels[pool]))[fold]
     return pool[tr], pool[va]
+
+
+def check_fixed_splits(record: dict[str, Any], source: "ImageSource") -> dict[str, np.ndarray]:
+    """A saved split (``split.json``) must fit ``source``: integer indices in range, the three
+    splits disjoint, and — when recorded — the same dataset fingerprint. Anything else would
+    silently score other images (negative indices wrap around) or leak train into test."""
+    fp = record.get("fingerprint")
+    if fp and source.fingerprint and fp != source.fingerprint:
+        raise DataError(f"the saved split was made for another version of the data ({record.get('source', '?')}, "
+                        f"fingerprint {fp[:12]}…) than {source.description} ({source.fingerprint[:12]}…)")
+    splits = {}
+    for k in ("train", "val", "test"):
+        if k not in record:
+            raise DataError(f"the saved split has no {k!r} list")
+        try:
+            v = np.asarray(record[k])
+        except (TypeError, ValueError) as e:
+            raise DataError(f"the saved split's {k!r} entry is not a list of indices ({e})") from e
+        if v.size and (v.ndim != 1 or not np.issubdtype(v.dtype, np.integer)):
+            raise DataError(f"the saved split's {k!r} entry must be a flat list of integers")
+        v = v.astype(np.int64)
+        if v.size and (v.min() < 0 or v.max() >= len(source)):
+            bad = int(v.min()) if v.min() < 0 else int(v.max())
+            raise DataError(f"the saved split's {k!r} holds index {bad}, outside the dataset's 0…{len(source) - 1} "
+                            f"({source.description}; other data?)")
+        if len(np.unique(v)) != len(v):
+            raise DataError(f"the saved split's {k!r} lists an image more than once")
+        splits[k] = v
+    if "unlabeled" in record:   # bounds checked where the unlabelled images are opened
+        splits["unlabeled"] = np.asarray(record["unlabeled"], dtype=np.int64).reshape(-1)
+    for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+        common = np.intersect1d(splits[a], splits[b])
+        if len(common):
+            raise DataError(f"the saved split puts image {int(common[0])} (and {len(common) - 1} more) in both {a} and {b}")
+    return splits

@@ -81,6 +81,15 @@ def _overlay_grid(images: np.ndarray, columns: dict[str, np.ndarray], labels: li
     save_png(overlay_figure(images, columns, labels), path, dpi=100)
 
 
+def _check_choice(split: str, n_images: int, per_class: int | None) -> None:
+    if split not in ("train", "val", "test"):
+        raise ArgumentError(f"--split {split!r}: explain a run's train, val or test split")
+    if n_images < 1 and not per_class:
+        raise ArgumentError(f"--images {n_images}: explain at least one image")
+    if per_class is not None and per_class < 1:
+        raise ArgumentError(f"--per-class {per_class}: explain at least one image per class")
+
+
 def explain_run(run_dir: str | Path, n_images: int = 8, per_class: int | None = None, methods: list[str] | None = None,
                 split: str = "test", top_k: int | None = None, seed: int = 0, out: str | Path | None = None,
                 layers: dict[str, str] | None = None, compare: dict[str, str | Path] | None = None,
@@ -98,12 +107,7 @@ def explain_run(run_dir: str | Path, n_images: int = 8, per_class: int | None = 
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ArgumentError(f"unknown explanation method(s) {unknown}; available: {', '.join(METHODS)}")
-    if split not in ("train", "val", "test"):
-        raise ArgumentError(f"--split {split!r}: explain a run's train, val or test split")
-    if n_images < 1 and not per_class:
-        raise ArgumentError(f"--images {n_images}: explain at least one image")
-    if per_class is not None and per_class < 1:
-        raise ArgumentError(f"--per-class {per_class}: explain at least one image per class")
+    _check_choice(split, n_images, per_class)
     dev = resolve_device(device)
     out = Path(out) if out else run_dir / "explain"
     if not student_dirs(run_dir) and not compare:
