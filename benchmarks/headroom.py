@@ -109,10 +109,16 @@ def base_config(epochs: int | None, sets: list[str]) -> dict[str, Any]:
     return cfg
 
 
-def teachers(out: Path, cfg: dict[str, Any], seeds: list[int]) -> Path:
+def teachers(out: Path, cfg: dict[str, Any], seeds: list[int], sets: list[str] = ()) -> Path:
+    """The teacher ensemble: the base config (ResNet-18 at 32 px) with ``sets`` applied to the
+    teachers alone (e.g. ``students.0.input_size=64``: teachers that see the images larger)."""
     ens = out / "teachers"
     if (ens / "ensemble.json").is_file() and (ens / "metrics.json").is_file():
         return ens
+    cfg = json.loads(json.dumps(cfg))
+    for s in sets:
+        k, v = s.split("=", 1)
+        _set(cfg, k, yaml.safe_load(v))
     path = out / "configs" / "teacher.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -239,9 +245,11 @@ def collect(out: Path) -> dict[str, Any]:
                                  "latency_ms": (single.get("latency", {}).get("cpu_batch1") or {}).get("median_ms")}
     teacher_cfg = out / "configs" / "teacher.yaml"
     if teacher_cfg.is_file():
-        data = yaml.safe_load(teacher_cfg.read_text()).get("data", {})
+        tc = yaml.safe_load(teacher_cfg.read_text())
+        data = tc.get("data", {})
         res["label_fraction"] = data.get("label_fraction")
         res["data"] = Path(data.get("name", "?")).name
+        res["teacher_input_size"] = tc["students"][0].get("input_size")
     _collect_cells(out, res)
     for student in STUDENTS:
         best = strongest_alone(res, student)
@@ -400,12 +408,14 @@ def main() -> None:
     ap.add_argument("--tune-kd", default=None, help="comma list of students whose KD τ and weight are chosen on "
                     "validation over the grid (then add the cell STUDENT:kd_val)")
     ap.add_argument("--tune-seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--teacher-set", dest="teacher_sets", action="append", default=[],
+                    help="dotted override for the teachers only, e.g. students.0.input_size=64")
     ap.add_argument("--results", default=None, help="name of the results files (default headroom: results/headroom.md)")
     a = ap.parse_args()
     out = Path(a.out)
     cfg = base_config(a.epochs, a.sets)
     if not a.table_only:
-        ens = teachers(out, cfg, a.teacher_seeds)
+        ens = teachers(out, cfg, a.teacher_seeds, a.teacher_sets)
         cells = a.cells.split(",") if a.cells else DEFAULT_CELLS
         for student in (a.tune_kd.split(",") if a.tune_kd else []):
             tune_kd(out, cfg, ens, student, a.tune_seeds)
