@@ -136,6 +136,7 @@ def load_teacher(spec: Any, path: Path, data: DataBundle) -> Participant:
         if spec.norm not in (None, "auto"):
             mean, std = resolve_norm(spec.norm, False, rec.in_chans)
             pre = Preprocess(data.channels, rec.in_chans, pre.input_size, tuple(mean), tuple(std))
+    check_fixed_size(model, pre.input_size, spec.name)
     model.eval()
     for prm in model.parameters():
         prm.requires_grad_(False)
@@ -143,6 +144,20 @@ def load_teacher(spec: Any, path: Path, data: DataBundle) -> Participant:
     if intake is not None and intake["weights"] == "ema":   # other weights from the same file: another cache key
         sha = hashlib.sha256(f"{sha}:ema".encode()).hexdigest()
     return Participant(spec.name, model, pre, rec, trainable=False, checkpoint=str(wfile), sha256=sha, intake=intake)
+
+
+def check_fixed_size(model: nn.Module, size: int, name: str) -> None:
+    """A timm transformer (ViT, Swin, DeiT) accepts only the image size its patch embedding was
+    built for; feeding it another one fails deep inside the first forward. Refused before any
+    training, naming the setting."""
+    pe = getattr(model, "patch_embed", None)
+    built = getattr(pe, "img_size", None)
+    if pe is None or not getattr(pe, "strict_img_size", False) or not built:
+        return
+    if tuple(built) != (size, size):
+        raise ModelError(f"teacher {name!r} accepts only {built[0]}×{built[1]} images (its patch embedding was built "
+                         f"for the size it was trained at) but is asked for {size}×{size}: leave teachers.N.input_size "
+                         f"out, or train the teacher at {size} px (--input-size {size})")
 
 
 def external_teacher(spec: Any, path: Path, data: DataBundle) -> tuple[nn.Module, Preprocess, ModelSpecRecord, dict[str, Any]]:
