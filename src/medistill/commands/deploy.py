@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from medistill.data.imageio import read_image
-from medistill.data.transforms import resize
+from medistill.data.transforms import resize, resize_matrix
 from medistill.errors import ModelError
 from medistill.io import atomic_path, write_json
 from medistill.models.factory import ModelSpecRecord, Preprocess, data_size, load_model_dir
@@ -28,6 +28,25 @@ class Deployable(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(self.pre(x))
+
+
+class ExportPreprocess(nn.Module):
+    """The same preprocessing for a fixed input side ``size``, with the resize as two matrix
+    products (:func:`resize_matrix`): what the ONNX graph holds. Equal to ``pre`` up to float
+    rounding (checked by every export)."""
+
+    def __init__(self, pre: Preprocess, size: int):
+        super().__init__()
+        self.pre = pre
+        self.register_buffer("a", resize_matrix(size, pre.input_size, pre.interpolation), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.pre
+        if x.shape[1] != p.in_chans:   # the channel rule of Preprocess, before the resize
+            x = x.expand(-1, p.in_chans, -1, -1) if x.shape[1] == 1 else \
+                (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+        x = torch.matmul(torch.matmul(self.a, x), self.a.t())
+        return (x - p.mean) / p.std
 
 
 def _model_of(target: str | Path) -> tuple[Path, Path]:
@@ -48,8 +67,10 @@ def export_model(target: str | Path, fmt: str = "onnx", out: str | Path | None =
         raise ModelError(f"unknown export format {fmt!r} (onnx, torchscript)")
     d, weights = _model_of(target)
     model, pre, spec = load_model_dir(weights)
-    net = Deployable(pre, model).eval()
     size = data_size(None, [spec])
+    reference = Deployable(pre, model).eval()
+    # the exported graph resizes with matrices when the model's side is not the data's
+    net = Deployable(ExportPreprocess(pre, size), model).eval() if size != pre.input_size else reference
     example = torch.rand(1, spec.data_chans, size, size)
     name = "model.onnx" if fmt == "onnx" else "model.torchscript.pt"
     dest = Path(out) if out else d / name
@@ -78,7 +99,7 @@ def export_model(target: str | Path, fmt: str = "onnx", out: str | Path | None =
     for b in (1, check_batch):
         x = torch.rand(b, spec.data_chans, size, size)
         with torch.no_grad():
-            ref = net(x).numpy()
+            ref = reference(x).numpy()
         diffs.append(float(np.abs(run(x.numpy()) - ref).max()))
     result = {"path": str(dest), "format": fmt, "max_abs_diff": max(diffs), "batches_checked": [1, check_batch]}
     write_json(dest.with_name(dest.name + ".check.json"), result)

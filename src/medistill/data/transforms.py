@@ -50,6 +50,16 @@ def resize(x: torch.Tensor, size: int, mode: str = "bilinear") -> torch.Tensor:
     return y[0] if squeeze else y
 
 
+def resize_matrix(n_in: int, n_out: int, mode: str = "bilinear") -> torch.Tensor:
+    """``[n_out, n_in]``: :func:`resize` along one axis as a matrix (the antialiased kernels are
+    separable), so ``A_h @ x @ A_w.T`` equals ``resize(x)`` for a fixed input size. ONNX has no
+    antialiased resize that torch's exporter emits; two matrix products export everywhere."""
+    mode = "bicubic" if mode == "bicubic" else "bilinear"
+    # resizing the identity along H only (W kept) gives A_h itself: resize(I) = A_h · I · I
+    return F.interpolate(torch.eye(n_in)[None, None], size=(n_out, n_in), mode=mode, align_corners=False,
+                         antialias=True)[0, 0].contiguous()
+
+
 # RandomResizedCrop's ranges for ``standard``: area fraction and aspect ratio of the crop.
 CROP_SCALE, CROP_RATIO = (0.8, 1.0), (0.9, 1.1)
 
