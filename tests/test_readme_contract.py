@@ -9,6 +9,7 @@ Not run here, with the reason: the quickstart's `make test` (it is this suite) a
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -25,7 +26,8 @@ pytestmark = pytest.mark.slow
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 REPO = Path(__file__).resolve().parents[1]
-# What the test appends, and nothing else: fewer epochs, images and pixels.
+# What the test appends, and nothing else: fewer epochs, images and pixels (explain: one image per
+# class and Score-CAM's top 8 channels).
 SHRINK_SETS = ["data.subset.max_samples=40", "data.max_eval_samples=32", "train.latency=false",
                "train.progress=false", "eval.bootstrap=100"]
 SMALL_INPUT = "16"         # --input-size for models that take any size (not transformers)
@@ -54,6 +56,11 @@ def shrink(args: list[str]) -> list[str]:
         if a == "--epochs":
             args[i + 1] = "2" if resume else "1"
     command = args[0]
+    if command == "explain":     # fewer images, and Score-CAM on its 8 strongest channels instead of every one
+        for i, a in enumerate(args[:-1]):
+            if a == "--per-class":
+                args[i + 1] = "1"
+        return args + ["--top-k", "8"]
     if command not in ("train", "distill", "sweep", "recipe"):
         return args
     if "--epochs" not in args and not resume:
@@ -105,3 +112,11 @@ def test_every_readme_command_runs_in_order(tmp_path: Path, monkeypatch: pytest.
     assert list((work / "runs" / "dkd" / "students" / "student").glob("*.onnx"))
     assert (work / "runs" / "x" / "summary.json").is_file()
     assert len(ran) >= 25, ran
+    split = json.loads((work / "runs" / "kd_ens" / "split.json").read_text())   # the teacher's data and names
+    assert split["source"].endswith("isic8_64.npz") and split["class_names"][3] == "melanoma"
+    assert "Did distillation help?" in (work / "report.html").read_text()
+    other = tmp_path / "another_folder"      # a run is usable from any folder
+    other.mkdir()
+    monkeypatch.chdir(other)
+    p = run_cli("explain", str(work / "runs" / "dkd"), "--per-class", "1", "--methods", "gradcam", "--out", "ex")
+    assert p.returncode == 0 and (other / "ex" / "explain.json").is_file(), p.stderr[-1500:]
