@@ -167,8 +167,8 @@ def export(target: str | Path, *, format: str = "onnx", out: str | Path | None =
 
 def load_student(directory: str | Path) -> nn.Module:
     """A saved student as one module: images ``[B, C, H, W]`` in [0, 1] → logits ``[B, K]``
-    (the run's preprocessing included). See :func:`medistill.models.export.load_student`."""
-    from medistill.models.export import load_student as _load
+    (the run's preprocessing included). See :func:`medistill.models.saved.load_student`."""
+    from medistill.models.saved import load_student as _load
 
     return _load(directory)
 

@@ -38,7 +38,7 @@ def _open(data: str | Path, run: str | Path | None, class_names: list[str] | Non
 
 def _models(run: Path) -> list[Any]:
     """The saved models a run (its students), an ensemble (its members) or a model folder stands for."""
-    from medistill.models.export import load_student
+    from medistill.models.saved import load_student
     from medistill.rundir import resolve
 
     target = resolve(run)

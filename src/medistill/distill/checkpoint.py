@@ -111,14 +111,6 @@ def load_checkpoint(out: Path, groups: dict[str, dict[str, Any]], terms: nn.Modu
 # Settings that may change between an interrupted run and its resumption: they do not alter what is trained.
 _RESUME_FREE = {"out", "train.progress", "train.latency", "train.threads", "train.cache_dir", "data.num_workers",
                 "data.prefetch_factor", "train.device"}
-# Keys added to the config after some runs were saved: absent from an old config.yaml, they are
-# not a difference (their defaults reproduce the old behaviour; bf16 maps onto amp).
-_ADDED_KEYS = {"train.amp", "train.device", "train.deterministic", "data.ordinal", "eval.bootstrap",
-               "eval.bootstrap_seed", "eval.target_sensitivity", "data.group_pattern", "data.folds", "data.fold",
-               "data.group_by", "data.window", "data.dicom_frame", "data.resident", "train.compile", "data.prefetch_factor",
-               "data.duplicates", "train.mix", "train.mix_alpha"}
-
-
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(d, dict):
         return {k: v for key, val in d.items() for k, v in _flat(val, f"{prefix}{key}.").items()}
@@ -147,8 +139,9 @@ def check_resume_config(saved_path: Path, cfg: RunConfig) -> None:
         raise ConfigError(f"--resume: {saved_path} is unreadable ({type(e).__name__}); cannot check that the run "
                           "continues the same config") from e
     new = norm(yaml.safe_load(dump_config(cfg)))
-    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in _RESUME_FREE
-                  and not (k in _ADDED_KEYS and k not in old))
+    # the saved config is re-validated first, so a key added to the schema since it was written
+    # takes its default on both sides and is no difference
+    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in _RESUME_FREE)
     if "train.epochs" in diff and int(new["train.epochs"]) > int(old["train.epochs"]):
         diff.remove("train.epochs")
     if diff:

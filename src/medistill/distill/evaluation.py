@@ -21,7 +21,7 @@ from medistill.io import write_json, write_text
 from medistill.models.cost import count_flops, count_params, model_cost
 from medistill.models.ensemble import EnsembleModel
 from medistill.models.factory import load_model_dir, save_model_dir
-from medistill.models.export import write_config
+from medistill.models.timm_config import write_config
 from medistill.rundir import student_dir
 
 Tensor = torch.Tensor

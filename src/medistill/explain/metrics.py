@@ -1,4 +1,4 @@
-"""Faithfulness of saliency maps and agreement between maps (anchors.md Part 2 §2.4–2.7)."""
+"""Faithfulness of saliency maps (deletion and insertion AUC, Petsiuk et al. 2018; confidence change) and agreement between maps."""
 
 from __future__ import annotations
 
@@ -68,20 +68,6 @@ def confidence_change(model: nn.Module, images: Tensor, saliency: Tensor) -> dic
         p0 = torch.softmax(logits.float(), 1).gather(1, cls[:, None]).squeeze(1)
         p1 = _prob(model, images * saliency[:, None].to(images.dtype), cls)
     return {"drop": (p0 - p1).clamp_min(0) / p0.clamp_min(1e-12), "increase": (p1 > p0).float()}
-
-
-def keep_fraction_fidelity(model: nn.Module, images: Tensor, saliency: Tensor, q: float = 0.2,
-                           baseline: float = 0.0) -> dict[str, Tensor]:
-    """Prediction kept when only the top-``q`` salient pixels are kept (``keep``), or when they
-    are removed (``remove``; lower agreement = more faithful), per image."""
-    with eval_mode(model), torch.no_grad():
-        pred = model(images).argmax(1)
-        thr = saliency.flatten(1).quantile(1 - q, dim=1)[:, None, None]
-        top = (saliency >= thr)[:, None]
-        base = torch.full_like(images, baseline)
-        keep = model(torch.where(top, images, base)).argmax(1) == pred
-        remove = model(torch.where(top, base, images)).argmax(1) == pred
-    return {"keep": keep.float(), "remove": remove.float()}
 
 
 def map_agreement(a: Tensor, b: Tensor, top_q: float = 0.2) -> dict[str, Tensor]:

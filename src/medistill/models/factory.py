@@ -331,7 +331,7 @@ def save_model_dir(directory: str | os.PathLike, model: nn.Module, spec: ModelSp
     meta = {"format": "pt", "medistill": json.dumps(asdict(spec))}
     atomic_write(d / weights_name, lambda p: save_file(sd, str(p), metadata=meta))
     write_json(d / "model.json", asdict(spec))
-    from medistill.models.export import write_config
+    from medistill.models.timm_config import write_config
 
     write_config(d, spec)
 

@@ -1,15 +1,5 @@
-"""Students that leave intact: a timm-style ``config.json`` beside each saved student, and
-:func:`load_student`, which rebuilds it from that file alone.
-
-``config.json`` follows the layout of timm's Hugging Face hub files (``architecture``,
-``num_classes``, ``label_names``, ``model_args``, ``pretrained_cfg`` with ``input_size``,
-``mean``, ``std``, ``interpolation``) so that timm itself can read the weights; a ``medistill``
-section records what timm cannot know: the small-input stem adaptation, the side the data
-pipeline resized images to, the data's channels and the decision threshold. Where the stem is
-unmodified, ``timm.create_model(arch, pretrained=True, num_classes=K,
-pretrained_cfg_overlay={**config["pretrained_cfg"], "file": "model.safetensors"})`` builds the
-same network; with an adapted stem, :func:`load_student` does.
-"""
+"""A saved student, rebuilt from its ``config.json`` and ``model.safetensors`` alone
+(:func:`load_student`), with its preprocessing."""
 
 from __future__ import annotations
 
@@ -22,37 +12,8 @@ import torch
 from torch import nn
 
 from medistill.errors import ModelError
-
-CONFIG_FILE = "config.json"
-
-
-def timm_config(spec: Any) -> dict[str, Any]:
-    """The ``config.json`` of a student record (:class:`ModelSpecRecord`)."""
-    return {
-        "architecture": spec.arch,
-        "num_classes": spec.num_classes,
-        "label_names": list(spec.class_names),
-        "model_args": {"in_chans": spec.in_chans, **spec.kwargs},
-        "pretrained_cfg": {
-            "architecture": spec.arch, "num_classes": spec.num_classes,
-            "input_size": [spec.in_chans, spec.input_size, spec.input_size], "fixed_input_size": False,
-            "interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "center",
-            "mean": list(spec.mean), "std": list(spec.std), "label_names": list(spec.class_names),
-        },
-        "medistill": {
-            "stem": "timm" if not spec.adaptation else "adapted",
-            "small_input": spec.small_input, "adaptation": spec.adaptation,
-            "data_size": spec.data_size, "data_chans": spec.data_chans,
-            "threshold": spec.threshold, "threshold_rule": spec.threshold_rule,
-            "note": "images in [0, 1], resized (bilinear, antialiased) to input_size, normalised with mean/std",
-        },
-    }
-
-
-def write_config(directory: str | os.PathLike, spec: Any) -> None:
-    from medistill.io import write_json
-
-    write_json(Path(directory) / CONFIG_FILE, timm_config(spec))
+from medistill.models.factory import ModelSpecRecord, load_weights
+from medistill.models.timm_config import CONFIG_FILE
 
 
 class Student(nn.Module):
@@ -70,8 +31,6 @@ class Student(nn.Module):
 def load_student(directory: str | os.PathLike) -> Student:
     """Rebuild a student from its ``config.json`` and ``model.safetensors`` (nothing else read),
     in eval mode on the CPU."""
-    from medistill.models.factory import ModelSpecRecord, load_weights
-
     d = Path(directory)
     if d.is_file():
         d = d.parent
