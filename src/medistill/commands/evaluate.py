@@ -51,7 +51,7 @@ def external_bundle(data: str, class_names: list[str], class_map: list[str] | No
     labels = np.asarray(lut, dtype=np.int64)[source.labels]
     source = dataclasses.replace(source, labels=labels, class_names=list(class_names), split_tags=None)
     cfg = load_config(None, [("data.name", data)]).data
-    return DataBundle(cfg, source, {"all": np.arange(len(labels))}, f"every image of {data}", source.native_size or 224)
+    return DataBundle(cfg, source, {"all": np.arange(len(labels))}, f"every image of {data}", source.default_size)
 
 
 def evaluate_target(target: str | Path, data: str | None = None, out: str | Path | None = None,

@@ -299,7 +299,7 @@ def build_data(cfg: DataConfig, image_size: int | None = None, role: str = "stud
         _shape_note(source, splits, notes)
     if cfg.duplicates != "off" and fixed_splits is None:
         splits = _check_copies(cfg, source, splits, notes)
-    size = image_size or source.native_size or 224
+    size = image_size or source.default_size
     return DataBundle(cfg, source, splits, origin, size, split_notes=notes, unlabeled=unl)
 
 

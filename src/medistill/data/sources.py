@@ -66,6 +66,12 @@ class ImageSource:
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    @property
+    def default_size(self) -> int:
+        """The side a model sees when nothing asks for another: the images' own square size, else
+        224 (timm's usual input) for images of mixed or non-square sizes."""
+        return self.native_size or 224
+
     def load(self, i: int) -> np.ndarray:
         """Image ``i`` as uint8 ``[H, W, C]``; a corrupt file raises :class:`DataError` naming it."""
         if self._arrays is not None:

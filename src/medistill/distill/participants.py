@@ -77,7 +77,7 @@ def load_ensemble_teacher(spec: Any, path: Path, data: DataBundle) -> Participan
 def memory_teacher(spec: Any, model: nn.Module, data: DataBundle) -> Participant:
     """A teacher passed as an ``nn.Module``: frozen, identified by a hash of its weights."""
     c = data.channels
-    size = spec.input_size or data.source.native_size or 224
+    size = spec.input_size or data.source.default_size
     mean, std = resolve_norm(spec.norm or "half", False, c)
     pre = Preprocess(c, c, size, tuple(mean), tuple(std))
     model.eval()
@@ -171,7 +171,7 @@ def external_teacher(spec: Any, path: Path, data: DataBundle) -> tuple[nn.Module
     if not timm.is_model(spec.model):
         create_model(spec.model, data.num_classes)   # raises the unknown-model error with close matches
     probe = timm.create_model(spec.model, pretrained=False, num_classes=data.num_classes)
-    fallback = data.source.native_size or 224
+    fallback = data.source.default_size
     intake = checkpoint_preprocessing(args, probe, fallback)
     size = spec.input_size or intake["input_size"]
     in_chans = intake["in_chans"]
@@ -265,7 +265,7 @@ def assemble_participants(cfg: Any, teacher_modules: dict[str, nn.Module], devic
     data = build_data(cfg.data, None, role=role, download=download, fixed_splits=fixed_splits)
     for note in data.split_notes or []:   # the data audit's one line, label fractions, group splits
         console.print(f"[yellow]data:[/] {note}")
-    native = data.source.native_size or 224
+    native = data.source.default_size
     teachers = [memory_teacher(t, teacher_modules[t.name], data) if t.name in teacher_modules
                 else load_teacher(t, teacher_dirs[t.name], data) for t in cfg.teachers]
     check_test_overlap(teachers, {n: str(d) for n, d in teacher_dirs.items()}, data, console)
