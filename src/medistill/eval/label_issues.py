@@ -9,6 +9,7 @@ would; it costs one pass over the images instead of K trainings (said in the aud
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ def out_of_fold_probs(features: np.ndarray, labels: np.ndarray, folds: int, num_
     on the standardised features' 64 principal components; classes with fewer images than folds
     still get a column."""
     from sklearn.decomposition import PCA
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold
     from sklearn.pipeline import make_pipeline
@@ -55,7 +57,9 @@ def out_of_fold_probs(features: np.ndarray, labels: np.ndarray, folds: int, num_
         # ResNet-50) while keeping what separates the classes; max_iter bounds lbfgs on hard folds
         dims = min(64, features.shape[1], len(tr) - 1)
         clf = make_pipeline(StandardScaler(), PCA(dims, random_state=seed), LogisticRegression(max_iter=500))
-        clf.fit(features[tr], labels[tr])
+        with warnings.catch_warnings():   # an unconverged probe still ranks; its warning is noise to a user
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            clf.fit(features[tr], labels[tr])
         out[np.ix_(te, clf.classes_)] = clf.predict_proba(features[te])
     return out
 
