@@ -151,7 +151,7 @@ def _evaluate_one(d: Path, model: Any, pre: Any, spec: Any, bundle: DataBundle, 
     """One model on ``bundle`` (val and test, or ``all``): metrics, cost, predictions → ``dest``."""
     if spec.num_classes != bundle.num_classes:
         raise ModelError(f"{d} predicts {spec.num_classes} classes; the data has {bundle.num_classes}")
-    bundle = dataclasses.replace(bundle, image_size=data_size(bundle.source.native_size, [spec]))
+    bundle = dataclasses.replace(bundle, image_size=data_size(bundle.source.native_size, [spec], not bundle.source.in_memory))
     parts = ("all",) if split == "all" else ("val", "test")
     loaders = {k: bundle.loader(k, 256, train=False) for k in parts}
     info = model_cost(model, spec, latency=latency)   # CPU cost, before the move
@@ -197,7 +197,7 @@ def evaluate_ensemble(directory: str | Path, latency: bool = False) -> dict[str,
                              "an ensemble of them has no clean test set")
     cfg = load_run_config(runs[0])
     bundle = build_data(cfg.data, fixed_splits=split)
-    bundle = dataclasses.replace(bundle, image_size=data_size(bundle.source.native_size, specs))
+    bundle = dataclasses.replace(bundle, image_size=data_size(bundle.source.native_size, specs, not bundle.source.in_memory))
     loaders = {k: bundle.loader(k, 256, train=False) for k in ("val", "test")}
     c = bundle.channels
     from medistill.models.factory import Preprocess

@@ -43,7 +43,7 @@ class ImageDataset(Dataset):
         i = int(self.indices[k])
         n = len(self.source)
         src, j = (self.source, i) if i < n or self.extra is None else (self.extra, i - n)
-        arr = src.load(j)
+        arr = src.load(j, min_side=self.size)   # JPEGs decode at a reduced scale when much larger
         # a copy: memory-mapped sources are read-only, and torch warns on non-writable arrays
         x = resize(torch.from_numpy(np.array(arr)).permute(2, 0, 1).float().div_(255.0), self.size)
         view = 0

@@ -72,11 +72,13 @@ class ImageSource:
         224 (timm's usual input) for images of mixed or non-square sizes."""
         return self.native_size or 224
 
-    def load(self, i: int) -> np.ndarray:
-        """Image ``i`` as uint8 ``[H, W, C]``; a corrupt file raises :class:`DataError` naming it."""
+    def load(self, i: int, min_side: int | None = None) -> np.ndarray:
+        """Image ``i`` as uint8 ``[H, W, C]``; a corrupt file raises :class:`DataError` naming it.
+        ``min_side``: the caller resizes to that side next, so a JPEG may be decoded smaller
+        (:func:`read_image`)."""
         if self._arrays is not None:
             return self._arrays[i]
-        return read_image(self._paths[i], self.channels, self.window, self.dicom_frame)
+        return read_image(self._paths[i], self.channels, self.window, self.dicom_frame, min_side)
 
     def path(self, i: int) -> str:
         return str(self._paths[i]) if self._paths else f"{self.description}[{i}]"

@@ -63,7 +63,7 @@ def load_ensemble_teacher(spec: Any, path: Path, data: DataBundle) -> Participan
         raise ModelError(f"teacher {spec.name!r} (ensemble {path}) predicts {rec['num_classes']} classes but the data "
                          f"has {data.num_classes} ({data.source.description})")
     check_teacher_data(spec, path, specs, data)
-    size = data_size(data.source.native_size, specs)
+    size = data_size(data.source.native_size, specs, not data.source.in_memory)
     c = data.channels
     archs = sorted({s.arch for s in specs})
     rec0 = ModelSpecRecord(**{**specs[0].__dict__, "arch": f"ensemble({len(specs)}× {'+'.join(archs)})",
@@ -272,7 +272,8 @@ def assemble_participants(cfg: Any, teacher_modules: dict[str, nn.Module], devic
     students = [make_student(s, native, data, cfg.train.channels_last) for s in cfg.students]
     # Images stay at their native size; each model resizes the shared batch for itself. The
     # bundle the run trains on is a new, complete one (size and device known only now).
-    data = replace(data, image_size=data_size(data.source.native_size, [p.spec for p in teachers + students]),
+    data = replace(data, image_size=data_size(data.source.native_size, [p.spec for p in teachers + students],
+                                                     not data.source.in_memory),
                    pin_memory=device.type == "cuda", device=device)
     for s in students:
         s.spec.data_size = data.image_size

@@ -115,7 +115,8 @@ def explain_run(run_dir: str | Path, n_images: int = 8, per_class: int | None = 
     cfg = load_run_config(run_dir)
     bundle = build_data(cfg.data, fixed_splits=read_run_json(run_dir / "split.json"))
     models = _load_models(run_dir, cfg.teachers, dict(compare or {}), cam_layers)
-    bundle = replace(bundle, image_size=data_size(bundle.source.native_size, [s for *_, s in models.values()]))
+    bundle = replace(bundle, image_size=data_size(bundle.source.native_size, [s for *_, s in models.values()],
+                                                     not bundle.source.in_memory))
     chosen, x, y, bg = _images(bundle, split, n_images, per_class, seed)
     x, bg = x.to(dev), bg.to(dev)
     report: dict[str, Any] = {"split": split, "images": chosen.tolist(), "labels": y.tolist(), "device": str(dev),

@@ -295,17 +295,21 @@ class ModelSpecRecord:
         return model, Preprocess(self.data_chans, self.in_chans, self.input_size, tuple(self.mean), tuple(self.std))
 
 
-def data_size(native: int | None, specs: list[ModelSpecRecord]) -> int:
+def data_size(native: int | None, specs: list[ModelSpecRecord], from_files: bool = False) -> int:
     """The one rule for the side the data pipeline resizes images to before each model's own
     :class:`Preprocess`: the dataset's own side when all its images share one (``native``), else
     the side recorded with the model (``data_size``, what its run trained on), else the largest
-    input size among ``specs``. Training, evaluation, explanation, export and prediction all use
-    it, so that a model sees the same pixels everywhere."""
-    if native:
+    input size among ``specs``. Images read from files (``from_files``) are decoded at that
+    largest side when it is smaller than their own (a 512-px folder trained at 224 is decoded at
+    224, JPEGs at a reduced scale: see ``read_image``), since every model would shrink them anyway.
+    Training, evaluation, explanation, export and prediction all use it, so that a model sees the
+    same pixels everywhere."""
+    need = max((s.data_size or s.input_size for s in specs), default=None)
+    if native and (not from_files or need is None or native <= need):
         return native
-    if not specs:
+    if need is None:
         raise ModelError("no model to take the data size from")
-    return max(s.data_size or s.input_size for s in specs)
+    return need
 
 
 def resolve_norm(norm: Any, pretrained: bool | str, in_chans: int) -> tuple[list[float], list[float]]:
