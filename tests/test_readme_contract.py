@@ -65,6 +65,8 @@ def shrink(args: list[str]) -> list[str]:
         return args
     if "--epochs" not in args and not resume:
         args += ["--set", "train.epochs=1"]
+    if command == "recipe":     # two seeds per seeded stage instead of three (UMKD's two experts stay)
+        args += ["--seeds", "0,1"]
     transformer = any(m in args for m in ("swin_tiny_patch4_window7_224",)) or "scalekd" in args
     if command in ("train", "distill") and not resume and "--input-size" not in args and not transformer \
             and "--print-config" not in args and not any(a.endswith(".yaml") for a in args):

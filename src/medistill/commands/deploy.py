@@ -42,9 +42,11 @@ class ExportPreprocess(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.pre
-        if x.shape[1] != p.in_chans:   # the channel rule of Preprocess, before the resize
-            x = x.expand(-1, p.in_chans, -1, -1) if x.shape[1] == 1 else \
-                (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+        # the channel rule of Preprocess, decided by the recorded channel counts (no shape test in the graph)
+        if p.data_chans == 1 and p.in_chans > 1:
+            x = x.expand(-1, p.in_chans, -1, -1)
+        elif p.data_chans == 3 and p.in_chans == 1:
+            x = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
         x = torch.matmul(torch.matmul(self.a, x), self.a.t())
         return (x - p.mean) / p.std
 
