@@ -89,8 +89,8 @@ def unlabeled_in_use(terms: nn.ModuleDict, data: Any, cfg: RunConfig, console: A
     n = len(data.splits["unlabeled"])
     free = [k.replace("__", ".") for k, t in terms.items() if not t.uses_labels()]
     if not free:
-        console.print(f"[yellow]{n} unlabelled images not used:[/] no loss term learns without labels (they need a "
-                      "teacher term such as kd); training on the labelled images only")
+        console.print(f"{n} unlabelled images are not used by this run: no loss term learns without labels (a teacher "
+                      "term such as kd does); training on the labelled images only")
         return False
     if cfg.train.mix != "none" and len(free) < len(terms):
         raise ConfigError(f"train.mix={cfg.train.mix} with unlabelled images and label terms: a mixed image would carry "
