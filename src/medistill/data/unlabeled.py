@@ -9,13 +9,13 @@ folder of images, a CSV manifest with a ``path`` column and no ``label``, an ``.
 from __future__ import annotations
 
 import csv
-import hashlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from medistill.data import medmnist
+from medistill.data.audit import content_hash
 from medistill.data.checks import check_images
 from medistill.data.sources import IMAGE_SUFFIXES, ImageSource, _fingerprint, _manifest_paths, _probe_size
 from medistill.errors import DataError
@@ -111,16 +111,10 @@ def _from_npz(path: Path) -> ImageSource:
 
 
 def content_hashes(source: ImageSource, indices: np.ndarray) -> dict[str, int]:
-    """Pixel hash (arrays) or byte hash (files) → first index, for the images ``indices``."""
+    """Content hash (the audit's: pixels of arrays, bytes of files) → first index, for ``indices``."""
     out: dict[str, int] = {}
     for i in indices:
-        i = int(i)
-        if source.in_memory:
-            h = hashlib.sha1(np.ascontiguousarray(source.array[i]).tobytes()).hexdigest()
-        else:
-            with open(source.path(i), "rb") as f:
-                h = hashlib.sha1(f.read()).hexdigest()
-        out.setdefault(h, i)
+        out.setdefault(content_hash(source, int(i), decode=False), int(i))
     return out
 
 
