@@ -202,10 +202,52 @@ def test_teacher_cache_hit_miss_mismatch(data_dir: Path, teachers: list[Path], t
     with pytest.raises(CacheMismatchError, match="teacher_sha256"):
         cache_mod.TeacherCache.load(files[0], other)
 
-    # random crops: the cache is refused when forced, skipped under auto
-    with pytest.raises(ConfigError, match="random"):
-        run(_distill_cfg(data_dir, teachers[:1], tmp_path / "d", terms, augment="standard", students=1, epochs=1,
-                         teacher_cache="on"))
+    # batch mixing: the cache is refused when forced, skipped under auto
+    with pytest.raises(ConfigError, match=r"mixing augmentation \(train.mix=mixup\)"):
+        run(_distill_cfg(data_dir, teachers[:1], tmp_path / "d", terms[:2], students=1, epochs=1,
+                         teacher_cache="on", mix="mixup"))
+
+
+def test_standard_augmentation_caches_fixed_crops(data_dir: Path, teachers: list[Path], tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under data.augment=standard the student draws from train.teacher_views fixed crops per
+    image and the teacher's outputs on them are cached: the teacher never runs during training,
+    and every cached row equals the live teacher on that very crop."""
+    terms = [{"type": "ce", "weight": 0.1}, {"type": "kd", "weight": 0.9}]
+    calls = {"n": 0}
+    orig = Engine._teacher_outputs
+
+    def counting(self, x, idx, view):
+        calls["n"] += sum(t.name not in self.cache for t in self.teachers)
+        if self.cache:   # every training view is one of the cached crops
+            assert bool((torch.as_tensor(view) >= 8).all() and (torch.as_tensor(view) < 11).all())
+        return orig(self, x, idx, view)
+
+    monkeypatch.setattr(Engine, "_teacher_outputs", counting)
+    eng = run(_distill_cfg(data_dir, teachers[:1], tmp_path / "a", terms, augment="standard", students=1, epochs=1,
+                           teacher_views=3))
+    assert "t0" in eng.cache and calls["n"] == 0
+    assert eng.cache["t0"].manifest["views"] == [8, 9, 10] and eng.cache["t0"].manifest["view_seed"] == 0
+    x, _y, idx, view = next(iter(eng.data.loader("train", 16, train=True, seed=3)))
+    assert len(set(torch.as_tensor(view).tolist())) > 1          # the student draws among the crops
+    with torch.no_grad():
+        live = eng.teachers[0].logits(x)
+    assert torch.allclose(eng.cache["t0"].lookup(torch.as_tensor(idx), torch.as_tensor(view))["logits"], live, atol=1e-5)
+    # the same image in the same view is the same crop in every epoch
+    ds = eng.data.dataset("train", train=True)
+    a = ds.augment
+    img = torch.rand(3, 16, 16)
+    seen = {}
+    for _ in range(40):
+        out, v = a(img, 5)
+        assert v not in seen or torch.equal(seen[v], out)
+        seen[v] = out
+    assert sorted(seen) == [8, 9, 10] and not torch.equal(seen[8], seen[9])
+    # a cache off: fresh crops (view −1) and the teacher runs live
+    eng2 = run(_distill_cfg(data_dir, teachers[:1], tmp_path / "b", terms, augment="standard", students=1, epochs=1,
+                            teacher_cache="off"))
+    assert eng2.cache == {} and calls["n"] > 0
+    assert set(torch.as_tensor(next(iter(eng2.data.loader("train", 8, train=True)))[3]).tolist()) == {-1}
 
 
 def test_bad_distillation_inputs(data_dir: Path, teachers: list[Path], tmp_path: Path) -> None:

@@ -211,6 +211,8 @@ class TrainConfig(_Strict):
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(64, ge=1)
     eval_batch_size: int = Field(256, ge=1)
+    eval_batch_mb: float = Field(256, gt=0, description="evaluation and cache batches hold at most this many MiB of "
+                                 "images (fewer than eval_batch_size at large image sizes)")
     seed: int = 0
     loss: Literal["ce", "focal", "cb_ce", "cb_focal", "logit_adjusted"] = "ce"
     label_smoothing: float = Field(0.0, ge=0, lt=1)
@@ -250,6 +252,8 @@ class TrainConfig(_Strict):
     update: Literal["simultaneous", "sequential"] = "simultaneous"
     teacher_cache: Literal["auto", "on", "off"] = "auto"
     teacher_cache_max_mb: float = Field(4096, gt=0, description="largest teacher cache (logits + taps, all views) kept in memory")
+    teacher_views: int = Field(4, ge=1, description="with data.augment=standard and a cached teacher: fixed random crops "
+                               "per image (seeded by data.split_seed) the student draws from, each cached")
     latency: bool = True
     cache_dir: str | None = Field(None, description="teacher cache directory (default: $MEDISTILL_CACHE_DIR or the user cache)")
     progress: bool = True

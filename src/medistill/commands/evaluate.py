@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from medistill.config import EvalConfig, load_config
+from medistill.config import EvalConfig, TrainConfig, load_config
 from medistill.data import build_data
 from medistill.data.dataset import DataBundle
 from medistill.data.sources import open_source
@@ -22,6 +22,9 @@ from medistill.models.cost import model_cost
 from medistill.models.factory import data_size, load_model_dir
 from medistill.progress import steps
 from medistill.rundir import load_run_config, read_run_json, resolve, run_dir_of
+
+# evaluation batches are bounded in bytes as in training (train.eval_batch_mb's default)
+EVAL_BATCH_MB = TrainConfig.model_fields["eval_batch_mb"].default
 
 
 def external_bundle(data: str, class_names: list[str], class_map: list[str] | None = None) -> DataBundle:
@@ -110,6 +113,22 @@ def evaluate_target(target: str | Path, data: str | None = None, out: str | Path
     return results
 
 
+def _classes_by_name(bundle: DataBundle, model_classes: list[str], data: str) -> DataBundle:
+    """Another dataset's test split scored by a model: its labels follow the model's class order
+    by name (the same names in another order are re-indexed); other names are refused, naming
+    both lists — scored by position, they would compare the wrong classes."""
+    have = list(bundle.class_names)
+    if have == list(model_classes):
+        return bundle
+    if sorted(have) != sorted(model_classes):
+        raise ConfigError(f"{data} names its classes {have} but the model predicts {list(model_classes)}: its labels "
+                          "cannot be matched to the model's classes; score every image with --split all and "
+                          "--class-map DATA_CLASS=MODEL_CLASS")
+    lut = np.array([list(model_classes).index(c) for c in have], dtype=np.int64)
+    source = dataclasses.replace(bundle.source, labels=lut[bundle.source.labels], class_names=list(model_classes))
+    return dataclasses.replace(bundle, source=source)
+
+
 def _refuse_own_data(run_dir: Path, source: Any) -> None:
     """External validation on the data the run was trained on would score its training images."""
     try:
@@ -133,6 +152,8 @@ def _evaluate_dir(d: Path, bundle: DataBundle | None, external: dict[tuple[str, 
             external[key] = external_bundle(str(data), spec.class_names, class_map)
         bundle = external[key]
     assert bundle is not None
+    if data is not None and split == "test":
+        bundle = _classes_by_name(bundle, spec.class_names, data)
     home = d if d.is_dir() else d.parent
     if out is not None:
         dest = Path(out) / d.name if n_models > 1 else Path(out)
@@ -153,7 +174,7 @@ def _evaluate_one(d: Path, model: Any, pre: Any, spec: Any, bundle: DataBundle, 
         raise ModelError(f"{d} predicts {spec.num_classes} classes; the data has {bundle.num_classes}")
     bundle = dataclasses.replace(bundle, image_size=data_size(bundle.source.native_size, [spec], not bundle.source.in_memory))
     parts = ("all",) if split == "all" else ("val", "test")
-    loaders = {k: bundle.loader(k, 256, train=False) for k in parts}
+    loaders = {k: bundle.loader(k, bundle.eval_batch(256, EVAL_BATCH_MB), train=False) for k in parts}
     info = model_cost(model, spec, latency=latency)   # CPU cost, before the move
     model.to(dev)
     pre.to(dev)
@@ -198,7 +219,7 @@ def evaluate_ensemble(directory: str | Path, latency: bool = False) -> dict[str,
     cfg = load_run_config(runs[0])
     bundle = build_data(cfg.data, fixed_splits=split)
     bundle = dataclasses.replace(bundle, image_size=data_size(bundle.source.native_size, specs, not bundle.source.in_memory))
-    loaders = {k: bundle.loader(k, 256, train=False) for k in ("val", "test")}
+    loaders = {k: bundle.loader(k, bundle.eval_batch(256, EVAL_BATCH_MB), train=False) for k in ("val", "test")}
     c = bundle.channels
     from medistill.models.factory import Preprocess
 

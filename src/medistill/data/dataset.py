@@ -19,7 +19,7 @@ from medistill.data import splits as sp
 from medistill.data.splits import check_fixed_splits
 from medistill.data.sources import ImageSource, open_source
 from medistill.data.unlabeled import UNLABELED, add_unlabeled
-from medistill.data.transforms import Augment, resize
+from medistill.data.transforms import Augment, FixedCrops, resize, view_of
 from medistill.errors import DataError
 
 
@@ -29,12 +29,16 @@ class ImageDataset(Dataset):
     Indices ``≥ len(source)`` are images ``index − len(source)`` of ``extra`` (the unlabelled
     images of ``data.unlabeled``); items from position ``hidden_from`` on carry the label −1 (the
     training images ``data.label_fraction`` moved to the unlabelled pool, and ``extra``'s).
+    With ``views`` (a teacher cache being built), ``x`` is every listed view of the image
+    ``[V, C, S, S]``, from one decode.
     """
 
     def __init__(self, source: ImageSource, indices: np.ndarray, size: int, augment: Augment | None,
-                 extra: ImageSource | None = None, hidden_from: int | None = None):
+                 extra: ImageSource | None = None, hidden_from: int | None = None,
+                 views: list[int] | None = None, fixed: FixedCrops | None = None):
         self.source, self.indices, self.size, self.augment = source, np.asarray(indices), size, augment
         self.extra, self.hidden_from = extra, hidden_from
+        self.views, self.fixed = views, fixed
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -47,8 +51,10 @@ class ImageDataset(Dataset):
         # a copy: memory-mapped sources are read-only, and torch warns on non-writable arrays
         x = resize(torch.from_numpy(np.array(arr)).permute(2, 0, 1).float().div_(255.0), self.size)
         view = 0
-        if self.augment is not None:
-            x, view = self.augment(x)
+        if self.views is not None:
+            x = torch.stack([view_of(x, i, v, self.fixed) for v in self.views])
+        elif self.augment is not None:
+            x, view = self.augment(x, i)
         hidden = self.hidden_from is not None and k >= self.hidden_from
         return x, (UNLABELED if hidden else int(src.labels[j])), i, view
 
@@ -66,7 +72,19 @@ class DataBundle:
     split_notes: list[str] | None = None   # fractions the patient groups did not allow, etc.
     device: torch.device | None = None     # where data.resident keeps the images (the training device)
     unlabeled: ImageSource | None = None   # data.unlabeled's images: indices len(source) + j
+    fixed_crops: FixedCrops | None = None  # standard augmentation drawn from fixed crops (a cached teacher)
     _resident: torch.Tensor | None = None
+
+    def use_fixed_crops(self, k: int, seed: int) -> FixedCrops:
+        """From now on ``standard`` augmentation draws from ``k`` fixed crops per image."""
+        self.fixed_crops = FixedCrops(self.index_size, k, seed)
+        return self.fixed_crops
+
+    def eval_batch(self, batch_size: int, max_mb: float, views: int = 1) -> int:
+        """``batch_size`` capped so one batch of ``views`` float32 views per image at the data
+        size stays under ``max_mb`` MiB (a count alone is 150 MB at 224 px, 800 MB at 512)."""
+        per_image = views * self.channels * self.image_size ** 2 * 4
+        return max(1, min(batch_size, int(max_mb * 2**20 // per_image)))
 
     @property
     def index_size(self) -> int:
@@ -109,13 +127,15 @@ class DataBundle:
     def labels(self, split: str) -> np.ndarray:
         return self.source.labels[self.splits[split]]
 
-    def dataset(self, split: str, train: bool, unlabeled: bool = False) -> ImageDataset:
-        """The images of ``split``; ``unlabeled`` (training split only) appends the unlabelled pool."""
-        aug = Augment(self.cfg.augment, self.image_size) if train and self.cfg.augment != "none" else None
+    def dataset(self, split: str, train: bool, unlabeled: bool = False, views: list[int] | None = None) -> ImageDataset:
+        """The images of ``split``; ``unlabeled`` (training split only) appends the unlabelled pool;
+        ``views``: each item is those views of its image (building a teacher cache)."""
+        aug = Augment(self.cfg.augment, self.image_size, self.fixed_crops) if train and self.cfg.augment != "none" else None
+        extra = dict(views=views, fixed=self.fixed_crops)
         if unlabeled and split == "train" and self.has_unlabeled:
             return ImageDataset(self.source, self.train_indices(True), self.image_size, aug, self.unlabeled,
-                                hidden_from=len(self.splits["train"]))
-        return ImageDataset(self.source, self.splits[split], self.image_size, aug)
+                                hidden_from=len(self.splits["train"]), **extra)
+        return ImageDataset(self.source, self.splits[split], self.image_size, aug, **extra)
 
     def workers(self) -> dict[str, Any]:
         """DataLoader worker settings: ``data.num_workers`` (auto: none on a CPU device, where
@@ -164,7 +184,7 @@ class DataBundle:
         aug = None if self.cfg.augment == "none" else self.cfg.augment
         return ResidentLoader(self._resident, labels, self.splits[split], self.image_size, batch_size, aug, seed,
                               shuffle=True, drop_last=drop_last, sample_weights=weights, rank=dist.rank(),
-                              world=dist.world())
+                              world=dist.world(), fixed=self.fixed_crops)
 
     def loader(self, split: str, batch_size: int, train: bool, seed: int = 0,
                balanced: bool | None = None, drop_last: bool = False, unlabeled: bool = False) -> DataLoader:
@@ -264,14 +284,15 @@ def build_data(cfg: DataConfig, image_size: int | None = None, role: str = "stud
         source.groups = source.groups_from_pattern(cfg.group_pattern)
     elif cfg.group_by == "dicom_patient_id":
         source.groups = source.dicom_patient_ids()
-    notes: list[str] = []
+    notes: list[str] = list(source.notes)
     if fixed_splits is not None:
         splits = check_fixed_splits(fixed_splits, source)
         origin = "saved split"
     else:
         if source.groups is not None and source.split_tags is None:
-            splits, notes = sp.grouped_split(source.labels, source.groups, cfg.val_fraction, cfg.test_fraction,
-                                             cfg.split_seed, source.class_names)
+            splits, group_notes = sp.grouped_split(source.labels, source.groups, cfg.val_fraction, cfg.test_fraction,
+                                                   cfg.split_seed, source.class_names)
+            notes += group_notes
             origin = f"grouped by patient/study, stratified (seed {cfg.split_seed})"
         else:
             splits, origin = sp.make_splits(source.labels, source.split_tags, cfg.val_fraction,
@@ -299,6 +320,8 @@ def build_data(cfg: DataConfig, image_size: int | None = None, role: str = "stud
         _shape_note(source, splits, notes)
     if cfg.duplicates != "off" and fixed_splits is None:
         splits = _check_copies(cfg, source, splits, notes)
+    if fixed_splits is None:
+        _missing_eval_classes(source, splits, notes)
     size = image_size or source.default_size
     return DataBundle(cfg, source, splits, origin, size, split_notes=notes, unlabeled=unl)
 
@@ -313,6 +336,18 @@ def _label_fraction(cfg: DataConfig, source: ImageSource, splits: dict[str, np.n
     splits["train"] = keep
     notes.append(f"data.label_fraction={cfg.label_fraction:g}: {len(keep)} training images keep their label, "
                  f"{len(splits['unlabeled'])} join the unlabelled pool")
+
+
+def _missing_eval_classes(source: ImageSource, splits: dict[str, np.ndarray], notes: list[str]) -> None:
+    """Say so when a class has no validation or test image: its recall is undefined there, and
+    balanced accuracy and macro-F1 average over the classes present only."""
+    for k in ("val", "test"):
+        missing = [source.class_names[c] for c in np.setdiff1d(np.arange(source.num_classes),
+                                                                source.labels[splits[k]])]
+        if missing:
+            notes.append(f"class(es) {missing} have no {k} image: balanced accuracy and macro-F1 on {k} average over "
+                         f"the other {source.num_classes - len(missing)} classes; move some of their images to {k} "
+                         "(or change data.val_fraction / data.test_fraction)")
 
 
 def _shape_note(source: ImageSource, splits: dict[str, np.ndarray], notes: list[str]) -> None:

@@ -4,8 +4,8 @@ operation — no worker processes, no per-image Python, no host-to-device copy p
 
 For in-memory sources (MedMNIST ``.npz``). With a finite view set (``none``, ``flip``,
 ``dihedral``) the view of each sample is drawn per step and returned, so teacher caches stay
-valid; ``standard`` draws a random resized crop and flip per sample (view id −1), applied to the
-whole batch in one ``grid_sample``. All draws come from one CPU generator seeded per epoch. Batches have the :class:`~medistill.data.dataset.ImageDataset` item layout
+valid; ``standard`` draws a random resized crop and flip per sample (view id −1), or one of
+the image's fixed crops with a cached teacher, applied to the whole batch in one ``grid_sample``. All draws come from one CPU generator seeded per epoch. Batches have the :class:`~medistill.data.dataset.ImageDataset` item layout
 ``(x [B, C, S, S] float in [0, 1], labels [B], source indices [B], view ids [B])``.
 """
 
@@ -17,7 +17,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from medistill.data.transforms import apply_view, crop_flip_batch, random_crop_boxes, resize, views_for
+from medistill.data.transforms import FixedCrops, apply_view, crop_flip_batch, random_crop_boxes, resize, views_for
 
 Tensor = torch.Tensor
 
@@ -37,12 +37,14 @@ class ResidentLoader:
 
     def __init__(self, images: Tensor, labels: Tensor, indices: np.ndarray, size: int, batch_size: int,
                  augment: str | None, seed: int, shuffle: bool, drop_last: bool = False,
-                 sample_weights: Tensor | None = None, rank: int = 0, world: int = 1):
+                 sample_weights: Tensor | None = None, rank: int = 0, world: int = 1, fixed: FixedCrops | None = None):
         self.images, self.labels = images, labels            # [N, C, H, W] uint8 and [N] on the device
         self.indices = torch.as_tensor(np.asarray(indices), dtype=torch.long)
         self.size, self.batch_size = size, batch_size
-        self.random_crops = augment == "standard"
-        self.views = [0] if self.random_crops or not augment else views_for(augment)
+        self.fixed = fixed if augment == "standard" else None
+        self.random_crops = augment == "standard" and fixed is None
+        self.views = self.fixed.views if self.fixed is not None else \
+            [0] if self.random_crops or not augment else views_for(augment)
         self.gen = torch.Generator().manual_seed(seed)
         self.shuffle, self.drop_last = shuffle, drop_last
         self.sample_weights = sample_weights
@@ -70,7 +72,7 @@ class ResidentLoader:
         views = torch.as_tensor(self.views)
         for b in range(len(self)):
             idx = order[b * self.batch_size:(b + 1) * self.batch_size]
-            if len(self.views) > 1:
+            if len(self.views) > 1 or self.fixed is not None:
                 v = views[torch.randint(len(self.views), (len(idx),), generator=self.gen)]
             else:
                 v = torch.full((len(idx),), -1 if self.random_crops else 0, dtype=torch.long)
@@ -78,6 +80,8 @@ class ResidentLoader:
             x = resize(self.images[idx_d].float().div_(255.0), self.size)
             if self.random_crops:
                 x = crop_flip_batch(x, *random_crop_boxes(len(idx), self.gen))
+            elif self.fixed is not None:
+                x = self.fixed.apply(x, idx, v)
             elif len(self.views) > 1:
                 x = apply_views(x, v.to(dev))
             yield x, self.labels[idx_d], idx, v

@@ -46,6 +46,7 @@ class ImageSource:
     dicom_frame: int | None = None          # the frame read from multi-frame DICOM files
     _arrays: np.ndarray | None = None       # MedMNIST: [N, H, W, C] uint8
     _paths: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)   # what opening it found (a run prints them)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -141,20 +142,28 @@ def from_medmnist(name: str, download: bool = False) -> ImageSource:
     )
 
 
-def _probe_channels(paths: list[Path]) -> int:
-    """1 if the first readable images are all single-channel, else 3."""
-    modes = set()
-    for p in paths[:16]:
+_GRAY_MODES = {"L", "I;16", "I;16B", "I;16L", "I", "F", "1"}
+
+
+def _probe_channels(paths: list[Path], sample: int = 64) -> tuple[int, list[str]]:
+    """1 if the sampled readable images are all single-channel, else 3; and a note when grey and
+    colour images are mixed (all are then read as RGB). The sample is spread over the whole list
+    (header reads only), not its first files: those are one class's, which may be the grey one."""
+    seen: dict[str, Path] = {}   # "gray"/"colour" → an example file
+    for i in np.unique(np.linspace(0, len(paths) - 1, min(len(paths), sample)).astype(int)):
+        p = paths[i]
         if p.suffix.lower() in DICOM_SUFFIXES:
-            modes.add("L" if dicom_header(p)["channels"] == 1 else "RGB")
+            seen.setdefault("gray" if dicom_header(p)["channels"] == 1 else "colour", p)
             continue
         try:
             with Image.open(p) as img:
-                modes.add(img.mode)
+                seen.setdefault("gray" if img.mode in _GRAY_MODES else "colour", p)
         except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
             continue   # read_image names the file when the image is needed
-    gray = {"L", "I;16", "I;16B", "I;16L", "I", "F", "1"}
-    return 1 if modes and modes <= gray else 3
+    if len(seen) == 2:
+        return 3, [f"the images mix grey and colour (e.g. grey {seen['gray']}, colour {seen['colour']}): every image "
+                   "is read as 3-channel RGB, grey ones repeated over the channels"]
+    return (1 if "gray" in seen else 3), []
 
 
 def _probe_size(paths: list[Path]) -> int | None:
@@ -225,10 +234,11 @@ def from_folder(root: str | Path) -> ImageSource:
         raise DataError(f"{root}: no images found")
     y = np.array(labels, dtype=np.int64)
     rel = [str(p.relative_to(root)) for p in paths]
+    channels, notes = _probe_channels(paths)
     return ImageSource(
-        description=str(root), labels=y, class_names=class_names, channels=_probe_channels(paths),
+        description=str(root), labels=y, class_names=class_names, channels=channels,
         native_size=_probe_size(paths), split_tags=np.array(tags) if split_dirs else None,
-        fingerprint=_fingerprint(rel, y, root), _paths=paths,
+        fingerprint=_fingerprint(rel, y, root), _paths=paths, notes=notes,
     )
 
 
@@ -308,10 +318,12 @@ def from_csv(manifest: str | Path) -> ImageSource:
     if has_split and any(t is None for t in tags):
         raise DataError(f"{manifest}: the split column is filled for some rows only")
     groups = np.array([r["group"] for r in rows]) if "group" in cols else None
+    channels, notes = _probe_channels(paths)
     return ImageSource(
-        description=str(manifest), labels=y, class_names=class_names, channels=_probe_channels(paths),
+        description=str(manifest), labels=y, class_names=class_names, channels=channels,
         native_size=_probe_size(paths), split_tags=np.array(tags) if has_split else None,
         fingerprint=_fingerprint([str(p.relative_to(root)) for p in paths], y, root), groups=groups, _paths=paths,
+        notes=notes,
     )
 
 

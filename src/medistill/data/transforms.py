@@ -5,7 +5,8 @@ asks for another size; each model then resizes and normalises the shared batch f
 (see :class:`medistill.models.factory.Preprocess`). Augmentation is either a *finite view set*
 (``none``, ``flip``: 2 views, ``dihedral``: 8 flips/90° rotations — natural for fundus and
 histology, and cacheable because every view can be enumerated) or ``standard`` random crops
-and flips (not cacheable: the teacher must see each random view).
+and flips: fresh ones every epoch, or, with a cached teacher, ``K`` fixed ones per image
+(:class:`FixedCrops`).
 """
 
 from __future__ import annotations
@@ -101,27 +102,59 @@ def random_crop_boxes(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch
     return torch.stack([left, top, w, h], 1), flip
 
 
-class Augment:
-    """Training augmentation on a float ``[C, H, W]`` tensor in [0, 1]; returns ``(x, view)``
-    where ``view`` is the view id (−1 for random augmentation)."""
+# View ids of fixed random crops (``FixedCrops``) follow the eight dihedral ids.
+FIXED_VIEW_BASE = 8
 
-    def __init__(self, kind: str, size: int):
-        self.kind = kind
-        self.views = views_for(kind)
+
+class FixedCrops:
+    """``k`` seeded random crops (``standard``'s ranges) and flips for each of ``n`` image ids,
+    drawn once: view ``FIXED_VIEW_BASE + j`` of image ``i`` is crop ``j`` of row ``i``. A student
+    that draws one of them per epoch sees a finite view set, so a teacher's outputs on every view
+    can be cached (``train.teacher_views``) — the trade: ``k`` crops per image instead of a new one
+    each epoch. Tables are ``[n, k, 4]`` boxes and ``[n, k]`` flips, 20·n·k bytes."""
+
+    def __init__(self, n: int, k: int, seed: int):
+        boxes, flips = random_crop_boxes(n * k, torch.Generator().manual_seed(seed))
+        self.k, self.boxes, self.flips = k, boxes.view(n, k, 4), flips.view(n, k)
+
+    @property
+    def views(self) -> list[int]:
+        return list(range(FIXED_VIEW_BASE, FIXED_VIEW_BASE + self.k))
+
+    def apply(self, x: torch.Tensor, idx: torch.Tensor, views: torch.Tensor) -> torch.Tensor:
+        """Crop ``views [B]`` of images ``idx [B]`` out of ``x [B, C, H, W]`` (same size out)."""
+        j = (views.cpu() - FIXED_VIEW_BASE).long()
+        idx = idx.cpu().long()
+        return crop_flip_batch(x, self.boxes[idx, j], self.flips[idx, j])
+
+
+def view_of(x: torch.Tensor, index: int, view: int, fixed: FixedCrops | None) -> torch.Tensor:
+    """View ``view`` of image ``index`` (``x [C, H, W]``): a dihedral view, or a fixed crop."""
+    if view < FIXED_VIEW_BASE:
+        return apply_view(x, view)
+    if fixed is None:
+        raise ValueError(f"view {view} is a fixed crop but no crop table is in use")
+    return fixed.apply(x[None], torch.tensor([index]), torch.tensor([view]))[0]
+
+
+class Augment:
+    """Training augmentation on a float ``[C, H, W]`` tensor in [0, 1] of image ``index``;
+    returns ``(x, view)`` where ``view`` is the view id (−1 for a fresh random crop). With
+    ``fixed``, ``standard`` draws one of the image's fixed crops instead."""
+
+    def __init__(self, kind: str, size: int, fixed: FixedCrops | None = None):
+        self.kind, self.fixed = kind, fixed if kind == "standard" else None
+        self.views = self.fixed.views if self.fixed is not None else views_for(kind)
         self.random = v2.Compose([
             v2.RandomResizedCrop(size, scale=CROP_SCALE, ratio=CROP_RATIO, antialias=True),
             v2.RandomHorizontalFlip(),
-        ]) if kind == "standard" else None
+        ]) if kind == "standard" and self.fixed is None else None
 
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    def __call__(self, x: torch.Tensor, index: int = 0) -> tuple[torch.Tensor, int]:
         if self.random is not None:
             return self.random(x), -1
-        v = self.views[int(torch.randint(len(self.views), ()))] if len(self.views) > 1 else 0
-        return apply_view(x, v), v
-
-    @property
-    def cacheable(self) -> bool:
-        return self.random is None
+        v = self.views[int(torch.randint(len(self.views), ()))] if len(self.views) > 1 else self.views[0]
+        return view_of(x, index, v, self.fixed), v
 
 
 def mix_batch(x: torch.Tensor, kind: str, alpha: float, rng: "np.random.Generator") -> tuple[torch.Tensor, torch.Tensor, float]:

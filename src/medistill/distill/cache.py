@@ -3,8 +3,9 @@
 manifest, refused on any mismatch.
 
 Valid only when the teacher's view of every training image can be enumerated: no augmentation,
-or a finite view set (``flip``, ``dihedral``) whose views are all cached. Random crops make a
-cache invalid — the engine then runs the teacher on every batch and says why.
+a finite view set (``flip``, ``dihedral``) whose views are all cached, or ``standard`` drawn from
+``train.teacher_views`` fixed random crops per image (:class:`~medistill.data.transforms.FixedCrops`).
+Batch mixing makes a cache invalid — the engine then runs the teacher on every batch and says why.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import hashlib
 import json
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,8 @@ from torch.utils.data import DataLoader
 
 from medistill import dist
 from medistill.config import RunConfig
-from medistill.data.transforms import apply_view, views_for
+from medistill.data.transforms import FIXED_VIEW_BASE, views_for
+from medistill.device import autocast
 from medistill.errors import CacheMismatchError, ConfigError
 from medistill.progress import steps
 from medistill.io import atomic_write, write_json
@@ -120,15 +123,15 @@ def make_teacher_caches(teachers: list[Any], data: Any, cfg: RunConfig, tap_shap
     if not teachers or mode == "off":
         return {}
     reasons = []
-    if cfg.data.augment == "standard":
-        reasons.append("training augmentation is random (data.augment=standard); teachers must see each random view "
-                       "— use augment none/flip/dihedral to cache")
     if cfg.train.mix != "none":
         reasons.append(f"mixing augmentation (train.mix={cfg.train.mix}) makes every batch new; the teacher runs live")
+    standard = cfg.data.augment == "standard"
+    views = list(range(FIXED_VIEW_BASE, FIXED_VIEW_BASE + cfg.train.teacher_views)) if standard \
+        else views_for(cfg.data.augment)
     # The cache lives in memory during training (float32, every view of every training image).
     values = sum(1 + sum(math.prod(tap_shapes[t.name][tap][1:]) for tap in t.taps) for t in teachers)
     train_idx = data.train_indices(unlabeled)
-    size_mb = values * 4 * len(views_for(cfg.data.augment)) * len(train_idx) / 2**20
+    size_mb = values * 4 * len(views) * len(train_idx) / 2**20
     if size_mb > cfg.train.teacher_cache_max_mb:
         reasons.append(f"the teacher outputs would take {size_mb:.0f} MB "
                        f"(> train.teacher_cache_max_mb = {cfg.train.teacher_cache_max_mb:.0f})")
@@ -138,7 +141,12 @@ def make_teacher_caches(teachers: list[Any], data: Any, cfg: RunConfig, tap_shap
         console.print("[yellow]teacher cache off:[/] " + "; ".join(reasons))
         return {}
     directory = Path(cfg.train.cache_dir) if cfg.train.cache_dir else default_cache_dir()
-    views = views_for(cfg.data.augment)
+    if standard:
+        # seeded by the split, not train.seed: one cache serves every training seed
+        data.use_fixed_crops(cfg.train.teacher_views, cfg.data.split_seed)
+        console.print(f"teacher cache: data.augment=standard draws from {cfg.train.teacher_views} fixed random crops "
+                      "per image (train.teacher_views), so the teacher's outputs are computed once; "
+                      "train.teacher_cache=off gives a fresh crop every epoch with the teacher run live")
     caches = {}
     for t in teachers:
         manifest = {
@@ -152,6 +160,8 @@ def make_teacher_caches(teachers: list[Any], data: Any, cfg: RunConfig, tap_shap
         }
         if unlabeled and data.unlabeled is not None:   # (absent otherwise: earlier caches stay valid)
             manifest["unlabeled_fingerprint"] = data.unlabeled.fingerprint
+        if standard:
+            manifest["view_seed"] = cfg.data.split_seed
         data_path, _ = TeacherCache.paths(directory, manifest)
         if not main:
             dist.barrier()   # rank 0 builds or checks the cache first
@@ -161,10 +171,13 @@ def make_teacher_caches(teachers: list[Any], data: Any, cfg: RunConfig, tap_shap
             caches[t.name] = TeacherCache.load(data_path, manifest)
             console.print(f"teacher cache hit: {data_path}")
         else:
-            caches[t.name] = build_cache(t, manifest, views, train_idx, data, cfg.train.eval_batch_size,
+            t0 = time.perf_counter()
+            caches[t.name] = build_cache(t, manifest, views, train_idx, data, cfg,
                                          console if cfg.train.progress else None, unlabeled)
             caches[t.name].save(directory)
-            console.print(f"teacher cache built: {data_path}")
+            took = time.perf_counter() - t0
+            console.print(f"teacher cache built: {data_path} ({len(train_idx)} images × {len(views)} view(s) in "
+                          f"{took:.1f} s, {len(train_idx) / max(took, 1e-9):.1f} images/s)")
         if world > 1:
             dist.barrier()
     return caches
@@ -172,23 +185,27 @@ def make_teacher_caches(teachers: list[Any], data: Any, cfg: RunConfig, tap_shap
 
 @torch.no_grad()
 def build_cache(t: Any, manifest: dict[str, Any], views: list[int], train_idx: np.ndarray, data: Any,
-                batch_size: int, console: Any = None, unlabeled: bool = False) -> TeacherCache:
+                cfg: RunConfig, console: Any = None, unlabeled: bool = False) -> TeacherCache:
     """Run teacher ``t`` over every view of every training image (and of the unlabelled pool's
-    with ``unlabeled``; no augmentation beyond the views); a progress bar with the time left on
-    ``console`` (none without one)."""
+    with ``unlabeled``), under the run's mixed precision; each image is decoded once for all its
+    views (the loader yields ``[B, V, C, S, S]``), batches are bounded by ``train.eval_batch_mb``.
+    A progress bar with the time left on ``console`` (none without one)."""
     n = len(train_idx)
     positions = torch.full((data.index_size,), -1, dtype=torch.long)
     positions[torch.as_tensor(train_idx)] = torch.arange(n)
     outs: dict[str, torch.Tensor] = {}
-    loader = DataLoader(data.dataset("train", train=False, unlabeled=unlabeled), batch_size=batch_size)
+    batch = data.eval_batch(cfg.train.eval_batch_size, cfg.train.eval_batch_mb, views=len(views))
+    loader = DataLoader(data.dataset("train", train=False, unlabeled=unlabeled, views=views), batch_size=batch,
+                        **data.workers())
     device = model_device(t.model)
     with FeatureTaps(t.model, sorted(t.taps), detach=True) as taps, \
-            steps(console, f"teacher cache {t.name}", len(views) * len(loader), enabled=console is not None) as advance:
-        for vi, v in enumerate(views):
-            for x, _y, idx, _ in loader:
-                advance(f"view {vi + 1}/{len(views)}")
-                rows = positions[torch.as_tensor(idx)]
-                logits = t.logits(apply_view(x.to(device, non_blocking=True), v)).float()
+            steps(console, f"teacher cache {t.name}", len(loader), enabled=console is not None) as advance:
+        for x, _y, idx, _ in loader:
+            advance(f"{len(views)} view(s) per image")
+            rows = positions[torch.as_tensor(idx)]
+            for vi in range(len(views)):
+                with autocast(device, cfg.train.amp):
+                    logits = t.logits(x[:, vi].to(device, non_blocking=True), cfg.train.channels_last).float()
                 # stored on the CPU; each batch's rows are moved to the device when looked up
                 got = {"logits": logits.cpu(), **{k: taps[k].float().cpu() for k in t.taps}}
                 for k, val in got.items():

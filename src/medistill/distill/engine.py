@@ -142,13 +142,16 @@ class Engine:
 
     def _eval_loader(self, split: str):
         """Evaluation loader (sharded across ranks under torchrun; predictions are gathered)."""
-        return self.data.loader(split, self.cfg.train.eval_batch_size, train=False)
+        return self.data.loader(split, self._eval_batch(), train=False)
 
     def _full_loader(self, split: str):
         """Unsharded, unaugmented loader over a whole split (cache building, class means)."""
         from torch.utils.data import DataLoader
 
-        return DataLoader(self.data.dataset(split, train=False), batch_size=self.cfg.train.eval_batch_size)
+        return DataLoader(self.data.dataset(split, train=False), batch_size=self._eval_batch(), **self.data.workers())
+
+    def _eval_batch(self) -> int:
+        return self.data.eval_batch(self.cfg.train.eval_batch_size, self.cfg.train.eval_batch_mb)
 
     def _provide(self, need: tuple[str, ...]) -> Tensor:
         """A fact a term declared (``LossTerm.needs``), computed over a whole split."""

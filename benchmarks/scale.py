@@ -1,0 +1,269 @@
+"""A clinic's scale (#33): class folders of 512-px JPEGs trained at 224 px, medistill against a
+plain PyTorch loop (torchvision ``ImageFolder`` + ``DataLoader(num_workers=2)`` + timm), and a
+KD epoch with a ResNet-50 teacher against a student-only epoch.
+
+    python benchmarks/scale.py --sizes 1000 4000 16000 --runs 3 --steps 10 --kd-images 600
+
+Per N (images in the folder tree; 4 classes) and run, the two loops run alternately as
+separate processes, MobileNetV3-Small, batch 64, 224 px, torch's default threads:
+- startup: process start → first training step (imports, folder scan, split, checks, model);
+- images/s: steps 2..S (the first step's wait is startup);
+- peak memory: the process and its workers together (summed PSS), sampled every 0.1 s;
+- disk: what the run wrote (run directory, caches); the plain loop writes nothing.
+medistill runs as ``medistill train`` would (the CLI's code path in this process), with its
+default loader settings; the training step is wrapped only to time it and stop after S steps.
+
+KD: a ResNet-50 (random weights; timing does not depend on them) saved as a weights file and
+given as ``--teacher resnet50=FILE`` at 224 px; one full epoch over ``--kd-images`` images,
+student-only vs KD (default augmentation, teacher cache auto → fixed crops), and the cache
+build's images/s, from the runs' ``metrics.jsonl`` and the build's own timing.
+Results: results/scale.json; the table is written into docs/benchmarks.md by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+CLASSES = 4
+
+
+def make_pool(root: Path, n: int, size: int = 512) -> Path:
+    """``n`` JPEGs (smooth random colour fields with a class-dependent stripe), generated once."""
+    from PIL import Image
+
+    pool = root / "pool"
+    have = len(list(pool.glob("*.jpg"))) if pool.exists() else 0
+    pool.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(have)
+    for i in range(have, n):
+        c = i % CLASSES
+        small = rng.integers(0, 255, size=(16, 16, 3), dtype=np.uint8)
+        small[4 * c:4 * c + 4] = 240
+        Image.fromarray(small).resize((size, size), Image.BICUBIC).save(pool / f"{i:06d}_{c}.jpg", quality=90)
+    return pool
+
+
+def make_tree(root: Path, pool: Path, n: int) -> Path:
+    """Class folders holding the first ``n`` pool images (hard links: no copies on disk)."""
+    tree = root / f"n{n}"
+    if tree.exists():
+        return tree
+    for i in range(n):
+        src = pool / f"{i:06d}_{i % CLASSES}.jpg"
+        d = tree / f"class{i % CLASSES}"
+        d.mkdir(parents=True, exist_ok=True)
+        os.link(src, d / src.name)
+    return tree
+
+
+def tree_rss_kb(pid: int) -> int:
+    """Memory of ``pid`` and all its descendants (kB): the sum of their proportional set sizes
+    (``Pss`` in /proc/PID/smaps_rollup — pages shared by forked workers counted once, not once
+    per process as summed RSS would)."""
+    children: dict[int, list[int]] = {}
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                ppid = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(p.name))
+    total, todo = 0, [pid]
+    while todo:
+        q = todo.pop()
+        try:
+            for line in Path(f"/proc/{q}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+        todo += children.get(q, [])
+    return total
+
+
+def measured(cmd: list[str], env: dict[str, str]) -> tuple[dict, float]:
+    """Run ``cmd``; its last stdout line is JSON. Returns it with the peak RSS (MB) of its tree."""
+    t0 = time.time()
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    peak = [0]
+
+    def sample() -> None:
+        while p.poll() is None:
+            peak[0] = max(peak[0], tree_rss_kb(p.pid))
+            time.sleep(0.1)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    out, err = p.communicate()
+    th.join()
+    if p.returncode != 0 or not out.strip():
+        raise RuntimeError(f"{cmd[:4]} failed ({p.returncode}):\n{err[-3000:]}")
+    res = json.loads(out.strip().splitlines()[-1])
+    res["startup_s"] = round(res.pop("first_step_t") - t0, 2)
+    res["peak_rss_mb"] = round(peak[0] / 1024, 1)
+    return res, peak[0] / 1024
+
+
+# ----------------------------------------------------------------------------- the two loops
+def plain_loop(data: str, steps: int, workers: int) -> None:
+    """The reference: what a PyTorch user writes first."""
+    import timm
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader
+    from torchvision import datasets, transforms as T
+
+    tf = T.Compose([T.RandomResizedCrop(224, scale=(0.8, 1.0)), T.RandomHorizontalFlip(), T.ToTensor(),
+                    T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    ds = datasets.ImageFolder(data, tf)
+    loader = DataLoader(ds, batch_size=64, shuffle=True, num_workers=workers, persistent_workers=workers > 0)
+    model = timm.create_model("mobilenetv3_small_100", num_classes=len(ds.classes))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model.train()
+    times = []
+    for i, (x, y) in enumerate(loader):
+        times.append(time.time())
+        if i == steps:
+            break
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    print(json.dumps({"first_step_t": times[0], "images_per_s": round(64 * (len(times) - 2) / (times[-1] - times[1]), 1)}))
+    os._exit(0)
+
+
+def medistill_loop(data: str, steps: int, out: str, extra: list[str]) -> None:
+    """``medistill train DATA --model mobilenetv3_small_100 --input-size 224 --batch-size 64``,
+    the step timed and the run stopped after ``steps`` steps."""
+    from medistill import cli
+    from medistill.distill.engine import Engine
+
+    times: list[float] = []
+    orig = Engine._step
+
+    def timed(self, batch, epoch, step):   # the batch has arrived: a step starts
+        times.append(time.time())
+        if len(times) == steps + 1:
+            print(json.dumps({"first_step_t": times[0],
+                              "images_per_s": round(64 * (len(times) - 2) / (times[-1] - times[1]), 1)}), flush=True)
+            os._exit(0)
+        return orig(self, batch, epoch, step)
+
+    Engine._step = timed
+    sys.argv = ["medistill", "train", "--data", data, "--model", "mobilenetv3_small_100", "--input-size", "224",
+                "--batch-size", "64", "--epochs", "1", "--out", out, *extra]
+    cli.main()
+
+
+def disk_mb(path: Path) -> float:
+    return round(sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20, 2) if path.exists() else 0.0
+
+
+# ----------------------------------------------------------------------------- KD epoch
+def kd_epochs(root: Path, pool: Path, n: int, env: dict[str, str]) -> dict:
+    """One epoch of student-only and of KD (ResNet-50 teacher at 224, default augmentation) over
+    ``n`` images; the cache build's own images/s."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    tree = make_tree(root, pool, n)
+    w = root / "resnet50.safetensors"
+    if not w.exists():
+        save_file(timm.create_model("resnet50", num_classes=CLASSES).state_dict(), str(w))
+    res = {}
+    common = ["--data", str(tree), "--model", "mobilenetv3_small_100", "--input-size", "224", "--batch-size", "64",
+              "--epochs", "2", "--set", "train.latency=false"]
+    for name, args in (("student_only", ["train"]),
+                       ("kd_cached", ["distill", "--teacher", f"resnet50={w}", "--method", "kd",
+                                      "--set", "teachers.0.input_size=224"]),
+                       ("kd_live", ["distill", "--teacher", f"resnet50={w}", "--method", "kd",
+                                    "--set", "teachers.0.input_size=224", "--set", "train.teacher_cache=off"])):
+        out = root / f"kd_{name}"
+        shutil.rmtree(out, ignore_errors=True)
+        cache = root / f"cache_{name}"
+        shutil.rmtree(cache, ignore_errors=True)
+        t0 = time.time()
+        p = subprocess.run([sys.executable, "-m", "medistill.cli", *args[:1], *common, *args[1:], "--out", str(out)],
+                           capture_output=True, text=True, env={**env, "MEDISTILL_CACHE_DIR": str(cache)})
+        if p.returncode:
+            raise RuntimeError(p.stderr[-3000:])
+        recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        res[name] = {"epoch_s": [r["train_time_s"] for r in recs], "wall_s": round(time.time() - t0, 1),
+                     "train_images": int(round(recs[0]["images_per_s"] * recs[0]["train_time_s"]))}
+        flat = " ".join(p.stderr.split())   # the console wraps long lines
+        m = re.search(r"teacher cache built: .*?\((\d+) images × (\d+) view\(s\) in ([\d.]+) s, ([\d.]+) images/s\)", flat)
+        if m:
+            res[name]["cache_build"] = {"images": int(m[1]), "views": int(m[2]), "seconds": float(m[3]),
+                                        "images_per_s": float(m[4])}
+        res[name]["cache_mb"] = disk_mb(cache)
+    so = min(res["student_only"]["epoch_s"])
+    res["ratio_kd_cached"] = round(min(res["kd_cached"]["epoch_s"]) / so, 2)
+    res["ratio_kd_live"] = round(min(res["kd_live"]["epoch_s"]) / so, 2)
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 4000, 16000])
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=10, help="timed steps (N·0.8/64 must exceed it)")
+    ap.add_argument("--kd-images", type=int, default=600, help="images in the KD epoch comparison (0: skip it)")
+    ap.add_argument("--medistill-args", default="", help="extra medistill arguments, one string (e.g. '--workers 0')")
+    ap.add_argument("--root", default=None, help="where the JPEG folders go (default: a temporary folder)")
+    ap.add_argument("--name", default="scale")
+    ap.add_argument("_mode", nargs="*", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a._mode[:1] == ["plain"]:
+        return plain_loop(a._mode[1], a.steps, int(a._mode[2]))
+    if a._mode[:1] == ["medistill"]:
+        return medistill_loop(a._mode[1], a.steps, a._mode[2], shlex.split(a.medistill_args))
+    from common import machine, save
+
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1"}
+    tmp = tempfile.mkdtemp() if a.root is None else a.root
+    root = Path(tmp)
+    t0 = time.time()
+    pool = make_pool(root, max(a.sizes + [a.kd_images]))
+    rows = []
+    print(f"pool of {max(a.sizes)} JPEGs: {time.time() - t0:.0f} s", flush=True)
+    for n in a.sizes:
+        tree = make_tree(root, pool, n)
+        for r in range(a.runs):
+            order = ("plain", "medistill") if r % 2 == 0 else ("medistill", "plain")
+            for which in order:
+                out = root / f"run_{n}_{r}"
+                shutil.rmtree(out, ignore_errors=True)
+                me = [sys.executable, str(Path(__file__).resolve()), "--steps", str(a.steps)]
+                cmd = me + (["plain", str(tree), "2"] if which == "plain" else
+                            [f"--medistill-args={a.medistill_args}", "medistill", str(tree), str(out)])
+                res, _ = measured(cmd, env)
+                res.update(loop=which, n=n, run=r, disk_mb=disk_mb(out) if which == "medistill" else 0.0)
+                rows.append(res)
+                print(res, flush=True)
+    kd = kd_epochs(root, pool, a.kd_images, env) if a.kd_images else None
+    if kd:
+        print(kd, flush=True)
+    save(a.name, {"machine": machine(), "steps": a.steps, "rows": rows, "kd": kd,
+                  "command": "python benchmarks/scale.py " + " ".join(sys.argv[1:])})
+    if a.root is None:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
