@@ -21,7 +21,7 @@ $(BIN)/.installed: pyproject.toml
 venv: $(BIN)/.installed
 
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests -n auto --dist worksteal
 
 demo: $(BIN)/.installed
 	$(BIN)/python -m medistill.commands.demo --out demo_runs

@@ -15,11 +15,19 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(2)
+# `make test` runs the suite in parallel (pytest -n auto): one worker per core, each with one
+# thread (its subprocesses too) — two 2-thread workers on 2 cores slow each other many times over.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(2)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """``@pytest.mark.gpu`` tests need CUDA: skipped, with the reason, on machines without it."""
+    """``@pytest.mark.slow`` tests start first (the parallel run then ends with short tests, not one
+    long one); ``@pytest.mark.gpu`` tests need CUDA: skipped, with the reason, on machines without it."""
+    items.sort(key=lambda item: "slow" not in item.keywords)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device (none here); benchmarks/gpu_check.sh runs `pytest -m gpu`")

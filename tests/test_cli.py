@@ -83,6 +83,7 @@ def test_models_taps() -> None:
     assert "layer4" in out and "512×4×4" in out
 
 
+@pytest.mark.slow
 def test_report_export_predict_commands(tmp_path: Path) -> None:
     from PIL import Image
 
@@ -104,6 +105,7 @@ def test_report_export_predict_commands(tmp_path: Path) -> None:
     assert "Comparison" in (tmp_path / "cmp.html").read_text()
 
 
+@pytest.mark.slow
 def test_demo_quick(tmp_path: Path) -> None:
     """`make demo` runs medistill.commands.demo; --quick is the same pipeline with tiny models and subsets."""
     p = subprocess.run(

@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from conftest import write_npz
 from medistill.io import torch_load
 
@@ -23,6 +25,7 @@ def _train(npz: Path, out: Path, *extra: str) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path: Path) -> None:
     npz = write_npz(tmp_path / "d.npz", counts=(150, 100, 60))
     full = _train(npz, tmp_path / "full")

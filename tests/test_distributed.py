@@ -44,6 +44,7 @@ def teacher_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return npz, teacher
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes(tmp_path: Path, teacher_run: tuple[Path, Path]) -> None:
     torchrun = _torchrun()
     npz, teacher = teacher_run
@@ -75,6 +76,7 @@ def test_torchrun_two_processes(tmp_path: Path, teacher_run: tuple[Path, Path]) 
     assert info["ddp_replica_max_abs_diff"] == 0.0      # both ranks ended with the same two students
 
 
+@pytest.mark.slow
 def test_torchrun_term_with_parameters_stays_in_sync(tmp_path: Path, teacher_run: tuple[Path, Path]) -> None:
     """FitNet's regressor belongs to the term, not to the DDP-wrapped student: its gradients are
     averaged by the engine. Each rank sees other images, so without that averaging the two ranks'
@@ -106,6 +108,7 @@ def _keys(tree: object, prefix: str = "") -> list[str]:
     return [prefix]
 
 
+@pytest.mark.slow
 def test_torchrun_one_process_joins_a_group(tmp_path: Path) -> None:
     """``torchrun --nproc_per_node=1`` still initialises the backend (gloo here, NCCL on a GPU),
     so a single-GPU host can check its distributed path."""

@@ -1,7 +1,13 @@
-"""The README is a contract: every command of its "Using it" block runs as written, in order, in
-one fresh folder, with only the size-shrinking settings below appended. Lines the README marks
-`# needs your files` must refuse with exit code 2 naming the missing file; `# needs a CUDA GPU`
-lines are listed here with the reason and not run on a machine without one.
+"""The README is a contract: every command of its "Using it" block runs as written, in order,
+with only the size-shrinking settings below appended. Lines the README marks `# needs your files`
+must refuse with exit code 2 naming the missing file; `# needs a CUDA GPU` lines are listed here
+with the reason and not run on a machine without one.
+
+The commands fall into independent paths: a command joins the path of every earlier command
+whose run folder (``runs/NAME``, also inside the config files it names) it reads or writes. Each
+path runs in order in its own fresh folder, so the paths run in parallel (pytest -n); the static
+test below checks what makes that equal to one folder top to bottom — every run a command reads
+is made earlier on its path, and no two paths write the same run folder.
 
 Not run here, with the reason: the quickstart's `make test` (it is this suite) and `make demo`
 (its pipeline runs in test_cli.py::test_demo_quick with --quick); `export MEDISTILL_DATA_DIR=…`
@@ -10,6 +16,7 @@ Not run here, with the reason: the quickstart's `make test` (it is this suite) a
 from __future__ import annotations
 
 import json
+import functools
 import os
 import re
 import shlex
@@ -19,6 +26,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import run_cli
 
@@ -77,15 +85,73 @@ def shrink(args: list[str]) -> list[str]:
     return args
 
 
-def test_every_readme_command_runs_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    commands = readme_commands()
-    assert len(commands) >= 30, len(commands)
-    work = tmp_path / "fresh"
-    work.mkdir()
-    monkeypatch.chdir(work)
-    (work / "configs").symlink_to(REPO / "configs")      # the README's config files, as in a checkout
+def _root(path: str) -> str | None:
+    """``runs/NAME`` of a path under ``runs/`` (``alone=runs/x`` too), else None."""
+    path = path.split("=", 1)[-1]
+    parts = Path(path).parts
+    return "/".join(parts[:2]) if len(parts) >= 2 and parts[0] == "runs" else None
+
+
+def run_folders(args: list[str]) -> tuple[set[str], set[str]]:
+    """(written, read): the run folders one command writes (``--out``, a config's ``out``) and
+    reads (any other ``runs/…`` argument, a config's teacher checkpoints)."""
+    written, read = set(), set()
+    for k, a in enumerate(args):
+        if a.endswith(".yaml") and (REPO / a).is_file():
+            cfg = yaml.safe_load((REPO / a).read_text()) or {}
+            if _root(str(cfg.get("out", ""))) and "--out" not in args:
+                written.add(_root(cfg["out"]))
+            read |= {_root(t.get("checkpoint", "")) for t in cfg.get("teachers") or []} - {None}
+        elif _root(a):
+            (written if k and args[k - 1] == "--out" else read).add(_root(a))
+    if "--out" in args and "--resume" in args:    # a resume reads the run it extends
+        read |= written
+    return written, read - written if "--resume" not in args else read
+
+
+@functools.cache
+def paths() -> list[list[tuple[str, str]]]:
+    """The commands grouped into independent paths, each in README order."""
+    cmds = readme_commands()
+    group = list(range(len(cmds)))
+
+    def find(i: int) -> int:
+        while group[i] != i:
+            i = group[i]
+        return i
+
+    for i, (a, _m) in enumerate(cmds):
+        wa, ra = run_folders(shlex.split(a))
+        for j in range(i):
+            wb, rb = run_folders(shlex.split(cmds[j][0]))
+            if (wa | ra) & (wb | rb):
+                group[find(i)] = find(j)
+    out: dict[int, list[tuple[str, str]]] = {}
+    for i, c in enumerate(cmds):
+        out.setdefault(find(i), []).append(c)
+    return list(out.values())
+
+
+def test_the_paths_are_one_folder_top_to_bottom() -> None:
+    cmds = readme_commands()
+    assert len(cmds) >= 30, len(cmds)
+    assert sorted(c for p in paths() for c in p) == sorted(cmds)
+    written_by: dict[str, int] = {}
+    for n, path in enumerate(paths()):
+        made: set[str] = set()
+        for line, marker in path:
+            w, r = run_folders(shlex.split(line))
+            assert marker == YOURS or r <= made, f"{line} reads {sorted(r - made)}, which no earlier command makes"
+            made |= w
+        for f in made:
+            assert written_by.setdefault(f, n) == n, f"two paths write {f}"
+    assert len(paths()) >= 5     # the split that lets them run side by side
+
+
+def run_path(path: list[tuple[str, str]], work: Path) -> list[str]:
+    """Every command of one path, in order, in ``work``; the lines that ran."""
     ran = []
-    for line, marker in commands:
+    for line, marker in path:
         t0 = time.perf_counter()
         args = shlex.split(line)
         if marker == CUDA:
@@ -108,17 +174,38 @@ def test_every_readme_command_runs_in_order(tmp_path: Path, monkeypatch: pytest.
         assert p.returncode == 0, f"{line}\n(exit {p.returncode}) {said[-2500:]}"
         ran.append(line)
         print(f"{time.perf_counter() - t0:6.1f} s  {line}")
-    # what the path made is what the README says it makes
-    assert (work / "runs" / "dkd" / "alone" / "summary.json").is_file()
-    assert (work / "runs" / "audit" / "audit.json").is_file() and (work / "runs" / "audit" / "label_issues.csv").is_file()
-    assert list((work / "runs" / "dkd" / "students" / "student").glob("*.onnx"))
-    assert (work / "runs" / "x" / "summary.json").is_file()
-    assert len(ran) >= 25, ran
-    split = json.loads((work / "runs" / "kd_ens" / "split.json").read_text())   # the teacher's data and names
-    assert split["source"].endswith("isic8_64.npz") and split["class_names"][3] == "melanoma"
-    assert "Did distillation help?" in (work / "report.html").read_text()
-    other = tmp_path / "another_folder"      # a run is usable from any folder
-    other.mkdir()
-    monkeypatch.chdir(other)
-    p = run_cli("explain", str(work / "runs" / "dkd"), "--per-class", "1", "--methods", "gradcam", "--out", "ex")
-    assert p.returncode == 0 and (other / "ex" / "explain.json").is_file(), p.stderr[-1500:]
+    return ran
+
+
+# What the paths made is what the README says they make (checked on the path that makes it).
+MADE = {
+    "runs/dkd": ["runs/dkd/alone/summary.json", "runs/dkd/students/student/*.onnx", "report.html"],
+    "runs/audit": ["runs/audit/audit.json", "runs/audit/label_issues.csv"],
+    "runs/x": ["runs/x/summary.json"],
+}
+
+
+@pytest.mark.parametrize("n", range(len(paths())), ids=lambda n: paths()[n][0][0].split(" --out ")[-1].split()[0]
+                         if " --out " in paths()[n][0][0] else f"path{n}")
+def test_every_readme_command_runs_in_order(n: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    work = tmp_path / "fresh"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    (work / "configs").symlink_to(REPO / "configs")      # the README's config files, as in a checkout
+    path = paths()[n]
+    ran = run_path(path, work)
+    made = set().union(*(run_folders(shlex.split(line))[0] for line, _m in path))
+    for root, files in MADE.items():
+        if root in made:
+            for f in files:
+                assert list(work.glob(f)), f"{f} was not made"
+    if "runs/kd_ens" in made:
+        split = json.loads((work / "runs" / "kd_ens" / "split.json").read_text())   # the teacher's data and names
+        assert split["source"].endswith("isic8_64.npz") and split["class_names"][3] == "melanoma"
+        assert "Did distillation help?" in (work / "report.html").read_text()
+        other = tmp_path / "another_folder"      # a run is usable from any folder
+        other.mkdir()
+        monkeypatch.chdir(other)
+        p = run_cli("explain", str(work / "runs" / "dkd"), "--per-class", "1", "--methods", "gradcam", "--out", "ex")
+        assert p.returncode == 0 and (other / "ex" / "explain.json").is_file(), p.stderr[-1500:]
+    assert ran or all(m for _l, m in path), path

@@ -142,6 +142,7 @@ def _divergence_rank(rank: int, world: int, init: str, out: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_replica_divergence_on_its_own_with_buffers(tmp_path) -> None:
     """Two gloo ranks: the largest distance of any rank's value from the mean over ranks, over
     parameters and buffers (BatchNorm running stats, its int64 step count) together."""

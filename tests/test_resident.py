@@ -149,9 +149,10 @@ def test_resident_standard_augmentation_matches_the_per_image_statistics(tmp_pat
     assert abs(float(flipped(ours)) - float(flipped(ref))) < 0.04
 
 
-def test_resident_standard_run_teacher_live(tmp_path):
-    """A distillation run with random crops on the device: the teacher cannot be cached, so it
-    runs on each random view."""
+def test_resident_standard_run_cached_on_fixed_crops_or_live(tmp_path):
+    """A distillation run with random crops on the device: with the cache (default) the resident
+    loader draws among the fixed crops the cache was built on, and the cached rows equal the live
+    teacher on the loader's batch; with the cache off the teacher runs on fresh random crops."""
     npz = write_npz(tmp_path / "d.npz")
     run_engine(tiny_cfg(npz, tmp_path / "t", epochs=1))
     cfg = tiny_cfg(npz, tmp_path / "s", epochs=1)
@@ -159,7 +160,17 @@ def test_resident_standard_run_teacher_live(tmp_path):
     cfg["teachers"] = [{"name": "t", "checkpoint": str(tmp_path / "t")}]
     cfg["terms"] = [{"type": "ce", "weight": 0.1}, {"type": "kd", "weight": 0.9}]
     eng = run_engine(cfg)
-    assert eng.cache == {} and type(eng.data.loader("train", 8, train=True)).__name__ == "ResidentLoader"
+    loader = eng.data.loader("train", 8, train=True)
+    assert "t" in eng.cache and type(loader).__name__ == "ResidentLoader"
+    x, _y, idx, view = next(iter(loader))
+    assert bool((view >= 8).all())
+    with torch.no_grad():
+        live = eng.teachers[0].logits(x)
+    assert torch.allclose(eng.cache["t"].lookup(idx, view)["logits"], live, atol=1e-5)
+    cfg["out"] = str(tmp_path / "s2")
+    cfg["train"]["teacher_cache"] = "off"
+    eng = run_engine(cfg)
+    assert eng.cache == {} and set(next(iter(eng.data.loader("train", 8, train=True)))[3].tolist()) == {-1}
 
 
 def test_loader_worker_defaults_per_device(tmp_path):

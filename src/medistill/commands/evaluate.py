@@ -152,7 +152,7 @@ def _evaluate_dir(d: Path, bundle: DataBundle | None, external: dict[tuple[str, 
             external[key] = external_bundle(str(data), spec.class_names, class_map)
         bundle = external[key]
     assert bundle is not None
-    if data is not None and split == "test":
+    if data is not None and split == "test" and spec.num_classes == bundle.num_classes:
         bundle = _classes_by_name(bundle, spec.class_names, data)
     home = d if d.is_dir() else d.parent
     if out is not None:

@@ -1,9 +1,10 @@
 """Checks every data format applies at load: image arrays, label arrays, class ids, and the
-class names an ``.npz`` may carry."""
+class names an ``.npz`` may carry, and the notes a run prints about its splits."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -77,3 +78,24 @@ def npz_class_names(arrays: dict[str, np.ndarray], path: Path, n_classes: int) -
     if len(set(out)) != len(out) or not all(out):
         raise DataError(f"{path}: class_names must be distinct and non-empty, got {out}")
     return out
+
+
+def missing_eval_classes(source: Any, splits: dict[str, np.ndarray], notes: list[str]) -> None:
+    """Say so when a class has no validation or test image: its recall is undefined there, and
+    balanced accuracy and macro-F1 average over the classes present only."""
+    for k in ("val", "test"):
+        missing = [source.class_names[c] for c in np.setdiff1d(np.arange(source.num_classes),
+                                                                source.labels[splits[k]])]
+        if missing:
+            notes.append(f"class(es) {missing} have no {k} image: balanced accuracy and macro-F1 on {k} average over "
+                         f"the other {source.num_classes - len(missing)} classes; move some of their images to {k} "
+                         "(or change data.val_fraction / data.test_fraction)")
+
+
+def shape_note(source: Any, splits: dict[str, np.ndarray], notes: list[str]) -> None:
+    """Say so when the images are not square: every model squashes them to a square."""
+    first = int(splits["train"][0])
+    h, w = source.load(first).shape[:2]
+    if h != w:
+        notes.append(f"images are not square (e.g. {w}×{h} px: {source.path(first)}): each is resized to a square, "
+                     "which changes its aspect ratio; crop or pad them first to keep it")

@@ -16,6 +16,7 @@ from torch.utils.data.distributed import DistributedSampler
 from medistill.config import DataConfig
 from medistill.data import audit
 from medistill.data import splits as sp
+from medistill.data.checks import missing_eval_classes, shape_note
 from medistill.data.splits import check_fixed_splits
 from medistill.data.sources import ImageSource, open_source
 from medistill.data.unlabeled import UNLABELED, add_unlabeled
@@ -317,11 +318,11 @@ def build_data(cfg: DataConfig, image_size: int | None = None, role: str = "stud
             raise DataError(f"the {k} split of {source.description} is empty (check val/test fractions)")
     unl = add_unlabeled(cfg, source, splits, check=fixed_splits is None)
     if source.native_size is None and fixed_splits is None:
-        _shape_note(source, splits, notes)
+        shape_note(source, splits, notes)
     if cfg.duplicates != "off" and fixed_splits is None:
         splits = _check_copies(cfg, source, splits, notes)
     if fixed_splits is None:
-        _missing_eval_classes(source, splits, notes)
+        missing_eval_classes(source, splits, notes)
     size = image_size or source.default_size
     return DataBundle(cfg, source, splits, origin, size, split_notes=notes, unlabeled=unl)
 
@@ -336,27 +337,6 @@ def _label_fraction(cfg: DataConfig, source: ImageSource, splits: dict[str, np.n
     splits["train"] = keep
     notes.append(f"data.label_fraction={cfg.label_fraction:g}: {len(keep)} training images keep their label, "
                  f"{len(splits['unlabeled'])} join the unlabelled pool")
-
-
-def _missing_eval_classes(source: ImageSource, splits: dict[str, np.ndarray], notes: list[str]) -> None:
-    """Say so when a class has no validation or test image: its recall is undefined there, and
-    balanced accuracy and macro-F1 average over the classes present only."""
-    for k in ("val", "test"):
-        missing = [source.class_names[c] for c in np.setdiff1d(np.arange(source.num_classes),
-                                                                source.labels[splits[k]])]
-        if missing:
-            notes.append(f"class(es) {missing} have no {k} image: balanced accuracy and macro-F1 on {k} average over "
-                         f"the other {source.num_classes - len(missing)} classes; move some of their images to {k} "
-                         "(or change data.val_fraction / data.test_fraction)")
-
-
-def _shape_note(source: ImageSource, splits: dict[str, np.ndarray], notes: list[str]) -> None:
-    """Say so when the images are not square: every model squashes them to a square."""
-    first = int(splits["train"][0])
-    h, w = source.load(first).shape[:2]
-    if h != w:
-        notes.append(f"images are not square (e.g. {w}×{h} px: {source.path(first)}): each is resized to a square, "
-                     "which changes its aspect ratio; crop or pad them first to keep it")
 
 
 def _train_subset(tr: np.ndarray, y: np.ndarray, cfg: DataConfig, role: str) -> np.ndarray:

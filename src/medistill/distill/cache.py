@@ -113,6 +113,40 @@ def _short(v: Any) -> str:
     return s if len(s) < 70 else s[:67] + "..."
 
 
+def _refusals(teachers: list[Any], cfg: RunConfig, tap_shapes: dict[str, dict[str, tuple[int, ...]]],
+              rows: int) -> list[str]:
+    """Why a cache of ``rows`` (views × images) outputs per teacher would be wrong or too large."""
+    reasons = []
+    if cfg.train.mix != "none":
+        reasons.append(f"mixing augmentation (train.mix={cfg.train.mix}) makes every batch new; the teacher runs live")
+    # The cache lives in memory during training (float32, every view of every training image).
+    values = sum(1 + sum(math.prod(tap_shapes[t.name][tap][1:]) for tap in t.taps) for t in teachers)
+    size_mb = values * 4 * rows / 2**20
+    if size_mb > cfg.train.teacher_cache_max_mb:
+        reasons.append(f"the teacher outputs would take {size_mb:.0f} MB "
+                       f"(> train.teacher_cache_max_mb = {cfg.train.teacher_cache_max_mb:.0f})")
+    return reasons
+
+
+def _manifest(t: Any, data: Any, views: list[int], train_idx: np.ndarray, view_seed: int | None,
+              unlabeled: bool) -> dict[str, Any]:
+    """What a cache of teacher ``t`` depends on; a cache is reused only when all of it matches."""
+    manifest = {
+        "format": 1, "teacher_name": t.name, "teacher_sha256": t.sha256,
+        "data_fingerprint": data.source.fingerprint,
+        "train_indices_sha256": hashlib.sha256(np.asarray(train_idx, dtype=np.int64).tobytes()).hexdigest(),
+        "image_size": data.image_size, "views": views,
+        "preprocess": {"input_size": t.pre.input_size, "in_chans": t.pre.in_chans,
+                       "mean": t.pre.mean.flatten().tolist(), "std": t.pre.std.flatten().tolist()},
+        "outputs": sorted(["logits", *t.taps]),
+    }
+    if unlabeled and data.unlabeled is not None:   # (absent otherwise: earlier caches stay valid)
+        manifest["unlabeled_fingerprint"] = data.unlabeled.fingerprint
+    if view_seed is not None:   # fixed crops: the crops depend on their seed
+        manifest["view_seed"] = view_seed
+    return manifest
+
+
 def make_teacher_caches(teachers: list[Any], data: Any, cfg: RunConfig, tap_shapes: dict[str, dict[str, tuple[int, ...]]],
                         console: Console, main: bool = True, world: int = 1, unlabeled: bool = False) -> dict[str, TeacherCache]:
     """Load or build the cache of every teacher (``train.teacher_cache``: auto/on/off); return
@@ -122,19 +156,11 @@ def make_teacher_caches(teachers: list[Any], data: Any, cfg: RunConfig, tap_shap
     mode = cfg.train.teacher_cache
     if not teachers or mode == "off":
         return {}
-    reasons = []
-    if cfg.train.mix != "none":
-        reasons.append(f"mixing augmentation (train.mix={cfg.train.mix}) makes every batch new; the teacher runs live")
     standard = cfg.data.augment == "standard"
     views = list(range(FIXED_VIEW_BASE, FIXED_VIEW_BASE + cfg.train.teacher_views)) if standard \
         else views_for(cfg.data.augment)
-    # The cache lives in memory during training (float32, every view of every training image).
-    values = sum(1 + sum(math.prod(tap_shapes[t.name][tap][1:]) for tap in t.taps) for t in teachers)
     train_idx = data.train_indices(unlabeled)
-    size_mb = values * 4 * len(views) * len(train_idx) / 2**20
-    if size_mb > cfg.train.teacher_cache_max_mb:
-        reasons.append(f"the teacher outputs would take {size_mb:.0f} MB "
-                       f"(> train.teacher_cache_max_mb = {cfg.train.teacher_cache_max_mb:.0f})")
+    reasons = _refusals(teachers, cfg, tap_shapes, len(views) * len(train_idx))
     if reasons:
         if mode == "on":
             raise ConfigError("teacher cache requested but invalid: " + "; ".join(reasons))
@@ -149,19 +175,7 @@ def make_teacher_caches(teachers: list[Any], data: Any, cfg: RunConfig, tap_shap
                       "train.teacher_cache=off gives a fresh crop every epoch with the teacher run live")
     caches = {}
     for t in teachers:
-        manifest = {
-            "format": 1, "teacher_name": t.name, "teacher_sha256": t.sha256,
-            "data_fingerprint": data.source.fingerprint,
-            "train_indices_sha256": hashlib.sha256(np.asarray(train_idx, dtype=np.int64).tobytes()).hexdigest(),
-            "image_size": data.image_size, "views": views,
-            "preprocess": {"input_size": t.pre.input_size, "in_chans": t.pre.in_chans,
-                           "mean": t.pre.mean.flatten().tolist(), "std": t.pre.std.flatten().tolist()},
-            "outputs": sorted(["logits", *t.taps]),
-        }
-        if unlabeled and data.unlabeled is not None:   # (absent otherwise: earlier caches stay valid)
-            manifest["unlabeled_fingerprint"] = data.unlabeled.fingerprint
-        if standard:
-            manifest["view_seed"] = cfg.data.split_seed
+        manifest = _manifest(t, data, views, train_idx, cfg.data.split_seed if standard else None, unlabeled)
         data_path, _ = TeacherCache.paths(directory, manifest)
         if not main:
             dist.barrier()   # rank 0 builds or checks the cache first
