@@ -217,6 +217,36 @@ def test_deletion_insertion_rank_a_true_saliency_higher() -> None:
             insertion_auc(m, x, bad + 0.01 * torch.rand(2, 8, 8), class_idx=0)).all()
 
 
+def test_deletion_insertion_curves_equal_a_step_by_step_reference(monkeypatch) -> None:
+    """The batched curves (steps chunked through the model) against the plain loop: one forward
+    per step, pixels ranked by saliency, the trapezoid over [0, 1]; with a chunk that does not
+    divide the steps, so the chunk boundaries are crossed."""
+    import medistill.explain.metrics as M
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    x, sal = torch.randn(2, 3, 6, 6), torch.rand(2, 6, 6)
+
+    def reference(insert: bool, steps: int = 7) -> torch.Tensor:
+        cls = m(x).argmax(1)
+        order = sal.flatten(1).argsort(1, descending=True)
+        curve = []
+        for i in range(steps + 1):
+            keep = torch.zeros(2, 36, dtype=torch.bool)
+            for b in range(2):
+                keep[b, order[b, :round(i * 36 / steps)]] = True
+            keep = keep.view(2, 1, 6, 6)
+            xi = torch.where(keep, x, torch.zeros_like(x)) if insert else torch.where(keep, torch.zeros_like(x), x)
+            curve.append(torch.softmax(m(xi), 1)[torch.arange(2), cls])
+        c = torch.stack(curve, 1)
+        return ((c[:, 1:] + c[:, :-1]) / 2).sum(1) / steps
+
+    monkeypatch.setattr(M, "_CURVE_BATCH", 6)     # 3 steps of 2 images per forward: 8 steps = 3 chunks
+    with torch.no_grad():
+        assert torch.allclose(deletion_auc(m, x, sal, steps=7), reference(False), atol=1e-6)
+        assert torch.allclose(insertion_auc(m, x, sal, steps=7), reference(True), atol=1e-6)
+
+
 def test_agreement_and_tokens() -> None:
     a = torch.rand(3, 8, 8)
     r = map_agreement(a, a.clone())
