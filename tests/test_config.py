@@ -106,6 +106,17 @@ def test_recipe_runs_stages_in_order(tmp_path: Path) -> None:
         run_recipe(tmp_path / "r.yaml", only=["studnets"])
 
 
+def test_recipe_seeds_keep_the_teacher_stages_seeds() -> None:
+    """``recipe --seeds 0``: UMKD's two experts (seeds 0 and 1) are the distill stage's two
+    teachers, not repeated measurements — their stage keeps both seeds, the others take 0."""
+    from medistill.commands.recipe import load_recipe, teacher_stages
+
+    root = Path(__file__).resolve().parents[1] / "configs" / "papers"
+    assert teacher_stages(load_recipe(root / "umkd_retinamnist_source.yaml")) == {"experts"}
+    mt = load_recipe(root / "multiteacher_xarch_lc25000.yaml")
+    assert teacher_stages(mt) and teacher_stages(mt) < {st.name for st in mt.stages}
+
+
 def test_paper_recipe_models_build_at_their_sizes() -> None:
     """Every model a recipe trains (grid values included) is built at its input size: validation
     alone let a Visformer that refused 64 px through."""

@@ -174,8 +174,9 @@ def test_resident_standard_run_cached_on_fixed_crops_or_live(tmp_path):
 
 
 def test_loader_worker_defaults_per_device(tmp_path):
-    """data.num_workers=auto: no workers on a CPU device, some beside a GPU (pinned, persistent,
-    prefetching); an explicit count wins; a negative one is refused."""
+    """data.num_workers=auto: on a CPU device no workers for an in-memory array and one for image
+    files, some beside a GPU (pinned, persistent, prefetching); an explicit count wins; a
+    negative one is refused."""
     import os
 
     from medistill.errors import ConfigError
@@ -187,6 +188,14 @@ def test_loader_worker_defaults_per_device(tmp_path):
     w = b.workers()
     assert w["num_workers"] == min(8, max(1, (os.cpu_count() or 2) // 2)) and w["pin_memory"]
     assert w["persistent_workers"] and w["prefetch_factor"] == 2
+    from PIL import Image
+
+    for c in ("a", "b"):
+        (tmp_path / "folder" / c).mkdir(parents=True)
+        for i in range(6):
+            Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(tmp_path / "folder" / c / f"{i}.png")
+    files = build_data(load_config(None, [("data.name", str(tmp_path / "folder"))]).data)
+    assert files.workers()["num_workers"] == 1 and files.workers()["persistent_workers"]
     b2 = build_data(load_config(None, [("data.name", str(npz)), ("data.num_workers", 1), ("data.prefetch_factor", 4)]).data)
     dl = b2.loader("train", 8, train=True)
     assert dl.num_workers == 1 and dl.prefetch_factor == 4 and len(list(dl)) == len(dl)

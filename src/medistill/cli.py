@@ -296,7 +296,7 @@ def recipe(
     file: Path = typer.Argument(..., help="recipe YAML (configs/papers/*.yaml)"),
     only: Optional[str] = typer.Option(None, "--only", help="comma list of stage names"),
     sets: Optional[list[str]] = _SET,
-    seeds: Optional[str] = typer.Option(None, "--seeds", help="comma list replacing the seeds of seeded stages, e.g. 0 for a first pass"),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="comma list replacing the seeds of seeded stages, e.g. 0 for a first pass (stages that make a later stage's teachers keep theirs)"),
     device: Optional[str] = _DEVICE,
     amp: Optional[str] = _AMP,
 ) -> None:

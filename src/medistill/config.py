@@ -72,8 +72,9 @@ class DataConfig(_Strict):
     protocol_cap: dict[int, int] | None = Field(None, description="per-class caps of the balanced subset; default: the median class count of the training split")
     role: Literal["auto", "teacher", "student"] = Field("auto", description="protocol side; auto: teacher when the run has no teachers")
     num_workers: int | Literal["auto"] = Field(
-        "auto", description="DataLoader worker processes; auto: 0 on a CPU device (workers compete with the "
-        "training threads for the cores; measured in docs/benchmarks.md), min(8, CPUs/2) on CUDA/MPS")
+        "auto", description="DataLoader worker processes; auto on a CPU device: 1 for image files (decoding "
+        "overlaps the step), 0 for an in-memory array (a worker would only compete with the training threads; "
+        "both measured in docs/benchmarks.md), min(8, CPUs/2) on CUDA/MPS")
     prefetch_factor: int = Field(2, ge=1, description="batches each worker loads ahead (with num_workers > 0)")
     resident: Literal["auto", "on", "off"] = Field(
         "auto", description="keep a MedMNIST .npz on the training device and gather, resize and augment "

@@ -75,6 +75,20 @@ def replica_divergence(params: list[torch.Tensor]) -> float:
     return float(worst)
 
 
+def average_buffers(buffers: list[torch.Tensor]) -> None:
+    """Replace every floating-point buffer (BatchNorm running mean/var) by its mean over ranks, in
+    place; integer buffers (step counts) are equal on every rank and stay. DDP only copies rank 0's
+    buffers at the start of each forward, so after an epoch each rank holds the statistics of its
+    own last batches: without this, a distributed validation would score two different models
+    (timm's training script averages them the same way, ``--dist-bn reduce``)."""
+    floats = [b for b in buffers if b.is_floating_point()]
+    if not initialized() or not floats:
+        return
+    flat = all_reduce_mean(torch.cat([b.detach().reshape(-1).double() for b in floats]))
+    for b, v in zip(floats, flat.split([b.numel() for b in floats])):
+        b.copy_(v.view_as(b))
+
+
 def destroy() -> None:
     if initialized():
         dist.destroy_process_group()

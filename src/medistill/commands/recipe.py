@@ -45,6 +45,17 @@ def load_recipe(path: str | Path) -> Recipe:
     return r
 
 
+def _checkpoints_read(r: Recipe, st: Stage) -> list[str]:
+    """The teacher checkpoints stage ``st`` reads (its teachers' and its grid's)."""
+    tree = _deep_merge(r.defaults, st.config)
+    wanted = [t.get("checkpoint") for t in tree.get("teachers", []) if isinstance(t, dict)]
+    for g in st.grid or []:
+        key, _, vals = g.partition("=")
+        if key.endswith(".checkpoint"):
+            wanted += vals.split(",")
+    return [c for c in wanted if c]
+
+
 def _check_checkpoints(r: Recipe, path: Path) -> None:
     """A teacher checkpoint inside the recipe's ``out`` must be a run an earlier stage makes —
     otherwise the mistake (e.g. ``seed=0`` for the directory ``seed-0``) surfaces only hours
@@ -52,17 +63,19 @@ def _check_checkpoints(r: Recipe, path: Path) -> None:
     out = Path(r.out)
     made: list[str] = []
     for st in r.stages:
-        tree = _deep_merge(r.defaults, st.config)
-        wanted = [t.get("checkpoint") for t in tree.get("teachers", []) if isinstance(t, dict)]
-        for g in st.grid or []:
-            key, _, vals = g.partition("=")
-            if key.endswith(".checkpoint"):
-                wanted += vals.split(",")
-        for c in wanted:
-            if c and Path(c).is_relative_to(out) and str(Path(c)) not in made:
+        for c in _checkpoints_read(r, st):
+            if Path(c).is_relative_to(out) and str(Path(c)) not in made:
                 raise ConfigError(f"{path}: stage {st.name!r} reads teacher checkpoint {c!r}, which no earlier "
                                   f"stage makes; earlier stages make: {', '.join(made) or 'nothing'}")
         made += [str(out / st.name / name) for name, *_ in sweep_cells(st.methods, st.grid, st.seeds)]
+
+
+def teacher_stages(r: Recipe) -> set[str]:
+    """Stages whose runs a later stage reads as teachers (e.g. UMKD's two experts, seeds 0 and 1):
+    their seeds make different teachers, not repeated measurements, so ``--seeds`` keeps them."""
+    read = {str(Path(c)) for st in r.stages for c in _checkpoints_read(r, st)}
+    return {st.name for st in r.stages
+            if any(str(Path(r.out) / st.name / name) in read for name, *_ in sweep_cells(st.methods, st.grid, st.seeds))}
 
 
 def run_recipe(path: str | Path, only: list[str] | None = None, overrides: list[str] | None = None,
@@ -70,8 +83,10 @@ def run_recipe(path: str | Path, only: list[str] | None = None, overrides: list[
     """Run the stages in order (or ``only`` those named); every stage is a sweep writing
     ``OUT/STAGE/results.{csv,md}``; the tables of every stage run so far are concatenated into
     ``OUT/results.md``. ``seeds`` replaces the seed list of the stages that have one (a cheap
-    first pass: ``seeds=[0]``); stages without seeds (e.g. a single teacher) keep theirs."""
+    first pass: ``seeds=[0]``); stages without seeds (e.g. a single teacher) and stages whose
+    runs later stages read as teachers keep theirs."""
     r = load_recipe(path)
+    keep = teacher_stages(r)
     unknown = sorted(set(only or []) - {st.name for st in r.stages})
     if unknown:
         raise ConfigError(f"{path}: no stage named {unknown}; stages: {[st.name for st in r.stages]}")
@@ -84,7 +99,7 @@ def run_recipe(path: str | Path, only: list[str] | None = None, overrides: list[
             if (out / st.name / "results.md").is_file():
                 tables.append(f"## {st.name}\n\n" + (out / st.name / "results.md").read_text())
             continue
-        if seeds and st.seeds:
+        if seeds and st.seeds and st.name not in keep:
             st = st.model_copy(update={"seeds": list(seeds)})
         tree = _deep_merge(r.defaults, st.config)
         for item in overrides or []:

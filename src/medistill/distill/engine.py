@@ -265,6 +265,11 @@ class Engine:
         """Everything a checkpoint holds besides the term modules, by group and name."""
         return {"students": {s.name: s.model for s in self.students}, **self.updater.state_groups()}
 
+    def _buffers(self) -> list[torch.Tensor]:
+        """The buffers of the students, their EMA copies and the terms' modules."""
+        modules = [s.model for s in self.students] + list(self.updater.emas.values()) + [self.terms]
+        return [b for m in modules for b in m.buffers()]
+
     def fit(self) -> None:
         """Epochs: train → validate (select the checkpoint) → log → checkpoint; then SWA's average."""
         cfg = self.cfg
@@ -279,6 +284,8 @@ class Engine:
         try:
             for epoch in range(start, cfg.train.epochs):
                 train_logs, train_time = self._train_epoch(epoch)
+                if self.world > 1:   # one set of BatchNorm statistics on every rank before validating
+                    dist.average_buffers(self._buffers())
                 val, improved = self._validate(best)
                 if self.updater.swas and epoch >= cfg.train.swa.start_epoch:
                     for s in self.students:
@@ -302,7 +309,7 @@ class Engine:
             taps.remove()
         if self.world > 1:   # DDP averaged the students' gradients, _average_term_grads the terms'
             diff = dist.replica_divergence([p for s in self.students for p in s.model.parameters()]
-                                           + list(self.terms.parameters()))
+                                           + list(self.terms.parameters()) + self._buffers())
             if self.main:
                 update_run_info(self.out, ddp_replica_max_abs_diff=diff)
         if self.updater.swas:
