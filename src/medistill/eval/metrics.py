@@ -14,10 +14,15 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchmetrics.functional.classification import (binary_calibration_error, multiclass_auroc,
-                                                    multiclass_calibration_error,
-                                                    multiclass_cohen_kappa, multiclass_confusion_matrix,
-                                                    multiclass_f1_score)
+
+
+def _tm() -> Any:
+    """torchmetrics' classification functions, imported at the first evaluation: the import pulls
+    in SciPy (≈ 2.5 s and ≈ 60 MB on a 2-core CPU) that a training run needs only when it
+    first validates, so the first training step comes that much sooner (docs/benchmarks.md "scale")."""
+    import torchmetrics.functional.classification as tm
+
+    return tm
 
 
 def classification_metrics(probs: torch.Tensor, labels: torch.Tensor, ece_bins: int = 15,
@@ -38,7 +43,7 @@ def classification_metrics(probs: torch.Tensor, labels: torch.Tensor, ece_bins: 
     labels = labels.long()
     n, c = probs.shape
     preds = probs.argmax(1)
-    cm = multiclass_confusion_matrix(preds, labels, num_classes=c).double()
+    cm = _tm().multiclass_confusion_matrix(preds, labels, num_classes=c).double()
     support = cm.sum(1)
     predicted = cm.sum(0)
     diag = cm.diagonal()
@@ -49,10 +54,10 @@ def classification_metrics(probs: torch.Tensor, labels: torch.Tensor, ece_bins: 
         "n": n,
         "accuracy": float(diag.sum() / n),
         "balanced_accuracy": float(recall[present].mean()),
-        "macro_f1": float(multiclass_f1_score(preds, labels, num_classes=c, average="none")[present].mean()),
-        "qwk": float(multiclass_cohen_kappa(preds, labels, num_classes=c, weights="quadratic")) if ordinal else None,
+        "macro_f1": float(_tm().multiclass_f1_score(preds, labels, num_classes=c, average="none")[present].mean()),
+        "qwk": float(_tm().multiclass_cohen_kappa(preds, labels, num_classes=c, weights="quadratic")) if ordinal else None,
         "auroc": _macro_auroc(probs, labels, present),
-        "ece": float(multiclass_calibration_error(probs, labels, num_classes=c, n_bins=ece_bins, norm="l1")),
+        "ece": float(_tm().multiclass_calibration_error(probs, labels, num_classes=c, n_bins=ece_bins, norm="l1")),
         "nll": float(F.nll_loss(probs.clamp_min(1e-12).log(), labels)),
         "per_class_recall": [_nan_to_none(v) for v in recall.tolist()],
         "per_class_precision": [_nan_to_none(v) for v in precision.tolist()],
@@ -68,7 +73,7 @@ def _macro_auroc(probs: torch.Tensor, labels: torch.Tensor, present: torch.Tenso
     usable = present & (present.sum() > 1)
     if usable.sum() < 2:
         return None
-    per = multiclass_auroc(probs.float(), labels, num_classes=probs.shape[1], average="none", thresholds=None)
+    per = _tm().multiclass_auroc(probs.float(), labels, num_classes=probs.shape[1], average="none", thresholds=None)
     return float(per[usable].mean())
 
 
@@ -214,7 +219,7 @@ def per_class_reliability(probs: torch.Tensor, labels: torch.Tensor, n_bins: int
         sens.append(float((hit & pos).sum() / pos.sum()) if pos.any() else None)
         spec.append(float((~hit & ~pos).sum() / (~pos).sum()) if (~pos).any() else None)
         # one-vs-rest: torchmetrics' binary ECE of P(class k) against the indicator y = k
-        ece.append(float(binary_calibration_error(p[:, k].float(), pos.long(), n_bins=n_bins, norm="l1")))
+        ece.append(float(_tm().binary_calibration_error(p[:, k].float(), pos.long(), n_bins=n_bins, norm="l1")))
     return {"per_class_sensitivity": sens, "per_class_specificity": spec, "per_class_ece": ece}
 
 
