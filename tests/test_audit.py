@@ -131,3 +131,31 @@ def test_a_run_prints_the_audit_line_not_a_warning(tmp_path: Path, recwarn: pyte
     assert r.returncode == 0, r.stderr
     assert "data: data audit of" in " ".join((r.stdout + r.stderr).split()) and "2 test copies train" in r.stderr + r.stdout
     assert not [w for w in recwarn if "duplicate" in str(w.message) or "copies" in str(w.message)]
+
+
+def test_file_digests_are_remembered_per_folder_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A folder's quick copy check reads every file once: the next run takes the digests from the
+    cache; a changed file changes the folder's fingerprint, and its digests are computed again."""
+    from PIL import Image
+
+    from medistill.data.sources import from_folder
+
+    root = tmp_path / "f"
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (8, 8), (30 * i + 1, 0, 0) if c == "a" else (0, 30 * i + 1, 0)).save(root / c / f"{i}.png")
+    (root / "b" / "0.png").write_bytes((root / "a" / "1.png").read_bytes())     # a label conflict
+    src = from_folder(root)
+    splits = {"train": np.arange(6), "val": np.array([6]), "test": np.array([7])}
+    first = A.copy_groups(src, splits)
+    assert [g.conflict for g in first] == [True]
+    calls = []
+    real = A.content_hash
+    monkeypatch.setattr(A, "content_hash", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    again = A.copy_groups(from_folder(root), splits)
+    assert calls == [] and [g.indices for g in again] == [g.indices for g in first]
+    Image.new("RGB", (9, 9), (1, 2, 3)).save(root / "a" / "1.png")      # now unlike b/0.png
+    changed = from_folder(root)
+    assert changed.fingerprint != src.fingerprint
+    assert A.copy_groups(changed, splits) == [] and len(calls) == 8

@@ -53,6 +53,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp_path.unlink(missing_ok=True)
 
 
+def cache_root() -> Path:
+    """Where medistill keeps what it can recompute (teacher outputs, file digests):
+    ``$MEDISTILL_CACHE_DIR``, else the user cache directory."""
+    from platformdirs import user_cache_dir
+
+    return Path(os.environ.get("MEDISTILL_CACHE_DIR") or user_cache_dir("medistill"))
+
+
 def _umask() -> int:
     # os.umask can only be read by setting it; restore it at once.
     mask = os.umask(0o022)
