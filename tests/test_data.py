@@ -237,3 +237,17 @@ def test_medmnist_class_names_from_the_table(tmp_path):
     assert same_classes(["0", "1"], ["normal", "pneumonia"]) and same_classes(["a", "b"], ["a", "b"])
     assert not same_classes(["normal", "pneumonia"], ["pneumonia", "normal"])
     assert not same_classes(["0", "1"], ["a", "b", "c"])
+
+
+def test_folder_scan_keeps_pathlib_order(tmp_path: Path) -> None:
+    """The string scan lists a class folder's images in the order pathlib's sorted rglob did
+    (component by component), so a folder's index order — and its seeded split — is unchanged."""
+    from medistill.data.sources import IMAGE_SUFFIXES, _scan
+
+    c = tmp_path / "c1"
+    for f in ("x.png", "a-b/1.png", "a/b/2.PNG", "a/3.jpg", "A/4.png", "a.b.png", "notes.txt", ".h.png"):
+        (c / f).parent.mkdir(parents=True, exist_ok=True)
+        (c / f).write_bytes(b"")
+    old = [str(f.relative_to(c)) for f in sorted(f for f in c.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)]
+    files, skipped = _scan(c)
+    assert files == old and files.index("a/b/2.PNG") < files.index("a-b/1.png") and skipped == ["notes.txt"]
