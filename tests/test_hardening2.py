@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conftest import TINY_CNN, run_engine, tiny_cfg, write_npz
@@ -273,3 +274,25 @@ def test_generated_api_arguments_raise_typed_errors(tmp_path: Path) -> None:
             pass
 
     check()
+
+
+class _Bad(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i: int):
+        from medistill.errors import DataError
+
+        raise DataError("image x.png is truncated: re-export it (DataError: inside the message stays)")
+
+
+def test_a_worker_error_keeps_its_own_one_line_message() -> None:
+    """An error raised in a DataLoader worker reaches the main process as the same error type
+    with the same message — not torch's "Caught DataError in DataLoader worker process 0" and
+    the worker's traceback."""
+    from medistill.errors import DataError
+
+    with pytest.raises(DataError) as e:
+        next(iter(torch.utils.data.DataLoader(_Bad(), num_workers=1)))
+    assert str(e.value) == "image x.png is truncated: re-export it (DataError: inside the message stays)"
+    assert str(DataError("Caught nothing")) == "Caught nothing"

@@ -2,7 +2,24 @@
 
 
 class MedistillError(Exception):
-    """Base class of every error medistill raises on bad input."""
+    """Base class of every error medistill raises on bad input.
+
+    A DataLoader worker's error reaches the main process re-created by torch from one string:
+    "Caught DataError in DataLoader worker process 0. Original Traceback ...: <message>". Only the
+    original message is kept, so a bad image read by a worker is the same one line as one read in
+    the main process."""
+
+    def __init__(self, *args: object) -> None:
+        if len(args) == 1 and isinstance(args[0], str) and args[0].startswith("Caught ") \
+                and "Original Traceback" in args[0]:
+            lines = args[0].rstrip().split("\n")
+            name = type(self).__name__
+            for k in range(len(lines) - 1, -1, -1):     # the traceback's last line: "...DataError: message"
+                head, sep, rest = lines[k].partition(": ")
+                if sep and head.split(".")[-1] == name and " " not in head:
+                    args = ("\n".join([rest, *lines[k + 1:]]),)
+                    break
+        super().__init__(*args)
 
 
 class DataError(MedistillError):
