@@ -146,3 +146,18 @@ def test_external_test_split_matches_classes_by_name(tmp_path: Path) -> None:
     said = " ".join((r.stdout + r.stderr).split())
     assert r.returncode == 2 and "names its classes ['c', 'b', 'a']" in said and "--split all" in said
     assert not (run / "students" / "student" / "external").exists()
+
+
+def test_a_cache_built_under_autocast_is_not_reused_in_fp32(tmp_path: Path) -> None:
+    """bf16 teacher outputs differ from fp32 ones: the precision is part of the cache's identity
+    (fp32 keeps its earlier manifest, so existing caches stay valid)."""
+    from types import SimpleNamespace
+
+    from medistill.distill.cache import _manifest, manifest_key
+
+    t = SimpleNamespace(name="t", sha256="ab", taps=set(), pre=SimpleNamespace(
+        input_size=16, in_chans=3, mean=torch.zeros(3), std=torch.ones(3)))
+    data = SimpleNamespace(source=SimpleNamespace(fingerprint="f"), image_size=16, unlabeled=None)
+    idx = np.arange(5)
+    fp32, bf16 = (_manifest(t, data, [0, 4], idx, None, False, amp) for amp in ("off", "bf16"))
+    assert "amp" not in fp32 and bf16["amp"] == "bf16" and manifest_key(fp32) != manifest_key(bf16)

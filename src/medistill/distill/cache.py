@@ -129,7 +129,7 @@ def _refusals(teachers: list[Any], cfg: RunConfig, tap_shapes: dict[str, dict[st
 
 
 def _manifest(t: Any, data: Any, views: list[int], train_idx: np.ndarray, view_seed: int | None,
-              unlabeled: bool) -> dict[str, Any]:
+              unlabeled: bool, amp: str = "off") -> dict[str, Any]:
     """What a cache of teacher ``t`` depends on; a cache is reused only when all of it matches."""
     manifest = {
         "format": 1, "teacher_name": t.name, "teacher_sha256": t.sha256,
@@ -144,6 +144,8 @@ def _manifest(t: Any, data: Any, views: list[int], train_idx: np.ndarray, view_s
         manifest["unlabeled_fingerprint"] = data.unlabeled.fingerprint
     if view_seed is not None:   # fixed crops: the crops depend on their seed
         manifest["view_seed"] = view_seed
+    if amp != "off":   # outputs under bf16/fp16 autocast differ from fp32 ones (absent for fp32: earlier caches stay valid)
+        manifest["amp"] = amp
     return manifest
 
 
@@ -175,7 +177,8 @@ def make_teacher_caches(teachers: list[Any], data: Any, cfg: RunConfig, tap_shap
                       "train.teacher_cache=off gives a fresh crop every epoch with the teacher run live")
     caches = {}
     for t in teachers:
-        manifest = _manifest(t, data, views, train_idx, cfg.data.split_seed if standard else None, unlabeled)
+        manifest = _manifest(t, data, views, train_idx, cfg.data.split_seed if standard else None, unlabeled,
+                             cfg.train.amp)
         data_path, _ = TeacherCache.paths(directory, manifest)
         if not main:
             dist.barrier()   # rank 0 builds or checks the cache first
