@@ -156,3 +156,113 @@ def test_replica_divergence_on_its_own_with_buffers(tmp_path) -> None:
     # the weight: 0.25 apart → 0.125 from the mean, the largest of all
     assert res[0]["got"] == res[1]["got"] == pytest.approx(0.125, abs=1e-6)
     assert res[0]["same"] == res[1]["same"] == 0.0
+
+
+# --- ScaleKD: projector and feature losses end to end ------------------------------------------
+
+def _naive_projector(p: torch.nn.Module, x: torch.Tensor, query: torch.Tensor | None = None) -> torch.Tensor:
+    """ScaleKD's cross-attention projector (docs/specs/scalekd.md §2.1) written out with the
+    module's parameters only: the 3×3 convolution as a sum over the 9 shifted copies of the padded
+    map, BatchNorm from the batch's own mean and biased variance (training mode), a per-head loop
+    of softmax(q·kᵀ · d^-½ · scale)·v, LayerNorm from its definition, the residual FFN."""
+    prm = dict(p.named_parameters())
+    b, cs, h, w = x.shape
+    xp = torch.nn.functional.pad(x, (1, 1, 1, 1))
+    wconv = prm["proj_student.0.weight"]                                   # [Cs, Cs, 3, 3]
+    y = prm["proj_student.0.bias"][None, :, None, None].expand(b, cs, h, w)
+    for di in range(3):
+        for dj in range(3):
+            y = y + torch.einsum("oc,bchw->bohw", wconv[:, :, di, dj], xp[:, :, di:di + h, dj:dj + w])
+    mean, var = y.mean((0, 2, 3), keepdim=True), y.var((0, 2, 3), unbiased=False, keepdim=True)
+    y = (y - mean) / torch.sqrt(var + 1e-5) * prm["proj_student.1.weight"][None, :, None, None] \
+        + prm["proj_student.1.bias"][None, :, None, None]
+    keys = (torch.relu(y) + prm["pos_embed"]).flatten(2).transpose(1, 2)                  # [B, Ls, Cs]
+    qh, qw = p.query_hw
+    if query is None:
+        q0 = prm["query.weight"].reshape(qh * qw, -1)[None].expand(b, -1, -1)              # [B, Lq, Ct]
+    else:
+        q0 = query
+    wpos = prm["proj_pos.0.weight"][:, :, 0, 0]
+    queries = torch.relu(q0 @ wpos.T + prm["proj_pos.0.bias"])
+    lin = lambda t, n: t @ prm[f"{n}.weight"].T + prm[f"{n}.bias"]       # noqa: E731
+    q, k, v = lin(queries, "q"), lin(keys, "k"), lin(keys, "v")
+    ct = q.shape[-1]
+    d = ct // p.heads
+    heads = []
+    for i in range(p.heads):
+        sl = slice(i * d, (i + 1) * d)
+        logits = q[..., sl] @ k[..., sl].transpose(1, 2) * d ** -0.5 * p.softmax_scale
+        e = torch.exp(logits - logits.max(-1, keepdim=True).values)
+        heads.append((e / e.sum(-1, keepdim=True)) @ v[..., sl])
+    o = lin(torch.cat(heads, -1), "proj")
+    o = (o - o.mean(-1, keepdim=True)) / torch.sqrt(o.var(-1, unbiased=False, keepdim=True) + 1e-5) \
+        * prm["norm.weight"] + prm["norm.bias"]
+    return o + lin(torch.relu(lin(o, "fc1")), "fc2")
+
+
+def _naive_dfm(s: torch.Tensor, t: torch.Tensor, frequency: bool) -> torch.Tensor:
+    """(1/B)·Σ (n(S) − n(T))², n = division by the channel norm at each position; the frequency
+    view drops the DCT's DC coefficient, which for the orthonormal DCT-II is the spatial mean.
+    The student map is taken in float32, as the term takes it (a bf16 map under autocast is
+    compared in float32): in float64 the gradients differ by float32 rounding, amplified where
+    the frequency view leaves short channel vectors to normalise (3e-4 relative on this input)."""
+    s = s.float()
+    if frequency:
+        s, t = s - s.mean((2, 3), keepdim=True), t - t.mean((2, 3), keepdim=True)
+    ns = s / s.pow(2).sum(1, keepdim=True).sqrt()
+    nt = t / t.pow(2).sum(1, keepdim=True).sqrt()
+    return (ns - nt).pow(2).sum() / s.shape[0]
+
+
+def test_scalekd_projector_and_losses_against_a_written_out_reference() -> None:
+    """The projector on its own (learned and chained queries), then ScaleKD's four feature losses
+    through a toy teacher stage (Linear + LayerNorm on tokens), values and gradients with respect to
+    the student maps and every projector weight, against the written-out reference."""
+    from torch import nn
+
+    from medistill.distill.terms.scalekd import (CrossAttentionProjector, StageSpec, TeacherLastStage,
+                                                 map_to_tokens, scalekd_losses, tokens_to_map)
+
+    torch.manual_seed(0)
+    p = CrossAttentionProjector(4, 6, (3, 2), (2, 2), heads=2).double().train()
+    x, qx = torch.randn(2, 4, 3, 2, dtype=torch.float64), torch.randn(2, 4, 6, dtype=torch.float64)
+    assert torch.allclose(p(x), _naive_projector(p, x), atol=1e-10)
+    assert torch.allclose(p(x, query=qx), _naive_projector(p, x, qx), atol=1e-10)
+
+    teacher = nn.Sequential(nn.Linear(6, 6), nn.LayerNorm(6)).double()
+    for prm in teacher.parameters():
+        prm.requires_grad_(False)
+    stage = TeacherLastStage(teacher, StageSpec("0", ["0", "1"], "tokens"))
+    p3 = nn.ModuleDict({v: CrossAttentionProjector(4, 6, (2, 2), (2, 2), 2) for v in ("sp", "fr")}).double().train()
+    p4 = nn.ModuleDict({v: CrossAttentionProjector(5, 6, (2, 2), (2, 2), 3, self_query=False)
+                        for v in ("sp", "fr")}).double().train()
+    s3 = torch.randn(2, 4, 2, 2, dtype=torch.float64, requires_grad=True)
+    s4 = torch.randn(2, 5, 2, 2, dtype=torch.float64, requires_grad=True)
+    t4 = torch.randn(2, 6, 2, 2, dtype=torch.float64)
+    a3, a4 = (0.08, 0.06), (0.05, 0.07)
+
+    def reference() -> dict[str, torch.Tensor]:
+        out = {}
+        for i, (view, suffix) in enumerate((("sp", ""), ("fr", "_alt"))):
+            z3 = tokens_to_map(teacher(_naive_projector(p3[view], s3)), (2, 2))
+            y4 = _naive_projector(p4[view], s4, map_to_tokens(z3))
+            out[f"s3{suffix}"] = a3[i] * _naive_dfm(z3, t4, view == "fr")
+            out[f"s4{suffix}"] = a4[i] * _naive_dfm(tokens_to_map(y4, (2, 2)), t4, view == "fr")
+        return out
+
+    params = [s3, s4, *p3.parameters(), *p4.parameters()]
+    got, want = scalekd_losses(s3, s4, t4, p3, p4, stage, (2, 2), (2, 2), a3, a4), reference()
+    assert set(got) == set(want) == {"s3", "s3_alt", "s4", "s4_alt"}
+    for k in want:
+        assert torch.allclose(got[k], want[k], atol=1e-7), (k, float(got[k]), float(want[k]))
+    g_got = torch.autograd.grad(sum(got.values()), params, allow_unused=True)
+    g_want = torch.autograd.grad(sum(want.values()), params, allow_unused=True)
+    # float32 rounding in the two normalisations differs, amplified where the frequency view leaves
+    # short channel vectors on a 2×2 map: up to ≈ 5e-5 of the largest gradient entry; the tolerance
+    # is 1e-3 of it (a 1 % change of the attention scale moves the gradients by far more)
+    scale = max(float(g.abs().max()) for g in g_want if g is not None)
+    for n, (g1, g2) in enumerate(zip(g_got, g_want)):
+        assert (g1 is None) == (g2 is None)
+        if g1 is not None:
+            assert torch.allclose(g1, g2, rtol=1e-3, atol=1e-3 * scale), (n, g1.shape, float((g1 - g2).abs().max()), scale)
+    assert float(g_got[0].abs().sum()) > 0 and float(g_got[1].abs().sum()) > 0
