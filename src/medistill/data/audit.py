@@ -68,13 +68,14 @@ def file_digests(source: ImageSource, indices: list[int]) -> dict[int, str]:
             known = json.loads(path.read_text())
         except (OSError, ValueError):   # a damaged cache is recomputed and rewritten
             known = {}
-    out = {i: known.get(str(i)) or content_hash(source, i, decode=False) for i in indices}
-    if source.fingerprint and len(out.keys() - set(map(int, known))) > 0:
+    missing = [i for i in indices if str(i) not in known]
+    known.update({str(i): content_hash(source, i, decode=False) for i in missing})
+    if source.fingerprint and missing:
         try:
-            write_json(path, {**known, **{str(i): h for i, h in out.items()}})
+            write_json(path, known)
         except (OSError, MedistillError):   # a read-only cache: the digests are recomputed next time
             pass
-    return out
+    return {i: known[str(i)] for i in indices}
 
 
 def copy_groups(source: ImageSource, splits: dict[str, np.ndarray], decode: bool = False) -> list[CopyGroup]:

@@ -20,7 +20,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from platformdirs import user_cache_dir
 from rich.console import Console
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
@@ -31,13 +30,15 @@ from medistill.data.transforms import FIXED_VIEW_BASE, views_for
 from medistill.device import autocast
 from medistill.errors import CacheMismatchError, ConfigError
 from medistill.progress import steps
-from medistill.io import atomic_write, write_json
+from medistill.io import atomic_write, cache_root, write_json
 from medistill.models.taps import FeatureTaps
 from medistill.models.modes import model_device
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("MEDISTILL_CACHE_DIR") or Path(user_cache_dir("medistill")) / "teacher_cache")
+    """Teacher caches: ``$MEDISTILL_CACHE_DIR`` itself when set (as it always has been), else the
+    ``teacher_cache`` folder of the user cache."""
+    return cache_root() if os.environ.get("MEDISTILL_CACHE_DIR") else cache_root() / "teacher_cache"
 
 
 def manifest_key(manifest: dict[str, Any]) -> str:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 def _tm() -> Any:
     """torchmetrics' classification functions, imported at the first evaluation: the import pulls
-    in SciPy (≈ 2.5 s and ≈ 60 MB on a 2-core CPU) that a training run needs only when it
+    in SciPy (≈ 2.5 s and ≈ 100 MB on a 2-core CPU) that a training run needs only when it
     first validates, so the first training step comes that much sooner (docs/benchmarks.md "scale")."""
     import torchmetrics.functional.classification as tm
 
