@@ -2,20 +2,22 @@
 plain PyTorch loop (torchvision ``ImageFolder`` + ``DataLoader(num_workers=2)`` + timm), and a
 KD epoch with a ResNet-50 teacher against a student-only epoch.
 
-    python benchmarks/scale.py --sizes 1000 4000 16000 --runs 3 --steps 10 --kd-images 600
+    python benchmarks/scale.py --sizes 1000 4000 16000 --runs 3 --steps 20 --kd-images 600
 
 Per N (images in the folder tree; 4 classes) and run, the two loops run alternately as
 separate processes, MobileNetV3-Small, batch 64, 224 px, torch's default threads:
 - startup: process start → first training step (imports, folder scan, split, checks, model);
 - images/s: steps 2..S (the first step's wait is startup);
-- peak memory: the process and its workers together (summed PSS), sampled every 0.1 s;
+- peak memory: the process and its workers together (summed PSS), sampled every 0.1 s in a
+  separate, shorter run of the same loop (``--memory-steps``): the sampler costs CPU;
 - disk: what the run wrote (run directory, caches); the plain loop writes nothing.
 medistill runs as ``medistill train`` would (the CLI's code path in this process), with its
 default loader settings; the training step is wrapped only to time it and stop after S steps.
 
 KD: a ResNet-50 (random weights; timing does not depend on them) saved as a weights file and
 given as ``--teacher resnet50=FILE`` at 224 px; one full epoch over ``--kd-images`` images,
-student-only vs KD (default augmentation, teacher cache auto → fixed crops), and the cache
+student-only vs KD (default augmentation, teacher cache auto → fixed crops; the teacher live, in
+its default precision and in fp32), and the cache
 build's images/s, from the runs' ``metrics.jsonl`` and the build's own timing.
 Results: results/scale.json; the table is written into docs/benchmarks.md by hand.
 """
@@ -73,15 +75,9 @@ def make_tree(root: Path, pool: Path, n: int) -> Path:
 def tree_rss_kb(pid: int) -> int:
     """Memory of ``pid`` and all its descendants (kB): the sum of their proportional set sizes
     (``Pss`` in /proc/PID/smaps_rollup — pages shared by forked workers counted once, not once
-    per process as summed RSS would)."""
-    children: dict[int, list[int]] = {}
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit():
-            try:
-                ppid = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(p.name))
+    per process as summed RSS would). Descendants come from each thread's ``children`` list:
+    reading every process's ``stat`` 10 times a second took a third of a core from the loops
+    being measured."""
     total, todo = 0, [pid]
     while todo:
         q = todo.pop()
@@ -89,33 +85,40 @@ def tree_rss_kb(pid: int) -> int:
             for line in Path(f"/proc/{q}/smaps_rollup").read_text().splitlines():
                 if line.startswith("Pss:"):
                     total += int(line.split()[1])
+            for task in Path(f"/proc/{q}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
         except OSError:
             pass
-        todo += children.get(q, [])
     return total
 
 
-def measured(cmd: list[str], env: dict[str, str]) -> tuple[dict, float]:
-    """Run ``cmd``; its last stdout line is JSON. Returns it with the peak RSS (MB) of its tree."""
+def measured(cmd: list[str], env: dict[str, str], sample: bool) -> dict:
+    """Run ``cmd``; its last stdout line is JSON. With ``sample``, add the peak memory (MB) of its
+    process tree, read every 0.1 s. Reading ``smaps_rollup`` walks the page tables of each 2 GB
+    process (and takes its memory-map lock): about a third of a core on 2 cores, which slowed the
+    loops being timed, so images/s and startup come from runs without the sampler."""
     t0 = time.time()
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     peak = [0]
 
-    def sample() -> None:
+    def watch() -> None:
         while p.poll() is None:
             peak[0] = max(peak[0], tree_rss_kb(p.pid))
             time.sleep(0.1)
 
-    th = threading.Thread(target=sample, daemon=True)
-    th.start()
+    th = threading.Thread(target=watch, daemon=True)
+    if sample:
+        th.start()
     out, err = p.communicate()
-    th.join()
+    if sample:
+        th.join()
     if p.returncode != 0 or not out.strip():
         raise RuntimeError(f"{cmd[:4]} failed ({p.returncode}):\n{err[-3000:]}")
     res = json.loads(out.strip().splitlines()[-1])
     res["startup_s"] = round(res.pop("first_step_t") - t0, 2)
-    res["peak_rss_mb"] = round(peak[0] / 1024, 1)
-    return res, peak[0] / 1024
+    if sample:
+        res["peak_rss_mb"] = round(peak[0] / 1024, 1)
+    return res
 
 
 # ----------------------------------------------------------------------------- the two loops
@@ -179,7 +182,6 @@ def kd_epochs(root: Path, pool: Path, n: int, env: dict[str, str]) -> dict:
     """One epoch of student-only and of KD (ResNet-50 teacher at 224, default augmentation) over
     ``n`` images; the cache build's own images/s."""
     import timm
-    import torch
     from safetensors.torch import save_file
 
     tree = make_tree(root, pool, n)
@@ -193,7 +195,10 @@ def kd_epochs(root: Path, pool: Path, n: int, env: dict[str, str]) -> dict:
                        ("kd_cached", ["distill", "--teacher", f"resnet50={w}", "--method", "kd",
                                       "--set", "teachers.0.input_size=224"]),
                        ("kd_live", ["distill", "--teacher", f"resnet50={w}", "--method", "kd",
-                                    "--set", "teachers.0.input_size=224", "--set", "train.teacher_cache=off"])):
+                                    "--set", "teachers.0.input_size=224", "--set", "train.teacher_cache=off"]),
+                       ("kd_live_fp32", ["distill", "--teacher", f"resnet50={w}", "--method", "kd",
+                                         "--set", "teachers.0.input_size=224", "--set", "train.teacher_cache=off",
+                                         "--set", "train.teacher_amp=off"])):
         out = root / f"kd_{name}"
         shutil.rmtree(out, ignore_errors=True)
         cache = root / f"cache_{name}"
@@ -215,6 +220,7 @@ def kd_epochs(root: Path, pool: Path, n: int, env: dict[str, str]) -> dict:
     so = min(res["student_only"]["epoch_s"])
     res["ratio_kd_cached"] = round(min(res["kd_cached"]["epoch_s"]) / so, 2)
     res["ratio_kd_live"] = round(min(res["kd_live"]["epoch_s"]) / so, 2)
+    res["ratio_kd_live_fp32"] = round(min(res["kd_live_fp32"]["epoch_s"]) / so, 2)
     return res
 
 
@@ -222,7 +228,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 4000, 16000])
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=10, help="timed steps (N·0.8/64 must exceed it)")
+    ap.add_argument("--steps", type=int, default=20, help="timed steps (fewer where one epoch is shorter)")
+    ap.add_argument("--memory-steps", type=int, default=6, help="steps of the separate memory-sampled run")
     ap.add_argument("--kd-images", type=int, default=600, help="images in the KD epoch comparison (0: skip it)")
     ap.add_argument("--medistill-args", default="", help="extra medistill arguments, one string (e.g. '--workers 0')")
     ap.add_argument("--root", default=None, help="where the JPEG folders go (default: a temporary folder)")
@@ -244,22 +251,27 @@ def main() -> None:
     print(f"pool of {max(a.sizes)} JPEGs: {time.time() - t0:.0f} s", flush=True)
     for n in a.sizes:
         tree = make_tree(root, pool, n)
+        n_steps = min(a.steps, int(n * 0.7) // 64 - 1)   # within one epoch: 70 % of N trains (default split)
         for r in range(a.runs):
             order = ("plain", "medistill") if r % 2 == 0 else ("medistill", "plain")
             for which in order:
                 out = root / f"run_{n}_{r}"
-                shutil.rmtree(out, ignore_errors=True)
-                me = [sys.executable, str(Path(__file__).resolve()), "--steps", str(a.steps)]
-                cmd = me + (["plain", str(tree), "2"] if which == "plain" else
-                            [f"--medistill-args={a.medistill_args}", "medistill", str(tree), str(out)])
-                res, _ = measured(cmd, env)
-                res.update(loop=which, n=n, run=r, disk_mb=disk_mb(out) if which == "medistill" else 0.0)
+                res: dict = {}
+                # a timed run, then a shorter one under the memory sampler (see measured)
+                for steps, sample in ((n_steps, False), (a.memory_steps, True)):
+                    shutil.rmtree(out, ignore_errors=True)
+                    me = [sys.executable, str(Path(__file__).resolve()), "--steps", str(steps)]
+                    cmd = me + (["plain", str(tree), "2"] if which == "plain" else
+                                [f"--medistill-args={a.medistill_args}", "medistill", str(tree), str(out)])
+                    got = measured(cmd, env, sample)
+                    res.update(got if not sample else {"peak_rss_mb": got["peak_rss_mb"]})
+                res.update(loop=which, n=n, run=r, steps=n_steps, disk_mb=disk_mb(out) if which == "medistill" else 0.0)
                 rows.append(res)
                 print(res, flush=True)
     kd = kd_epochs(root, pool, a.kd_images, env) if a.kd_images else None
     if kd:
         print(kd, flush=True)
-    save(a.name, {"machine": machine(), "steps": a.steps, "rows": rows, "kd": kd,
+    save(a.name, {"machine": machine(), "steps": a.steps, "memory_steps": a.memory_steps, "rows": rows, "kd": kd,
                   "command": "python benchmarks/scale.py " + " ".join(sys.argv[1:])})
     if a.root is None:
         shutil.rmtree(root, ignore_errors=True)

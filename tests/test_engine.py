@@ -171,7 +171,7 @@ def test_sequential_dml_without_teacher(data_dir: Path, tmp_path: Path) -> None:
 def test_teacher_cache_hit_miss_mismatch(data_dir: Path, teachers: list[Path], tmp_path: Path,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     terms = [{"type": "ce", "weight": 0.1}, {"type": "kd", "weight": 0.9}, {"type": "nd", "teacher": "t0"}]
-    run(_distill_cfg(data_dir, teachers[:1], tmp_path / "a", terms, augment="dihedral", students=1, epochs=1))
+    run(_distill_cfg(data_dir, teachers[:1], tmp_path / "a", terms, augment="dihedral", students=1, epochs=1, teacher_amp="off"))
     files = sorted((tmp_path / "teacher_cache").glob("*.safetensors"))
     assert len(files) == 1
     man = json.loads(files[0].with_suffix(".json").read_text())
@@ -186,7 +186,7 @@ def test_teacher_cache_hit_miss_mismatch(data_dir: Path, teachers: list[Path], t
         return orig(self, x, idx, view)
 
     monkeypatch.setattr(Engine, "_teacher_outputs", counting)
-    eng = run(_distill_cfg(data_dir, teachers[:1], tmp_path / "b", terms, augment="dihedral", students=1, epochs=1))
+    eng = run(_distill_cfg(data_dir, teachers[:1], tmp_path / "b", terms, augment="dihedral", students=1, epochs=1, teacher_amp="off"))
     assert "t0" in eng.cache and calls["n"] == 0
     # cached outputs equal live teacher outputs on a batch
     x, y, idx, view = next(iter(eng.data.loader("train", 8, train=True)))
@@ -194,7 +194,7 @@ def test_teacher_cache_hit_miss_mismatch(data_dir: Path, teachers: list[Path], t
     assert torch.allclose(eng.cache["t0"].lookup(torch.as_tensor(idx), torch.as_tensor(view))["logits"], live, atol=1e-5)
 
     # miss: another teacher checkpoint → a second cache file
-    run(_distill_cfg(data_dir, teachers[1:], tmp_path / "c", terms, augment="dihedral", students=1, epochs=1))
+    run(_distill_cfg(data_dir, teachers[1:], tmp_path / "c", terms, augment="dihedral", students=1, epochs=1, teacher_amp="off"))
     assert len(list((tmp_path / "teacher_cache").glob("*.safetensors"))) == 2
 
     # mismatch: a cache presented for another configuration is refused
@@ -225,7 +225,7 @@ def test_standard_augmentation_caches_fixed_crops(data_dir: Path, teachers: list
 
     monkeypatch.setattr(Engine, "_teacher_outputs", counting)
     eng = run(_distill_cfg(data_dir, teachers[:1], tmp_path / "a", terms, augment="standard", students=1, epochs=1,
-                           teacher_views=3))
+                           teacher_views=3, teacher_amp="off"))
     assert "t0" in eng.cache and calls["n"] == 0
     assert eng.cache["t0"].manifest["views"] == [8, 9, 10] and eng.cache["t0"].manifest["view_seed"] == 0
     x, _y, idx, view = next(iter(eng.data.loader("train", 16, train=True, seed=3)))

@@ -157,6 +157,7 @@ def test_resident_standard_run_cached_on_fixed_crops_or_live(tmp_path):
     run_engine(tiny_cfg(npz, tmp_path / "t", epochs=1))
     cfg = tiny_cfg(npz, tmp_path / "s", epochs=1)
     cfg["data"].update(augment="standard", resident="on")
+    cfg["train"]["teacher_amp"] = "off"   # the cached rows are compared with an fp32 forward below
     cfg["teachers"] = [{"name": "t", "checkpoint": str(tmp_path / "t")}]
     cfg["terms"] = [{"type": "ce", "weight": 0.1}, {"type": "kd", "weight": 0.9}]
     eng = run_engine(cfg)

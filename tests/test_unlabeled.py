@@ -31,6 +31,7 @@ def _unlabeled_npz(path: Path, n: int = 24, seed: int = 9) -> Path:
 def _engine(data_dir: Path, teacher: Path, out: Path, terms: list[dict], **data: object) -> Engine:
     cfg = tiny_cfg(data_dir / "tiny.npz", out, epochs=1)
     cfg["data"].update(data)
+    cfg["train"]["teacher_amp"] = "off"   # cached rows are compared with the teacher run here in fp32
     cfg["teachers"] = [{"name": "t0", "checkpoint": str(teacher)}]
     cfg["students"] = [{"name": "s0", "model": "cnn5", "kwargs": TINY_CNN}]
     cfg["terms"] = terms

@@ -226,6 +226,9 @@ class TrainConfig(_Strict):
     bf16: bool = Field(False, description="alias of amp: bf16 (kept for old configs)")
     amp: Literal["off", "bf16", "fp16"] = Field("off", description="mixed precision of forward passes; fp16 adds a "
                                                 "checkpointed gradient scaler; losses stay float32")
+    teacher_amp: Literal["auto", "off", "bf16", "fp16"] = Field(
+        "auto", description="precision of the frozen teachers' forward passes, live and cached: auto follows amp when "
+        "it is on, else bf16 where the device computes it natively (bf16 GPUs, CPUs with AVX512-BF16 or AMX), else off")
     device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$",
                         description="auto (CUDA, then MPS, else CPU), cpu, cuda, cuda:N or mps")
     deterministic: bool = Field(False, description="deterministic kernels (cuDNN autotuning off); slower on GPUs")

@@ -243,8 +243,11 @@ def write_run_files(out: Path, cfg: Any, teachers: list[Any], students: list[Any
     info["term_parameters"] = {k.replace("__", "."): n for k, t in terms.items()
                                if (n := sum(p.numel() for p in t.parameters()))}
     from medistill import dist
+    from medistill.device import teacher_amp
 
     info.update(device_info(device), amp=cfg.train.amp, world_size=dist.world(), dist_backend=dist.backend())
+    if teachers:
+        info["teacher_amp"] = teacher_amp(device, cfg.train)
     write_json(out / "run_info.json", info)
     write_json(out / "split.json", data.split_record())
 

@@ -8,18 +8,18 @@ with PIL, only when a batch needs them.
 from __future__ import annotations
 
 import csv
-import hashlib
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
 from medistill.data import medmnist
 from medistill.data.checks import check_images, check_label_range, check_labels, npz_class_names
+from medistill.data.filelist import PathList, fingerprint, probe_channels, probe_size
 from medistill.data.imageio import DICOM_SUFFIXES, dicom_header, pil_to_array, read_image
 from medistill.errors import DataError
 
@@ -46,7 +46,7 @@ class ImageSource:
     window: tuple[float, float] | None = None   # (center, width) for high-bit-depth pixels; None: per file
     dicom_frame: int | None = None          # the frame read from multi-frame DICOM files
     _arrays: np.ndarray | None = None       # MedMNIST: [N, H, W, C] uint8
-    _paths: list[Path] = field(default_factory=list)
+    _paths: Sequence[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)   # what opening it found (a run prints them)
 
     def __len__(self) -> int:
@@ -143,57 +143,6 @@ def from_medmnist(name: str, download: bool = False) -> ImageSource:
     )
 
 
-_GRAY_MODES = {"L", "I;16", "I;16B", "I;16L", "I", "F", "1"}
-
-
-def _probe_channels(paths: list[Path], sample: int = 64) -> tuple[int, list[str]]:
-    """1 if the sampled readable images are all single-channel, else 3; and a note when grey and
-    colour images are mixed (all are then read as RGB). The sample is spread over the whole list
-    (header reads only), not its first files: those are one class's, which may be the grey one."""
-    seen: dict[str, Path] = {}   # "gray"/"colour" → an example file
-    for i in np.unique(np.linspace(0, len(paths) - 1, min(len(paths), sample)).astype(int)):
-        p = paths[i]
-        if p.suffix.lower() in DICOM_SUFFIXES:
-            seen.setdefault("gray" if dicom_header(p)["channels"] == 1 else "colour", p)
-            continue
-        try:
-            with Image.open(p) as img:
-                seen.setdefault("gray" if img.mode in _GRAY_MODES else "colour", p)
-        except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
-            continue   # read_image names the file when the image is needed
-    if len(seen) == 2:
-        return 3, [f"the images mix grey and colour (e.g. grey {seen['gray']}, colour {seen['colour']}): every image "
-                   "is read as 3-channel RGB, grey ones repeated over the channels"]
-    return (1 if "gray" in seen else 3), []
-
-
-def _probe_size(paths: list[Path]) -> int | None:
-    sizes = set()
-    for p in paths[:16]:
-        if p.suffix.lower() in DICOM_SUFFIXES:
-            h = dicom_header(p)
-            sizes.add((h["columns"], h["rows"]))
-            continue
-        try:
-            with Image.open(p) as img:
-                sizes.add(img.size)
-        except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
-            continue
-    if len(sizes) == 1:
-        w, h = sizes.pop()
-        if w == h:
-            return w
-    return None
-
-
-def _fingerprint(rel_paths: list[str], labels: np.ndarray, root: Path) -> str:
-    h = hashlib.sha256()
-    for rp, y in zip(rel_paths, labels.tolist()):
-        st = (root / rp).stat()
-        h.update(f"{rp}\0{y}\0{st.st_size}\0{int(st.st_mtime)}\n".encode())
-    return h.hexdigest()
-
-
 def _scan(cdir: Path) -> tuple[list[str], list[str]]:
     """The image files under ``cdir`` (any depth) as paths relative to it, in pathlib's order
     (component by component: the order, and so the seeded split, of earlier runs), and the names
@@ -250,12 +199,12 @@ def from_folder(root: str | Path) -> ImageSource:
     if not rel:
         raise DataError(f"{root}: no images found")
     y = np.array(labels, dtype=np.int64)
-    paths = [root / r for r in rel]
-    channels, notes = _probe_channels(paths)
+    paths = PathList(root, rel)
+    channels, notes = probe_channels(paths)
     return ImageSource(
         description=str(root), labels=y, class_names=class_names, channels=channels,
-        native_size=_probe_size(paths), split_tags=np.array(tags) if split_dirs else None,
-        fingerprint=_fingerprint(rel, y, root), _paths=paths, notes=notes,
+        native_size=probe_size(paths), split_tags=np.array(tags) if split_dirs else None,
+        fingerprint=fingerprint(rel, y, root), _paths=paths, notes=notes,
     )
 
 
@@ -335,11 +284,11 @@ def from_csv(manifest: str | Path) -> ImageSource:
     if has_split and any(t is None for t in tags):
         raise DataError(f"{manifest}: the split column is filled for some rows only")
     groups = np.array([r["group"] for r in rows]) if "group" in cols else None
-    channels, notes = _probe_channels(paths)
+    channels, notes = probe_channels(paths)
     return ImageSource(
         description=str(manifest), labels=y, class_names=class_names, channels=channels,
-        native_size=_probe_size(paths), split_tags=np.array(tags) if has_split else None,
-        fingerprint=_fingerprint([str(p.relative_to(root)) for p in paths], y, root), groups=groups, _paths=paths,
+        native_size=probe_size(paths), split_tags=np.array(tags) if has_split else None,
+        fingerprint=fingerprint([str(p.relative_to(root)) for p in paths], y, root), groups=groups, _paths=paths,
         notes=notes,
     )
 

@@ -17,7 +17,8 @@ import numpy as np
 from medistill.data import medmnist
 from medistill.data.audit import content_hash
 from medistill.data.checks import check_images
-from medistill.data.sources import IMAGE_SUFFIXES, ImageSource, _fingerprint, _manifest_paths, _probe_size
+from medistill.data.filelist import fingerprint, probe_size
+from medistill.data.sources import IMAGE_SUFFIXES, ImageSource, _manifest_paths
 from medistill.errors import DataError
 
 UNLABELED = -1   # the label of an image without one, in every batch
@@ -60,8 +61,8 @@ def _from_folder(root: Path) -> ImageSource:
     if not paths:
         raise DataError(f"unlabelled folder {root} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     rel = [p.name for p in paths]
-    return _unlabeled_source(str(root), len(paths), channels=3, native_size=_probe_size(paths),
-                             fingerprint=_fingerprint(rel, np.zeros(len(rel), dtype=np.int64), root), _paths=paths)
+    return _unlabeled_source(str(root), len(paths), channels=3, native_size=probe_size(paths),
+                             fingerprint=fingerprint(rel, np.zeros(len(rel), dtype=np.int64), root), _paths=paths)
 
 
 def _from_csv(manifest: Path) -> ImageSource:
@@ -84,8 +85,8 @@ def _from_csv(manifest: Path) -> ImageSource:
     root = manifest.parent.resolve()
     paths, _tags = _manifest_paths(manifest, root, rows)
     rel = [str(p.relative_to(root)) for p in paths]
-    return _unlabeled_source(str(manifest), len(paths), channels=3, native_size=_probe_size(paths),
-                             fingerprint=_fingerprint(rel, np.zeros(len(rel), dtype=np.int64), root), _paths=paths)
+    return _unlabeled_source(str(manifest), len(paths), channels=3, native_size=probe_size(paths),
+                             fingerprint=fingerprint(rel, np.zeros(len(rel), dtype=np.int64), root), _paths=paths)
 
 
 def _from_npz(path: Path) -> ImageSource:

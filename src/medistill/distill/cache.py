@@ -151,11 +151,13 @@ def _manifest(t: Any, data: Any, views: list[int], train_idx: np.ndarray, view_s
 
 
 def make_teacher_caches(teachers: list[Any], data: Any, cfg: RunConfig, tap_shapes: dict[str, dict[str, tuple[int, ...]]],
-                        console: Console, main: bool = True, world: int = 1, unlabeled: bool = False) -> dict[str, TeacherCache]:
+                        console: Console, main: bool = True, world: int = 1, unlabeled: bool = False,
+                        amp: str = "off") -> dict[str, TeacherCache]:
     """Load or build the cache of every teacher (``train.teacher_cache``: auto/on/off); return
     those that are valid. Under ``auto`` a cache that would be wrong (random augmentation) or
     too large is skipped with the reason printed; under ``on`` that is an error. ``unlabeled``:
-    the unlabelled pool trains too, so its images are cached like the training images."""
+    the unlabelled pool trains too, so its images are cached like the training images; ``amp``:
+    the teachers' precision (:func:`medistill.device.teacher_amp`), part of each cache's identity."""
     mode = cfg.train.teacher_cache
     if not teachers or mode == "off":
         return {}
@@ -178,8 +180,7 @@ def make_teacher_caches(teachers: list[Any], data: Any, cfg: RunConfig, tap_shap
                       "train.teacher_cache=off gives a fresh crop every epoch with the teacher run live")
     caches = {}
     for t in teachers:
-        manifest = _manifest(t, data, views, train_idx, cfg.data.split_seed if standard else None, unlabeled,
-                             cfg.train.amp)
+        manifest = _manifest(t, data, views, train_idx, cfg.data.split_seed if standard else None, unlabeled, amp)
         data_path, _ = TeacherCache.paths(directory, manifest)
         if not main:
             dist.barrier()   # rank 0 builds or checks the cache first
@@ -191,7 +192,7 @@ def make_teacher_caches(teachers: list[Any], data: Any, cfg: RunConfig, tap_shap
         else:
             t0 = time.perf_counter()
             caches[t.name] = build_cache(t, manifest, views, train_idx, data, cfg,
-                                         console if cfg.train.progress else None, unlabeled)
+                                         console if cfg.train.progress else None, unlabeled, amp)
             caches[t.name].save(directory)
             took = time.perf_counter() - t0
             console.print(f"teacher cache built: {data_path} ({len(train_idx)} images × {len(views)} view(s) in "
@@ -203,9 +204,9 @@ def make_teacher_caches(teachers: list[Any], data: Any, cfg: RunConfig, tap_shap
 
 @torch.no_grad()
 def build_cache(t: Any, manifest: dict[str, Any], views: list[int], train_idx: np.ndarray, data: Any,
-                cfg: RunConfig, console: Any = None, unlabeled: bool = False) -> TeacherCache:
+                cfg: RunConfig, console: Any = None, unlabeled: bool = False, amp: str = "off") -> TeacherCache:
     """Run teacher ``t`` over every view of every training image (and of the unlabelled pool's
-    with ``unlabeled``), under the run's mixed precision; each image is decoded once for all its
+    with ``unlabeled``), in precision ``amp``; each image is decoded once for all its
     views (the loader yields ``[B, V, C, S, S]``), batches are bounded by ``train.eval_batch_mb``.
     A progress bar with the time left on ``console`` (none without one)."""
     n = len(train_idx)
@@ -222,7 +223,7 @@ def build_cache(t: Any, manifest: dict[str, Any], views: list[int], train_idx: n
             advance(f"{len(views)} view(s) per image")
             rows = positions[torch.as_tensor(idx)]
             for vi in range(len(views)):
-                with autocast(device, cfg.train.amp):
+                with autocast(device, amp):
                     logits = t.logits(x[:, vi].to(device, non_blocking=True), cfg.train.channels_last).float()
                 # stored on the CPU; each batch's rows are moved to the device when looked up
                 got = {"logits": logits.cpu(), **{k: taps[k].float().cpu() for k in t.taps}}

@@ -16,6 +16,7 @@ from medistill.classes import same_classes
 from medistill.errors import ConfigError, ModelError
 from medistill.io import sha256_file
 from medistill.rundir import is_ensemble_dir, load_ensemble
+from medistill.models.fold import fold_batchnorm
 from medistill.models.modes import model_device
 from medistill.models.taps import FeatureTaps
 from medistill.models.factory import (
@@ -289,6 +290,15 @@ def assemble_participants(cfg: Any, teacher_modules: dict[str, nn.Module], devic
             p.model.to(memory_format=torch.channels_last)
         p.pre.to(device)
     return data, teachers, students
+
+
+def fold_teachers(teachers: list[Participant], in_memory: set[str]) -> None:
+    """Fold each teacher's BatchNorms into the convolutions before them (:func:`fold_batchnorm`),
+    keeping the convolutions its taps read; once the terms have named those taps. Not a module
+    passed in memory (``in_memory``): that is the caller's object."""
+    for t in teachers:
+        if t.name not in in_memory and fold_batchnorm(t.model, t.taps):
+            t.model.to(memory_format=torch.channels_last)   # the folded convolutions' new weights
 
 
 def check_training_data(data: Any, cfg: Any, console: Any) -> torch.Tensor:
