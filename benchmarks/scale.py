@@ -30,6 +30,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -98,7 +99,11 @@ def measured(cmd: list[str], env: dict[str, str], sample: bool) -> dict:
     process (and takes its memory-map lock): about a third of a core on 2 cores, which slowed the
     loops being timed, so images/s and startup come from runs without the sampler."""
     t0 = time.time()
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # its own process group: the loops stop with os._exit, and their loader workers notice a
+    # dead parent only at their next 5 s check, decoding on meanwhile; left alone they took CPU
+    # from the next run's startup and first steps, so the group is killed and awaited below
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                         start_new_session=True)
     peak = [0]
 
     def watch() -> None:
@@ -112,6 +117,7 @@ def measured(cmd: list[str], env: dict[str, str], sample: bool) -> dict:
     out, err = p.communicate()
     if sample:
         th.join()
+    reap_group(p.pid)
     if p.returncode != 0 or not out.strip():
         raise RuntimeError(f"{cmd[:4]} failed ({p.returncode}):\n{err[-3000:]}")
     res = json.loads(out.strip().splitlines()[-1])
@@ -119,6 +125,20 @@ def measured(cmd: list[str], env: dict[str, str], sample: bool) -> dict:
     if sample:
         res["peak_rss_mb"] = round(peak[0] / 1024, 1)
     return res
+
+
+def reap_group(pgid: int) -> None:
+    """Kill what is left of process group ``pgid`` (orphaned loader workers) and wait until it is gone."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    for _ in range(100):
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
 
 
 # ----------------------------------------------------------------------------- the two loops

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from medistill.data.imageio import read_image
-from medistill.data.transforms import resize, resize_matrix
+from medistill.data.transforms import image_tensor, resize_matrix, unit
 from medistill.errors import ModelError
 from medistill.io import atomic_path, write_json
 from medistill.models.factory import ModelSpecRecord, Preprocess, data_size, load_model_dir
@@ -118,8 +118,7 @@ def _onnx_runner(path: Path):
 def load_image(path: str | Path, spec: ModelSpecRecord) -> torch.Tensor:
     """One image file → ``[C_data, S, S]`` in [0, 1], as the data pipeline made it in training."""
     arr = read_image(path, spec.data_chans)   # DICOM: the file's own window
-    x = torch.from_numpy(np.array(arr)).permute(2, 0, 1).float().div_(255.0)
-    return resize(x, data_size(None, [spec]))
+    return unit(image_tensor(arr, data_size(None, [spec])))
 
 
 def cam_name(path: str | Path, images: list[str | Path]) -> str:

@@ -20,7 +20,7 @@ from medistill.data.checks import missing_eval_classes, shape_note
 from medistill.data.splits import check_fixed_splits
 from medistill.data.sources import ImageSource, open_source
 from medistill.data.unlabeled import UNLABELED, add_unlabeled
-from medistill.data.transforms import Augment, FixedCrops, resize, view_of
+from medistill.data.transforms import Augment, FixedCrops, image_tensor, unit, view_of
 from medistill.errors import DataError
 
 
@@ -49,13 +49,15 @@ class ImageDataset(Dataset):
         n = len(self.source)
         src, j = (self.source, i) if i < n or self.extra is None else (self.extra, i - n)
         arr = src.load(j, min_side=self.size)   # JPEGs decode at a reduced scale when much larger
-        # a copy: memory-mapped sources are read-only, and torch warns on non-writable arrays
-        x = resize(torch.from_numpy(np.array(arr)).permute(2, 0, 1).float().div_(255.0), self.size)
+        x = image_tensor(arr, self.size)         # uint8 [C, S, S]
         view = 0
         if self.views is not None:
+            x = unit(x)
             x = torch.stack([view_of(x, i, v, self.fixed) for v in self.views])
         elif self.augment is not None:
             x, view = self.augment(x, i)
+        else:
+            x = unit(x)
         hidden = self.hidden_from is not None and k >= self.hidden_from
         return x, (UNLABELED if hidden else int(src.labels[j])), i, view
 

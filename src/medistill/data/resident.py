@@ -17,7 +17,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from medistill.data.transforms import FixedCrops, apply_view, crop_flip_batch, random_crop_boxes, resize, views_for
+from medistill.data.transforms import FixedCrops, apply_view, crop_flip_batch, random_crop_boxes, resize, unit, views_for
 
 Tensor = torch.Tensor
 
@@ -77,7 +77,10 @@ class ResidentLoader:
             else:
                 v = torch.full((len(idx),), -1 if self.random_crops else 0, dtype=torch.long)
             idx_d = idx.to(dev, non_blocking=True)
-            x = resize(self.images[idx_d].float().div_(255.0), self.size)
+            x = self.images[idx_d]
+            # uint8 resizing where torch has the kernel (CPU), as the per-image pipeline does; on a
+            # GPU float (within one grey level of it)
+            x = unit(resize(x, self.size)) if x.device.type == "cpu" else resize(unit(x), self.size)
             if self.random_crops:
                 x = crop_flip_batch(x, *random_crop_boxes(len(idx), self.gen))
             elif self.fixed is not None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 
-import numpy as np  # noqa: F401  (the generator type of mix_batch)
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
@@ -41,7 +41,9 @@ def views_for(augment: str) -> list[int]:
 
 def resize(x: torch.Tensor, size: int, mode: str = "bilinear") -> torch.Tensor:
     """Antialiased resize of ``[C, H, W]`` or ``[B, C, H, W]`` to ``size × size``; ``mode``
-    bilinear (medistill's own models) or bicubic (what many timm checkpoints were trained with)."""
+    bilinear (medistill's own models) or bicubic (what many timm checkpoints were trained with).
+    uint8 images stay uint8 (CPU only: torch has no uint8 antialiased kernel on GPUs), rounded to
+    whole grey levels as any 8-bit image is."""
     if x.shape[-1] == size and x.shape[-2] == size:
         return x
     squeeze = x.dim() == 3
@@ -49,6 +51,20 @@ def resize(x: torch.Tensor, size: int, mode: str = "bilinear") -> torch.Tensor:
     y = F.interpolate(x[None] if squeeze else x, size=(size, size), mode=mode,
                       align_corners=False, antialias=True)
     return y[0] if squeeze else y
+
+
+def image_tensor(arr: np.ndarray, size: int) -> torch.Tensor:
+    """An 8-bit image ``[H, W, C]`` as uint8 ``[C, size, size]``: the data pipeline's resize, done
+    on uint8 with torch's uint8 antialiased kernel — 2.5× faster than on float on a CPU core,
+    ≤ 1 grey level from the float resize — before augmentation, which is also cheaper on uint8;
+    :func:`unit` makes the float image last. Copied: memory-mapped sources are read-only, and
+    torch warns on non-writable arrays."""
+    return resize(torch.from_numpy(np.array(arr.transpose(2, 0, 1), order="C")), size)
+
+
+def unit(x: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels → float in [0, 1]; a float image is returned as it is."""
+    return x.float().div_(255.0) if x.dtype == torch.uint8 else x
 
 
 def resize_matrix(n_in: int, n_out: int, mode: str = "bilinear") -> torch.Tensor:
@@ -151,10 +167,12 @@ class Augment:
         ]) if kind == "standard" and self.fixed is None else None
 
     def __call__(self, x: torch.Tensor, index: int = 0) -> tuple[torch.Tensor, int]:
+        """``x``: uint8 or float ``[C, H, W]``; the result is float in [0, 1] (a random crop is
+        resampled on uint8, torch's faster kernel; fixed crops sample a float image)."""
         if self.random is not None:
-            return self.random(x), -1
+            return unit(self.random(x)), -1
         v = self.views[int(torch.randint(len(self.views), ()))] if len(self.views) > 1 else self.views[0]
-        return view_of(x, index, v, self.fixed), v
+        return view_of(unit(x), index, v, self.fixed), v
 
 
 def mix_batch(x: torch.Tensor, kind: str, alpha: float, rng: "np.random.Generator") -> tuple[torch.Tensor, torch.Tensor, float]:
