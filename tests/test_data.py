@@ -208,13 +208,13 @@ def test_download_checks_md5_over_loopback(tmp_path: Path, monkeypatch: pytest.M
     try:
         monkeypatch.setattr(medmnist, "ZENODO_RECORD", f"http://127.0.0.1:{httpd.server_address[1]}")
         monkeypatch.setenv("MEDISTILL_DATA_DIR", str(tmp_path / "empty"))
-        monkeypatch.setattr(medmnist, "default_cache_dir", lambda: tmp_path / "cache")
+        monkeypatch.setenv("MEDISTILL_CACHE_DIR", str(tmp_path / "cache"))   # datasets/ of the one cache root
         with pytest.raises(DataError, match="md5"):
             resolve("pathmnist", download=True)            # the official checksum does not match our stand-in
-        assert not (tmp_path / "cache" / "pathmnist.npz").exists()   # nothing half-written is left behind
+        assert not (tmp_path / "cache" / "datasets" / "pathmnist.npz").exists()   # nothing half-written is left behind
         monkeypatch.setitem(medmnist.MD5, "pathmnist", hashlib.md5(payload.read_bytes()).hexdigest())
         got = resolve("pathmnist", download=True)
-        assert got == tmp_path / "cache" / "pathmnist.npz" and got.read_bytes() == payload.read_bytes()
+        assert got == tmp_path / "cache" / "datasets" / "pathmnist.npz" and got.read_bytes() == payload.read_bytes()
     finally:
         httpd.shutdown()
 

@@ -223,10 +223,11 @@ def teacher_training_images(checkpoint: str) -> tuple[str | None, set[int]] | No
 
 
 def write_run_files(out: Path, cfg: Any, teachers: list[Any], students: list[Any], terms: Any, device: Any,
-                    data: Any) -> None:
+                    data: Any, teacher_amp: str = "off") -> None:
     """A new run's ``config.yaml`` (every default written out), ``run_info.json`` (environment,
-    seed, teachers' checkpoints and hashes, student adaptations, term parameters, device) and
-    ``split.json`` (the exact images of each split)."""
+    seed, teachers' checkpoints and hashes, student adaptations, term parameters, device, the
+    teachers' precision ``teacher_amp`` as the engine resolved it) and ``split.json`` (the exact
+    images of each split)."""
     from medistill.config import dump_config
     from medistill.device import device_info
     from medistill.io import environment_info, write_json, write_text
@@ -243,11 +244,10 @@ def write_run_files(out: Path, cfg: Any, teachers: list[Any], students: list[Any
     info["term_parameters"] = {k.replace("__", "."): n for k, t in terms.items()
                                if (n := sum(p.numel() for p in t.parameters()))}
     from medistill import dist
-    from medistill.device import teacher_amp
 
     info.update(device_info(device), amp=cfg.train.amp, world_size=dist.world(), dist_backend=dist.backend())
     if teachers:
-        info["teacher_amp"] = teacher_amp(device, cfg.train)
+        info["teacher_amp"] = teacher_amp
     write_json(out / "run_info.json", info)
     write_json(out / "split.json", data.split_record())
 

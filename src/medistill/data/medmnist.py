@@ -16,7 +16,6 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
-from platformdirs import user_cache_dir
 
 from medistill.classes import same_classes  # noqa: F401  (re-exported)
 from medistill.errors import DataError
@@ -94,7 +93,11 @@ def class_names(name: str, n_classes: int) -> list[str]:
 
 
 def default_cache_dir() -> Path:
-    return Path(user_cache_dir("medistill")) / "datasets"
+    """Where downloaded datasets go: ``datasets/`` of :func:`medistill.io.cache_root`, beside the
+    teacher caches, so ``$MEDISTILL_CACHE_DIR`` moves both."""
+    from medistill.io import cache_root
+
+    return cache_root() / "datasets"
 
 
 def search_dirs() -> list[Path]:

@@ -282,7 +282,8 @@ class Engine:
             self.console.print(f"resuming {self.out} at epoch {start}")
         else:
             if self.main:
-                write_run_files(self.out, self.cfg, self.teachers, self.students, self.terms, self.device, self.data)
+                write_run_files(self.out, self.cfg, self.teachers, self.students, self.terms, self.device, self.data,
+                                self.teacher_amp)
             start, best, bad = 0, {s.name: -math.inf for s in self.students}, 0
         log = EpochLog(self.out) if self.main else None
         try:
