@@ -119,6 +119,9 @@ def distill(teachers: Sequence[TeacherLike], data: str | Path | None = None, mod
         else:
             raise ConfigError(f"teachers[{i}]: expected a run/model directory, an (arch, weights_file) pair or an "
                               f"nn.Module, got {type(t).__name__}")
+    if unlabeled is not None and not isinstance(unlabeled, (str, Path)):
+        raise ConfigError(f"unlabeled=: expected the path of a folder of images, a CSV with a path column or an .npz "
+                          f"with `images`, got {type(unlabeled).__name__} (save in-memory images to an .npz first)")
     extra = [(k, v) for k, v in (("data.unlabeled", None if unlabeled is None else str(unlabeled)),
                                  ("data.label_fraction", label_fraction)) if v is not None]
     cfg = assemble_run("distill", config, _overrides(data, epochs, seed, out, overrides, config) + extra, models=_models(model),

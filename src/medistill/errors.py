@@ -42,6 +42,10 @@ class CacheMismatchError(MedistillError):
     """A teacher-output cache was built for other data, transforms or checkpoints."""
 
 
+class CacheDamagedError(MedistillError):
+    """A cache file or its manifest cannot be read (cut short, overwritten); derived data, so it is rebuilt."""
+
+
 class ArgumentError(MedistillError, ValueError):
     """A command argument (method list, layer, model name) is invalid."""
 

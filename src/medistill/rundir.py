@@ -175,6 +175,8 @@ def _path_fields(tree: dict[str, Any], convert: Any) -> dict[str, Any]:
     """``data.name``, ``teachers.N.checkpoint`` and local ``students.N.pretrained`` files through ``convert``."""
     tree = dict(tree, data=dict(tree["data"]))
     tree["data"]["name"] = convert(tree["data"]["name"])
+    if tree["data"].get("unlabeled"):
+        tree["data"]["unlabeled"] = convert(tree["data"]["unlabeled"])
     tree["teachers"] = [dict(t, checkpoint=convert(t["checkpoint"])) for t in tree.get("teachers", [])]
     tree["students"] = [dict(s, pretrained=convert(s["pretrained"]) if isinstance(s.get("pretrained"), str) else s.get("pretrained"))
                         for s in tree.get("students", [])]

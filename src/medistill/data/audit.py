@@ -56,20 +56,27 @@ def content_hash(source: ImageSource, i: int, decode: bool) -> str:
         return hashlib.sha1(f.read()).hexdigest()
 
 
-def file_digests(source: ImageSource, indices: list[int]) -> dict[int, str]:
-    """The file-bytes hash of each of ``indices``, remembered under the source's fingerprint
-    (every file's path, label, size and modification time) in ``cache_root()/file_digests``: a
-    folder's files are read once, not at every run start (16k 512-px JPEGs: ≈ 2 s of every
-    start on a 2-core CPU, growing with the folder). A cache that cannot be written is skipped."""
-    path = cache_root() / "file_digests" / f"{source.fingerprint}.json"
+def file_digests(source: ImageSource, indices: list[int], decode: bool = False) -> dict[int, str]:
+    """The content hash of each of ``indices`` (file bytes; decoded pixels with ``decode``),
+    remembered under the source's fingerprint (every file's path, label, size and modification
+    time) in ``cache_root()/file_digests``: a folder's files are read once, not at every run start
+    (16k 512-px JPEGs: ≈ 2 s of every start on a 2-core CPU, growing with the folder). A cache
+    that cannot be written is skipped; an array's pixels are hashed directly (no file to read)."""
+    if source.in_memory:
+        return {i: content_hash(source, i, decode=False) for i in indices}
+    # decoded pixels depend on the channels they are read with (a grey file read as RGB)
+    name = f"{source.fingerprint}-pixels{source.channels}.json" if decode else f"{source.fingerprint}.json"
+    path = cache_root() / "file_digests" / name
     known: dict[str, str] = {}
     if source.fingerprint and path.is_file():
         try:
             known = json.loads(path.read_text())
         except (OSError, ValueError):   # a damaged cache is recomputed and rewritten
             known = {}
+        if not isinstance(known, dict):
+            known = {}
     missing = [i for i in indices if str(i) not in known]
-    known.update({str(i): content_hash(source, i, decode=False) for i in missing})
+    known.update({str(i): content_hash(source, i, decode=decode) for i in missing})
     if source.fingerprint and missing:
         try:
             write_json(path, known)

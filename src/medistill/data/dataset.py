@@ -19,7 +19,7 @@ from medistill.data import splits as sp
 from medistill.data.checks import missing_eval_classes, shape_note
 from medistill.data.splits import check_fixed_splits
 from medistill.data.sources import ImageSource, open_source
-from medistill.data.unlabeled import UNLABELED, add_unlabeled
+from medistill.data.unlabeled import UNLABELED, add_unlabeled, pool_identity
 from medistill.data.transforms import Augment, FixedCrops, image_tensor, unit, view_of
 from medistill.errors import DataError
 
@@ -247,14 +247,18 @@ class DataBundle:
         return {"source": self.source.description, "fingerprint": self.source.fingerprint or None,
                 "counts": {k: self.counts(k).tolist() for k in ("train", "val", "test")}}
 
+    def pool_kept(self) -> np.ndarray:
+        """The ids (within ``data.unlabeled``) of the pool images this run uses."""
+        u = self.splits["unlabeled"]
+        return u[u >= len(self.source)] - len(self.source)
+
     def split_record(self) -> dict[str, Any]:
         return {
             "origin": self.split_origin, "source": self.source.description, "notes": self.split_notes or [],
             "fingerprint": self.source.fingerprint, "class_names": self.class_names,
             "counts": {k: self.counts(k).tolist() for k in ("train", "val", "test")},
             **{k: v.tolist() for k, v in self.splits.items()},
-            **({"unlabeled_source": {"description": self.unlabeled.description, "fingerprint": self.unlabeled.fingerprint,
-                                     "images": len(self.unlabeled)}} if self.unlabeled is not None else {}),
+            **({"unlabeled_source": pool_identity(self.unlabeled, self.pool_kept())} if self.unlabeled is not None else {}),
         }
 
 
@@ -271,11 +275,12 @@ def _scan_corrupt(source: ImageSource, idx: np.ndarray) -> np.ndarray:
 
 
 def build_data(cfg: DataConfig, image_size: int | None = None, role: str = "student",
-               download: bool = False, fixed_splits: dict[str, list[int]] | None = None) -> DataBundle:
+               download: bool = False, fixed_splits: dict[str, Any] | None = None, pool: bool = True) -> DataBundle:
     """Open the dataset, split it, apply the imbalance tools to train (never to val/test).
 
     ``fixed_splits`` (e.g. a run's saved ``split.json``) replaces the split computation so that
-    evaluation and resumption see exactly the same images.
+    evaluation and resumption see exactly the same images. ``pool=False``: ``data.unlabeled`` is
+    not opened (what scores a trained model never reads it).
     """
     source = open_source(cfg.name, cfg.format, download=download)
     if cfg.class_names is not None:
@@ -320,7 +325,10 @@ def build_data(cfg: DataConfig, image_size: int | None = None, role: str = "stud
     for k in ("train", "val", "test"):
         if len(splits[k]) == 0:
             raise DataError(f"the {k} split of {source.description} is empty (check val/test fractions)")
-    unl = add_unlabeled(cfg, source, splits, check=fixed_splits is None)
+    # evaluate/explain/export (pool=False) never open the pool: they only score labelled splits
+    unl = add_unlabeled(cfg, source, splits, check=fixed_splits is None, notes=notes,
+                        saved_pool=(fixed_splits or {}).get("unlabeled_source")) if pool else None
+    splits.setdefault("unlabeled", np.empty(0, dtype=np.int64))
     if source.native_size is None and fixed_splits is None:
         shape_note(source, splits, notes)
     if cfg.duplicates != "off" and fixed_splits is None:

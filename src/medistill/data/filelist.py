@@ -78,10 +78,14 @@ class PathList(Sequence[Path]):
         return Path(self.root, self.rel[i])
 
 
-def fingerprint(rel_paths: list[str], labels: np.ndarray, root: Path) -> str:
+def fingerprint(rel_paths: list[str], labels: np.ndarray, root: Path, ns: bool = False) -> str:
+    """A hash of every file's relative path, label, size and modification time (whole seconds;
+    nanoseconds with ``ns``, which sees a file replaced within the same second — the unlabelled
+    pool's identity uses it; the labelled data's keeps seconds so saved runs stay valid)."""
     h = hashlib.sha256()
     base = str(root)
     for rp, y in zip(rel_paths, labels.tolist()):
         st = os.stat(os.path.join(base, rp))   # strings: a Path per file cost 0.1 s per 16k files
-        h.update(f"{rp}\0{y}\0{st.st_size}\0{int(st.st_mtime)}\n".encode())
+        stamp = st.st_mtime_ns if ns else int(st.st_mtime)
+        h.update(f"{rp}\0{y}\0{st.st_size}\0{stamp}\n".encode())
     return h.hexdigest()

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 from rich.console import Console
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
@@ -28,7 +29,7 @@ from medistill import dist
 from medistill.config import RunConfig
 from medistill.data.transforms import FIXED_VIEW_BASE, views_for
 from medistill.device import autocast
-from medistill.errors import CacheMismatchError, ConfigError
+from medistill.errors import CacheDamagedError, CacheMismatchError, ConfigError, MedistillError
 from medistill.progress import steps
 from medistill.io import atomic_write, cache_root, write_json
 from medistill.models.taps import FeatureTaps
@@ -82,20 +83,31 @@ class TeacherCache:
         return directory / f"{stem}.safetensors", directory / f"{stem}.json"
 
     def save(self, directory: Path) -> Path:
+        """Write the outputs (safetensors, whose metadata holds the manifest's sha256) and then the
+        manifest; :meth:`load` checks one against the other."""
         data_path, meta_path = self.paths(directory, self.manifest)
         tensors = {f"out.{k}": v.contiguous() for k, v in self.outputs.items()}
         tensors["positions"] = self.positions
-        atomic_write(data_path, lambda p: save_file(tensors, str(p)))
+        meta = {"manifest_sha256": manifest_key(self.manifest)}
+        atomic_write(data_path, lambda p: save_file(tensors, str(p), metadata=meta))
         write_json(meta_path, self.manifest)
         return data_path
 
     @classmethod
     def load(cls, data_path: Path, expected: dict[str, Any]) -> "TeacherCache":
-        """Load and check the manifest field by field; any difference is a :class:`CacheMismatchError`."""
+        """Load and verify: the manifest parses and matches ``expected`` field by field (a
+        difference is a :class:`CacheMismatchError`); the data file's header parses, names this
+        manifest's sha256, and every tensor is whole and of the manifest's shape (anything else is
+        a :class:`CacheDamagedError`: a killed or disk-full build, an overwritten file)."""
         meta_path = data_path.with_suffix(".json")
         if not meta_path.is_file():
-            raise CacheMismatchError(f"{data_path}: no manifest beside the cache; refusing to use it")
-        found = json.loads(meta_path.read_text())
+            raise CacheDamagedError(f"no manifest {meta_path.name} beside the cache")
+        try:
+            found = json.loads(meta_path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CacheDamagedError(f"its manifest {meta_path.name} is unreadable ({type(e).__name__})") from None
+        if not isinstance(found, dict):
+            raise CacheDamagedError(f"its manifest {meta_path.name} is not a JSON object")
         diff = [k for k in sorted(set(found) | set(expected)) if found.get(k) != expected.get(k)]
         if diff:
             k = diff[0]
@@ -104,9 +116,23 @@ class TeacherCache:
                 f"{_short(found.get(k))} there but {_short(expected.get(k))} now"
                 + (f" (and {len(diff) - 1} more field(s))" if len(diff) > 1 else "")
             )
-        t = load_file(str(data_path))
+        try:
+            with safe_open(str(data_path), framework="pt") as f:
+                stamp = (f.metadata() or {}).get("manifest_sha256")
+            t = load_file(str(data_path))
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for every kind of damage
+            raise CacheDamagedError(f"the data file is unreadable ({type(e).__name__}: "
+                                    f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        # caches written before the stamp carry none; those are checked by shape alone
+        if stamp is not None and stamp != manifest_key(found):
+            raise CacheDamagedError("the data file was written for another manifest (its stamp differs)")
         outputs = {k[4:]: v for k, v in t.items() if k.startswith("out.")}
-        return cls(found, outputs, t["positions"])
+        positions = t.get("positions")
+        n = int((positions >= 0).sum()) if positions is not None and positions.dim() == 1 else -1
+        bad = [k for k, v in outputs.items() if v.dim() < 2 or v.shape[0] != len(found["views"]) or v.shape[1] != n]
+        if positions is None or n < 0 or sorted(outputs) != sorted(found["outputs"]) or bad:
+            raise CacheDamagedError("its tensors do not have the shapes its manifest describes")
+        return cls(found, outputs, positions)
 
 
 def _short(v: Any) -> str:
@@ -171,7 +197,8 @@ def make_teacher_caches(teachers: list[Any], data: Any, cfg: RunConfig, tap_shap
             raise ConfigError("teacher cache requested but invalid: " + "; ".join(reasons))
         console.print("[yellow]teacher cache off:[/] " + "; ".join(reasons))
         return {}
-    directory = Path(cfg.train.cache_dir) if cfg.train.cache_dir else default_cache_dir()
+    directory = _writable_cache_dir(Path(cfg.train.cache_dir) if cfg.train.cache_dir else default_cache_dir(), cfg,
+                                    console if main else None)
     if standard:
         # seeded by the split, not train.seed: one cache serves every training seed
         data.use_fixed_crops(cfg.train.teacher_views, cfg.data.split_seed)
@@ -186,8 +213,9 @@ def make_teacher_caches(teachers: list[Any], data: Any, cfg: RunConfig, tap_shap
             dist.barrier()   # rank 0 builds or checks the cache first
             caches[t.name] = TeacherCache.load(data_path, manifest)
             continue
-        if data_path.is_file():
-            caches[t.name] = TeacherCache.load(data_path, manifest)
+        cache = _load_or_set_aside(data_path, manifest, console) if data_path.is_file() else None
+        if cache is not None:
+            caches[t.name] = cache
             console.print(f"teacher cache hit: {data_path}")
         else:
             t0 = time.perf_counter()
@@ -200,6 +228,54 @@ def make_teacher_caches(teachers: list[Any], data: Any, cfg: RunConfig, tap_shap
         if world > 1:
             dist.barrier()
     return caches
+
+
+def _writable_cache_dir(directory: Path, cfg: RunConfig, console: Console | None) -> Path:
+    """``directory`` when a file can be created there, else the run's own ``teacher_cache/``
+    folder, said in one line (on ``console``). Tried by creating a file, not by permission bits,
+    which do not bind root."""
+    import tempfile
+
+    for d in (directory, Path(cfg.out) / "teacher_cache"):
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix=".write-check.", dir=d)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            if d != directory:
+                raise ConfigError(f"no writable folder for the teacher cache: {directory} ({e.strerror or e}) nor {d}; "
+                                  "set train.cache_dir to a writable folder") from None
+            reason = e.strerror or type(e).__name__
+            continue
+        if d != directory and console is not None:
+            console.print(f"[yellow]teacher cache:[/] {directory} is not writable ({reason}); using this run's own "
+                          f"cache {d} (set train.cache_dir to share one)")
+        return d
+    raise AssertionError("unreachable")
+
+
+def _load_or_set_aside(data_path: Path, manifest: dict[str, Any], console: Console) -> TeacherCache | None:
+    """The cache at ``data_path``, or None after moving a damaged or foreign one aside (renamed
+    ``*.damaged-TIME``, never deleted: a person may want to see why), said in one line."""
+    try:
+        return TeacherCache.load(data_path, manifest)
+    except (CacheDamagedError, CacheMismatchError) as e:
+        why = str(e).replace(f"teacher cache {data_path} ", "")
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        moved = []
+        for p in (data_path, data_path.with_suffix(".json")):
+            if p.exists():
+                aside = p.with_name(f"{p.stem}.damaged-{stamp}{p.suffix}")
+                try:
+                    os.replace(p, aside)
+                except OSError as err:
+                    raise MedistillError(f"teacher cache {data_path} is damaged ({why}) and could not be moved aside "
+                                         f"({err.strerror or err}); delete it or set train.cache_dir") from None
+                moved.append(aside.name)
+        console.print(f"[yellow]teacher cache damaged:[/] {data_path}: {why}; moved aside ({', '.join(moved)}) and "
+                      "rebuilt")
+        return None
 
 
 @torch.no_grad()
@@ -241,7 +317,12 @@ def teacher_class_means(t: Any, tap: str, loader: Any, device: torch.device, num
     centres), read from ``path`` when present, else computed over ``loader`` (float64 sums) and
     written there when ``write``."""
     if path.is_file():
-        return load_file(str(path))["means"]
+        try:
+            means = load_file(str(path))["means"]
+            if means.shape[0] == num_classes:
+                return means
+        except Exception:  # noqa: BLE001 - derived data cut short or overwritten: recomputed below
+            pass
     sums, n = None, torch.zeros(num_classes)
     with FeatureTaps(t.model, [tap], detach=True) as taps:
         for x, y, _i, _v in loader:
