@@ -10,22 +10,36 @@ import yaml
 from medistill.errors import ConfigError
 
 
+def _index(node: list[Any], dotted: str, keys: list[str], i: int) -> int:
+    """``keys[i]`` as an index of list ``node`` (the list ``keys[:i]`` names), or a ConfigError
+    saying how list items are addressed."""
+    k, where = keys[i], ".".join(keys[:i])
+    try:
+        n = int(k)
+    except ValueError:
+        raise ConfigError(f"override {dotted!r}: {where} is a list; address its items by index "
+                          f"({where}.0{'.' + '.'.join(keys[i + 1:]) if keys[i + 1:] else ''}), not {k!r}") from None
+    if not -len(node) <= n < len(node):
+        raise ConfigError(f"override {dotted!r}: {where} has {len(node)} item(s) (0…{len(node) - 1}); "
+                          f"there is no item {n}")
+    return n
+
+
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     keys = dotted.split(".")
+    if any(not k for k in keys):
+        raise ConfigError(f"override {dotted!r}: empty key between dots")
     node: Any = tree
     for i, k in enumerate(keys[:-1]):
         if isinstance(node, list):
-            try:
-                node = node[int(k)]
-            except (ValueError, IndexError) as e:
-                raise ConfigError(f"override {dotted!r}: {'.'.join(keys[:i + 1])} is not a valid list index") from e
+            node = node[_index(node, dotted, keys, i)]
             continue
         node = node.setdefault(k, {})
         if not isinstance(node, (dict, list)):
             raise ConfigError(f"override {dotted!r}: {'.'.join(keys[:i + 1])} is not a mapping")
     last = keys[-1]
     if isinstance(node, list):
-        node[int(last)] = value
+        node[_index(node, dotted, keys, len(keys) - 1)] = value
     else:
         node[last] = value
 

@@ -303,6 +303,13 @@ def read_ensemble(directory: str | os.PathLike) -> dict[str, Any]:
         raise ModelError(f"{p}: unreadable ensemble description ({e})") from e
     if not isinstance(rec, dict) or not rec.get("members"):
         raise ModelError(f"{p}: no members listed")
+    if not isinstance(rec["members"], list):
+        raise ModelError(f"{p}: `members` must be a list of rows, got {type(rec['members']).__name__}")
+    for n, row in enumerate(rec["members"]):
+        bad = [k for k in ("model_dir", "sha256") if not isinstance(row, dict) or not isinstance(row.get(k), str)]
+        if bad:
+            raise ModelError(f"{p}: member {n} has no {' or '.join(bad)} (each row needs the member's model_dir and "
+                             "the sha256 of its weights; `medistill ensemble` writes them)")
     return rec
 
 

@@ -5,6 +5,7 @@ shapes, and (with a trained run) likely label errors for a person to review."""
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from rich.table import Table
 
 from medistill.data import audit as A
 from medistill.errors import DataError
-from medistill.io import write_json
+from medistill.io import write_json, write_text
 
 AUDIT_DIR = "audit"      # inside a run: RUN/audit/{audit.json, label_issues.csv, images/}
 
@@ -47,11 +48,30 @@ def _models(run: Path) -> list[Any]:
     return [load_student(m) for m in target.models]
 
 
+def _check_classes(models: list[Any], names: list[str], run: Path, data: str) -> None:
+    """The run's models must score the audited data's classes: the same count, and the same
+    names where both carry real names (not bare ids)."""
+    for m in models:
+        theirs = list(m.class_names)
+        k = int(m.config.get("num_classes", len(theirs) or len(names)))
+        if k != len(names):
+            raise DataError(f"--run {run}: its model predicts {k} classes but {data} has {len(names)} "
+                            f"({', '.join(names[:4])}{', …' if len(names) > 4 else ''}); audit with a run trained on "
+                            "this data")
+        ids = [str(c) for c in range(k)]
+        if theirs and theirs != ids and names != ids and theirs != names:
+            raise DataError(f"--run {run}: its classes ({', '.join(theirs[:4])}…) are not {data}'s "
+                            f"({', '.join(names[:4])}…); audit with a run trained on this data")
+
+
 def audit_data(data: str | Path, run: str | Path | None = None, out: str | Path | None = None,
                near_threshold: int = A.NEAR_THRESHOLD, oof: int | None = None,
                class_names: list[str] | None = None) -> dict[str, Any]:
     """Audit ``data`` (a dataset or a run); write ``audit.json`` (and ``label_issues.csv`` when a
     run's models can score the images) to ``out`` and return the report."""
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise DataError(f"--out {out} is a file; audit writes a folder (audit.json, label_issues.csv, images/): "
+                        "name a new or existing folder")
     bundle, model_run = _open(data, run, class_names)
     src, splits = bundle.source, bundle.splits
     where = A.split_of(splits, len(src))
@@ -89,6 +109,11 @@ def _label_issues(bundle: Any, run: Path, oof: int | None, out_dir: Path) -> dic
 
     models = _models(run)
     src, names = bundle.source, bundle.class_names
+    _check_classes(models, names, run, bundle.source.description)
+    if oof:
+        from medistill.eval.label_issues import check_folds
+
+        check_folds(src.labels[bundle.splits["train"]], oof, bundle.num_classes)
     rows, per_split = [], {}
     for split in (["train"] if oof else []) + ["val", "test"]:
         idx = bundle.splits[split]
@@ -102,12 +127,12 @@ def _label_issues(bundle: Any, run: Path, oof: int | None, out_dir: Path) -> dic
     rows.sort(key=lambda r: r["p_given"])
     for n, r in enumerate(rows, 1):
         r["rank"] = n
-    out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "label_issues.csv"
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["rank", "split", "index", "image", "given", "suggested", "p_given", "p_suggested"])
-        w.writeheader()
-        w.writerows(rows)
+    text = io.StringIO(newline="")
+    w = csv.DictWriter(text, fieldnames=["rank", "split", "index", "image", "given", "suggested", "p_given", "p_suggested"])
+    w.writeheader()
+    w.writerows(rows)
+    write_text(path, text.getvalue())
     return {"method": "cleanlab find_label_issues (self-confidence ranking) on out-of-sample probabilities of "
                       f"{run}" + (f"; training images: {oof}-fold out-of-fold logistic regression on the model's "
                                   "penultimate features (that model saw them: fewer errors found than with K retrained "

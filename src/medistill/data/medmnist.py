@@ -23,26 +23,73 @@ from medistill.io import atomic_path
 
 ZENODO_RECORD = "https://zenodo.org/records/10519652/files"
 
-# MD5 checksums from the MedMNIST INFO table (2D datasets). Keys are file stems. Sizes 64/128/224
-# of MedMNIST+ are listed where we hold the official value; other files verify as "unknown".
+# MD5 checksums and split sizes of the 2D files of MedMNIST v3 (the INFO table of the medmnist 3.0.2
+# package, which downloads from the same Zenodo record; tests/test_data.py compares both tables with
+# that package's when it is installed). Keys are file stems: the 28-px file, then _64/_128/_224.
 MD5: dict[str, str] = {
     "pathmnist": "a8b06965200029087d5bd730944a56c1",
     "pathmnist_64": "55aa9c1e0525abe5a6b9d8343a507616",
     "pathmnist_128": "ac42d08fb904d92c244187169d1fd1d9",
     "pathmnist_224": "2c51a510bcdc9cf8ddb2af93af1eadec",
     "chestmnist": "02c8a6516a18b556561a56cbdd36c4a8",
+    "chestmnist_64": "9de6cd0b934ebb5b7426cfba5efbae16",
+    "chestmnist_128": "db107e5590b27930b62dbaf558aebee3",
+    "chestmnist_224": "45bd33e6f06c3e8cdb481c74a89152aa",
     "dermamnist": "0744692d530f8e62ec473284d019b0c7",
+    "dermamnist_64": "b70a2f5635c6199aeaa28c31d7202e1f",
+    "dermamnist_128": "2defd784463fa5243564e855ed717de1",
+    "dermamnist_224": "8974907d8e169bef5f5b96bc506ae45d",
     "octmnist": "c68d92d5b585d8d81f7112f81e2d0842",
     "octmnist_64": "e229e9440236b774d9f0dfef9d07bdaf",
     "octmnist_128": "0a97e76651ace45c5d943ee3f65b63ae",
+    "octmnist_224": "abc493b6d529d5de7569faaef2773ba3",
     "pneumoniamnist": "28209eda62fecd6e6a2d98b1501bb15f",
+    "pneumoniamnist_64": "8f4eceb4ccffa70c672198ea285246c6",
+    "pneumoniamnist_128": "05b46931834c231683c68f40c47b2971",
+    "pneumoniamnist_224": "d6a3c71de1b945ea11211b03746c1fe1",
     "retinamnist": "bd4c0672f1bba3e3a89f0e4e876791e4",
+    "retinamnist_64": "afda852cc34dcda56f86ad2b2457dbcc",
+    "retinamnist_128": "e48e916a24454daf90583d4e6efb1a18",
+    "retinamnist_224": "eae7e3b6f3fcbda4ae613ebdcbe35348",
     "breastmnist": "750601b1f35ba3300ea97c75c52ff8f6",
+    "breastmnist_64": "742edef2a1fd1524b2efff4bd7ba9364",
+    "breastmnist_128": "363e4b3f8d712e9b5de15470a2aaadf1",
+    "breastmnist_224": "b56378a6eefa9fed602bb16d192d4c8b",
     "bloodmnist": "7053d0359d879ad8a5505303e11de1dc",
+    "bloodmnist_64": "2b94928a2ae4916078ca51e05b6b800b",
+    "bloodmnist_128": "adace1e0ed228fccda1f39692059dd4c",
+    "bloodmnist_224": "b718ff6835fcbdb22ba9eacccd7b2601",
     "tissuemnist": "ebe78ee8b05294063de985d821c1c34b",
-    "organamnist": "866b832ed4eeba67bfb9edee1d5544e6",
-    "organcmnist": "0afa5834fb105f7705a7d93372119a21",
-    "organsmnist": "e5c39f1af030238290b9557d9503af9d",
+    "tissuemnist_64": "123ece2eba09d0aa5d698fda57103344",
+    "tissuemnist_128": "61b955355d7425a89687b06cca3ce0c2",
+    "tissuemnist_224": "b077128c4a949f0a4eb01517f9037b9c",
+    "organamnist": "68e3f8846a6bd62f0c9bf841c0d9eacc",
+    "organamnist_64": "2dcccc29b88e6da5a01161ef20cda288",
+    "organamnist_128": "eeae80d0a227a8d099027e1b3cfd3b60",
+    "organamnist_224": "50747347e05c87dd3aaf92c49f9f3170",
+    "organcmnist": "b9ceb9546e10131b32923c5bbeaea2b1",
+    "organcmnist_64": "3ce34a8724ea6f548e6db4744d03b6a9",
+    "organcmnist_128": "773c1f009daa3fe5d9a2a201b2a7ed94",
+    "organcmnist_224": "050f5e875dc056f6768abf94ec9995d1",
+    "organsmnist": "9ab87b696fb54e2a387ebe992d6ed5f1",
+    "organsmnist_64": "53a6d115339d874c25e309a994ff46d3",
+    "organsmnist_128": "ded0c5fa01a95dc4978b956f613e9b8e",
+    "organsmnist_224": "b354719e553fbbb2513d5533f52a4cb1",
+}
+# (train, val, test) images of each flavour, the same at every size
+SPLIT_COUNTS: dict[str, tuple[int, int, int]] = {
+    "pathmnist": (89996, 10004, 7180),
+    "chestmnist": (78468, 11219, 22433),
+    "dermamnist": (7007, 1003, 2005),
+    "octmnist": (97477, 10832, 1000),
+    "pneumoniamnist": (4708, 524, 624),
+    "retinamnist": (1080, 120, 400),
+    "breastmnist": (546, 78, 156),
+    "bloodmnist": (11959, 1712, 3421),
+    "tissuemnist": (165466, 23640, 47280),
+    "organamnist": (34561, 6491, 17778),
+    "organcmnist": (12975, 2392, 8216),
+    "organsmnist": (13932, 2452, 8827),
 }
 FLAVOURS = sorted({k.split("_")[0] for k in MD5})
 # Datasets whose class ids are ordered grades (QWK is meaningful): RetinaMNIST's DR grades 0–4.
@@ -133,9 +180,25 @@ def verify(path: Path, stem: str) -> str | None:
     if got != expected:
         raise DataError(
             f"{path}: md5 {got} does not match the MedMNIST checksum {expected} for {stem}.npz; "
-            "the file is corrupt or not the official release (delete it and download it again)"
+            f"{_release_hint(path, stem)} (delete it and download it again)"
         )
     return got
+
+
+def _release_hint(path: Path, stem: str) -> str:
+    """Why a file may fail its checksum, from its split sizes against :data:`SPLIT_COUNTS`: an
+    older MedMNIST release (other sizes: OrganAMNIST's v2 file held 34,581 training images, v3's
+    34,561) or damage (the same sizes, other bytes)."""
+    official = SPLIT_COUNTS.get(stem.split("_")[0])
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            found = tuple(len(z[f"{s}_labels"]) for s in ("train", "val", "test"))
+    except Exception:  # noqa: BLE001 - an unreadable file says enough by failing its checksum
+        return "the file is corrupt or not the official release"
+    if official is None or found == official:
+        return "the split sizes are the official ones, so the file is damaged or re-saved"
+    return (f"it holds {found[0]}/{found[1]}/{found[2]} train/val/test images where the current release (v3) holds "
+            f"{official[0]}/{official[1]}/{official[2]}: an older MedMNIST release or another file")
 
 
 def resolve(name: str, download: bool = False) -> Path:

@@ -64,6 +64,51 @@ def has_checkpoint(out: Path) -> bool:
     return (out / LAST).exists() or (out / PREVIOUS).exists()
 
 
+# What every checkpoint medistill writes holds (:func:`save_checkpoint`), with each value's type.
+_CHECKPOINT_KEYS = {"epoch": int, "best": dict, "bad_epochs": int, "terms": dict, "rng_torch": torch.Tensor}
+
+
+def read_checkpoint_file(path: Path, groups: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """A checkpoint read with ``weights_only=True`` and checked to be medistill's: a dict with the
+    keys and types :func:`save_checkpoint` writes and a state for every object of ``groups``.
+    Anything else (cut short, a bare tensor, another program's file) is a :class:`ConfigError`
+    naming the file and what it holds."""
+    try:
+        st = torch_load(path)
+    except FileNotFoundError:
+        raise ConfigError(f"{path} is missing") from None
+    except Exception as e:  # noqa: BLE001 - torch raises many types for a damaged file
+        raise ConfigError(f"{path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                          "it was probably cut short") from None
+    if not isinstance(st, dict):
+        raise ConfigError(f"{path} is not a medistill checkpoint (it holds a {type(st).__name__}, not the dict of "
+                          "training state medistill writes)")
+    wrong = [k for k, t in _CHECKPOINT_KEYS.items() if not isinstance(st.get(k), t) or isinstance(st.get(k), bool)]
+    missing = [f"{g}.{k}" for g, items in groups.items() for k in items
+               if not isinstance(st.get(g), dict) or not isinstance(st[g].get(k), dict)]
+    if wrong or missing:
+        raise ConfigError(f"{path} is not a medistill checkpoint of this run (missing or malformed: "
+                          f"{', '.join((wrong + missing)[:4])}{', …' if len(wrong + missing) > 4 else ''})")
+    return st
+
+
+def remove_stale_temporaries(out: Path) -> list[str]:
+    """Delete the temporary files a killed write left in run folder ``out`` (``.NAME.XXXXXXXX.tmp``,
+    :func:`medistill.io.atomic_path`'s pattern, never a complete artefact); return their names."""
+    import re
+
+    pattern = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
+    gone = []
+    for d in (out, *sorted((out / "students").glob("*"))):
+        if not d.is_dir():
+            continue
+        for p in d.iterdir():
+            if p.is_file() and pattern.match(p.name):
+                p.unlink(missing_ok=True)
+                gone.append(str(p.relative_to(out)))
+    return gone
+
+
 def load_checkpoint(out: Path, groups: dict[str, dict[str, Any]], terms: nn.Module, console: Console,
                     trim_log: bool) -> tuple[int, dict[str, float], int]:
     """Restore every object of ``groups`` and ``terms`` and the RNG; return the epoch to start
@@ -71,17 +116,15 @@ def load_checkpoint(out: Path, groups: dict[str, dict[str, Any]], terms: nn.Modu
     ``metrics.jsonl`` lines of epochs after the checkpoint (rank 0 only)."""
     last, prev = out / LAST, out / PREVIOUS
     try:
-        st = torch_load(last)
-    except Exception as e:  # noqa: BLE001 - a truncated or foreign file: fall back or say so
-        why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        st = read_checkpoint_file(last, groups)
+    except ConfigError as e:   # a truncated or foreign file: fall back or say so
+        why = str(e)
         try:
-            st = torch_load(prev)
-        except Exception:  # noqa: BLE001 - no usable fallback either
-            raise ConfigError(f"--resume: {last} is unreadable ({why}); it was probably cut short, and "
-                              f"there is no readable {prev.name}. Start a new --out, or delete it "
-                              "to train from scratch") from e
-        console.print(f"[yellow]warning:[/] {last.name} is unreadable ({why}); resuming from "
-                      f"{prev.name} (epoch {st['epoch'] + 1})")
+            st = read_checkpoint_file(prev, groups)
+        except ConfigError:
+            raise ConfigError(f"--resume: {why}, and there is no usable {prev.name}. Start a new --out, or "
+                              "delete it to train from scratch") from e
+        console.print(f"[yellow]warning:[/] {why}; resuming from {prev.name} (epoch {st['epoch'] + 1})")
     for g, items in groups.items():
         for k, v in items.items():
             try:

@@ -89,7 +89,15 @@ def memory_teacher(spec: Any, model: nn.Module, data: DataBundle) -> Participant
     model.eval()
     with torch.no_grad():
         dev = model_device(model)
-        out = model(pre.to(dev)(torch.zeros(1, c, size, size, device=dev)))
+        try:
+            out = model(pre.to(dev)(torch.zeros(1, c, size, size, device=dev)))
+        except Exception as e:  # noqa: BLE001 - any failure on the data's image shape is the module's, said with it
+            raise ModelError(f"teacher {spec.name!r} (in-memory {type(model).__name__}) cannot take this data's images "
+                             f"[B, {c}, {size}, {size}] ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                             "pass a module that maps images to logits, or set its input size") from None
+    if not isinstance(out, torch.Tensor):
+        raise ModelError(f"teacher {spec.name!r} (in-memory {type(model).__name__}) returns a {type(out).__name__}; "
+                         f"expected a tensor of [B, {data.num_classes}] logits")
     if out.ndim != 2 or out.shape[1] != data.num_classes:
         raise ModelError(f"teacher {spec.name!r} (in-memory {type(model).__name__}) returns shape {tuple(out.shape)}; "
                          f"expected [B, {data.num_classes}] logits for {data.source.description}")

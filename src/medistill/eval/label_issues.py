@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from medistill.errors import DataError
+from medistill.io import atomic_write
 
 
 @torch.no_grad()
@@ -35,6 +36,17 @@ def model_outputs(models: list[Any], dataset: Any, batch_size: int = 256) -> tup
     return np.concatenate(probs), np.concatenate(feats)
 
 
+def check_folds(labels: np.ndarray, folds: int, num_classes: int) -> None:
+    """Refuse a K that stratified folds over ``labels`` cannot have (before any model runs)."""
+    counts = np.bincount(labels, minlength=num_classes)
+    smallest = int(counts[counts > 0].min())
+    if smallest < 2:
+        raise DataError(f"out-of-fold predictions need ≥ 2 training images per class; the smallest class has {smallest}")
+    if folds > smallest:   # StratifiedKFold needs every class in every fold: no silent cap on K
+        raise DataError(f"--oof {folds}: each of the K folds needs an image of every class, and the smallest training "
+                        f"class has {smallest}; use --oof {min(smallest, 10)} or fewer")
+
+
 def out_of_fold_probs(features: np.ndarray, labels: np.ndarray, folds: int, num_classes: int, seed: int = 0) -> np.ndarray:
     """K-fold out-of-fold probabilities ``[N, K_classes]`` of a logistic regression (scikit-learn)
     on the standardised features' 64 principal components; classes with fewer images than folds
@@ -46,11 +58,8 @@ def out_of_fold_probs(features: np.ndarray, labels: np.ndarray, folds: int, num_
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    smallest = np.bincount(labels, minlength=num_classes)
-    smallest = smallest[smallest > 0].min()
-    k = int(min(folds, smallest))
-    if k < 2:
-        raise DataError(f"out-of-fold predictions need ≥ 2 training images per class; the smallest class has {smallest}")
+    check_folds(labels, folds, num_classes)
+    k = int(folds)
     out = np.zeros((len(labels), num_classes))
     for tr, te in StratifiedKFold(k, shuffle=True, random_state=seed).split(features, labels):
         # 64 principal components: the probe's cost stays seconds for wide features (2,048 for a
@@ -89,7 +98,8 @@ def issue_rows(source: Any, split: str, idx: np.ndarray, labels: np.ndarray, pro
             thumbs.mkdir(parents=True, exist_ok=True)
             arr = source.load(i)
             image = str(thumbs / f"{split}_{i}.png")
-            Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(image)
+            pic = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
+            atomic_write(image, lambda p, pic=pic: pic.save(p, format="PNG"))
         rows.append({"split": split, "index": i, "image": image, "given": names[given], "suggested": names[sugg],
                      "p_given": round(float(probs[pos, given]), 4), "p_suggested": round(float(probs[pos, sugg]), 4)})
     return rows

@@ -7,6 +7,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import pickle
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -156,6 +157,15 @@ def _check_forward(model: nn.Module, name: str, in_chans: int, input_size: int) 
                          "use a larger input_size or small_input=on") from e
 
 
+def _refused_global(e: Exception) -> str:
+    """The object torch's weights-only unpickler refused (its message names it after "GLOBAL"),
+    or "an object" where the message has no such line."""
+    import re
+
+    m = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", str(e))
+    return m.group(1) if m else "an object"
+
+
 def read_checkpoint(path: str | os.PathLike, weights: str = "raw") -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
     """Weights from safetensors or a weights-only torch file (``module.``/``model.`` prefixes
     stripped) and, for a training checkpoint of timm's or torchvision's scripts, its ``args`` (the
@@ -165,8 +175,13 @@ def read_checkpoint(path: str | os.PathLike, weights: str = "raw") -> tuple[dict
         raise ModelError(f"weights file not found: {p}")
     try:
         sd = load_file(str(p)) if p.suffix == ".safetensors" else torch_load(p)
+    except pickle.UnpicklingError as e:   # weights_only=True refused an object: it was not run
+        raise ModelError(f"{p}: holds pickled objects beyond tensors, which medistill never unpickles (weights_only "
+                         f"loading refused {_refused_global(e)}); save the weights as safetensors or as a "
+                         "plain state dict") from None
     except Exception as e:  # noqa: BLE001 - any failure to parse is reported with the path
-        raise ModelError(f"{p}: not a readable weights file ({type(e).__name__}: {e})") from e
+        raise ModelError(f"{p}: not a readable weights file ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
     args = sd.get("args") if isinstance(sd, dict) else None
     args = vars(args) if hasattr(args, "__dict__") else (args if isinstance(args, dict) else None)
     if weights == "ema":
