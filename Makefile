@@ -16,6 +16,8 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH_PINS)
 	$(BIN)/pip install -q -e '.[test,export]'
+	# medmnist's INFO table only, read by a test (its dependencies, pandas and scikit-image, are not needed)
+	$(BIN)/pip install -q --no-deps medmnist==3.0.2
 	touch $@
 
 venv: $(BIN)/.installed

@@ -54,3 +54,30 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path: Path) -> None:
     b = json.loads((cut / "metrics.json").read_text())
     assert a["test"] == b["test"] and a["val"] == b["val"]
     assert [json.loads(x)["epoch"] for x in (cut / "metrics.jsonl").read_text().splitlines()] == list(range(8))
+
+
+def test_resume_removes_a_killed_writes_temporary_and_falls_back_past_a_foreign_checkpoint(tmp_path: Path) -> None:
+    import torch
+
+    from conftest import run_cli
+
+    npz = write_npz(tmp_path / "tiny.npz")
+    out = tmp_path / "run"
+    base = ["train", "--data", str(npz), "--model", "cnn5", "--out", str(out), "--set", "train.latency=false",
+            "--set", "students.0.kwargs={widths: [4, 4, 8, 8, 8]}"]
+    assert run_cli(*base, "--epochs", "2").returncode == 0
+    # a SIGKILL inside atomic_path leaves its temporary (0 bytes or partial) beside the checkpoint
+    stale = out / ".checkpoint_last.pt.k3j_x9ab.tmp"
+    stale.write_bytes(b"")
+    mine = out / "notes.tmp"            # not of the temporary pattern: a user's file stays
+    mine.write_text("mine")
+    torch.save(torch.zeros(3), out / "checkpoint_last.pt")   # loads with weights_only=True, not a checkpoint
+    r = run_cli(*base, "--epochs", "3", "--resume")
+    said = "".join((r.stdout + r.stderr).split())       # rich folds long paths anywhere
+    assert r.returncode == 0, said[-800:]
+    for words in ("checkpoint_last.pt is not a medistill checkpoint (it holds a Tensor",
+                  "resuming from checkpoint_prev.pt (epoch 1)",
+                  "removed 1 temporary file(s) an interrupted write left: .checkpoint_last.pt.k3j_x9ab.tmp"):
+        assert "".join(words.split()) in said, words
+    assert not stale.exists() and mine.read_text() == "mine"
+    assert torch_load(out / "checkpoint_last.pt")["epoch"] == 2

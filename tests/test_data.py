@@ -47,8 +47,35 @@ def test_missing_dataset_says_where_it_looked(monkeypatch: pytest.MonkeyPatch, t
 def test_md5_mismatch(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     write_npz(tmp_path / "retinamnist.npz")
     monkeypatch.setenv("MEDISTILL_DATA_DIR", str(tmp_path))
-    with pytest.raises(DataError, match="md5"):
+    with pytest.raises(DataError, match="md5 .* holds 60/19/30 train/val/test images where the current release "
+                                        "\\(v3\\) holds 1080/120/400: an older MedMNIST release"):
         resolve("retinamnist")
+
+
+def test_medmnist_tables_equal_the_medmnist_package() -> None:
+    """The checksums and split sizes against medmnist 3.0.2's own INFO table, read as a Python
+    literal from the installed package's file (installed without its dependencies by `make`;
+    never imported, never executed)."""
+    import ast
+    from importlib import metadata
+
+    from medistill.data import medmnist as M
+
+    try:
+        info_py = metadata.distribution("medmnist").locate_file("medmnist/info.py")
+    except metadata.PackageNotFoundError:
+        pytest.skip("the medmnist package is not installed (make installs it without dependencies)")
+    tree = ast.parse(Path(str(info_py)).read_text())
+    [info] = [ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign)
+              and getattr(n.targets[0], "id", None) == "INFO"]
+    flat = {k: v for k, v in info.items() if not k.endswith("3d")}
+    want = {**{k: v["MD5"] for k, v in flat.items()},
+            **{f"{k}_{s}": v[f"MD5_{s}"] for k, v in flat.items() for s in (64, 128, 224)}}
+    assert M.MD5 == want
+    assert M.SPLIT_COUNTS == {k: (v["n_samples"]["train"], v["n_samples"]["val"], v["n_samples"]["test"])
+                              for k, v in flat.items()}
+    assert M.MD5["organamnist"] == "68e3f8846a6bd62f0c9bf841c0d9eacc" and M.SPLIT_COUNTS["organamnist"][0] == 34561
+    assert all(v["url"].startswith(M.ZENODO_RECORD) for v in flat.values())
 
 
 def test_npz_with_bad_labels(tmp_path: Path) -> None:

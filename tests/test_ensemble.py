@@ -259,6 +259,15 @@ def test_python_api_with_an_in_memory_teacher(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="expected \\[B, 3\\] logits"):
         api.distill([nn.Sequential(nn.Flatten(), nn.LazyLinear(4))], data=str(npz), model="cnn5", epochs=1,
                           out=tmp_path / "bad", config=cfg, quiet=True)
+    # a module that cannot take the images at all is named with the shape it was given
+    with pytest.raises(ModelError, match="teacher 'teacher' \\(in-memory Linear\\) cannot take this data's images "
+                                         "\\[B, 3, 16, 16\\] \\(RuntimeError: mat1 and mat2 shapes"):
+        api.distill([nn.Linear(10, 5)], data=str(npz), model="cnn5", epochs=1, out=tmp_path / "bad2", config=cfg,
+                    quiet=True)
+    with pytest.raises(ConfigError, match="unlabeled=: expected the path of a folder of images.*got Tensor"):
+        api.distill([module], data=str(npz), model="cnn5", epochs=1, out=tmp_path / "bad3", config=cfg, quiet=True,
+                    unlabeled=torch.zeros(4, 3, 16, 16))
+    assert not (tmp_path / "bad2").exists() and not (tmp_path / "bad3").exists()
 
 
 def test_pretrained_without_network_names_the_local_form() -> None:

@@ -128,6 +128,65 @@ def _bare_tensor(d: Path) -> Path:
     return d / "bare.pt"
 
 
+def _distill(r: dict[str, Path], d: Path) -> list[str]:
+    return ["distill", "--teacher", str(r["run"]), "--method", "kd", "--model", "cnn5", "--epochs", "1",
+            "--out", str(d / "o")]
+
+
+def _pngs_of(npz: Path, split: str, folder: Path) -> Path:
+    from PIL import Image
+
+    folder.mkdir()
+    with np.load(npz) as z:
+        for i, im in enumerate(z[f"{split}_images"][:4]):
+            Image.fromarray(im).save(folder / f"{i}.png")
+    return folder
+
+
+def _cut_png(d: Path) -> Path:
+    folder = _pngs_of(write_npz(d / "other.npz", seed=7), "train", d / "cut")
+    png = folder / "0.png"
+    png.write_bytes(png.read_bytes()[: png.stat().st_size // 2])
+    return folder
+
+
+def _bare_checkpoints(d: Path, run: Path) -> Path:
+    import torch
+
+    dst = _copy_run(run, d)
+    for name in ("checkpoint_last.pt", "checkpoint_prev.pt"):
+        torch.save(torch.zeros(3), dst / name)
+    return dst
+
+
+def _ensemble_row_without_dir(d: Path, run: Path) -> Path:
+    ens = d / "ens"
+    assert run_cli("ensemble", str(run), str(run), "--out", str(ens)).returncode == 0
+    js = json.loads((ens / "ensemble.json").read_text())
+    del js["members"][0]["model_dir"]
+    (ens / "ensemble.json").write_text(json.dumps(js))
+    return ens
+
+
+def _pickle_in_model_json(d: Path, run: Path) -> Path:
+    """A model.json whose kwargs name a torch file holding a pickled call (it must never run)."""
+    import os
+
+    import torch
+
+    class Payload:
+        def __reduce__(self):   # unpickling would run this: weights_only loading refuses it
+            return (os.system, (f"touch {d / 'PWNED'}",))
+
+    dst = _copy_run(run, d)
+    torch.save({"w": Payload()}, dst / "evil.pt")
+    meta = dst / "students" / "student" / "model.json"
+    js = json.loads(meta.read_text())
+    js["kwargs"]["pretrained"] = str(dst / "evil.pt")
+    meta.write_text(json.dumps(js))
+    return dst
+
+
 def _copy_run(run: Path, d: Path) -> Path:
     dst = d / "run"
     shutil.copytree(run, dst)
@@ -232,6 +291,27 @@ CASES: dict[str, Case] = {
         "--unlabeled", str(_csv(d, b"path,label\nim0.png,a\n"))],
     "--label-fraction 0": lambda d, r: [*_train(r["npz"], d), "--label-fraction", "0"],
     "audit: a missing dataset": lambda d, r: ["audit", str(d / "nope.npz")],
+    # fourth round (issue 47): the unlabelled images, the audit, checkpoints and files that are not medistill's
+    "--unlabeled the test images saved as PNG files": lambda d, r: [*_distill(r, d), "--unlabeled",
+                                                                   str(_pngs_of(r["npz"], "test", d / "pngs"))],
+    "--unlabeled a truncated .npz": lambda d, r: [*_distill(r, d), "--unlabeled", str(_npz_bytes_truncated(d))],
+    "--unlabeled '' (an unset variable)": lambda d, r: [*_distill(r, d), "--unlabeled", ""],
+    "--unlabeled an empty folder": lambda d, r: [*_distill(r, d), "--unlabeled",
+                                                str((d / "empty").mkdir() or d / "empty")],
+    "--unlabeled a folder with a truncated PNG": lambda d, r: [*_distill(r, d), "--unlabeled", str(_cut_png(d))],
+    "audit: --oof 1000": lambda d, r: ["audit", str(_copy_run(r["run"], d)), "--oof", "1000", "--out", str(d / "a")],
+    "audit: --run on other classes": lambda d, r: [
+        "audit", str(write_npz(d / "four.npz", counts=(9, 9, 9, 9))), "--run", str(r["run"]), "--out", str(d / "a")],
+    "audit: --out an existing file": lambda d, r: ["audit", str(_copy_run(r["run"], d)), "--out",
+                                                  str(_text(d / "notes.txt", "mine"))],
+    "resume: checkpoints that hold bare tensors": lambda d, r: [*TRAIN, "--out", str(_bare_checkpoints(d, r["run"])),
+                                                              "--resume", "--epochs", "2"],
+    "--set a list index as the last key": lambda d, r: [*_train(r["npz"], d), "--set", "students.first=cnn5"],
+    "--set a list index out of range": lambda d, r: [*_train(r["npz"], d), "--set", "students.4.model=cnn5"],
+    "ensemble: a member row without model_dir": lambda d, r: [
+        "distill", "--teacher", str(_ensemble_row_without_dir(d, r["run"])), "--model", "cnn5", "--out", str(d / "o"),
+        "--method", "kd"],
+    "evaluate: model.json names a pickle as weights": lambda d, r: ["evaluate", str(_pickle_in_model_json(d, r["run"]))],
 }
 
 
@@ -294,7 +374,7 @@ EXPECT: dict[str, tuple[int, str]] = {
     "folder: a decompression bomb": (2, "huge.png declares a size beyond PIL's safety limit"),
     "folder: val/ and valid/": (2, "has both val/ and valid/"),
     "folder: non-square images": (0, "images are not square (e.g. 16×8 px"),
-    "--set a list index that is a word": (2, "students.first is not a valid list index"),
+    "--set a list index that is a word": (2, "students is a list; address its items by index (students.0.model)"),
     "--input-size -1": (2, "--input-size (input_size) -1 is out of range"),
     "--input-size 3": (2, "--input-size (input_size) 3 is out of range"),
     "--teacher an ensemble without a member": (2, "gone is missing"),
@@ -306,6 +386,22 @@ EXPECT: dict[str, tuple[int, str]] = {
     "--unlabeled a CSV with labels": (2, "has a label column: labelled images go in --data"),
     "--label-fraction 0": (2, "data.label_fraction: Input should be greater than 0"),
     "audit: a missing dataset": (2, "dataset file not found"),
+    "--unlabeled the test images saved as PNG files": (2, "unlabelled image(s) are copies of test images"),
+    "--unlabeled a truncated .npz": (2, "cut.npz: not a readable .npz of arrays (BadZipFile"),
+    "--unlabeled '' (an unset variable)": (2, "--unlabeled is an empty string (an unset shell variable?)"),
+    "--unlabeled an empty folder": (2, "case/empty holds no images (.bmp"),
+    "--unlabeled a folder with a truncated PNG": (2, "case/cut/0.png: image file is truncated"),
+    "audit: --oof 1000": (2, "--oof 1000: each of the K folds needs an image of every class, and the smallest "
+                             "training class has 10"),
+    "audit: --run on other classes": (2, "its model predicts 3 classes but"),
+    "audit: --out an existing file": (2, "case/notes.txt is a file; audit writes a folder"),
+    "resume: checkpoints that hold bare tensors": (2, "checkpoint_last.pt is not a medistill checkpoint (it holds a "
+                                                      "Tensor"),
+    "--set a list index as the last key": (2, "students is a list; address its items by index (students.0)"),
+    "--set a list index out of range": (2, "students has 1 item(s) (0…0); there is no item 4"),
+    "ensemble: a member row without model_dir": (2, "member 0 has no model_dir"),
+    "evaluate: model.json names a pickle as weights": (2, "evil.pt: holds pickled objects beyond tensors, which "
+                                                          "medistill never unpickles"),
 }
 
 

@@ -199,3 +199,77 @@ def test_cli_flags_and_exit_code(data_dir: Path, teachers: list[Path], tmp_path:
     r = run_cli("train", "--data", str(data_dir / "tiny.npz"), "--model", "cnn5", "--out", str(tmp_path / "p"),
                 "--label-fraction", "1.5", "--print-config")
     assert r.returncode == 2 and "label_fraction" in r.stderr + r.stdout
+
+
+def _pool_folder(folder: Path, images: np.ndarray) -> Path:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, im in enumerate(images):
+        Image.fromarray(im).save(folder / f"{i:02d}.png")
+    return folder
+
+
+def test_pool_copies_are_found_by_decoded_pixels_per_duplicates_mode(data_dir: Path, tmp_path: Path) -> None:
+    npz = str(data_dir / "tiny.npz")
+    fresh, _ = make_images([4, 4], 16, 3, seed=31)
+    with np.load(npz) as z:
+        train, test = z["train_images"][:2], z["test_images"][:1]
+    # PNG files beside an .npz: no byte hash could match them, decoded pixels do
+    mixed = _pool_folder(tmp_path / "pool", np.concatenate([fresh, train]))
+    b = build_data(DataConfig(name=npz, unlabeled=str(mixed)))
+    assert len(b.splits["unlabeled"]) == 10
+    assert any("2 unlabelled image(s) are copies of train images" in n for n in b.split_notes)
+    with pytest.raises(DataError, match="2 unlabelled image\\(s\\) are copies of train images .*data.duplicates=warn"):
+        build_data(DataConfig(name=npz, unlabeled=str(mixed), duplicates="error"))
+    dropped = build_data(DataConfig(name=npz, unlabeled=str(mixed), duplicates="drop"))
+    assert dropped.pool_kept().tolist() == list(range(8))
+    assert dropped.split_record()["unlabeled_source"]["kept"] == list(range(8))
+    assert len(build_data(DataConfig(name=npz, unlabeled=str(mixed), duplicates="off")).splits["unlabeled"]) == 10
+    # a test image: refused under warn and error, left out under drop
+    leak = _pool_folder(tmp_path / "leak", np.concatenate([fresh, test]))
+    with pytest.raises(DataError, match="1 unlabelled image\\(s\\) are copies of test images .*leak/08.png"):
+        build_data(DataConfig(name=npz, unlabeled=str(leak)))
+    assert build_data(DataConfig(name=npz, unlabeled=str(leak), duplicates="drop")).pool_kept().tolist() == list(range(8))
+
+
+def test_resume_refuses_a_changed_pool_and_scoring_never_opens_it(data_dir: Path, teachers: list[Path],
+                                                                  tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    fresh, _ = make_images([4, 4, 4], 16, 3, seed=41)
+    pool = _pool_folder(tmp_path / "pool", fresh)
+    out = tmp_path / "run"
+    args = ["distill", "--teacher", str(teachers[0]), "--method", "kd", "--model", "cnn5", "--epochs", "1",
+            "--out", str(out), "--unlabeled", str(pool)]
+    assert run_cli(*args).returncode == 0
+    split = json.loads((out / "split.json").read_text())["unlabeled_source"]
+    assert split["images"] == 12 and split["files"][:2] == ["00.png", "01.png"]
+    saved = {p.name: p.read_bytes() for p in pool.iterdir()}
+
+    def said(*more: str) -> tuple[int, str]:
+        r = run_cli("distill", "--out", str(out), "--resume", "--epochs", "2", *more)
+        return r.returncode, " ".join((r.stdout + r.stderr).split())
+
+    # replaced files (same names), then a file added that sorts first and one removed
+    _pool_folder(pool, 255 - fresh[:3])
+    code, text = said()
+    assert code == 2 and "the unlabelled images at" in text and "changed since the run's split was saved" in text
+    assert "the same names, but files replaced or edited" in text
+    for name, data in saved.items():
+        (pool / name).write_bytes(data)
+    (pool / "00.png").unlink()
+    _pool_folder(tmp_path / "extra", fresh[:1])
+    shutil.copy(tmp_path / "extra" / "00.png", pool / "!first.png")
+    code, text = said()
+    assert code == 2 and "1 added (e.g. !first.png); 1 removed (e.g. 00.png)" in text
+    assert json.loads((out / "split.json").read_text())["unlabeled_source"] == split   # nothing rewritten
+    # evaluate and explain never read the pool: moved away, from another working directory
+    shutil.move(str(pool), str(tmp_path / "moved"))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    r = run_cli("evaluate", str(out))
+    assert r.returncode == 0, r.stdout[-800:] + r.stderr[-800:]
+    r = run_cli("explain", str(out), "--images", "1", "--methods", "gradcam")
+    assert r.returncode == 0, r.stdout[-800:] + r.stderr[-800:]

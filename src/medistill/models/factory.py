@@ -175,7 +175,11 @@ def read_checkpoint(path: str | os.PathLike, weights: str = "raw") -> tuple[dict
         raise ModelError(f"weights file not found: {p}")
     try:
         sd = load_file(str(p)) if p.suffix == ".safetensors" else torch_load(p)
-    except pickle.UnpicklingError as e:   # weights_only=True refused an object: it was not run
+    except pickle.UnpicklingError as e:
+        if _refused_global(e) == "an object":   # not a refusal: a text file or garbage named .pt
+            raise ModelError(f"{p}: not a readable weights file (UnpicklingError: "
+                             f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        # weights_only=True refused an object: it was not run
         raise ModelError(f"{p}: holds pickled objects beyond tensors, which medistill never unpickles (weights_only "
                          f"loading refused {_refused_global(e)}); save the weights as safetensors or as a "
                          "plain state dict") from None
