@@ -88,7 +88,7 @@ def evaluate_target(target: str | Path, data: str | None = None, out: str | Path
     if data is None and run_dir is not None:
         cfg = load_run_config(run_dir)
         saved = read_run_json(run_dir / "split.json")
-        bundle = build_data(cfg.data, fixed_splits=saved, pool=False)
+        bundle = build_data(cfg.data, fixed_splits=saved, open_pool=False)
     elif data is None:
         p = Path(target)
         gone = [f for f in ("config.yaml", "split.json") if (p / "summary.json").is_file() and not (p / f).is_file()]
@@ -217,7 +217,7 @@ def evaluate_ensemble(directory: str | Path, latency: bool = False) -> dict[str,
             raise ModelError(f"ensemble members {runs[0]} and {run} were trained on different splits; "
                              "an ensemble of them has no clean test set")
     cfg = load_run_config(runs[0])
-    bundle = build_data(cfg.data, fixed_splits=split, pool=False)
+    bundle = build_data(cfg.data, fixed_splits=split, open_pool=False)
     bundle = dataclasses.replace(bundle, image_size=data_size(bundle.source.native_size, specs, not bundle.source.in_memory))
     loaders = {k: bundle.loader(k, bundle.eval_batch(256, EVAL_BATCH_MB), train=False) for k in ("val", "test")}
     c = bundle.channels

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 
 import os
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -262,24 +261,12 @@ class DataBundle:
         }
 
 
-def _scan_corrupt(source: ImageSource, idx: np.ndarray) -> np.ndarray:
-    """Drop unreadable images with a warning naming each (``data.skip_corrupt``)."""
-    keep = []
-    for i in idx:
-        try:
-            source.load(int(i))
-            keep.append(i)
-        except DataError as e:
-            warnings.warn(f"skipping: {e}", stacklevel=2)
-    return np.array(keep, dtype=np.int64)
-
-
 def build_data(cfg: DataConfig, image_size: int | None = None, role: str = "student",
-               download: bool = False, fixed_splits: dict[str, Any] | None = None, pool: bool = True) -> DataBundle:
+               download: bool = False, fixed_splits: dict[str, Any] | None = None, open_pool: bool = True) -> DataBundle:
     """Open the dataset, split it, apply the imbalance tools to train (never to val/test).
 
     ``fixed_splits`` (e.g. a run's saved ``split.json``) replaces the split computation so that
-    evaluation and resumption see exactly the same images. ``pool=False``: ``data.unlabeled`` is
+    evaluation and resumption see exactly the same images. ``open_pool=False``: ``data.unlabeled`` is
     not opened (what scores a trained model never reads it).
     """
     source = open_source(cfg.name, cfg.format, download=download)
@@ -299,35 +286,13 @@ def build_data(cfg: DataConfig, image_size: int | None = None, role: str = "stud
         splits = check_fixed_splits(fixed_splits, source)
         origin = "saved split"
     else:
-        if source.groups is not None and source.split_tags is None:
-            splits, group_notes = sp.grouped_split(source.labels, source.groups, cfg.val_fraction, cfg.test_fraction,
-                                                   cfg.split_seed, source.class_names)
-            notes += group_notes
-            origin = f"grouped by patient/study, stratified (seed {cfg.split_seed})"
-        else:
-            splits, origin = sp.make_splits(source.labels, source.split_tags, cfg.val_fraction,
-                                            cfg.test_fraction, cfg.split_seed, cfg.tiny_class_policy,
-                                            source.class_names)
-        if cfg.folds:
-            pool = np.concatenate([splits["train"], splits["val"]])
-            splits["train"], splits["val"] = sp.fold_split(source.labels, pool, cfg.folds, cfg.fold, cfg.split_seed,
-                                                           source.groups)
-            origin += f"; cross-validation fold {cfg.fold} of {cfg.folds} (test untouched)"
-        if source.groups is not None:
-            check_group_leak(splits, source.groups)
-        if cfg.skip_corrupt and not source.in_memory:
-            splits = {k: _scan_corrupt(source, v) for k, v in splits.items()}
-        splits["train"] = _train_subset(splits["train"], source.labels, cfg, role)
-        _label_fraction(cfg, source, splits, notes)
-        if cfg.max_eval_samples:
-            for k in ("val", "test"):
-                splits[k] = sp.stratified_cap(splits[k], source.labels, cfg.max_eval_samples, cfg.split_seed)
+        splits, origin = sp.new_splits(cfg, source, role, notes)
     for k in ("train", "val", "test"):
         if len(splits[k]) == 0:
             raise DataError(f"the {k} split of {source.description} is empty (check val/test fractions)")
-    # evaluate/explain/export (pool=False) never open the pool: they only score labelled splits
-    unl = add_unlabeled(cfg, source, splits, check=fixed_splits is None, notes=notes,
-                        saved_pool=(fixed_splits or {}).get("unlabeled_source")) if pool else None
+    # evaluate/explain/export (open_pool=False) never open the pool: they only score labelled splits
+    saved_pool = fixed_splits.get("unlabeled_source") if fixed_splits is not None else None
+    unl = add_unlabeled(cfg, source, splits, fixed_splits is None, notes, saved_pool) if open_pool else None
     splits.setdefault("unlabeled", np.empty(0, dtype=np.int64))
     if source.native_size is None and fixed_splits is None:
         shape_note(source, splits, notes)
@@ -337,34 +302,6 @@ def build_data(cfg: DataConfig, image_size: int | None = None, role: str = "stud
         missing_eval_classes(source, splits, notes)
     size = image_size or source.default_size
     return DataBundle(cfg, source, splits, origin, size, split_notes=notes, unlabeled=unl)
-
-
-def _label_fraction(cfg: DataConfig, source: ImageSource, splits: dict[str, np.ndarray], notes: list[str]) -> None:
-    """``data.label_fraction``: keep that stratified, seeded share of the training labels; the
-    other training images become the unlabelled pool."""
-    if cfg.label_fraction is None or cfg.label_fraction >= 1.0:
-        return
-    keep = sp.stratified_fraction(splits["train"], source.labels, cfg.label_fraction, cfg.split_seed)
-    splits["unlabeled"] = np.setdiff1d(splits["train"], keep)
-    splits["train"] = keep
-    notes.append(f"data.label_fraction={cfg.label_fraction:g}: {len(keep)} training images keep their label, "
-                 f"{len(splits['unlabeled'])} join the unlabelled pool")
-
-
-def _train_subset(tr: np.ndarray, y: np.ndarray, cfg: DataConfig, role: str) -> np.ndarray:
-    """The imbalance tools, on the training split only: the protocol's side, a long tail, caps,
-    fractions (val and test are never touched)."""
-    s = cfg.subset
-    tr = sp.protocol_indices(tr, y, cfg.protocol, role, cfg.protocol_cap, s.seed)
-    if s.imbalance_ratio:
-        tr = sp.longtail_subsample(tr, y, s.imbalance_ratio, s.seed)
-    if s.max_per_class:
-        tr = sp.cap_per_class(tr, y, s.max_per_class, s.seed)
-    if s.fraction:
-        tr = sp.stratified_fraction(tr, y, s.fraction, s.seed)
-    if s.max_samples:
-        tr = sp.stratified_cap(tr, y, s.max_samples, s.seed)
-    return tr
 
 
 def _check_copies(cfg: DataConfig, source: ImageSource, splits: dict[str, np.ndarray], notes: list[str]) -> dict[str, np.ndarray]:
@@ -385,12 +322,3 @@ def _check_copies(cfg: DataConfig, source: ImageSource, splits: dict[str, np.nda
     else:
         notes.append(line)
     return splits
-
-
-def check_group_leak(splits: dict[str, np.ndarray], groups: np.ndarray) -> None:
-    """No patient/study may appear in two splits (e.g. a dataset's own split that ignores them)."""
-    for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
-        common = np.intersect1d(groups[splits[a]], groups[splits[b]])
-        if len(common):
-            raise DataError(f"group {str(common[0])!r} (and {len(common) - 1} more) has images in both {a} and {b}: the "
-                            "split leaks patients/studies; remove the predefined split column/folders to split by group")

@@ -15,6 +15,7 @@ import numpy as np
 from medistill.errors import DataError
 
 if TYPE_CHECKING:
+    from medistill.config import DataConfig
     from medistill.data.sources import ImageSource
 
 
@@ -258,3 +259,77 @@ def check_fixed_splits(record: dict[str, Any], source: "ImageSource") -> dict[st
         if len(common):
             raise DataError(f"the saved split puts image {int(common[0])} (and {len(common) - 1} more) in both {a} and {b}")
     return splits
+
+
+def new_splits(cfg: DataConfig, source: ImageSource, role: str, notes: list[str]) -> tuple[dict[str, np.ndarray], str]:
+    """A new split of ``source`` (grouped by patient where the data has groups; a CV fold) with
+    the imbalance tools and label fraction applied to train; returns it and its origin."""
+    if source.groups is not None and source.split_tags is None:
+        splits, group_notes = grouped_split(source.labels, source.groups, cfg.val_fraction, cfg.test_fraction,
+                                               cfg.split_seed, source.class_names)
+        notes += group_notes
+        origin = f"grouped by patient/study, stratified (seed {cfg.split_seed})"
+    else:
+        splits, origin = make_splits(source.labels, source.split_tags, cfg.val_fraction,
+                                        cfg.test_fraction, cfg.split_seed, cfg.tiny_class_policy,
+                                        source.class_names)
+    if cfg.folds:
+        pool = np.concatenate([splits["train"], splits["val"]])
+        splits["train"], splits["val"] = fold_split(source.labels, pool, cfg.folds, cfg.fold, cfg.split_seed,
+                                                       source.groups)
+        origin += f"; cross-validation fold {cfg.fold} of {cfg.folds} (test untouched)"
+    if source.groups is not None:
+        check_group_leak(splits, source.groups)
+    if cfg.skip_corrupt and not source.in_memory:
+        splits = {k: scan_corrupt(source, v) for k, v in splits.items()}
+    splits["train"] = _train_subset(splits["train"], source.labels, cfg, role)
+    _label_fraction(cfg, source, splits, notes)
+    if cfg.max_eval_samples:
+        for k in ("val", "test"):
+            splits[k] = stratified_cap(splits[k], source.labels, cfg.max_eval_samples, cfg.split_seed)
+    return splits, origin
+
+def scan_corrupt(source: ImageSource, idx: np.ndarray) -> np.ndarray:
+    """Drop unreadable images with a warning naming each (``data.skip_corrupt``)."""
+    keep = []
+    for i in idx:
+        try:
+            source.load(int(i))
+            keep.append(i)
+        except DataError as e:
+            warnings.warn(f"skipping: {e}", stacklevel=2)
+    return np.array(keep, dtype=np.int64)
+
+def _label_fraction(cfg: DataConfig, source: ImageSource, splits: dict[str, np.ndarray], notes: list[str]) -> None:
+    """``data.label_fraction``: keep that stratified, seeded share of the training labels; the
+    other training images become the unlabelled pool."""
+    if cfg.label_fraction is None or cfg.label_fraction >= 1.0:
+        return
+    keep = stratified_fraction(splits["train"], source.labels, cfg.label_fraction, cfg.split_seed)
+    splits["unlabeled"] = np.setdiff1d(splits["train"], keep)
+    splits["train"] = keep
+    notes.append(f"data.label_fraction={cfg.label_fraction:g}: {len(keep)} training images keep their label, "
+                 f"{len(splits['unlabeled'])} join the unlabelled pool")
+
+def _train_subset(tr: np.ndarray, y: np.ndarray, cfg: DataConfig, role: str) -> np.ndarray:
+    """The imbalance tools, on the training split only: the protocol's side, a long tail, caps,
+    fractions (val and test are never touched)."""
+    s = cfg.subset
+    tr = protocol_indices(tr, y, cfg.protocol, role, cfg.protocol_cap, s.seed)
+    if s.imbalance_ratio:
+        tr = longtail_subsample(tr, y, s.imbalance_ratio, s.seed)
+    if s.max_per_class:
+        tr = cap_per_class(tr, y, s.max_per_class, s.seed)
+    if s.fraction:
+        tr = stratified_fraction(tr, y, s.fraction, s.seed)
+    if s.max_samples:
+        tr = stratified_cap(tr, y, s.max_samples, s.seed)
+    return tr
+
+def check_group_leak(splits: dict[str, np.ndarray], groups: np.ndarray) -> None:
+    """No patient/study may appear in two splits (e.g. a dataset's own split that ignores them)."""
+    for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+        common = np.intersect1d(groups[splits[a]], groups[splits[b]])
+        if len(common):
+            raise DataError(f"group {str(common[0])!r} (and {len(common) - 1} more) has images in both {a} and {b}: the "
+                            "split leaks patients/studies; remove the predefined split column/folders to split by group")

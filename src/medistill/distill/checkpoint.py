@@ -113,7 +113,8 @@ def load_checkpoint(out: Path, groups: dict[str, dict[str, Any]], terms: nn.Modu
                     trim_log: bool) -> tuple[int, dict[str, float], int]:
     """Restore every object of ``groups`` and ``terms`` and the RNG; return the epoch to start
     at, the best validation scores and the early-stopping counter. ``trim_log`` drops the
-    ``metrics.jsonl`` lines of epochs after the checkpoint (rank 0 only)."""
+    ``metrics.jsonl`` lines of epochs after the checkpoint and the temporaries of killed writes
+    (rank 0 only)."""
     last, prev = out / LAST, out / PREVIOUS
     try:
         st = read_checkpoint_file(last, groups)
@@ -136,6 +137,8 @@ def load_checkpoint(out: Path, groups: dict[str, dict[str, Any]], terms: nn.Modu
                                   "finish the run with the version that started it, or start a new --out") from e
     terms.load_state_dict(st["terms"])
     torch.set_rng_state(st["rng_torch"])
+    if trim_log and (gone := remove_stale_temporaries(out)):
+        console.print(f"removed {len(gone)} temporary file(s) an interrupted write left: {', '.join(gone[:3])}")
     log = out / "metrics.jsonl"
     if log.is_file() and trim_log:
         keep, damaged = [], 0

@@ -280,8 +280,6 @@ class Engine:
         if self.resume:
             start, best, bad = ckpt.load_checkpoint(self.out, self._stateful(), self.terms, self.console, self.main)
             self.console.print(f"resuming {self.out} at epoch {start}")
-            if self.main and (gone := ckpt.remove_stale_temporaries(self.out)):
-                self.console.print(f"removed {len(gone)} temporary file(s) an interrupted write left: {', '.join(gone[:3])}")
         else:
             if self.main:
                 write_run_files(self.out, self.cfg, self.teachers, self.students, self.terms, self.device, self.data,

@@ -113,7 +113,7 @@ def explain_run(run_dir: str | Path, n_images: int = 8, per_class: int | None = 
     if not student_dirs(run_dir) and not compare:
         raise ArgumentError(f"{run_dir}: no students to explain (no students/NAME/model.json); is it a finished run?")
     cfg = load_run_config(run_dir)
-    bundle = build_data(cfg.data, fixed_splits=read_run_json(run_dir / "split.json"), pool=False)
+    bundle = build_data(cfg.data, fixed_splits=read_run_json(run_dir / "split.json"), open_pool=False)
     models = _load_models(run_dir, cfg.teachers, dict(compare or {}), cam_layers)
     bundle = replace(bundle, image_size=data_size(bundle.source.native_size, [s for *_, s in models.values()],
                                                      not bundle.source.in_memory))
