@@ -271,6 +271,11 @@ class EvalConfig(_Strict):
     bootstrap_seed: int = 0
     target_sensitivity: float | None = Field(None, gt=0, le=1, description="binary tasks: the threshold is the "
                                              "highest reaching this validation sensitivity (default: Youden's J)")
+    degenerate_share: float = Field(0.5, gt=0, le=1, description="a model whose predictions cover fewer than this "
+                                    "share of the classes (or one class) is named degenerate: warned at the epoch, "
+                                    "in the summary and in the verdict")
+    chance_epochs: int = Field(3, ge=1, description="a model at chance on validation (balanced accuracy 1/K) for this "
+                               "many epochs in a row is said to be stuck")
 
 
 class RunConfig(_Strict):

@@ -59,7 +59,7 @@ class Engine:
         self.force = force   # train into an --out that holds other files or a finished run
         self.download = download
         self.console = console or Console(stderr=True)
-        self.out = Path(cfg.out)
+        self.out, self.watch = Path(cfg.out), {}   # watch: each student's degenerate/at-chance state (validate)
         self.ckpt_path = self.out / ckpt.LAST
 
     # ----------------------------------------------------------------------------- set-up
@@ -362,7 +362,7 @@ class Engine:
             tune_on_validation(self._eval_model(s.name), s.pre, self._full_loader("val"), self.device,
                                self.cfg.train.select_metric)
         return validate(self.students, self._eval_model, self._eval_loader("val"), self.cfg, self.data.ordinal, best,
-                        self.out if self.main else None)
+                        self.out if self.main else None, self.console, self.watch)
 
     def _pop_diagnostics(self) -> dict[str, dict[str, Any]]:
         """Per-class means of the diagnostics the terms gathered this epoch (e.g. UDD weights)."""

@@ -14,7 +14,7 @@ from torch import nn
 from medistill.config import RunConfig
 from medistill.distill.participants import Participant
 from medistill.eval.card import model_card
-from medistill.eval.metrics import classification_metrics, selection_score
+from medistill.eval.metrics import classification_metrics, degenerate, predicted_classes, selection_score
 from medistill.eval.predict import evaluate_splits, predict
 from medistill.eval.tables import summary_table
 from medistill.io import write_json, write_text
@@ -47,22 +47,49 @@ def tune_on_validation(model: nn.Module, pre: nn.Module, loader: Iterable, devic
 
 
 def validate(students: list[Participant], eval_model: Callable[[str], nn.Module], loader: Any, cfg: RunConfig,
-             ordinal: bool, best: dict[str, float], save_to: Path | None) -> tuple[dict[str, dict[str, Any]], bool]:
-    """Validation metrics of every student. A student that beats its best score (``best`` is
-    updated in place) is saved under ``save_to`` (rank 0; ``None`` on the others)."""
+             ordinal: bool, best: dict[str, float], save_to: Path | None, console: Any = None,
+             watch: dict[str, Any] | None = None) -> tuple[dict[str, dict[str, Any]], bool]:
+    """Validation metrics of every student, with the classes its predictions cover. A student
+    that beats its best score (``best`` is updated in place) is saved under ``save_to`` (rank 0;
+    ``None`` on the others). ``watch`` (state across epochs) and ``console``: a student that
+    becomes degenerate or sits at chance is said (:func:`degenerate_warnings`)."""
     val, improved = {}, False
     for s in students:
         model = eval_model(s.name)
         probs, labels, _ = predict(model, s.pre, loader, cfg.train.channels_last)
         m = classification_metrics(probs, labels, ordinal=ordinal)
-        val[s.name] = {k: m[k] for k in VAL_KEYS}
+        val[s.name] = {**{k: m[k] for k in VAL_KEYS}, "predicted_classes": predicted_classes(probs)}
         score = selection_score(m, cfg.train.select_metric)
         if score > best[s.name]:
             best[s.name] = score
             improved = True
             if save_to is not None:
                 save_model_dir(student_dir(save_to, s.name), model, s.spec)
+    if console is not None and watch is not None and students:
+        for line in degenerate_warnings(val, students[0].spec.num_classes, cfg.eval, watch):
+            console.print(f"[yellow]warning:[/] {line}")
     return val, improved
+
+
+def degenerate_warnings(val: dict[str, dict[str, Any]], num_classes: int, ev: Any, watch: dict[str, Any]) -> list[str]:
+    """What to say after a validation: a student whose predictions cover one class or fewer than
+    ``eval.degenerate_share`` of the classes (said when it becomes so), and one at chance
+    (balanced accuracy 1/K) for ``eval.chance_epochs`` epochs in a row (said once per streak).
+    ``watch`` keeps each student's state between epochs."""
+    lines, chance = [], 1.0 / num_classes
+    for name, m in val.items():
+        n = m["predicted_classes"]
+        was = watch.get(name, {"degenerate": False, "at_chance": 0})
+        now = degenerate(n, num_classes, ev.degenerate_share)
+        at_chance = was["at_chance"] + 1 if abs((m.get("balanced_accuracy") or 0.0) - chance) < 1e-6 else 0
+        if now and not was["degenerate"]:
+            lines.append(f"{name} predicts {n} of {num_classes} classes on validation (degenerate: its balanced "
+                         f"accuracy cannot rise far above chance, {chance:.3f})")
+        if at_chance == ev.chance_epochs:
+            lines.append(f"{name} has been at chance on validation (balanced accuracy {chance:.3f}) for {at_chance} "
+                         "epochs in a row: check the learning rate and loss weights, or train longer")
+        watch[name] = {"degenerate": now, "at_chance": at_chance}
+    return lines
 
 
 def final_evaluation(out: Path, students: list[Participant], teachers: list[Participant], loaders: dict[str, Any],
@@ -85,7 +112,7 @@ def final_evaluation(out: Path, students: list[Participant], teachers: list[Part
     role = "student" if teachers else "trained alone"
     rows = {**teacher_rows, **{n: {"role": role, **r} for n, r in results.items()}}
     write_json(out / "summary.json", rows)
-    write_text(out / "summary.md", summary_table(rows))
+    write_text(out / "summary.md", summary_table(rows, cfg.eval.degenerate_share))
     info = data_info or {}
     trows = [{"name": n, "arch": next(t.spec.arch for t in teachers if t.name == n), **r["test"]}
              for n, r in teacher_rows.items() if r["role"] == "teacher"]

@@ -29,6 +29,7 @@ from medistill.models.factory import (
     load_weights,
     read_checkpoint,
     resolve_norm,
+    stated_preprocessing,
 )
 
 Tensor = torch.Tensor
@@ -46,6 +47,7 @@ class Participant:
     checkpoint: str | None = None
     sha256: str | None = None
     intake: dict[str, Any] | None = None   # a teacher from elsewhere: how its input size and norm were chosen
+    origin: str = ""                       # where its input size and normalisation came from (said at the start)
     test_overlap: int | None = None        # a teacher: how many of this run's test images it was trained on
     taps: set[str] = field(default_factory=set)
 
@@ -78,7 +80,7 @@ def load_ensemble_teacher(spec: Any, path: Path, data: DataBundle) -> Participan
     for prm in model.parameters():
         prm.requires_grad_(False)
     return Participant(spec.name, model, Preprocess(c, c, size, (0.0,) * c, (1.0,) * c), rec0, trainable=False,
-                       checkpoint=str(path), sha256=digest)
+                       checkpoint=str(path), sha256=digest, origin="each member as trained (its model.json)")
 
 def memory_teacher(spec: Any, model: nn.Module, data: DataBundle) -> Participant:
     """A teacher passed as an ``nn.Module``: frozen, identified by a hash of its weights."""
@@ -109,7 +111,10 @@ def memory_teacher(spec: Any, model: nn.Module, data: DataBundle) -> Participant
         h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     rec = ModelSpecRecord(arch=type(model).__name__, num_classes=data.num_classes, in_chans=c, data_chans=c,
                           input_size=size, small_input="off", mean=mean, std=std, class_names=data.class_names)
-    return Participant(spec.name, model, pre, rec, trainable=False, checkpoint="<memory>", sha256=h.hexdigest())
+    origin = ("teachers.N.input_size" if spec.input_size else "the images' own size") + \
+        f", norm {spec.norm or 'half'} (an in-memory module records no preprocessing)"
+    return Participant(spec.name, model, pre, rec, trainable=False, checkpoint="<memory>", sha256=h.hexdigest(),
+                       origin=origin)
 
 def check_teacher_data(spec: Any, path: Path, recs: list[ModelSpecRecord], data: DataBundle) -> None:
     """A teacher records the dataset it was trained on; another dataset with the same class
@@ -142,7 +147,10 @@ def load_teacher(spec: Any, path: Path, data: DataBundle) -> Participant:
         raise ModelError(f"teacher {spec.name!r} ({path}) predicts {rec.num_classes} classes but the data has "
                          f"{data.num_classes} ({data.source.description})")
     check_teacher_data(spec, path, [rec], data)
+    origin = intake["source"] if intake is not None else "as trained (its model.json)"
     if intake is None:   # a medistill model: its recorded preprocessing, adapted where the spec asks
+        if spec.input_size and spec.input_size != rec.input_size or spec.norm not in (None, "auto"):
+            origin = f"its model.json, with {'teachers.N.input_size' if spec.input_size else 'teachers.N.norm'} stated"
         if rec.data_chans != data.channels:
             pre = Preprocess(data.channels, rec.in_chans, rec.input_size, tuple(rec.mean), tuple(rec.std))
         if spec.input_size and spec.input_size != rec.input_size:
@@ -157,7 +165,8 @@ def load_teacher(spec: Any, path: Path, data: DataBundle) -> Participant:
     sha = sha256_file(wfile)
     if intake is not None and intake["weights"] == "ema":   # other weights from the same file: another cache key
         sha = hashlib.sha256(f"{sha}:ema".encode()).hexdigest()
-    return Participant(spec.name, model, pre, rec, trainable=False, checkpoint=str(wfile), sha256=sha, intake=intake)
+    return Participant(spec.name, model, pre, rec, trainable=False, checkpoint=str(wfile), sha256=sha, intake=intake,
+                       origin=origin)
 
 
 def check_fixed_size(model: nn.Module, size: int, name: str) -> None:
@@ -186,7 +195,11 @@ def external_teacher(spec: Any, path: Path, data: DataBundle) -> tuple[nn.Module
         create_model(spec.model, data.num_classes)   # raises the unknown-model error with close matches
     probe = timm.create_model(spec.model, pretrained=False, num_classes=data.num_classes)
     fallback = data.source.default_size
-    intake = checkpoint_preprocessing(args, probe, fallback)
+    stated = stated_preprocessing(path, spec.model) if not args else None
+    intake = stated or checkpoint_preprocessing(args, probe, fallback)
+    if stated and spec.small_input == "off":   # the stem it was exported with (medistill's own config.json)
+        spec = spec.model_copy(update={"small_input": stated.pop("small_input")})
+    stated_args = stated.pop("model_args", {}) if stated else {}
     size = spec.input_size or intake["input_size"]
     in_chans = intake["in_chans"]
     mean, std = (intake["mean"], intake["std"]) if spec.norm in (None, "auto") else resolve_norm(spec.norm, False, in_chans)
@@ -194,7 +207,7 @@ def external_teacher(spec: Any, path: Path, data: DataBundle) -> tuple[nn.Module
         mean, std = resolve_norm((mean, std), False, in_chans)
     rec = ModelSpecRecord(arch=spec.model, num_classes=data.num_classes, in_chans=in_chans, data_chans=data.channels,
                           input_size=size, small_input=spec.small_input, mean=list(mean), std=list(std),
-                          class_names=data.class_names)
+                          class_names=data.class_names, kwargs=stated_args)
     model, _ = rec.build()
     try:
         load_weights(model, path, strict=True, state=state)
@@ -204,14 +217,36 @@ def external_teacher(spec: Any, path: Path, data: DataBundle) -> tuple[nn.Module
                          f"the stem as trained (teachers.N.small_input={spec.small_input}); a file trained with "
                          "medistill's small-input stem needs small_input=on, stride8 or stride16") from None
     pre = Preprocess(data.channels, in_chans, size, tuple(mean), tuple(std), intake["interpolation"])
+    stated_now = bool(spec.input_size) or spec.norm not in (None, "auto")
     intake = {**intake, "input_size": size, "mean": list(mean), "std": list(std), "weights": spec.weights,
-              "small_input": spec.small_input}
+              "small_input": spec.small_input, "guessed": intake.get("guessed", False) and not stated_now}
+    if stated_now:
+        intake["source"] += " (with teachers.N.input_size/norm as stated)"
     return model, pre, rec, intake
 
-def make_student(s: Any, native: int, data: DataBundle, channels_last: bool = False) -> Participant:
-    """A trainable student built from its spec at ``input_size`` (default: the data's ``native`` size)."""
+def input_side(p: Participant) -> int:
+    """The side a participant's network sees (an ensemble: its largest member's)."""
+    pres = getattr(p.model, "pres", None)
+    return max(int(q.input_size) for q in pres) if pres is not None else int(p.pre.input_size)
+
+
+def student_side(s: Any, teachers: list[Participant], native: int | None) -> tuple[int, str]:
+    """A student's input side and where it comes from: ``input_size`` when stated; else its
+    teachers' (the largest when they differ), so a student does not silently train at a
+    folder's 512 px beside a 32-px teacher; else the images' own size (224 where they differ)."""
+    if s.input_size:
+        return s.input_size, "stated (--input-size / students.N.input_size)"
+    if teachers:
+        sides = {t.name: input_side(t) for t in teachers}
+        which = ", ".join(f"{n} {v} px" for n, v in sides.items())
+        return max(sides.values()), (f"its teacher's ({which})" if len(sides) == 1 else
+                                     f"the largest of its teachers' ({which})") + "; --input-size chooses another"
+    return (native, "the images' own size") if native else (224, "timm's usual 224 px (the images differ in size)")
+
+
+def make_student(s: Any, size: int, data: DataBundle, channels_last: bool = False) -> Participant:
+    """A trainable student built from its spec at side ``size`` (:func:`student_side`)."""
     in_chans = s.in_chans or data.channels
-    size = s.input_size or native
     mean, std = resolve_norm(s.norm, s.pretrained, in_chans)
     model = create_model(s.model, data.num_classes, in_chans, size, pretrained=s.pretrained,
                          small_input=s.small_input, **s.kwargs)
@@ -279,16 +314,20 @@ def assemble_participants(cfg: Any, teacher_modules: dict[str, nn.Module], devic
     data = build_data(cfg.data, None, role=role, download=download, fixed_splits=fixed_splits)
     for note in data.split_notes or []:   # the data audit's one line, label fractions, group splits
         console.print(f"[yellow]data:[/] {note}")
-    native = data.source.default_size
     teachers = [memory_teacher(t, teacher_modules[t.name], data) if t.name in teacher_modules
                 else load_teacher(t, teacher_dirs[t.name], data) for t in cfg.teachers]
     check_test_overlap(teachers, {n: str(d) for n, d in teacher_dirs.items()}, data, console)
-    students = [make_student(s, native, data, cfg.train.channels_last) for s in cfg.students]
+    students = []
+    for s in cfg.students:
+        size, why = student_side(s, teachers, data.source.native_size)
+        students.append(make_student(s, size, data, cfg.train.channels_last))
+        students[-1].origin = f"size: {why}; norm {s.norm}"
     # Images stay at their native size; each model resizes the shared batch for itself. The
     # bundle the run trains on is a new, complete one (size and device known only now).
     data = replace(data, image_size=data_size(data.source.native_size, [p.spec for p in teachers + students],
                                                      not data.source.in_memory),
                    pin_memory=device.type == "cuda", device=device)
+    say_inputs(teachers, students, console)
     for s in students:
         s.spec.data_size = data.image_size
         s.spec.data_fingerprint = data.source.fingerprint or None
@@ -298,6 +337,26 @@ def assemble_participants(cfg: Any, teacher_modules: dict[str, nn.Module], devic
             p.model.to(memory_format=torch.channels_last)
         p.pre.to(device)
     return data, teachers, students
+
+
+def say_inputs(teachers: list[Participant], students: list[Participant], console: Any) -> None:
+    """One line per participant: the side, mean/std and interpolation it is fed, and where each
+    came from; a warning for a teacher fed timm's defaults because nothing recorded how it was
+    trained (a bare weights file)."""
+    def fmt(v: Any) -> str:
+        return "(" + ", ".join(f"{float(x):.3g}" for x in v.flatten().tolist()) + ")"
+
+    for role, group in (("teacher", teachers), ("student", students)):
+        for p in group:
+            side = input_side(p)
+            fed = (f"{side} px, mean {fmt(p.pre.mean)} std {fmt(p.pre.std)}, {p.pre.interpolation}"
+                   if not hasattr(p.model, "pres") else f"{side} px at most, each member its own mean/std")
+            console.print(f"input of {role} {p.name!r}: {fed} — {p.origin}")
+            if p.intake is not None and p.intake.get("guessed"):
+                console.print(f"[yellow]warning:[/] teacher {p.name!r}: nothing beside its weights says how it was "
+                              f"trained, so it is fed {p.intake['source']}. If it was trained otherwise, state it "
+                              "(--set teachers.0.input_size=32 --set teachers.0.norm=half, or put the config.json "
+                              "medistill exports beside the weights file)")
 
 
 def fold_teachers(teachers: list[Participant], in_memory: set[str]) -> None:

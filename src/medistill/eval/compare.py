@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from medistill.errors import ConfigError
-from medistill.eval.metrics import CI_METRICS, _resample_weights, bootstrap_stats
+from medistill.eval.metrics import CI_METRICS, _resample_weights, bootstrap_stats, degenerate, predicted_classes
 
 COMPARISON_FILE = "comparison.json"
 NAMES = {"balanced_accuracy": "bal. ACC", "accuracy": "ACC", "macro_f1": "macro-F1", "auroc": "AUROC"}
@@ -114,6 +114,8 @@ def compare_runs(distilled: str | Path, alone: str | Path, n_resamples: int = 10
                      for r, n in ((distilled, s), (alone, b)))
         metrics = paired_bootstrap(pa[order_a], pb[order_b], ya[order_a], n_resamples, seed)
         out[s] = {"alone": b, "arch": list(arch), "n_images": int(len(ia)), "metrics": metrics,
+                  "num_classes": int(pa.shape[1]),
+                  "predicted_classes": {"distilled": predicted_classes(pa), "alone": predicted_classes(pb)},
                   **_gap(distilled, metrics["balanced_accuracy"])}
     return out
 
@@ -175,6 +177,7 @@ def verdict_line(student: str, r: dict[str, Any]) -> str:
     lo, hi = m["ci95"]
     word = ("helped" if lo > 0 else "hurt" if hi < 0 else
             "made no difference that these test images can resolve")
+    word += degenerate_caveat(r, word)
     others = ", ".join(f"{NAMES[k]} {_ci(v)}" for k, v in r["metrics"].items() if k != "balanced_accuracy")
     gap = ""
     if r.get("teacher") is not None:
@@ -184,6 +187,24 @@ def verdict_line(student: str, r: dict[str, Any]) -> str:
     return (f"{student}: distillation {word} — balanced accuracy {m['b']:.3f} alone → {m['a']:.3f} distilled, "
             f"difference {_ci(m)} (paired bootstrap 95 % interval over the same {r['n_images']} test images); "
             f"{others}.{gap}")
+
+
+def degenerate_caveat(r: dict[str, Any], word: str, share: float = 0.5) -> str:
+    """The qualifier a verdict needs when an arm predicts one class or fewer than ``share`` of
+    them: a difference against a broken baseline is not the teacher's doing."""
+    pc, k = r.get("predicted_classes"), r.get("num_classes")
+    if not pc or not k:
+        return ""
+    bad = [arm for arm in ("alone", "distilled") if degenerate(pc[arm], k, share)]
+    if bad == ["alone"]:
+        return (f" — but only against a degenerate baseline: the student alone predicts {pc['alone']} of {k} "
+                "classes, so this measures a broken alone arm as much as the teacher")
+    if bad == ["distilled"]:
+        return f" — and the distilled student is degenerate: it predicts {pc['distilled']} of {k} classes"
+    if bad:
+        return (f" — both arms are degenerate ({pc['alone']} and {pc['distilled']} of {k} classes predicted): "
+                "no verdict can be read from them; train longer or check the loss")
+    return ""
 
 
 def verdict_markdown(record: dict[str, Any]) -> str:

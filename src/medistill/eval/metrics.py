@@ -231,3 +231,19 @@ def auprc(probs: torch.Tensor, labels: torch.Tensor) -> float | None:
     if not (y == 1).any():
         return None
     return float(average_precision_score(y, probs[:, 1].double().numpy()))
+
+
+def predicted_classes(probs: torch.Tensor | np.ndarray) -> int:
+    """How many distinct classes ``probs [N, K]`` predict (argmax)."""
+    return int(len(np.unique(np.asarray(probs).argmax(1)))) if len(probs) else 0
+
+
+def degenerate(n_predicted: int, num_classes: int, share: float) -> bool:
+    """A model that predicts one class, or fewer than ``share`` of the ``num_classes``: its
+    balanced accuracy sits near chance however it was trained (``eval.degenerate_share``)."""
+    return n_predicted <= 1 or n_predicted < share * num_classes
+
+
+def predicted_from_confusion(cm: list[list[int]]) -> int:
+    """Distinct predicted classes from a confusion matrix (rows: true, columns: predicted)."""
+    return sum(1 for j in range(len(cm)) if any(row[j] for row in cm))

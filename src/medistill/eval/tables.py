@@ -44,9 +44,10 @@ def role_label(role: str, rows: dict[str, Any], row: dict[str, Any] | None = Non
 CI_NOTE = "Brackets: stratified bootstrap 95 % interval over the test images ({n} resamples)."
 
 
-def summary_table(rows: dict[str, Any]) -> str:
+def summary_table(rows: dict[str, Any], share: float = 0.5) -> str:
     """Markdown table of every model's test metrics, with bootstrap intervals where computed;
-    QWK only for ordinal data."""
+    QWK only for ordinal data; a warning under it for each degenerate model (``share``:
+    ``eval.degenerate_share``)."""
     keys = ["accuracy", "balanced_accuracy", "macro_f1", "qwk", "auroc", "ece"]
     if all(r["test"].get("qwk") is None for r in rows.values()):
         keys.remove("qwk")
@@ -58,4 +59,23 @@ def summary_table(rows: dict[str, Any]) -> str:
         lines.append(f"| {name} | {role_label(r['role'], rows, r)} | {r['model']['params'] / 1e6:.2f} | {r['model']['flops'] / 1e6:.1f} | "
                      + " | ".join(with_ci(t, k) for k in keys) + " |")
     n = next((r["test"]["ci95"].get("resamples") for r in rows.values() if r["test"].get("ci95")), None)
-    return head + "\n".join(lines) + "\n" + (f"\n{CI_NOTE.format(n=n)}\n" if n else "")
+    notes = degenerate_notes(rows, share)
+    return head + "\n".join(lines) + "\n" + (f"\n{CI_NOTE.format(n=n)}\n" if n else "") + \
+        ("\n" + "\n".join(f"- **Warning:** {t}" for t in notes) + "\n" if notes else "")
+
+
+def degenerate_notes(rows: dict[str, Any], share: float = 0.5) -> list[str]:
+    """One sentence per model whose test predictions cover one class or fewer than ``share`` of
+    the classes (from its confusion matrix)."""
+    from medistill.eval.metrics import degenerate, predicted_from_confusion
+
+    out = []
+    for name, r in rows.items():
+        cm = r["test"].get("confusion_matrix")
+        if not cm:
+            continue
+        n, k = predicted_from_confusion(cm), len(cm)
+        if degenerate(n, k, share):
+            out.append(f"{name} predicts {n} of {k} classes on these test images: degenerate (its balanced accuracy "
+                       "cannot rise far above chance); compare against it with care")
+    return out

@@ -224,15 +224,44 @@ def checkpoint_preprocessing(args: dict[str, Any] | None, model: nn.Module, fall
              and v not in (None, "")}
     if not known and not has_cfg:
         return {"input_size": fallback_size, "mean": list(IMAGENET[0]), "std": list(IMAGENET[1]),
-                "interpolation": "bilinear", "in_chans": 3,
+                "interpolation": "bilinear", "in_chans": 3, "guessed": True,
                 "source": "neither checkpoint args nor a pretrained_cfg: the data's size and ImageNet statistics"}
     dc = resolve_data_config(args=dict(args or {}), model=model)
     c, h, w = dc["input_size"]
     if h != w:
         raise ModelError(f"the checkpoint asks for {h}×{w} inputs; medistill feeds square images (set teachers.N.input_size)")
     return {"input_size": int(h), "mean": [float(v) for v in dc["mean"]], "std": [float(v) for v in dc["std"]],
-            "interpolation": dc.get("interpolation") or "bilinear", "in_chans": int(c),
-            "source": "checkpoint args" if known else "the model's pretrained_cfg"}
+            "interpolation": dc.get("interpolation") or "bilinear", "in_chans": int(c), "guessed": not known,
+            "source": "checkpoint args" if known else "timm's pretrained_cfg defaults for the architecture "
+                                                     f"({h} px, mean/std {tuple(round(v, 3) for v in dc['mean'])}, "
+                                                     f"{dc.get('interpolation') or 'bilinear'})"}
+
+
+def stated_preprocessing(weights: str | os.PathLike, arch: str) -> dict[str, Any] | None:
+    """The preprocessing a ``config.json`` beside a weights file states (timm's hub layout, the
+    one medistill exports with every student): side, mean, std, interpolation, and medistill's
+    stem mode and model arguments where present; None without one. One naming another
+    architecture is refused: it describes another model."""
+    p = Path(weights).parent / "config.json"
+    if not p.is_file():
+        return None
+    try:
+        cfg = json.loads(p.read_text())
+        pc = cfg["pretrained_cfg"]
+        c, h, w = (int(v) for v in pc["input_size"])
+        mean, std = [float(v) for v in pc["mean"]], [float(v) for v in pc["std"]]
+    except (OSError, KeyError, TypeError, ValueError) as e:
+        raise ModelError(f"{p}: not a readable timm config.json (needs pretrained_cfg.input_size, mean, std; "
+                         f"{type(e).__name__}: {e})") from None
+    if cfg.get("architecture", arch) != arch:
+        raise ModelError(f"{p} describes a {cfg['architecture']}, not the {arch} named for the weights beside it")
+    if h != w:
+        raise ModelError(f"{p} states {h}×{w} inputs; medistill feeds square images (set teachers.N.input_size)")
+    ms = cfg.get("medistill") or {}
+    return {"input_size": h, "mean": mean, "std": std, "interpolation": pc.get("interpolation") or "bilinear",
+            "in_chans": c, "small_input": ms.get("small_input", "off"),
+            "model_args": {k: v for k, v in (cfg.get("model_args") or {}).items() if k != "in_chans"},
+            "source": f"{p.name} beside the weights"}
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike, strict: bool = True,
