@@ -241,10 +241,18 @@ class DataBundle:
             n += len(self.splits["unlabeled"])
         return n
 
-    def card_info(self) -> dict[str, Any]:
-        """What a model card says about the data: its source, fingerprint and images per class per split."""
-        return {"source": self.source.description, "fingerprint": self.source.fingerprint or None,
+    def card_info(self, pool_terms: Any = None) -> dict[str, Any]:
+        """What a model card and summary say about the data: its source, fingerprint, images per
+        class per split and, when ``pool_terms`` (the run's term modules) learn from the unlabelled
+        pool, its source, size and the label-free terms."""
+        info = {"source": self.source.description, "fingerprint": self.source.fingerprint or None,
                 "counts": {k: self.counts(k).tolist() for k in ("train", "val", "test")}}
+        if pool_terms is not None and self.has_unlabeled:
+            info["unlabeled"] = {"source": self.unlabeled.description if self.unlabeled is not None else
+                                 f"{self.source.description} (data.label_fraction: the training images without labels)",
+                                 "images": int(len(self.splits["unlabeled"])),
+                                 "terms": ", ".join(k.replace("__", ".") for k, t in pool_terms.items() if not t.uses_labels())}
+        return info
 
     def pool_kept(self) -> np.ndarray:
         """The ids (within ``data.unlabeled``) of the pool images this run uses."""

@@ -376,7 +376,7 @@ class Engine:
     def finalize(self) -> dict[str, Any]:
         loaders = {"val": self._eval_loader("val"), "test": self._eval_loader("test")}
         return final_evaluation(self.out, self.students, self.teachers, loaders, self.cfg, self.device,
-                                self.data.ordinal, self.main, self.data.card_info())
+                                self.data.ordinal, self.main, self.data.card_info(self.terms if self.use_unlabeled else None))
 
     def run(self) -> dict[str, Any]:
         try:

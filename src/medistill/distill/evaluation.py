@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from medistill.config import RunConfig
-from medistill.distill.participants import Participant
+from medistill.distill.participants import Participant, input_side
 from medistill.eval.card import model_card
 from medistill.eval.metrics import classification_metrics, degenerate, predicted_classes, selection_score
 from medistill.eval.predict import evaluate_splits, predict
@@ -22,7 +22,7 @@ from medistill.models.cost import count_flops, count_params, model_cost
 from medistill.models.ensemble import EnsembleModel
 from medistill.models.factory import load_model_dir, save_model_dir
 from medistill.models.timm_config import write_config
-from medistill.rundir import student_dir
+from medistill.rundir import student_dir, update_run_info
 
 Tensor = torch.Tensor
 VAL_KEYS = ("accuracy", "balanced_accuracy", "macro_f1", "qwk", "auroc", "ece", "nll")
@@ -112,15 +112,47 @@ def final_evaluation(out: Path, students: list[Participant], teachers: list[Part
     role = "student" if teachers else "trained alone"
     rows = {**teacher_rows, **{n: {"role": role, **r} for n, r in results.items()}}
     write_json(out / "summary.json", rows)
-    write_text(out / "summary.md", summary_table(rows, cfg.eval.degenerate_share))
     info = data_info or {}
-    trows = [{"name": n, "arch": next(t.spec.arch for t in teachers if t.name == n), **r["test"]}
+    described = describe_run(cfg, teachers, students, info)
+    update_run_info(out, description=described)
+    write_text(out / "summary.md", summary_table(rows, cfg.eval.degenerate_share) + "\n## This run\n\n"
+               + "\n".join(f"- {line}" for line in described) + "\n")
+    by_name = {t.name: t for t in teachers}
+    trows = [{"name": n, "arch": by_name[n].spec.arch, "input_size": input_side(by_name[n]), **r["test"]}
              for n, r in teacher_rows.items() if r["role"] == "teacher"]
     for s in students:   # the model card, with the numbers just measured
         write_text(student_dir(out, s.name) / "README.md",
                    model_card(s.name, s.spec, results[s.name], cfg, trows, info.get("source", cfg.data.name),
-                              info.get("fingerprint"), info.get("counts", {})))
+                              info.get("fingerprint"), info.get("counts", {}), info.get("unlabeled")))
     return results
+
+
+def describe_run(cfg: RunConfig, teachers: list[Participant], students: list[Participant],
+                 info: dict[str, Any]) -> list[str]:
+    """What a run was, in sentences for summary.md and the report: the objective of each
+    student (its terms with their settings), the schedule, every participant's input and where
+    it came from, and the unlabelled images it learnt from."""
+    def term(t: Any) -> str:
+        extra = ", ".join(f"{k}={v}" for k, v in t.params().items())
+        return f"{t.weight:g}·{t.type}" + (f"({extra})" if extra else "")
+
+    lines = []
+    for s in students:
+        mine = [term(t) for t in cfg.terms if t.student in (None, s.name)]
+        lines.append(f"student {s.name!r} ({s.spec.arch}) objective: " + (" + ".join(mine) or
+                                                                           f"{cfg.train.loss} (trained alone)"))
+    lines.append(f"{cfg.train.epochs} epochs, batch {cfg.train.batch_size}, {cfg.optim.name} lr {cfg.optim.lr:g}, "
+                 f"{cfg.sched.name} schedule, augmentation {cfg.data.augment}, seed {cfg.train.seed}; checkpoint "
+                 f"selected on validation {cfg.train.select_metric}")
+    for role, group in (("teacher", teachers), ("student", students)):
+        for p in group:
+            lines.append(f"input of {role} {p.name!r} ({p.spec.arch}): {input_side(p)} px, mean "
+                         f"{[round(v, 3) for v in p.pre.mean.flatten().tolist()]}, std "
+                         f"{[round(v, 3) for v in p.pre.std.flatten().tolist()]}, {p.pre.interpolation} — {p.origin}")
+    u = info.get("unlabeled")
+    lines.append(f"unlabelled images: {u['images']} from {u['source']}, learnt through {u['terms']}" if u
+                 else "unlabelled images: none")
+    return lines
 
 
 def _evaluate_student(d: Path, loaders: dict[str, Any], cfg: RunConfig, device: torch.device, ordinal: bool,

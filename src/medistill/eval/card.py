@@ -6,16 +6,19 @@ from __future__ import annotations
 from typing import Any
 
 from medistill.eval.tables import with_ci
+from medistill.models.timm_config import plain_timm_note
 
 _NAMES = {"balanced_accuracy": "balanced accuracy", "accuracy": "accuracy", "macro_f1": "macro-F1",
           "auroc": "AUROC (one-vs-rest, macro)", "qwk": "quadratic weighted kappa", "ece": "ECE (15 bins)"}
 
 
 def model_card(name: str, spec: Any, metrics: dict[str, Any], cfg: Any, teachers: list[dict[str, Any]],
-               source: str, fingerprint: str | None, counts: dict[str, list[int]]) -> str:
+               source: str, fingerprint: str | None, counts: dict[str, list[int]],
+               unlabeled: dict[str, Any] | None = None) -> str:
     """Markdown card of student ``name``. ``spec``: its :class:`ModelSpecRecord`; ``metrics``:
     its ``metrics.json``; ``cfg``: the run's :class:`RunConfig`; ``teachers``: rows with name,
-    checkpoint, arch and test balanced accuracy; ``counts``: images per class per split."""
+    checkpoint, arch, input size and test balanced accuracy; ``counts``: images per class per
+    split; ``unlabeled``: the unlabelled images the student learnt from (source, images, terms)."""
     t = metrics["test"]
     terms = cfg.terms or []
     recipe = " + ".join(f"{x.weight:g}·{x.type}" for x in terms if x.student in (None, name)) or f"{cfg.train.loss} (trained alone)"
@@ -29,7 +32,11 @@ def model_card(name: str, spec: Any, metrics: dict[str, Any], cfg: Any, teachers
         "- Images per class — " + "; ".join(f"{k}: {v}" for k, v in counts.items()),
         f"- Input: {spec.data_chans}-channel images in [0, 1], resized to {spec.input_size} px (bilinear), "
         f"normalised with mean {[round(v, 4) for v in spec.mean]} and std {[round(v, 4) for v in spec.std]}",
-        f"- Stem: {spec.adaptation or 'as in timm (unmodified)'}", "",
+        f"- Stem: {spec.adaptation or 'as in timm (unmodified)'}"
+        + (f". **Needs medistill to load:** {note}" if (note := plain_timm_note(spec)) else
+           "; plain `timm.create_model` with `config.json`'s architecture and model_args rebuilds it exactly"),
+        *([f"- Unlabelled images: {unlabeled['images']} from `{unlabeled['source']}`, learnt through "
+           f"{unlabeled['terms']}"] if unlabeled else []), "",
         "## Training", "",
         f"- Objective: {recipe}",
         f"- {cfg.train.epochs} epochs, batch {cfg.train.batch_size}, {cfg.optim.name} (lr {cfg.optim.lr:g}, weight decay "
@@ -37,7 +44,8 @@ def model_card(name: str, spec: Any, metrics: dict[str, Any], cfg: Any, teachers
         f"- Checkpoint selected on the validation split by {cfg.train.select_metric}; the test split was not used for any choice",
     ]
     if teachers:
-        lines += ["- Teachers: " + "; ".join(f"{r['name']} ({r['arch']}, test balanced accuracy "
+        lines += ["- Teachers: " + "; ".join(f"{r['name']} ({r['arch']}" + (f" at {r['input_size']} px" if r.get("input_size")
+                                                                           else "") + ", test balanced accuracy "
                                             f"{r['balanced_accuracy']:.3f})" for r in teachers)]
     lines += ["", "## Test results", "", "| metric | value (95 % bootstrap interval) |", "|---|---|"]
     lines += [f"| {label} | {with_ci(t, k)} |" for k, label in _NAMES.items() if t.get(k) is not None]

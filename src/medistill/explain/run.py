@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from rich.console import Console
 import torch.nn.functional as F
 from torch import nn
 
@@ -127,13 +128,15 @@ def explain_run(run_dir: str | Path, n_images: int = 8, per_class: int | None = 
                               "fidelity": "prediction agreement of f(x ⊙ S) with f(x)", "models": {}}
     all_maps: dict[str, dict[str, torch.Tensor]] = {}
     images = x.permute(0, 2, 3, 1).cpu().numpy()
-    titles = [f"y={int(v)}" for v in y]
-    with steps(console, f"explain {len(x)} images", len(models) * len(methods), enabled=progress) as advance:
+    titles = [bundle.class_names[int(v)] for v in y]
+    con = console or Console(stderr=True)
+    with steps(con, f"explain {len(x)} images", len(models) * len(methods), enabled=progress) as advance:
         for name, (role, model, pre, spec) in models.items():
             model.to(dev)
             pre.to(dev)
             entry, all_maps[name], per_layer = _explain_model(name, model, pre, spec, x, y, pre(bg), cam_layers.get(name),
-                                                              methods, top_k, bundle.num_classes, advance)
+                                                              methods, top_k, bundle.num_classes, advance,
+                                                              lambda m: con.print(f"[yellow]note:[/] {m}"))
             entry["role"] = role
             _overlay_grid(images, per_layer, titles, out / f"layers_{name}.png")
             report["models"][name] = entry
@@ -203,10 +206,11 @@ def _auto_top_k(model: nn.Module, xin: torch.Tensor, pred: torch.Tensor, layer: 
 
 def _explain_model(name: str, model: nn.Module, pre: nn.Module, spec: Any, x: torch.Tensor, y: torch.Tensor, background: torch.Tensor,
                    layer: str | None, methods: list[str], top_k: int | None, num_classes: int,
-                   advance: Callable[[str], None] = lambda _: None,
+                   advance: Callable[[str], None] = lambda _: None, say: Callable[[str], None] = lambda _: None,
                    ) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, np.ndarray]]:
     """One model's maps ``[B, H, W]`` (CPU, image size) per method, their faithfulness and time
-    per image, and its per-layer average maps for the layer figure."""
+    per image, and its per-layer average maps for the layer figure; ``say`` announces a slow
+    Score-CAM (every channel) before it runs."""
     xin = pre(x)
     size = tuple(x.shape[-2:])
     layer = layer or C.default_target_layer(model, spec.input_size, spec.in_chans)
@@ -227,6 +231,10 @@ def _explain_model(name: str, model: nn.Module, pre: nn.Module, spec: Any, x: to
     if "scorecam" in methods and top_k is None:
         entry["scorecam_top_k"] = _auto_top_k(model, xin, pred, layer, spatial[layer][1])
         top_k = entry["scorecam_top_k"]["k"]
+        if top_k == 0 and spatial[layer][1] > AUTO_TOP_K:
+            say(f"{name}: Score-CAM on all {spatial[layer][1]} channels of {layer} "
+                f"({entry['scorecam_top_k']['reason']}): {spatial[layer][1]} masked forwards per image × {len(x)} "
+                "images; --top-k 16 trades exactness for time")
     fns = _methods(layer, top_k, background)
     maps_out: dict[str, torch.Tensor] = {}
     for meth in methods:

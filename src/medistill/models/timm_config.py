@@ -22,9 +22,27 @@ from medistill.io import write_json
 CONFIG_FILE = "config.json"
 
 
+# Architectures medistill registers with timm itself: plain timm (without medistill) cannot build them.
+MEDISTILL_ARCHS = {"cnn5"}
+
+
+def plain_timm_note(spec: Any) -> str | None:
+    """Why plain ``timm.create_model`` + these weights would not be this student (None: it is).
+    An adapted stem loads without error into timm's own stem and computes other outputs."""
+    if spec.adaptation:
+        return (f"adapted stem ({spec.adaptation}): plain timm.create_model({spec.arch!r}) builds timm's own stem, "
+                "loads these weights without error and computes other outputs; load with "
+                "medistill.api.load_student(FOLDER)")
+    if spec.arch in MEDISTILL_ARCHS or spec.kwargs.get("dual_head"):
+        return f"{spec.arch} is medistill's own architecture (or head); load with medistill.api.load_student(FOLDER)"
+    return None
+
+
 def timm_config(spec: Any) -> dict[str, Any]:
-    """The ``config.json`` of a student record (:class:`ModelSpecRecord`)."""
-    return {
+    """The ``config.json`` of a student record (:class:`ModelSpecRecord`); ``load_with`` names
+    medistill's loader where plain timm would build another network (:func:`plain_timm_note`)."""
+    note = plain_timm_note(spec)
+    return {**({"load_with": "medistill.api.load_student", "why": note} if note else {}),
         "architecture": spec.arch,
         "num_classes": spec.num_classes,
         "label_names": list(spec.class_names),

@@ -14,7 +14,7 @@ from typing import Any
 
 from medistill import plots as P
 from medistill.errors import NotARunError
-from medistill.eval.tables import CI_NOTE, STUDENT_ROLES, role_label, with_ci
+from medistill.eval.tables import CI_NOTE, STUDENT_ROLES, degenerate_notes, role_label, with_ci
 from medistill.io import write_text
 from medistill.plots import png_data_uri
 from medistill.rundir import read_run_json, read_run_jsonl, student_dir
@@ -103,6 +103,12 @@ def _run_section(run: Path) -> tuple[str, dict[str, dict[str, Any]]]:
         alone = Path(resolve_in_run(record["alone_run"], run))
         parts.append(_verdict_section(run, record, alone if alone.is_dir() else None))
     parts.append("<h3 id='models'>Teacher vs students</h3>" + _model_table(summary))
+    described = (read_run_json(run / "run_info.json").get("description") or []) if (run / "run_info.json").is_file() else []
+    if described:
+        parts.append("<h3 id='this-run'>This run</h3><ul>" + "".join(f"<li>{html.escape(d)}</li>" for d in described)
+                     + "</ul>")
+    notes = degenerate_notes(summary) if summary else []
+    parts += [f"<p class='note'><b>Warning:</b> {html.escape(n)}</p>" for n in notes]
     log_path = run / "metrics.jsonl"
     if log_path.is_file():
         log = read_run_jsonl(log_path)
