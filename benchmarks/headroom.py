@@ -58,19 +58,28 @@ VARIANTS: dict[str, tuple[str, Any]] = {
     # student alone on that schedule as its baseline, so that the longer schedule is not credited to FM
     "ce_long": ("train", {"train.loss": "ce"}),
     "fm": ("distill", "fm"),
+    # the self-training control (issue 44): balanced KD with the same student alone (its LA-CE
+    # cell, same seed) as the only teacher, on the same unlabelled pool: what any model's
+    # pseudo-labels give, without the ensemble's knowledge
+    "self_kd_bal": ("distill", [{"type": "logit_adjusted", "weight": 0.1}, {**KD, "logit_adjust": 1.0}]),
 }
+# a distilled cell whose teacher is another cell of the same student and seed, not the ensemble
+SELF_TEACHER = {"self_kd_bal": "la"}
+# the control each distilled cell is also paired with (the teacher's knowledge, not any teacher's)
+CONTROL = {"kd_bal": "self_kd_bal"}
 LABELS = {"ce": "alone, CE", "la": "alone, logit-adjusted CE", "kd": "KD from the ensemble",
           "dkd": "DKD from the ensemble", "kd_la": "KD + logit-adjusted CE",
           "ce_long": "alone, CE, 2× epochs", "fm": "function matching (mixup, KL τ=1), 2× epochs"}
 EPOCH_FACTOR = {"ce_long": 2, "fm": 2}
 # the alone cell each distilled cell is paired with (same schedule, seed and test images)
-BASELINE = {"kd": "ce", "dkd": "ce", "kd_la": "ce", "fm": "ce_long", "kd_val": "ce", "kd_bal": "la"}
+BASELINE = {"kd": "ce", "dkd": "ce", "kd_la": "ce", "fm": "ce_long", "kd_val": "ce", "kd_bal": "la", "self_kd_bal": "la"}
 # KD's temperature and weight chosen on the validation split (``--tune-kd``): every pair of the
 # grid trained on the tuning seeds, the pair with the best mean validation balanced accuracy kept
 # as the cell ``kd_val``. The test split plays no part in the choice.
 KD_GRID = {"temperature": (1.0, 2.0, 4.0, 8.0), "weight": (0.5, 0.9)}
 LABELS["kd_val"] = "KD, τ and weight chosen on validation"
 LABELS["kd_bal"] = "balanced KD (LA CE + KD with the student's logits + log prior)"
+LABELS["self_kd_bal"] = "self-training control: balanced KD from the same student alone (LA CE) on the same pool"
 DEFAULT_CELLS = ["mnv3s:ce", "mnv3s:kd", "mnv3s:ce_long", "mnv3s:fm", "mnv3s:la", "mnv3s:dkd", "mnv3s:kd_la",
                  "cnn5:ce", "cnn5:kd", "cnn5:ce_long", "cnn5:fm",
                  "resnet18:ce", "resnet18:kd", "resnet18:la", "resnet18:dkd", "resnet18:kd_la"]
@@ -206,6 +215,8 @@ def cell(out: Path, cfg: dict[str, Any], ens: Path, student: str, variant: str, 
             _set(c, k, v)
     else:
         c["teachers"] = [{"name": "ensemble", "checkpoint": str(ens)}]
+        if variant in SELF_TEACHER:
+            c["teachers"] = [{"name": "self", "checkpoint": str(cell(out, cfg, ens, student, SELF_TEACHER[variant], seed))}]
         if isinstance(spec, str):
             from medistill.presets import method_settings, method_terms
 
@@ -286,6 +297,8 @@ def _collect_cells(out: Path, res: dict[str, Any]) -> None:
             res["cells"][f"{student}:{variant}"] = {
                 "student": student, "variant": variant, "seeds": per_seed, "model": model,
                 "paired": _paired(out, student, variant, runs, res.get("ensemble")),
+                **({"paired_control": _paired(out, student, variant, runs, None, CONTROL[variant])}
+                   if variant in CONTROL else {}),
                 "epoch_time_s": statistics.median(times) if times else None,   # median: robust to a paused epoch
                 **{k: _mean_std([s[k] for s in per_seed.values() if s[k] is not None]) for k in METRICS},
             }
@@ -381,6 +394,16 @@ def table(res: dict[str, Any]) -> str:
             per = "; ".join(f"{v['diff']:+.3f} [{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}]" for v in pb["seeds"].values())
             lines.append(f"| {STUDENTS[c['student']]['model']} | {LABELS[c['variant']]} | {LABELS[pb['baseline']]} | "
                          f"{_f(pb['diff'])} | {per} | {_f(pb['gap_closed'])} |")
+    ctl_rows = [c for c in res["cells"].values() if c.get("paired_control")]
+    if ctl_rows:
+        lines.append("\nAgainst the self-training control (the same student alone as its own teacher, same method and "
+                     "pool; per seed: paired difference in balanced accuracy [95 % interval]):\n")
+        lines.append("| student | trained | vs | Δ bal. ACC, mean ± std | per seed | seeds > 0 |\n|---|---|---|---|---|---|")
+        for c in ctl_rows:
+            pc = c["paired_control"]
+            per = "; ".join(f"{v['diff']:+.3f} [{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}]" for v in pc["seeds"].values())
+            lines.append(f"| {STUDENTS[c['student']]['model']} | {LABELS[c['variant']]} | {LABELS[pc['baseline']]} | "
+                         f"{_f(pc['diff'])} | {per} | {pc['seeds_above_zero']}/{len(pc['seeds'])} |")
     for student, tu in res.get("kd_tuning", {}).items():
         ch = tu["chosen"]
         lines.append(f"\nKD grid for {STUDENTS[student]['model']} (seeds {tu['seeds']}; chosen on {tu['criterion']}: "

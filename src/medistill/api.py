@@ -64,7 +64,7 @@ def _overrides(data: Any, epochs: int | None, seed: int | None, out: Any, overri
     return [(k, v) for k, v in flags.items() if v is not None] + list(overrides or [])
 
 
-def _finish(cfg: Any, modules: dict[str, nn.Module], resume: bool, quiet: bool, baseline: bool = False,
+def _finish(cfg: Any, modules: dict[str, nn.Module], resume: bool, quiet: bool, baseline: bool | str = False,
             compare: str | Path | None = None, force: bool = False) -> Run:
     from medistill.eval.compare import read_comparison
 
@@ -98,11 +98,12 @@ def distill(teachers: Sequence[TeacherLike], data: str | Path | None = None, mod
             method: str | None = "kd", terms: list[dict[str, Any]] | None = None, epochs: int | None = None,
             seed: int | None = None, out: str | Path = "runs/run", config: dict[str, Any] | str | Path | None = None,
             overrides: Sequence[str] | None = None, teacher_norm: str = "half", resume: bool = False,
-            quiet: bool = False, baseline: bool = False, compare: str | Path | None = None, force: bool = False,
+            quiet: bool = False, baseline: bool | str = False, compare: str | Path | None = None, force: bool = False,
             unlabeled: str | Path | None = None, label_fraction: float | None = None) -> Run:
     """Distil ``teachers`` into the student(s) with a method preset or explicit loss ``terms``.
     Without ``data``, the data and split are those of the (first) teacher's run. ``baseline``
-    also trains the students alone; ``compare`` names such a run: ``Run.comparison`` then holds
+    also trains the students alone (``"selftrain"``: and the self-training control, the alone
+    student distilled into a fresh one the same way); ``compare`` names such a run: ``Run.comparison`` then holds
     the paired differences. ``unlabeled``: images without labels the student learns the teacher's
     outputs on (``data.unlabeled``); ``label_fraction``: keep this share of the training labels."""
     if isinstance(teachers, (str, Path, tuple, nn.Module)):

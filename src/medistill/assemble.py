@@ -23,6 +23,7 @@ INHERITED_DATA = ("name", "format", "val_fraction", "test_fraction", "split_seed
                   "max_eval_samples", "ordinal", "group_pattern", "group_by", "window", "dicom_frame",
                   "folds", "fold", "skip_corrupt", "label_fraction")
 ALONE_DIR = "alone"
+SELFTRAIN_DIR = "selftrain"
 
 
 def student_entries(models: Sequence[str], input_size: int | None, base: dict[str, Any] | None = None) -> list[dict[str, Any]]:
@@ -182,14 +183,46 @@ def baseline_config(cfg: RunConfig, out: str | Path | None = None) -> RunConfig:
     return RunConfig.model_validate(tree)
 
 
+BASELINE_ARMS = ("alone", "selftrain")
+
+
+def baseline_arm(argv: list[str]) -> list[str]:
+    """``distill --baseline`` alone means the alone arm; ``--baseline selftrain`` names the other.
+    click's optional-value options are not exposed by typer, so the bare flag gets its value here."""
+    if len(argv) < 2 or argv[1] != "distill":
+        return argv
+    out = []
+    for i, a in enumerate(argv):
+        out.append(a)
+        if a == "--baseline" and (i + 1 == len(argv) or argv[i + 1] not in BASELINE_ARMS):
+            out.append("alone")
+    return out
+
+
+def selftrain_config(cfg: RunConfig, alone: Path, out: Path) -> RunConfig:
+    """The self-training control: the run's own method and unlabelled images, with the student
+    trained alone (``alone``) as the only teacher of a fresh student of the same architecture."""
+    if len(cfg.students) != 1:
+        raise ConfigError(f"--baseline selftrain takes one student (this run has {len(cfg.students)}): each would need "
+                          "its own alone teacher")
+    tree = cfg.model_dump(mode="json")
+    tree.update(teachers=[{"name": "self", "checkpoint": str(alone)}], out=str(out))
+    return RunConfig.model_validate(tree)
+
+
 def execute_run(cfg: RunConfig, *, resume: bool = False, download: bool = False, console: Any = None,
-                teacher_modules: dict[str, Any] | None = None, baseline: bool = False,
+                teacher_modules: dict[str, Any] | None = None, baseline: bool | str | None = False,
                 compare: str | Path | None = None, force: bool = False) -> dict[str, Any]:
     """Run the engine; with ``baseline`` also train the students alone (``OUT/alone``, resumed or
     reused when already there), or with ``compare`` take an existing run of them alone; then
-    write the paired comparison (``comparison.json``, the verdict atop ``summary.md``)."""
+    write the paired comparison (``comparison.json``, the verdict atop ``summary.md``).
+    ``baseline="selftrain"`` adds the self-training control (:func:`selftrain_config`, in
+    ``OUT/selftrain``) and its paired comparison (``comparison_selftrain.json``)."""
     from medistill.distill.engine import Engine
 
+    if baseline == "selftrain" and not cfg.teachers:
+        raise ConfigError("--baseline selftrain needs a teacher run: it compares the teacher with the student's own "
+                          "pseudo-labels")
     if baseline and compare:
         raise ConfigError("give either a baseline to train (--baseline) or a run to compare with (--compare), not both")
     if compare is not None and not (Path(compare) / "split.json").is_file():
@@ -204,11 +237,21 @@ def execute_run(cfg: RunConfig, *, resume: bool = False, download: bool = False,
                 console.print(f"[bold]baseline[/]: the same student(s) trained alone → {alone}")
             Engine(baseline_config(cfg, alone), resume=(alone / "checkpoint_last.pt").is_file(), download=download,
                    console=console).run()
+    selftrain = Path(cfg.out) / SELFTRAIN_DIR if baseline == "selftrain" else None
+    if selftrain is not None and not (selftrain / "summary.json").is_file():
+        if console is not None:
+            console.print(f"[bold]baseline[/]: the alone student as its own teacher (same method, same unlabelled "
+                          f"images) → {selftrain}")
+        Engine(selftrain_config(cfg, alone, selftrain), resume=(selftrain / "checkpoint_last.pt").is_file(),
+               download=download, console=console).run()
     if alone is not None:
         from medistill import dist
         from medistill.eval.compare import write_comparison
 
         if dist.rank() == 0:
             # the verdict always gets an interval, even where eval.bootstrap=0 switched the per-run ones off
-            write_comparison(Path(cfg.out), alone, max(cfg.eval.bootstrap, 200), cfg.eval.bootstrap_seed)
+            n = max(cfg.eval.bootstrap, 200)
+            if selftrain is not None:
+                write_comparison(Path(cfg.out), selftrain, n, cfg.eval.bootstrap_seed, control="selftrain")
+            write_comparison(Path(cfg.out), alone, n, cfg.eval.bootstrap_seed)
     return results

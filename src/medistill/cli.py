@@ -71,7 +71,7 @@ def _device_sets(sets: Optional[list[str]], device: Optional[str], amp: Optional
 
 def _run(kind: str, config: Optional[Path], overrides: list[Override], model: Optional[list[str]], input_size: Optional[int],
          teachers: Optional[list[str]], method: Optional[str], resume: bool, download: bool,
-         pretrained: bool = False, print_config: bool = False, baseline: bool = False,
+         pretrained: bool = False, print_config: bool = False, baseline: bool | str | None = False,
          compare: Optional[str] = None, force: bool = False) -> None:
     from medistill.assemble import assemble_run, execute_run
 
@@ -84,6 +84,10 @@ def _run(kind: str, config: Optional[Path], overrides: list[Override], model: Op
 
         print(dump_config(cfg), end="")
         return
+    from medistill.assemble import BASELINE_ARMS
+
+    if isinstance(baseline, str) and baseline not in BASELINE_ARMS:
+        raise typer.BadParameter(f"--baseline {baseline!r}: use --baseline (the student alone) or --baseline selftrain")
     results = execute_run(cfg, resume=resume, download=download, console=console, baseline=baseline, compare=compare,
                           force=force)
     import os
@@ -205,8 +209,9 @@ def distill(
     workers: Optional[int] = _WORKERS,
     print_config: bool = _PRINT,
     force: bool = _FORCE,
-    baseline: bool = typer.Option(False, "--baseline", help="also train the same student(s) alone (same data, split, "
-                                  "schedule and seed, in OUT/alone) and report the difference with a paired 95 % interval"),
+    baseline: Optional[str] = typer.Option(None, "--baseline", metavar="[alone|selftrain]", help=(
+        "also train the student alone (same data, split, schedule, seed; OUT/alone): the paired difference with a 95 % "
+        "interval; `selftrain` also distils that student into a fresh one the same way (OUT/selftrain)")),
     compare: Optional[str] = typer.Option(None, "--compare", help="a run of the same student(s) trained alone on the same "
                                           "split: report the difference with a paired 95 % interval"),
     unlabeled: Optional[str] = _UNLABELED,
@@ -370,7 +375,9 @@ def main() -> None:
     import os
 
     debug = "--debug" in sys.argv[1:] or os.environ.get("MEDISTILL_DEBUG") == "1"
-    sys.argv = [a for a in sys.argv if a != "--debug"]
+    from medistill.assemble import baseline_arm
+
+    sys.argv = baseline_arm([a for a in sys.argv if a != "--debug"])
     try:
         app()
     except MedistillError as e:

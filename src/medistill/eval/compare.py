@@ -21,6 +21,7 @@ from medistill.errors import ConfigError
 from medistill.eval.metrics import CI_METRICS, _resample_weights, bootstrap_stats, degenerate, predicted_classes
 
 COMPARISON_FILE = "comparison.json"
+SELFTRAIN_FILE = "comparison_selftrain.json"
 NAMES = {"balanced_accuracy": "bal. ACC", "accuracy": "ACC", "macro_f1": "macro-F1", "auroc": "AUROC"}
 
 
@@ -140,24 +141,32 @@ def _gap(distilled: Path, bal: dict[str, Any]) -> dict[str, Any]:
     return {"teacher": name, "teacher_balanced_accuracy": t, "gap_closed": gap_closed(bal["a"], bal["b"], t)}
 
 
-def write_comparison(distilled: Path, alone: Path, n_resamples: int = 1000, seed: int = 0) -> dict[str, Any]:
+def write_comparison(distilled: Path, alone: Path, n_resamples: int = 1000, seed: int = 0,
+                     control: str = "alone") -> dict[str, Any]:
     """Compare, then store ``comparison.json`` in the distilled run (with the alone run's path,
-    relative to it where it lies inside) and put the verdict at the top of its ``summary.md``."""
+    relative to it where it lies inside) and put the verdict at the top of its ``summary.md``.
+    ``control="selftrain"``: the other run is the self-training control (``comparison_selftrain.json``,
+    its verdict under the first); written first, so the alone verdict heads the file."""
     from medistill.io import write_json, write_text
     from medistill.rundir import portable_path
 
     res = compare_runs(distilled, alone, n_resamples, seed)
-    record = {"alone_run": portable_path(str(alone), distilled), "resamples": n_resamples, "seed": seed, "students": res}
-    write_json(distilled / COMPARISON_FILE, record)
+    record = {"alone_run": portable_path(str(alone), distilled), "resamples": n_resamples, "seed": seed,
+              "control": control, "students": res}
+    write_json(distilled / (COMPARISON_FILE if control == "alone" else SELFTRAIN_FILE), record)
     summary = distilled / "summary.md"
     body = summary.read_text() if summary.is_file() else ""
-    body = body.split("\n\n---\n\n", 1)[1] if body.startswith("**Did distillation help?**") else body
-    write_text(summary, verdict_markdown(record) + "\n\n---\n\n" + body)
+    while body.startswith(("**Did distillation help?**", "**Is it the teacher's knowledge?**")):
+        body = body.split("\n\n---\n\n", 1)[1] if "\n\n---\n\n" in body else ""
+    heads = [verdict_markdown(record)]
+    if control == "alone" and (other := read_comparison(distilled, SELFTRAIN_FILE)) is not None:
+        heads.append(verdict_markdown(other))
+    write_text(summary, "\n\n---\n\n".join(heads) + "\n\n---\n\n" + body)
     return record
 
 
-def read_comparison(run: str | Path) -> dict[str, Any] | None:
-    p = Path(run) / COMPARISON_FILE
+def read_comparison(run: str | Path, name: str = COMPARISON_FILE) -> dict[str, Any] | None:
+    p = Path(run) / name
     if not p.is_file():
         return None
     try:
@@ -208,6 +217,13 @@ def degenerate_caveat(r: dict[str, Any], word: str, share: float = 0.5) -> str:
 
 
 def verdict_markdown(record: dict[str, Any]) -> str:
+    if record.get("control") == "selftrain":
+        lines = ["**Is it the teacher's knowledge?** Against the self-training control — the student trained alone, "
+                 f"then distilled into a fresh student with the same method and unlabelled images ({record['alone_run']}):",
+                 ""]
+        lines += [f"- {verdict_line(s, r).replace('distillation ', 'the teacher ', 1).replace(' alone →', ' self-trained →')}"
+                  for s, r in record["students"].items()]
+        return "\n".join(lines)
     lines = [f"**Did distillation help?** Against the same student trained alone ({record['alone_run']}):", ""]
     lines += [f"- {verdict_line(s, r)}" for s, r in record["students"].items()]
     return "\n".join(lines)
