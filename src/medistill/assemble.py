@@ -10,6 +10,7 @@ with ``baseline``/``compare``, answers "did it help?" against the same student t
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -174,11 +175,34 @@ def assemble_run(kind: str, config: dict[str, Any] | str | Path | None = None, o
     return load_config(None, [], base=tree)
 
 
+def _teachers_side(cfg: RunConfig) -> int | None:
+    """The largest input side of the run's teachers as their model.json files record it (what
+    a distilled student without ``input_size`` follows); None where a teacher records none."""
+    from medistill.errors import MedistillError
+    from medistill.rundir import resolve
+
+    sides = []
+    for t in cfg.teachers:
+        try:
+            metas = [m / "model.json" for m in resolve(t.checkpoint).models] if not t.input_size else []
+            sides += [t.input_size] if t.input_size else [json.loads(m.read_text())["input_size"] for m in metas]
+        except (MedistillError, OSError, KeyError, ValueError):
+            return None
+        if not t.input_size and not metas:
+            return None
+    return max(sides) if sides else None
+
+
 def baseline_config(cfg: RunConfig, out: str | Path | None = None) -> RunConfig:
     """The same students trained alone: same data, split, schedule, optimiser and seed; no
     teachers and no distillation terms (the supervised loss ``train.loss``)."""
     tree = cfg.model_dump(mode="json")
     tree.update(teachers=[], terms=[], out=str(out or Path(cfg.out) / ALONE_DIR))
+    side = _teachers_side(cfg)
+    for s in tree["students"]:   # the size the distilled student took from its teachers, not the images' own
+        meta = Path(cfg.out) / "students" / s["name"] / "model.json"
+        if s.get("input_size") is None:
+            s["input_size"] = json.loads(meta.read_text())["input_size"] if meta.is_file() else side
     tree["data"]["role"] = "student" if cfg.data.role == "auto" else cfg.data.role   # the same protocol side
     return RunConfig.model_validate(tree)
 
@@ -187,14 +211,15 @@ BASELINE_ARMS = ("alone", "selftrain")
 
 
 def baseline_arm(argv: list[str]) -> list[str]:
-    """``distill --baseline`` alone means the alone arm; ``--baseline selftrain`` names the other.
-    click's optional-value options are not exposed by typer, so the bare flag gets its value here."""
+    """``distill --baseline`` alone (last, or before another option) means the alone arm;
+    ``--baseline selftrain`` names the other. click's optional-value options are not exposed by
+    typer, so the bare flag gets its value here; a wrong value is refused by the command."""
     if len(argv) < 2 or argv[1] != "distill":
         return argv
     out = []
     for i, a in enumerate(argv):
         out.append(a)
-        if a == "--baseline" and (i + 1 == len(argv) or argv[i + 1] not in BASELINE_ARMS):
+        if a == "--baseline" and (i + 1 == len(argv) or argv[i + 1].startswith("-")):
             out.append("alone")
     return out
 

@@ -247,8 +247,7 @@ def _manifest_paths(manifest: Path, root: Path, rows: list[dict[str, str]]) -> t
         if root != p and root not in p.parents:
             raise DataError(f"{manifest}:{line}: path {r['path']!r} escapes the manifest's folder {root}; refused")
         if p in seen:
-            raise DataError(f"{manifest}:{line}: {r['path']!r} is listed again (first on line {seen[p]}); a repeated "
-                            "image can land in train and test at once — list each image once")
+            _refuse_repeats(manifest, root, rows)
         seen[p] = line
         if not p.is_file():
             raise DataError(f"{manifest}:{line}: image not found: {p}")
@@ -260,6 +259,28 @@ def _manifest_paths(manifest: Path, root: Path, rows: list[dict[str, str]]) -> t
                 raise DataError(f"{manifest}:{line}: unknown split {r['split']!r} (use train/val/test)")
         tags.append(tag)
     return paths, tags
+
+
+def _refuse_repeats(manifest: Path, root: Path, rows: list[dict[str, str]]) -> None:
+    """Every path a manifest lists more than once, as the audit reports copies: those under two
+    labels are label conflicts (the same image, two diagnoses), named all together."""
+    lines: dict[Path, list[int]] = {}
+    for line, r in enumerate(rows, start=2):
+        lines.setdefault((root / r["path"]).resolve(), []).append(line)
+    repeated = {p: ls for p, ls in lines.items() if len(ls) > 1}
+    labels = {p: [rows[n - 2].get("label", "") for n in ls] for p, ls in repeated.items()}
+    conflicts = [p for p in repeated if len(set(labels[p])) > 1]
+
+    def said(p: Path) -> str:
+        return f"{p.relative_to(root)} (" + ", ".join(f"line {n}: {lab!r}" for n, lab in zip(repeated[p], labels[p])) + ")"
+
+    if conflicts:
+        raise DataError(f"{manifest}: label conflicts — {len(conflicts)} image(s) listed under two labels: "
+                        + "; ".join(said(p) for p in conflicts[:10]) + ("; …" if len(conflicts) > 10 else "")
+                        + ". The same image under two diagnoses is no label: decide each, and list each image once")
+    raise DataError(f"{manifest}: {len(repeated)} image(s) listed more than once: "
+                    + "; ".join(said(p) for p in list(repeated)[:10]) + ("; …" if len(repeated) > 10 else "")
+                    + ". A repeated image can land in train and test at once — list each image once")
 
 
 def from_csv(manifest: str | Path) -> ImageSource:
