@@ -114,12 +114,19 @@ def test_demo_quick(tmp_path: Path) -> None:
     assert "HTML report" in p.stdout and list(tmp_path.glob("*/report.html"))
     assert "Did distillation help?" in p.stdout and "student alone (logit-adjusted CE)" in p.stdout
     assert list(tmp_path.glob("*/teachers/ensemble.json"))
-    for run in ("teachers", "alone", "kd"):
-        assert list(tmp_path.glob(f"*/{run}/metrics.json"))
+    for run in ("teachers", "alone-seed-0", "kd-seed-0", "alone-seed-1", "kd-seed-1"):
+        assert list(tmp_path.glob(f"*/{run}/metrics.json")), run
     import yaml
 
+    # one pair per student seed, the verdict over the seeds' paired differences
+    verdict = json.loads(next(tmp_path.glob("*/verdict.json")).read_text())
+    assert verdict["seeds"] == 2 and len(verdict["diffs"]) == 2
+    assert "seeds' paired 95 % intervals lie above zero" in " ".join(p.stdout.split())
+    for seed in (0, 1):
+        cfg = yaml.safe_load(next(tmp_path.glob(f"*/kd-seed-{seed}/config.yaml")).read_text())
+        assert cfg["train"]["seed"] == seed
     # both arms train with the same supervised loss: the difference is the teacher's
-    alone = yaml.safe_load(next(tmp_path.glob("*/alone/config.yaml")).read_text())
-    kd = yaml.safe_load(next(tmp_path.glob("*/kd/config.yaml")).read_text())
+    alone = yaml.safe_load(next(tmp_path.glob("*/alone-seed-0/config.yaml")).read_text())
+    kd = yaml.safe_load(next(tmp_path.glob("*/kd-seed-0/config.yaml")).read_text())
     assert alone["train"]["loss"] == "logit_adjusted" and not alone["terms"]
     assert [t["type"] for t in kd["terms"]] == ["logit_adjusted", "kd"] and kd["terms"][1]["logit_adjust"] == 1.0

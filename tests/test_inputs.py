@@ -249,3 +249,18 @@ def test_a_csv_path_under_two_labels_is_a_label_conflict_naming_every_such_path(
     with pytest.raises(DataError, match=r"label conflicts — 2 image\(s\) listed under two labels: 0.png \(line 2: 'c0', "
                                         r"line 38: 'c2'\); 3.png \(line 5: 'c0', line 39: 'c1'\)"):
         build_data(DataConfig(name=str(csv)))
+
+
+def test_the_demo_verdict_over_seeds() -> None:
+    from medistill.commands.demo import seed_verdict
+
+    def m(d: float, lo: float, hi: float) -> dict:
+        return {"diff": d, "ci95": [lo, hi]}
+
+    assert seed_verdict([m(0.1, 0.05, 0.15), m(0.08, 0.02, 0.14), m(0.02, -0.03, 0.07)])["word"] == "helped"
+    one_coin = seed_verdict([m(0.11, 0.06, 0.17), m(0.0, -0.05, 0.05), m(-0.01, -0.06, 0.04)])
+    assert one_coin["word"].startswith("made no difference") and one_coin["above"] == 1
+    assert seed_verdict([m(0.1, 0.05, 0.15), m(0.1, 0.05, 0.15), m(-0.1, -0.15, -0.05)])["word"].startswith("made no")
+    assert seed_verdict([m(-0.1, -0.15, -0.05), m(-0.1, -0.15, -0.05), m(0.0, -0.05, 0.05)])["word"] == "hurt"
+    assert "+0.067 ± 0.042 (3 seeds)" in seed_verdict([m(0.1, 0.05, 0.15), m(0.08, 0.02, 0.14),
+                                                      m(0.02, -0.03, 0.07)])["text"]
