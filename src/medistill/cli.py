@@ -36,19 +36,10 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 app.add_typer(models_app, name="models")
 console = Console(stderr=True)
 
-_DEVICE = typer.Option(None, "--device", help="auto (default: CUDA, then MPS, else CPU), cpu, cuda, cuda:N or mps")
-_AMP = typer.Option(None, "--amp", help="mixed precision: off (default), bf16 or fp16")
-_SET = typer.Option(None, "--set", help="dotted override, e.g. --set optim.lr=0.01 (repeatable)")
-_FOLD = typer.Option(None, "--fold", help="cross-validation fold i of data.folds=K (set K with --set data.folds=K)")
-_WORKERS = typer.Option(None, "--workers", help="DataLoader worker processes (data.num_workers; default auto)")
-_FORCE = typer.Option(False, "--force", help="write into an --out that holds other files or a finished run")
-_PRINT = typer.Option(False, "--print-config", help="print the resolved config (YAML) and exit without training")
-_UNLABELED = typer.Option(None, "--unlabeled", help="images without labels (flat folder, CSV with a path column, .npz "
-                          "with `images`): the student learns the teacher's outputs on them (data.unlabeled)")
-_LABEL_FRACTION = typer.Option(None, "--label-fraction", help="keep this stratified share of the training labels; the "
-                               "rest join the unlabelled pool (data.label_fraction; for measuring an archive's worth)")
-_PRETRAINED = typer.Option(False, "--pretrained", help="start the students from timm's published weights (needs "
-                           "network access; offline, pass a local file with --set students.0.pretrained=PATH)")
+from medistill.cli_options import (  # noqa: E402  (after the app: the shared options of every command)
+    _AMP, _BATCH, _DEVICE, _EPOCHS, _FOLD, _FORCE, _INPUT_SIZE, _LABEL_FRACTION, _LR, _PRETRAINED, _PRINT, _SEED, _SET,
+    _UNLABELED, _WORKERS, method_epilog,
+)
 
 
 def _overrides(data: Optional[str], model: Optional[list[str]], epochs: Optional[int], batch_size: Optional[int],
@@ -112,12 +103,12 @@ def train(
     config: Optional[Path] = typer.Argument(None, help="YAML config (optional: flags suffice)"),
     data: Optional[str] = typer.Option(None, "--data", help="MedMNIST name, .npz, image folder or CSV manifest"),
     model: Optional[list[str]] = typer.Option(None, "--model", help="timm model name or cnn5"),
-    epochs: Optional[int] = typer.Option(None, "--epochs"),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
-    seed: Optional[int] = typer.Option(None, "--seed"),
-    out: Optional[str] = typer.Option(None, "--out", help="run directory"),
-    lr: Optional[float] = typer.Option(None, "--lr"),
-    input_size: Optional[int] = typer.Option(None, "--input-size"),
+    epochs: Optional[int] = _EPOCHS,
+    batch_size: Optional[int] = _BATCH,
+    seed: Optional[int] = _SEED,
+    out: Optional[str] = typer.Option(None, "--out", help="run directory (default runs/run)"),
+    lr: Optional[float] = _LR,
+    input_size: Optional[int] = _INPUT_SIZE,
     sets: Optional[list[str]] = _SET,
     resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its last checkpoint"),
     download: bool = typer.Option(False, "--download", help="download a missing MedMNIST file (needs network)"),
@@ -186,22 +177,23 @@ def ensemble(
     _print_ensemble(out)
 
 
-@app.command()
+@app.command(epilog=method_epilog())
 def distill(
     config: Optional[Path] = typer.Argument(None, help="YAML config with teachers, students and terms"),
     teacher: Optional[list[str]] = typer.Option(None, "--teacher", help="teacher run, model or ensemble directory (repeatable)"),
-    method: Optional[str] = typer.Option(None, "--method", help="preset: " + ", ".join(_method_names())),
-    data: Optional[str] = typer.Option(None, "--data"),
+    method: Optional[str] = typer.Option(None, "--method", help="preset (each listed below): " + ", ".join(_method_names())),
+    data: Optional[str] = typer.Option(None, "--data", help="dataset (default: the teacher's data and split)"),
     model: Optional[list[str]] = typer.Option(None, "--model", "--student", help="student model (repeatable)"),
-    epochs: Optional[int] = typer.Option(None, "--epochs"),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
-    seed: Optional[int] = typer.Option(None, "--seed"),
-    out: Optional[str] = typer.Option(None, "--out"),
-    lr: Optional[float] = typer.Option(None, "--lr"),
-    input_size: Optional[int] = typer.Option(None, "--input-size"),
+    epochs: Optional[int] = _EPOCHS,
+    batch_size: Optional[int] = _BATCH,
+    seed: Optional[int] = _SEED,
+    out: Optional[str] = typer.Option(None, "--out", help="run directory (default runs/run)"),
+    lr: Optional[float] = _LR,
+    input_size: Optional[int] = typer.Option(None, "--input-size", help="the students' input side (default: their "
+                                             "teachers', the largest if they differ)"),
     sets: Optional[list[str]] = _SET,
-    resume: bool = typer.Option(False, "--resume"),
-    download: bool = typer.Option(False, "--download"),
+    resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its last checkpoint"),
+    download: bool = typer.Option(False, "--download", help="download a missing MedMNIST file (needs network)"),
     pretrained: bool = _PRETRAINED,
     device: Optional[str] = _DEVICE,
     amp: Optional[str] = _AMP,

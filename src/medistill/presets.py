@@ -118,6 +118,33 @@ METHODS: dict[str, Callable[[int], Terms]] = {
 }
 
 
+# One line per preset, for `distill --help` (the terms themselves are printed when a run starts).
+DESCRIPTIONS: dict[str, str] = {
+    "kd": "0.1·CE + 0.9·τ²KL to the teacher, τ = 4 (Hinton et al.)",
+    "dkd": "CE + decoupled KD (target/non-target parts, α 1, β 8, τ 4; warm-up)",
+    "fitnet": "CE + 100·MSE between projected layer2 features (FitNets hints)",
+    "at": "CE + 1000·attention transfer on the feature maps",
+    "dml": "deep mutual learning: students teach each other (peer KL, τ = 1)",
+    "kd++": "CE + KD + 2·ND (normalised feature distance to the teacher's class means)",
+    "dual_student": "dual-student KD: 0.4·CE + 0.4·entropy-weighted KD + 0.2·peer KL between the students (τ = 4)",
+    "multi_teacher": "0.1·CE + 0.9·KD to the teachers' mean probabilities (τ = 4)",
+    "ce_only": "cross-entropy only (a student alone, inside distill)",
+    "kd_ce03": "0.3·CE + 0.7·KD, τ = 4 (the dual-student paper's traditional KD)",
+    "uncertainty_kd": "0.4·CE + 0.4·KD weighted per sample by the teacher's entropy (τ = 4)",
+    "dkd++": "DKD + ND",
+    "dho": "dual-head optimisation: CE on one head, KD (τ = 2) on the other (kwargs dual_head: true)",
+    "scalekd": "ScaleKD: 0.5·CE + 0.5·soft CE (τ = 1) + cross-attention projector feature terms (→ CNN)",
+    "fm": "function matching: KL at τ = 1 on the same mixup images, no label term (long schedules)",
+    "kd_balanced": "imbalance: 0.1·logit-adjusted CE + 0.9·KD with the student's logits + log prior",
+    "umkd": "UMKD: CE + 10·(SFA + CFA feature alignment) + uncertainty-aware decoupled KD (UDD)",
+    "umkd_no_sfa": "UMKD without SFA (ablation)",
+    "umkd_no_cfa": "UMKD without CFA (ablation)",
+    "umkd_no_udd": "UMKD without UDD (ablation)",
+    "umkd_udd_no_uncertainty": "UMKD with UDD's uncertainty weighting off (ablation)",
+    "umkd_sfa_full": "UMKD with SFA at full resolution (as in the official code)",
+}
+
+
 # Settings a preset needs beyond its terms (applied unless the user sets the key; printed).
 SETTINGS: dict[str, dict[str, Any]] = {
     "fm": {"train.mix": "mixup", "train.mix_alpha": 1.0},
