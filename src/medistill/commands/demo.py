@@ -43,9 +43,10 @@ def _default_data() -> str:
                     f"{', '.join(str(d) for d in medmnist.search_dirs())}; set MEDISTILL_DATA_DIR or pass --data")
 
 
-def _run(cfg: dict[str, Any], method: str | None = None, compare: Path | None = None) -> dict[str, Any]:
+def _run(cfg: dict[str, Any], sets: list[str], method: str | None = None, compare: Path | None = None) -> dict[str, Any]:
+    """One run of the demo; ``sets``: the demo's ``--set`` overrides, applied to every run."""
     con = Console(stderr=True)
-    execute_run(assemble_run("auto", cfg, method=method, console=con), console=con, compare=compare)
+    execute_run(assemble_run("auto", cfg, list(sets), method=method, console=con), console=con, compare=compare)
     return json.loads((Path(cfg["out"]) / "metrics.json").read_text())
 
 
@@ -138,6 +139,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="share of the training labels kept (teachers and the alone arm see only those; the distilled "
                          "student also learns the teacher's outputs on the other images); 1: every label")
     ap.add_argument("--quick", action="store_true", help="tiny models and subsets (smoke test)")
+    ap.add_argument("--set", dest="sets", action="append", default=[],
+                    help="dotted override for every run, e.g. --set train.teacher_amp=off (repeatable)")
     a = ap.parse_args(argv)
     con = Console(width=max(Console().width, 110))
     data = a.data or _default_data()
@@ -153,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     for seed in a.teacher_seeds:
         d = root / "teachers" / f"seed-{seed}"
         _run({**common, "students": [{"name": "teacher", "model": a.teacher, "input_size": a.size, "kwargs": t_kw}],
-              "train": {**common["train"], "seed": seed}, "out": str(d)})
+              "train": {**common["train"], "seed": seed}, "out": str(d)}, a.sets)
         members.append(d)
     from medistill.commands.evaluate import evaluate_ensemble
     from medistill.rundir import write_ensemble
@@ -169,9 +172,9 @@ def main(argv: list[str] | None = None) -> None:
     for seed in a.student_seeds:   # one pair per seed: the answer is the seeds', not one coin's
         tr = {**common["train"], "seed": seed}
         alone_dir, kd_dir = root / f"alone-seed-{seed}", root / f"kd-seed-{seed}"
-        alone = _run({**common, "students": [student], "out": str(alone_dir), "train": {**tr, "loss": loss}})
+        alone = _run({**common, "students": [student], "out": str(alone_dir), "train": {**tr, "loss": loss}}, a.sets)
         kd = _run({**common, "students": [student], "out": str(kd_dir), "train": tr,
-                   "teachers": [{"name": "ensemble", "checkpoint": str(root / "teachers")}]}, method=METHOD,
+                   "teachers": [{"name": "ensemble", "checkpoint": str(root / "teachers")}]}, a.sets, method=METHOD,
                   compare=alone_dir)
         pairs.append((alone, kd, json.loads((kd_dir / "comparison.json").read_text())))
     seconds = time.perf_counter() - t0
