@@ -98,7 +98,7 @@ def test_csv_duplicates_bom_and_folder_strays(tmp_path: Path) -> None:
     for i in range(4):
         Image.new("RGB", (8, 8)).save(tmp_path / f"{i}.png")
     (tmp_path / "dup.csv").write_text("path,label\n0.png,0\n1.png,1\n0.png,0\n")
-    with pytest.raises(DataError, match="listed again"):
+    with pytest.raises(DataError, match="listed more than once"):
         from_csv(tmp_path / "dup.csv")
     (tmp_path / "bom.csv").write_text("\ufeffpath,label\n0.png,a\n1.png,b\n", encoding="utf-8")
     assert from_csv(tmp_path / "bom.csv").class_names == ["a", "b"]

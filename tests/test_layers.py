@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1] / "src" / "medistill"
 LAYERS = [
     {"errors", "io", "overrides", "config", "classes", "presets", "device", "dist", "losses", "plots", "progress", "__version__"},
     {"data"}, {"models"}, {"rundir"}, {"eval"}, {"distill"}, {"explain"}, {"report"}, {"assemble"}, {"commands"},
-    {"api", "cli", "__main__"},
+    {"api", "cli", "cli_options", "__main__"},
 ]
 LEVEL = {name: i for i, names in enumerate(LAYERS) for name in names}
 

@@ -124,6 +124,26 @@ def _settings(a: argparse.Namespace, data: str) -> tuple[dict[str, Any], dict[st
     return common, t_kw, s_model
 
 
+def _student_pairs(common: dict[str, Any], student: dict[str, Any], root: Path, seeds: list[int],
+                   sets: list[str]) -> list[tuple[dict, dict, dict]]:
+    """One pair per student seed — alone with the method's own supervised loss (its --baseline
+    setting), and distilled from the ensemble — with their paired comparison: the answer is the
+    seeds', not one coin's."""
+    from medistill.presets import method_settings
+
+    loss = method_settings(METHOD).get("train.loss", "ce")
+    pairs = []
+    for seed in seeds:
+        tr = {**common["train"], "seed": seed}
+        alone_dir, kd_dir = root / f"alone-seed-{seed}", root / f"kd-seed-{seed}"
+        alone = _run({**common, "students": [student], "out": str(alone_dir), "train": {**tr, "loss": loss}}, sets)
+        kd = _run({**common, "students": [student], "out": str(kd_dir), "train": tr,
+                   "teachers": [{"name": "ensemble", "checkpoint": str(root / "teachers")}]}, sets, method=METHOD,
+                  compare=alone_dir)
+        pairs.append((alone, kd, json.loads((kd_dir / "comparison.json").read_text())))
+    return pairs
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="demo_runs")
@@ -164,19 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     write_ensemble(root / "teachers", members)
     ens = evaluate_ensemble(root / "teachers")
     student = {"name": "student", "model": s_model, "input_size": a.size, "kwargs": s_kw}
-    from medistill.presets import method_settings
-
-    # the alone arm: the same supervised loss the method trains with (its --baseline setting)
-    loss = method_settings(METHOD).get("train.loss", "ce")
-    pairs = []
-    for seed in a.student_seeds:   # one pair per seed: the answer is the seeds', not one coin's
-        tr = {**common["train"], "seed": seed}
-        alone_dir, kd_dir = root / f"alone-seed-{seed}", root / f"kd-seed-{seed}"
-        alone = _run({**common, "students": [student], "out": str(alone_dir), "train": {**tr, "loss": loss}}, a.sets)
-        kd = _run({**common, "students": [student], "out": str(kd_dir), "train": tr,
-                   "teachers": [{"name": "ensemble", "checkpoint": str(root / "teachers")}]}, a.sets, method=METHOD,
-                  compare=alone_dir)
-        pairs.append((alone, kd, json.loads((kd_dir / "comparison.json").read_text())))
+    pairs = _student_pairs(common, student, root, a.student_seeds, a.sets)
     seconds = time.perf_counter() - t0
     verdict = _answer(con, seconds, ens, pairs, f"{len(members)}× {a.teacher}", a.teacher, s_model)
     from medistill.io import write_json
